@@ -1,0 +1,48 @@
+"""Where TilePrompt finds its bundled resources and keeps user data.
+
+The backend is installed in editable mode from the plugin folder (scripts/setup), so the bundled
+`resources/` folder is the repository root's. Every location can be overridden by environment:
+
+- ``TILEPROMPT_RESOURCES``: bundled templates, prompt sets and model cards (default: ``<repo>/resources``)
+- ``TILEPROMPT_HOME``: user model cards (``models/``) and state (default: ``$XDG_DATA_HOME/tileprompt``)
+- ``TILEPROMPT_CACHE``: downloaded weights and exported ONNX files (default: ``$XDG_CACHE_HOME/tileprompt``)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser() if value else default
+
+
+def resources_dir() -> Path:
+    """The bundled resources folder (templates, prompt sets, model cards)."""
+    return _env_path("TILEPROMPT_RESOURCES", Path(__file__).resolve().parents[2] / "resources")
+
+
+def home_dir() -> Path:
+    """User data: model cards the user adds, server state."""
+    xdg = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return _env_path("TILEPROMPT_HOME", xdg / "tileprompt")
+
+
+def cache_dir() -> Path:
+    """Downloaded weights and derived files (ONNX exports); safe to delete."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return _env_path("TILEPROMPT_CACHE", xdg / "tileprompt")
+
+
+def user_models_dir() -> Path:
+    return home_dir() / "models"
+
+
+def bundled_models_dir() -> Path:
+    return resources_dir() / "models"
+
+
+def templates_dir() -> Path:
+    return resources_dir() / "templates"
