@@ -47,6 +47,7 @@ class ModelCard:
     embed_dim: int
     trained: bool = True
     logit_scale: float = 100.0
+    logit_bias: float = 0.0  # added to logits before the sigmoid in multi-label mode (SigLIP-style cards)
     templates: str = "templates/satellite.txt"
     pretrained: str | None = None  # open_clip pretrained tag (clip family)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +118,7 @@ def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
         embed_dim=int(need(data, "embed_dim", where)),
         trained=bool(data.get("trained", True)),
         logit_scale=float(data.get("logit_scale", 100.0)),
+        logit_bias=float(data.get("logit_bias", 0.0)),
         templates=data.get("templates", "templates/satellite.txt"),
         pretrained=data.get("pretrained"),
         provenance=dict(data.get("provenance", {})),
