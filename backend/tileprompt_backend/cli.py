@@ -1,0 +1,160 @@
+"""The ``tileprompt`` command: classify rasters, manage model cards.
+
+Every error is one line on stderr (``tileprompt: error: ...``) and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+
+EXIT_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tileprompt", description="Classify and search raster tiles with text prompts.")
+    p.add_argument("--version", action="version", version=f"tileprompt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("classify", help="classify every tile of a raster against class prompts",
+                       description="Classify every tile of RASTER against class prompts; write a GeoPackage.")
+    c.add_argument("raster", help="GeoTIFF/COG, a folder of per-band files, or a SAFE IMG_DATA folder")
+    c.add_argument("--prompts", required=True,
+                   help='classes separated by ";", synonyms after "|": "forest | woodland; water; farmland"')
+    c.add_argument("--templates", help="templates file, one per line with {} for the class (default: the card's)")
+    c.add_argument("--model", help="model id or model directory (default: clip-vit-b32-openai)")
+    c.add_argument("--tile", type=int, help="tile size in pixels (default: the model card's)")
+    c.add_argument("--stride", type=int, help="distance between tiles in pixels (default: the tile size)")
+    c.add_argument("--aoi", help="area of interest as WKT or GeoJSON (text or a file path)")
+    c.add_argument("--aoi-crs", default=None, help="CRS of --aoi, e.g. EPSG:4326 (default: the raster's CRS)")
+    c.add_argument("--multi-label", action="store_true", help="one sigmoid per class instead of a softmax")
+    c.add_argument("--threshold", type=float, default=0.5, help="multi-label threshold (default: 0.5)")
+    c.add_argument("--band-map", help="comma-separated band names of a multiband file, in file order")
+    c.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--runner", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_classify)
+
+    m = sub.add_parser("models", help="list, create and fetch model cards")
+    msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    ml = msub.add_parser("list", help="list the model cards found")
+    ml.add_argument("pattern", nargs="?", default="*")
+    ml.add_argument("--json", action="store_true", help="print the cards as JSON")
+    ml.set_defaults(func=cmd_models_list)
+    mt = msub.add_parser("tiny", help="write an untrained tiny model card (tests, demos)")
+    mt.add_argument("family", choices=["clip", "aligned-s2"])
+    mt.add_argument("--out", required=True, help="directory to write the card into")
+    mt.set_defaults(func=cmd_models_tiny)
+    mf = msub.add_parser("fetch", help="download the real weights of a model (needs internet)")
+    mf.add_argument("name")
+    mf.set_defaults(func=cmd_models_fetch)
+    return p
+
+
+def _read_aoi(value: str | None) -> str | None:
+    """--aoi takes WKT/GeoJSON text or the path of a file holding it."""
+    if value and len(value) < 4096 and not value.lstrip().startswith(("{", "POLYGON", "MULTIPOLYGON")):
+        path = Path(value).expanduser()
+        if path.is_file():
+            return path.read_text()
+    return value
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .engine import classify
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=0, unit="tile", desc="classify", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        result = classify(
+            args.raster, args.prompts, args.out, model=args.model, templates=args.templates, tile_px=args.tile,
+            stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
+            threshold=args.threshold, band_map=args.band_map.split(",") if args.band_map else None,
+            level=args.level, batch_size=args.batch_size, runner=args.runner, device=args.device,
+            progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    skipped = []
+    if result.skipped_outside:
+        skipped.append(f"{result.skipped_outside} outside the area")
+    if result.skipped_nodata:
+        skipped.append(f"{result.skipped_nodata} nodata")
+    print(f"{result.tiles} tiles classified in {result.seconds:.1f} s ({result.tiles_per_second:.1f} tiles/s, "
+          f"runner {result.runner})" + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+    width = max(len(name) for name in result.counts)
+    for name, n in sorted(result.counts.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<{width}}  {n:6d}  {100.0 * n / max(result.tiles, 1):5.1f} %")
+    print(f"wrote {result.out}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from .models import list_models
+
+    cards = list_models(args.pattern)
+    if args.json:
+        print(json.dumps([dict(c.to_json(), path=str(c.path)) for c in cards], indent=2))
+        return 0
+    if not cards:
+        print(f"no model cards match {args.pattern!r}")
+    for card in cards:
+        print(f"{card.id:32s} {card.describe()}")
+    return 0
+
+
+def cmd_models_tiny(args: argparse.Namespace) -> int:
+    from .models import write_tiny
+
+    card = write_tiny(args.family, Path(args.out))
+    print(f"wrote untrained tiny {args.family} card {card.id!r} to {card.path}")
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from .models import fetch
+
+    card = fetch(args.name)
+    print(f"fetched {card.id!r} into {card.path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .engine import Cancelled
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
+        print(f"tileprompt: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except (KeyboardInterrupt, Cancelled):
+        print("tileprompt: cancelled; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except OSError as e:
+        print(f"tileprompt: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Zero-shot classification of every tile of a raster: read -> encode -> score -> write a GeoPackage."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..models import DEFAULT_MODEL, load_model, make_runner, resolve_card
+from ..outputs import check_output_path, write_tiles_gpkg
+from ..sentinel2 import open_raster
+from ..tiling import make_grid
+from .embed import CancelFn, EmbedStats, ProgressFn, check_bands, embed_tiles
+from .head import logits, score_tiles, zero_shot_head
+from .prompts import load_templates, parse_prompts
+
+
+@dataclass
+class ClassifyResult:
+    out: Path
+    tiles: int  # tiles classified and written
+    skipped_outside: int  # grid tiles outside the area of interest
+    skipped_nodata: int  # tiles that were mostly nodata
+    counts: dict[str, int]  # tiles per (top) class, every class listed
+    seconds: float
+    encode_seconds: float
+    runner: str
+    run: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.tiles / self.seconds if self.seconds > 0 else 0.0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, model: str | None = None,
+             templates: str | Path | None = None, tile_px: int | None = None, stride: int | None = None,
+             aoi: str | dict | None = None, aoi_crs: str | None = None, multi_label: bool = False,
+             threshold: float = 0.5, band_map: Sequence[str] | None = None, level: str | None = None,
+             batch_size: int = 32, runner: str = "auto", device: str = "auto",
+             progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> ClassifyResult:
+    """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
+
+    All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
+    """
+    started, t0 = _now(), time.perf_counter()
+    out = check_output_path(out)
+    classes = parse_prompts(prompts)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    card = resolve_card(model or DEFAULT_MODEL)
+    template_list = load_templates(templates or card.templates)
+
+    with open_raster(raster, band_map=band_map, level=level) as source:
+        info = source.info
+        grid = make_grid(info, tile_px or card.input.tile_px, stride, aoi=aoi, aoi_crs=aoi_crs)
+        if not len(grid):
+            raise ValueError("no tiles to classify in the area of interest")
+        loaded = load_model(card, device=device)
+        check_bands(info, loaded.required_bands(info), card.id)
+        run_engine = make_runner(loaded, backend=runner)
+        head = zero_shot_head(loaded.encode_text, classes, template_list)
+
+        stats = EmbedStats()
+        features = []
+        counts = Counter({c.name: 0 for c in classes})
+        for tiles, emb in embed_tiles(source, grid.tiles, loaded, run_engine, batch_size=batch_size,
+                                      progress=progress, cancel=cancel, stats=stats):
+            s = score_tiles(logits(emb, head, card.logit_scale), multi_label=multi_label, threshold=threshold,
+                            logit_bias=card.logit_bias)
+            for i, tile in enumerate(tiles):
+                props = _tile_attributes(tile, classes, s, i, multi_label)
+                counts[props["class"]] += 1
+                features.append((tile.polygon, props))
+
+    if not features:
+        raise ValueError(f"every tile in the area is nodata ({stats.skipped_nodata} tiles skipped); nothing to classify")
+
+    run = {
+        "run_id": uuid.uuid4().hex,
+        "software": f"tileprompt {__version__}",
+        "started": started,
+        "finished": _now(),
+        "model": card.id,
+        "model_title": card.title,
+        "model_card_hash": card.card_hash(),
+        "model_trained": card.trained,
+        "runner": run_engine.name,
+        "device": run_engine.device,
+        "raster": str(Path(raster).resolve()),
+        "raster_layout": info.layout,
+        "raster_level": info.level,
+        "raster_bands": list(info.bands),
+        "bands_used": list(loaded.required_bands(info)),
+        "prompts": [{"class": c.name, "phrases": list(c.phrases), "column": c.column} for c in classes],
+        "templates": template_list,
+        "templates_source": str(templates or card.templates),
+        "mode": "multi-label" if multi_label else "single-label",
+        "threshold": threshold if multi_label else None,
+        "logit_scale": card.logit_scale,
+        "tile_px": grid.tile_px,
+        "stride": grid.stride,
+        "grid": [grid.n_rows, grid.n_cols],
+        "aoi": grid.aoi.wkt if grid.aoi is not None else None,
+        "aoi_crs": aoi_crs,
+        "tiles": len(features),
+        "skipped_outside": grid.skipped_outside,
+        "skipped_nodata": stats.skipped_nodata,
+        "counts": dict(counts),
+    }
+    write_tiles_gpkg(out, info.crs, _fields(classes, multi_label), features, run)
+    seconds = time.perf_counter() - t0
+    return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
+                          skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
+                          encode_seconds=stats.encode_seconds, runner=run_engine.name, run=run)
+
+
+def _fields(classes, multi_label: bool) -> dict[str, str]:
+    fields = {"id": "int", "row": "int", "col": "int", "col_off": "int", "row_off": "int", "width": "int",
+              "height": "int", "class": "str", "score": "float", "second": "str", "margin": "float"}
+    if multi_label:
+        fields["labels"] = "str"
+    fields.update({c.column: "float" for c in classes})
+    return fields
+
+
+def _tile_attributes(tile, classes, s, i: int, multi_label: bool) -> dict:
+    w = tile.window
+    best, second = int(s.best[i]), int(s.second[i])
+    props = {
+        "id": tile.id, "row": tile.row, "col": tile.col, "col_off": int(w.col_off), "row_off": int(w.row_off),
+        "width": int(w.width), "height": int(w.height),
+        "class": classes[best].name, "score": float(s.scores[i, best]),
+        "second": classes[second].name if len(classes) > 1 else None, "margin": float(s.margin[i]),
+    }
+    if multi_label:
+        props["labels"] = ";".join(c.name for c, on in zip(classes, s.labels[i]) if on)
+    props.update({c.column: float(v) for c, v in zip(classes, np.asarray(s.scores[i]))})
+    return props
