@@ -22,7 +22,6 @@ from pyproj import CRS, Transformer
 from rasterio.windows import Window
 from shapely.geometry import Polygon, shape
 from shapely.geometry.base import BaseGeometry
-from shapely.ops import transform as transform_geometry
 
 #: A tile is kept when at least this share of the tile lies inside the area of interest.
 AOI_MIN_COVER = 0.5
@@ -62,7 +61,7 @@ def tile_polygon(transform: Affine, window: Window) -> Polygon:
     """The footprint of a pixel window: its four corners mapped through the geotransform."""
     c0, r0 = window.col_off, window.row_off
     c1, r1 = c0 + window.width, r0 + window.height
-    return Polygon([transform * (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))])
+    return Polygon([transform @ (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))])
 
 
 def grid_shape(width: int, height: int, tile_px: int, stride: int) -> tuple[int, int]:
@@ -175,7 +174,7 @@ def reproject_geometry(geom: BaseGeometry, src_crs, dst_crs) -> BaseGeometry:
     transformer = Transformer.from_crs(src, dst, always_xy=True)
     l, b, r, t = geom.bounds
     dense = shapely.segmentize(geom, max(r - l, t - b) / 64 or 1.0)
-    out = transform_geometry(lambda x, y, z=None: transformer.transform(x, y), dense)
+    out = shapely.transform(dense, lambda x, y: transformer.transform(x, y), interleaved=False)
     if not np.all(np.isfinite(out.bounds)):
         raise ValueError(f"area of interest cannot be transformed from {src.to_string()} to {dst.to_string()}")
     return out if out.is_valid else shapely.make_valid(out)
