@@ -57,7 +57,8 @@ def write_tiles_gpkg(path: str | Path, crs, fields: dict[str, str], features: It
     """
     path = Path(path)
     schema = {"geometry": "Polygon", "properties": dict(fields)}
-    fcrs = FionaCRS.from_wkt(crs.to_wkt()) if hasattr(crs, "to_wkt") else FionaCRS.from_user_input(crs)
+    fcrs = None if crs is None else FionaCRS.from_wkt(crs.to_wkt()) if hasattr(crs, "to_wkt") \
+        else FionaCRS.from_user_input(crs)  # None: a raster without georeferencing (pixel coordinates)
     with atomic_path(path) as tmp:
         with fiona.open(tmp, "w", driver="GPKG", layer=layer, schema=schema, crs=fcrs) as sink:
             sink.writerecords(

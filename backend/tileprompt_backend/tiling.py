@@ -100,7 +100,11 @@ def make_grid(info, tile_px: int, stride: int | None = None, aoi: str | dict | B
         grid.tiles = all_tiles
         return grid
 
-    area = reproject_geometry(parse_geometry(aoi), aoi_crs or info.crs, info.crs)
+    if info.crs is None and aoi_crs is not None:
+        raise ValueError("the raster has no CRS, so an area of interest in another CRS cannot be placed on it")
+    area = parse_geometry(aoi)
+    if aoi_crs is not None:
+        area = reproject_geometry(area, aoi_crs, info.crs)
     raster_box = tile_polygon(info.transform, Window(0, 0, info.width, info.height))
     if not area.intersects(raster_box) or area.intersection(raster_box).area <= 0:
         l, b, r, t = area.bounds
