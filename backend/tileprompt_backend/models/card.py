@@ -50,6 +50,9 @@ class ModelCard:
     logit_bias: float = 0.0  # added to logits before the sigmoid in multi-label mode (SigLIP-style cards)
     templates: str = "templates/satellite.txt"
     pretrained: str | None = None  # open_clip pretrained tag (clip family)
+    weights: str | None = None  # a full checkpoint file in the card's directory (clip family; safetensors)
+    # where weight files named by the card can be downloaded from: {file: {"url", "sha256" (hex or prefix), "convert"}}
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the card's directory; None for cards not on disk
 
@@ -121,6 +124,8 @@ def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
         logit_bias=float(data.get("logit_bias", 0.0)),
         templates=data.get("templates", "templates/satellite.txt"),
         pretrained=data.get("pretrained"),
+        weights=data.get("weights"),
+        sources={str(k): dict(v) for k, v in data.get("sources", {}).items()},
         provenance=dict(data.get("provenance", {})),
         path=path,
     )
