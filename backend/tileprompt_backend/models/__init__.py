@@ -1,0 +1,23 @@
+"""Models: cards, the family registry, loaders, preprocessing, runners, ONNX export and weight downloads.
+
+See docs/models.md for the card fields, families, weight sources and runner measurements.
+"""
+
+from .card import InputSpec, ModelCard, card_from_dict, read_card, write_card
+from .checkpoints import ssl4eo_checkpoint_filter
+from .fetch import fetch
+from .loading import LoadedModel, load_model
+from .onnx_export import check_onnx_parity, export_onnx
+from .registry import Family, list_families, list_models, register_family, resolve_card
+from .runners import Runner, make_runner
+from .tiny import write_tiny, write_untrained
+
+#: The model the CLI and the plugin use when none is named.
+DEFAULT_MODEL = "clip-vit-b32-openai"
+
+__all__ = [
+    "DEFAULT_MODEL", "Family", "InputSpec", "LoadedModel", "ModelCard", "Runner", "card_from_dict",
+    "check_onnx_parity", "export_onnx", "fetch", "list_families", "list_models", "load_model", "make_runner",
+    "read_card", "register_family", "resolve_card", "ssl4eo_checkpoint_filter", "write_card", "write_tiny",
+    "write_untrained",
+]
