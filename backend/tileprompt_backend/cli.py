@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     mf = msub.add_parser("fetch", help="download the real weights of a model (needs internet)")
     mf.add_argument("name")
     mf.set_defaults(func=cmd_models_fetch)
+
+    s = sub.add_parser("serve", help="run the local HTTP service the QGIS plugin talks to",
+                       description="Serve the /v1 API on the loopback interface with a fresh bearer token; the "
+                                   "state file tells clients the port and token. See docs/service.md.")
+    s.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default: 127.0.0.1; "
+                                                       "other interfaces are refused)")
+    s.add_argument("--port", type=int, default=0,
+                   help="TCP port (default: 0 = a free one, written to the state file)")
+    s.add_argument("--state-file", help="where to write host, port, token and pid (mode 0600; default: "
+                                        "<TILEPROMPT_HOME>/server.json)")
+    s.add_argument("--log-file", help="rotating log file (default: <TILEPROMPT_HOME>/logs/server.log)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.set_defaults(func=cmd_serve)
     return p
 
 
@@ -135,6 +148,13 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     card = fetch(args.name)
     print(f"fetched {card.id!r} into {card.path}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.main import serve
+
+    return serve(host=args.host, port=args.port, state_file=args.state_file, log_file=args.log_file,
+                 device=args.device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
