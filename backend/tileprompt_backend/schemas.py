@@ -27,6 +27,9 @@ class TileParams(_Strict):
     model: str | None = Field(None, description="model id or model directory (default: the server's default)")
     tile_px: int | None = Field(None, ge=1, le=4096, description="tile size in pixels (default: the card's)")
     stride: int | None = Field(None, ge=1, le=4096, description="pixels between tiles (default: the tile size)")
+    runner: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="image tower engine (auto: by device, see docs/models.md)")
+    batch_size: int = Field(32, ge=1, le=1024, description="tiles per encoder batch (a cancel acts between batches)")
 
 
 class ClassifyRequest(RasterInput, TileParams):
@@ -79,6 +82,7 @@ class JobStatus(BaseModel):
     finished: str | None = None
     result: dict[str, Any] | None = None  # paths written and a summary, when succeeded
     error: str | None = None  # one line, when failed
+    cancel_requested: bool = False  # DELETE was called (or the service is stopping); state follows when it stops
     request: dict[str, Any]
 
 
@@ -94,6 +98,7 @@ class ModelInfo(BaseModel):
     embed_dim: int
     trained: bool
     description: str
+    path: str | None = None  # the card's folder
 
 
 class Health(BaseModel):

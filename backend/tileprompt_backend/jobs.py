@@ -1,0 +1,629 @@
+"""The job queue: one worker thread owns the accelerator and runs classify / index / search jobs in order.
+
+Clients (HTTP handlers, in their own threads) submit requests, read statuses and ask for cancels; every read
+and write of the job table happens under one lock. The worker runs one job at a time through the engine,
+which reports ``progress(done, total)`` and polls ``cancel()`` between batches, so a cancel takes effect at
+the next batch. Engines write their outputs atomically: a job that fails or is cancelled leaves nothing
+under its output names.
+
+Requests are checked eagerly on submit (:func:`check_request`): whatever is cheap to know before the model
+loads - files and folders, model ids, prompts, geometries, CRSs - is a ValueError naming the bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .schemas import ClassifyRequest, IndexRequest, JobStatus, RasterInput, SearchRequest
+
+log = logging.getLogger(__name__)
+
+Request = ClassifyRequest | IndexRequest | SearchRequest
+#: Finished jobs kept for GET /v1/jobs; older finished ones are forgotten first.
+MAX_FINISHED_JOBS = 500
+#: Loaded models kept in memory by the worker (least recently used go first).
+MAX_CACHED_MODELS = 2
+#: A request whose grid would exceed this many tiles is refused before any work (a typo such as tile_px=1).
+MAX_GRID_TILES = 2_000_000
+#: Up to this many rasters of an index request are opened (headers only) on submit; beyond, only found.
+MAX_RASTERS_OPENED = 32
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class ShuttingDown(RuntimeError):
+    """The queue takes no new jobs: the service is stopping."""
+
+
+class UnknownJob(KeyError):
+    """No job has this id (never submitted, or forgotten: only the last finished jobs are kept)."""
+
+    def __str__(self) -> str:
+        return f"unknown job id {self.args[0]!r}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eager request checks
+
+
+def _absolute(value: str, what: str) -> Path:
+    """A path the client gave: it must be absolute (the service does not know the client's working folder)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise ValueError(f"{what} must be an absolute path (the service does not know the client's working "
+                         f"folder), got {value!r}")
+    return path
+
+
+def _existing(value: str, what: str) -> Path:
+    path = _absolute(value, what)
+    if not path.exists():
+        raise ValueError(f"{what} not found: {path}")
+    return path
+
+
+def _model_arg(model: str | None) -> str | None:
+    """A model id stays as it is; a model directory must be absolute like every other path."""
+    if model is not None and ("/" in model or "\\" in model or model.startswith("~")):
+        return str(_absolute(model, "model directory"))
+    return model
+
+
+def _check_raster(r: RasterInput, open_it: bool = True):
+    """The raster exists and (``open_it``) opens; returns its RasterInfo (None when not opened)."""
+    from .sentinel2 import open_raster
+
+    path = _existing(r.raster, "raster")
+    if not open_it:
+        return None
+    with open_raster(path, band_map=r.band_map, level=r.level) as source:
+        return source.info
+
+
+def _check_grid(info, tile_px: int, stride: int | None, aoi: str | None = None, aoi_crs: str | None = None) -> None:
+    """Grid size within bounds and, when given, the area of interest readable, placeable and on the raster."""
+    from .tiling import grid_shape, make_grid
+
+    stride = stride or tile_px
+    rows, cols = grid_shape(info.width, info.height, tile_px, stride)
+    if rows * cols > MAX_GRID_TILES:
+        raise ValueError(f"tile size {tile_px} px with stride {stride} px makes {rows * cols} tiles on a "
+                         f"{info.width}x{info.height} px raster (at most {MAX_GRID_TILES}); use larger tiles")
+    if aoi is not None:
+        # One raster-sized tile: the engine's own parsing, reprojection and overlap checks, at no cost.
+        make_grid(info, max(info.width, info.height), aoi=aoi, aoi_crs=aoi_crs)
+
+
+def _check_crs(value: str | None, what: str) -> None:
+    if value is None:
+        return
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(value)
+    except CRSError as e:
+        raise ValueError(f"{what}: unknown CRS {value!r} ({e})") from None
+
+
+def _check_query_geometry(value: str, n: int) -> None:
+    """A query geometry must parse as WKT or GeoJSON and not be empty (any geometry type: a point is a query)."""
+    import json
+
+    import shapely
+    import shapely.errors
+    from shapely.geometry import shape
+
+    what = f"like[{n}]"
+    text = value.strip()
+    if not text:
+        raise ValueError(f"{what} is empty: give a WKT or GeoJSON geometry")
+    try:
+        if text.startswith("{"):
+            obj = json.loads(text)
+            if isinstance(obj, dict) and obj.get("type") == "Feature":
+                obj = obj.get("geometry")
+            if isinstance(obj, dict) and obj.get("type") == "FeatureCollection":
+                geoms = [shape(f["geometry"]) for f in obj.get("features", []) if f.get("geometry")]
+                geom = shapely.union_all(geoms) if geoms else None
+            else:
+                geom = shape(obj)
+        else:
+            geom = shapely.from_wkt(text)
+    except (ValueError, TypeError, KeyError, AttributeError, shapely.errors.GEOSException) as e:
+        kind = "GeoJSON" if text.startswith("{") else "WKT"
+        raise ValueError(f"{what} is not valid {kind}: {e}") from None
+    if geom is None or geom.is_empty:
+        raise ValueError(f"{what} is an empty geometry")
+
+
+def check_request(request: Request) -> Request:
+    """Validate what is cheap to validate before queueing; a ValueError names the bad input.
+
+    Returns the request with client paths made absolute (``~`` expanded) and the model resolved to a card
+    that exists; what only the engine can know (bands against the model, nodata) is checked when it runs.
+    """
+    try:
+        return _check_request(request)
+    except OSError as e:  # e.g. a path too long for the file system, a folder we may not read
+        where = f": {e.filename}" if e.filename else ""
+        raise ValueError(f"cannot use the path{where}: {e.strerror or e}") from None
+
+
+def _check_request(request: Request) -> Request:
+    from .models import DEFAULT_MODEL, resolve_card
+    from .outputs import check_output_path
+
+    updates: dict[str, Any] = {}
+    if isinstance(request, ClassifyRequest):
+        from .engine.prompts import load_templates, parse_prompts
+
+        parse_prompts(request.prompts)
+        out = _absolute(request.out, "out")
+        check_output_path(out)
+        model = _model_arg(request.model)
+        card = resolve_card(model or DEFAULT_MODEL)
+        if request.templates is not None:
+            load_templates(request.templates)
+        info = _check_raster(request)
+        _check_grid(info, request.tile_px or card.input.tile_px, request.stride, request.aoi, request.aoi_crs)
+        updates = {"raster": str(_absolute(request.raster, "raster")), "out": str(out), "model": model}
+    elif isinstance(request, IndexRequest):
+        model = _model_arg(request.model)
+        card = resolve_card(model or DEFAULT_MODEL)
+        rasters = []
+        for n, r in enumerate(request.rasters):
+            try:
+                info = _check_raster(r, open_it=n < MAX_RASTERS_OPENED)
+                if info is not None:
+                    _check_grid(info, request.tile_px or card.input.tile_px, request.stride)
+            except ValueError as e:
+                raise ValueError(f"rasters[{n}]: {e}") from None
+            rasters.append(r.model_copy(update={"raster": str(_absolute(r.raster, "raster"))}))
+        updates = {"rasters": rasters, "model": model}
+        if request.index is not None:
+            index = _absolute(request.index, "index")
+            if not index.parent.is_dir():
+                raise ValueError(f"index folder's parent does not exist: {index.parent}")
+            if index.exists() and not index.is_dir():
+                raise ValueError(f"index must be a folder, got a file: {index}")
+            updates["index"] = str(index)
+    elif isinstance(request, SearchRequest):
+        index = _existing(request.index, "index")
+        if not index.is_dir():
+            raise ValueError(f"index must be a folder (as written by an index job), got a file: {index}")
+        if request.text is not None and not request.text.strip():
+            raise ValueError("text is empty: give a description to search for, e.g. \"river with sand banks\"")
+        if request.like is not None and request.tile_ids is not None:
+            raise ValueError("give the query as geometries (like) or as tile ids (tile_ids), not both")
+        if request.like is not None and not request.like:
+            raise ValueError("like is an empty list: give at least one WKT or GeoJSON geometry")
+        if request.tile_ids is not None:
+            if not request.tile_ids:
+                raise ValueError("tile_ids is an empty list: give at least one tile id")
+            if any(i < 0 for i in request.tile_ids):
+                raise ValueError(f"tile ids are non-negative, got {min(request.tile_ids)}")
+        if request.like is None and request.tile_ids is None and request.text is None:
+            raise ValueError("nothing to search for: give like (geometries), tile_ids or text")
+        for n, g in enumerate(request.like or []):
+            _check_query_geometry(g, n)
+        _check_crs(request.like_crs, "like_crs")
+        out = _absolute(request.out, "out")
+        check_output_path(out)
+        updates = {"index": str(index), "out": str(out)}
+        if request.heatmap is not None:
+            heatmap = _absolute(request.heatmap, "heatmap")
+            check_output_path(heatmap, (".tif", ".tiff"))
+            updates["heatmap"] = str(heatmap)
+        if request.scene is not None:
+            updates["scene"] = str(_existing(request.scene, "scene"))
+    else:  # pragma: no cover - the schema's discriminator admits only the three kinds
+        raise ValueError(f"unknown job kind {getattr(request, 'kind', None)!r}")
+    return request.model_copy(update=updates)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaded models, kept by the worker across jobs
+
+
+class ModelCache:
+    """Models loaded by the worker, keyed by card hash + card folder + device (+ image size), and their runners.
+
+    The engine loads its model itself (``load_model`` / ``make_runner``); :meth:`installed` points the engine
+    modules at this cache for the length of a job, so a second job with the same model reuses the towers
+    (and the ONNX session) instead of loading them again. Only the worker thread runs engine code.
+    """
+
+    def __init__(self, max_models: int = MAX_CACHED_MODELS):
+        self.max_models = max_models
+        self._models: OrderedDict[tuple, Any] = OrderedDict()
+        self._runners: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+        self.loads = 0  # models actually built (tests and logs: cache misses)
+
+    def load_model(self, card, device: str = "auto", image_size: int | None = None):
+        from .models import load_model, resolve_card
+        from .models.loading import resolve_device
+
+        if not hasattr(card, "card_hash"):
+            card = resolve_card(card)
+        key = (card.card_hash(), str(card.path), resolve_device(device), image_size)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        model = load_model(card, device=device, image_size=image_size)
+        with self._lock:
+            self.loads += 1
+            self._models[key] = model
+            while len(self._models) > self.max_models:
+                _, old = self._models.popitem(last=False)
+                self._runners = {k: v for k, v in self._runners.items() if k[0] != id(old)}
+        log.info("loaded model %s on %s (%d in memory)", card.id, model.device, len(self._models))
+        return model
+
+    def make_runner(self, model, backend: str = "auto", device: str | None = None):
+        from .models import make_runner
+
+        key = (id(model), backend, device)
+        with self._lock:
+            if key in self._runners:
+                return self._runners[key]
+        runner = make_runner(model, backend=backend, device=device)
+        with self._lock:
+            if any(m is model for m in self._models.values()):
+                self._runners[key] = runner
+        return runner
+
+    def loaded(self) -> list[str]:
+        """Ids of the models in memory, most recently used last."""
+        with self._lock:
+            return [m.card.id for m in self._models.values()]
+
+    def providers(self) -> list[str]:
+        """ONNX Runtime providers that the cached runners' sessions actually got."""
+        with self._lock:
+            return list(dict.fromkeys(p for r in self._runners.values() for p in getattr(r, "providers", [])))
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Point every loaded engine/index module's ``load_model`` / ``make_runner`` at this cache, then restore."""
+        from . import models
+
+        originals = {"load_model": models.load_model, "make_runner": models.make_runner}
+        swapped = []
+        for name, module in list(sys.modules.items()):
+            if module is None or not name.startswith(("tileprompt_backend.engine", "tileprompt_backend.index")):
+                continue
+            for attr, original in originals.items():
+                if getattr(module, attr, None) is original:
+                    setattr(module, attr, getattr(self, attr))
+                    swapped.append((module, attr, original))
+        try:
+            yield
+        finally:
+            for module, attr, original in swapped:
+                setattr(module, attr, original)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Jobs
+
+
+@dataclasses.dataclass
+class Job:
+    id: str
+    request: Request
+    created: str
+    state: str = "queued"
+    done: int = 0
+    total: int = 0
+    started: str | None = None
+    finished: str | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    t_started: float | None = None  # perf_counter when it started running
+    t_finished: float | None = None
+
+    def status(self) -> JobStatus:
+        rate = eta = None
+        if self.t_started is not None and self.done > 0:
+            elapsed = (self.t_finished or time.perf_counter()) - self.t_started
+            if elapsed > 0:
+                rate = self.done / elapsed
+                if self.state == "running" and self.total >= self.done:
+                    eta = (self.total - self.done) / rate
+        return JobStatus(id=self.id, kind=self.request.kind, state=self.state, done=self.done, total=self.total,
+                         rate=rate, eta_seconds=eta, created=self.created, started=self.started,
+                         finished=self.finished, result=self.result, error=self.error,
+                         cancel_requested=self.cancel.is_set(), request=self.request.model_dump(mode="json"))
+
+
+Handler = Callable[[Request, "JobContext"], Any]
+
+
+@dataclasses.dataclass
+class JobContext:
+    """What a job handler gets besides its request: the service's device and the job's progress/cancel hooks."""
+
+    device: str
+    progress: Callable[[int, int], None]
+    cancel: Callable[[], bool]
+
+
+class JobQueue:
+    """A FIFO of jobs run by one worker thread; thread-safe for any number of client threads."""
+
+    def __init__(self, device: str = "auto", handlers: dict[str, Handler] | None = None,
+                 models: ModelCache | None = None, max_finished: int = MAX_FINISHED_JOBS):
+        self.device = device
+        self.handlers = dict(HANDLERS if handlers is None else handlers)
+        self.models = models or ModelCache()
+        self.max_finished = max_finished
+        self.model_dirs: dict[str, str] = {}  # card folders used since start that list_models does not show
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._pending: list[str] = []
+        self._running: Job | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self._worker: threading.Thread | None = None
+
+    # -- client side ------------------------------------------------------------------------------------------
+
+    def submit(self, request: Request, check: bool = True) -> JobStatus:
+        """Queue a job (after :func:`check_request` unless ``check`` is False); its status, state "queued"."""
+        if self._closing:
+            raise ShuttingDown("the service is shutting down and takes no new jobs")
+        if check:
+            request = check_request(request)
+        self._remember_model_dir(getattr(request, "model", None))
+        job = Job(id=uuid.uuid4().hex[:12], request=request, created=_now())
+        with self._wake:
+            if self._closing:
+                raise ShuttingDown("the service is shutting down and takes no new jobs")
+            self._jobs[job.id] = job
+            self._pending.append(job.id)
+            self._forget_old()
+            self._wake.notify_all()
+            status = job.status()
+        log.info("job %s %s queued (%d waiting)", job.id, request.kind, len(self._pending))
+        return status
+
+    def get(self, job_id: str) -> JobStatus:
+        with self._lock:
+            return self._job(job_id).status()
+
+    def jobs(self) -> list[JobStatus]:
+        with self._lock:
+            return [j.status() for j in self._jobs.values()]
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Queued: cancelled at once. Running: its cancel flag is set; the engine stops at its next batch."""
+        with self._lock:
+            job = self._job(job_id)
+            if job.state == "queued":
+                self._pending.remove(job.id)
+                self._finish(job, "cancelled")
+            elif job.state == "running" and not job.cancel.is_set():
+                job.cancel.set()
+                log.info("job %s cancel requested while running (%d/%d tiles)", job.id, job.done, job.total)
+            return job.status()
+
+    def cancel_all(self) -> None:
+        """Stop taking jobs, cancel the queued ones and ask the running one to stop (shutdown, first step)."""
+        with self._wake:
+            self._closing = True
+            for job_id in self._pending:
+                self._finish(self._jobs[job_id], "cancelled")
+            self._pending.clear()
+            if self._running is not None:
+                self._running.cancel.set()
+                log.info("job %s cancel requested: the service is shutting down", self._running.id)
+            self._wake.notify_all()
+
+    @property
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    @property
+    def running_job(self) -> str | None:
+        with self._lock:
+            return self._running.id if self._running is not None else None
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._worker is not None:
+                return
+            self._worker = threading.Thread(target=self._run, name="tileprompt-worker", daemon=True)
+            self._worker.start()
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Cancel everything and wait up to ``timeout`` s for the worker to finish; True when it has."""
+        self.cancel_all()
+        worker = self._worker
+        if worker is None:
+            return True
+        worker.join(timeout)
+        if worker.is_alive():
+            log.warning("worker still busy %.0f s after the cancel; leaving it", timeout)
+            return False
+        log.info("worker stopped")
+        return True
+
+    # -- worker side -------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:  # import the engine and model families now rather than in the first job (seconds on a CPU)
+            from . import engine  # noqa: F401
+        except Exception:  # noqa: BLE001 - the first job will report the same error
+            log.exception("importing the engine failed")
+        while True:
+            with self._wake:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if not self._pending:
+                    return  # closing and nothing left
+                job = self._jobs[self._pending.pop(0)]
+                job.state, job.started, job.t_started = "running", _now(), time.perf_counter()
+                self._running = job
+            log.info("job %s %s running", job.id, job.request.kind)
+            self._execute(job)
+
+    def _execute(self, job: Job) -> None:
+        from .engine import Cancelled
+
+        def progress(done: int, total: int) -> None:
+            with self._lock:
+                job.done, job.total = int(done), int(total)
+
+        ctx = JobContext(device=self.device, progress=progress, cancel=job.cancel.is_set)
+        state, result, error = "failed", None, None
+        try:
+            if job.cancel.is_set():
+                raise Cancelled("cancelled before it started")
+            with self.models.installed():
+                result = summarise(self.handlers[job.request.kind](job.request, ctx))
+            state = "succeeded"
+        except Cancelled:
+            state = "cancelled"
+        except ValueError as e:
+            error = _one_line(str(e)) or type(e).__name__
+            log.info("job %s failed: %s", job.id, error)
+        except Exception as e:  # noqa: BLE001 - any failure ends this job, never the worker
+            error = _one_line(f"{type(e).__name__}: {e}")
+            log.error("job %s failed: %s\n%s", job.id, error, traceback.format_exc().rstrip())
+        with self._lock:
+            job.result, job.error = result, error
+            self._finish(job, state)
+            self._running = None
+
+    def _finish(self, job: Job, state: str) -> None:
+        """Move a job to a final state (lock held)."""
+        job.state, job.finished, job.t_finished = state, _now(), time.perf_counter()
+        if state == "succeeded" and job.total:
+            job.done = job.total
+        took = f" in {job.t_finished - job.t_started:.2f} s" if job.t_started is not None else ""
+        detail = f": {job.error}" if job.error else ""
+        log.info("job %s %s %s%s (%d/%d tiles)%s", job.id, job.request.kind, state, took, job.done, job.total,
+                 detail)
+
+    def _job(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(job_id)
+        return job
+
+    def _forget_old(self) -> None:
+        finished = [j.id for j in self._jobs.values() if j.state in FINAL_STATES]
+        for job_id in finished[:max(0, len(finished) - self.max_finished)]:
+            del self._jobs[job_id]
+
+    def _remember_model_dir(self, model: str | None) -> None:
+        if model and ("/" in model or "\\" in model):
+            from .models import resolve_card
+
+            try:
+                card = resolve_card(model)
+            except ValueError:
+                return
+            self.model_dirs[str(card.path)] = card.id
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def summarise(result: Any) -> dict[str, Any]:
+    """An engine result (a dataclass) as JSON-ready data: paths as strings; the classify run row reduced to its id."""
+    if result is None:
+        return {}
+    if isinstance(result, dict):
+        data = dict(result)
+    elif dataclasses.is_dataclass(result):
+        data = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    else:
+        data = {"value": result}
+    run = data.pop("run", None)
+    if isinstance(run, dict) and "run_id" in run:
+        data["run_id"] = run["run_id"]
+    if hasattr(result, "tiles_per_second"):
+        data["tiles_per_second"] = result.tiles_per_second
+    return _jsonable(data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Handlers: request -> engine call
+
+
+def run_classify(req: ClassifyRequest, ctx: JobContext):
+    from .engine import classify
+
+    return classify(req.raster, req.prompts, req.out, model=req.model, templates=req.templates, tile_px=req.tile_px,
+                    stride=req.stride, aoi=req.aoi, aoi_crs=req.aoi_crs, multi_label=req.multi_label,
+                    threshold=req.threshold, band_map=req.band_map, level=req.level, batch_size=req.batch_size,
+                    runner=req.runner, device=ctx.device, progress=ctx.progress, cancel=ctx.cancel)
+
+
+def _raster_arg(r: RasterInput):
+    """A raster for build_index: its path, or a dict when it carries a band map or a level."""
+    if r.band_map is None and r.level is None:
+        return r.raster
+    return r.model_dump(exclude_none=True)
+
+
+def run_index(req: IndexRequest, ctx: JobContext):
+    from .index import build_index
+
+    return build_index([_raster_arg(r) for r in req.rasters], model=req.model, tile_px=req.tile_px,
+                       stride=req.stride, index=req.index, device=ctx.device, runner=req.runner,
+                       batch_size=req.batch_size, progress=ctx.progress, cancel=ctx.cancel)
+
+
+def run_search(req: SearchRequest, ctx: JobContext):
+    from .index import search
+
+    return search(req.index, like=req.like, like_crs=req.like_crs, tile_ids=req.tile_ids, scene=req.scene,
+                  text=req.text, fuse=req.fuse, k=req.k, out=req.out, heatmap=req.heatmap, progress=ctx.progress,
+                  cancel=ctx.cancel)
+
+
+HANDLERS: dict[str, Handler] = {"classify": run_classify, "index": run_index, "search": run_search}
