@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnxruntime
 import open_clip
 import pytest
 import timm
@@ -145,7 +146,7 @@ def test_preprocess_s2_card_scales_and_clips(models, tiny_models, tmp_path):
     assert got.shape == (2, 13, 32, 32)
     np.testing.assert_allclose(got, np.broadcast_to(want[None, :, None, None], got.shape), atol=1e-6)
     mean, std = [0.1] * 13, [0.5] * 13
-    normed = load_model(write_tiny("aligned-s2", tmp_path / "norm", input={"mean": mean, "std": std}))
+    normed = load_model(write_tiny("aligned-s2", tmp_path / "norm", input={"mean": mean, "std": std}), device="cpu")
     np.testing.assert_allclose(normed.preprocess(raw, S2_L1C)[0, :, 0, 0], (want - 0.1) / 0.5, atol=1e-6)
 
 
@@ -204,10 +205,23 @@ def test_int8_and_auto_runners(models, family):
     y = int8(x)
     np.testing.assert_allclose(_unit(y), 1.0, atol=1e-4)
     assert (y * ref).sum(1).min() > 0.9  # tiny random towers: a loose bound; full-size figures in docs/models.md
-    auto = make_runner(m)
-    recorded = int8_cosine(onnx_file(m, int8=True))
-    assert auto.name == ("onnxruntime-cpu-int8" if recorded >= AUTO_MIN_COSINE else "torch-cpu-fp32")
-    assert auto.device == "cpu"
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        auto = make_runner(m)
+        recorded = int8_cosine(onnx_file(m, int8=True))
+        assert auto.name == ("onnxruntime-cpu-int8" if recorded >= AUTO_MIN_COSINE else "torch-cpu-fp32")
+        assert auto.device == "cpu"
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_onnx_runner_reports_the_provider_it_got(models, monkeypatch):
+    """onnxruntime-gpu lists CUDA as available even where CUDA cannot load: the session decides the device."""
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("a real CUDA provider is installed")
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: listed)
+    runner = make_runner(models["clip"], "onnx", device="cuda")
+    assert (runner.name, runner.device, runner.providers) == ("onnxruntime-cpu-fp32", "cpu", ["CPUExecutionProvider"])
+    assert make_runner(models["clip"]).device == "cpu"  # auto tries CUDA, gets the CPU, falls back to the CPU choice
 
 
 def test_runner_argument_errors(models):
@@ -284,7 +298,7 @@ def test_clip_visual_overlay_must_cover_the_visual_tower_exactly(models, tiny_mo
     write_weights(visual, tmp_path / "image_tower.safetensors")
     card = _edit_card(tiny_models["clip"], tmp_path / "patched", image_tower={"weights": "image_tower.safetensors"})
     shutil.copy(tmp_path / "image_tower.safetensors", card)
-    patched = load_model(card)
+    patched = load_model(card, device="cpu")
     x = base.probe_batch(2)
     assert not np.allclose(make_runner(patched, "torch")(x), make_runner(base, "torch")(x))
     np.testing.assert_array_equal(patched.encode_text(["forest"]), base.encode_text(["forest"]))  # text untouched
@@ -382,6 +396,7 @@ def test_fetch_rejects_unexpected_keys_and_bad_checksums(ssl4eo_bundle):
 
 def test_open_clip_tag_download_prefers_safetensors_then_converts_pickles(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setenv("TILEPROMPT_CACHE", str(tmp_path / "cache"))
     urls = []
     state = {"logit_scale": torch.tensor(4.6), "module_free.weight": torch.ones(2)}
     torch.save({"state_dict": state}, tmp_path / "weights.bin")
@@ -397,4 +412,4 @@ def test_open_clip_tag_download_prefers_safetensors_then_converts_pickles(tmp_pa
     hub = "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/"
     assert urls == [hub + "open_clip_model.safetensors", hub + "open_clip_pytorch_model.bin"]
     assert set(read_weights(path)) == set(state)
-    path.unlink()
+    assert download_tag("ViT-B-32", "openai", transport=transport) == path and len(urls) == 2  # cached

@@ -155,7 +155,7 @@ def download_tag(model_name: str, tag: str, transport: Transport | None = None) 
             return download(url, dest, sha, convert, transport)
         except (OSError, ValueError, HTTPException) as e:  # urllib's HTTPError is an OSError: try the next one
             errors.append(f"{url}: {e}")
-    raise ValueError(f"could not download open_clip weights {model_name}/{tag}:\n  " + "\n  ".join(errors))
+    raise ValueError(f"could not download open_clip weights {model_name}/{tag}: " + "; ".join(errors))
 
 
 # --- cards ---------------------------------------------------------------------------------------------------
