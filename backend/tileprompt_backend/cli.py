@@ -1,4 +1,4 @@
-"""The ``tileprompt`` command: classify rasters, manage model cards.
+"""The ``tileprompt`` command: classify rasters, index and search tiles, manage model cards, serve.
 
 Every error is one line on stderr (``tileprompt: error: ...``) and a non-zero exit code.
 """
@@ -41,8 +41,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--runner", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     c.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
+    c.add_argument("--index", help="embedding index to reuse and fill (default: the cache's, per model + tile)")
+    c.add_argument("--no-index", action="store_true", help="neither reuse nor store tile embeddings")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_classify)
+
+    i = sub.add_parser("index", help="embed every tile of rasters once, into an index for search and reuse",
+                       description="Embed every tile of RASTER... into an index folder (see docs/index.md); "
+                                   "scenes already there are reused. Under torchrun, ranks share the scenes.")
+    _add_index_arguments(i)
+    i.set_defaults(func=cmd_index)
+
+    q = sub.add_parser("search", help="find tiles like a geometry, like tiles, or like a description",
+                       description="Rank the tiles of INDEX by cosine similarity to a query; write the top k "
+                                   "as layer 'similar' of a GeoPackage (and optionally a heat map).")
+    q.add_argument("index", metavar="INDEX", help="index folder (printed by `tileprompt index`)")
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--like", action="append", metavar="WKT",
+                      help="query geometry as WKT or GeoJSON (text or a file path); repeat for several")
+    what.add_argument("--tile-ids", metavar="ID,ID", help="query tiles by id, comma-separated")
+    what.add_argument("--text", help='a description, e.g. "river with sand banks" (synonyms after "|")')
+    q.add_argument("--like-crs", help="CRS of --like, e.g. EPSG:4326 (default: the scene's CRS)")
+    q.add_argument("--scene", metavar="RASTER",
+                   help="the scene --like/--tile-ids refer to and the heat map covers (needed when the index "
+                        "holds several)")
+    q.add_argument("-k", type=int, default=50, help="number of results (default: 50)")
+    q.add_argument("--fuse", choices=["mean", "max"], default="mean",
+                   help="mean: one query from the mean of the query tiles; max: each tile queries, best kept")
+    q.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
+    q.add_argument("--heatmap", help="also write a float32 GeoTIFF of similarity on the scene's grid")
+    q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    q.set_defaults(func=cmd_search)
 
     m = sub.add_parser("models", help="list, create and fetch model cards")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -71,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.set_defaults(func=cmd_serve)
     return p
+
+
+def _add_index_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tileprompt index`` (also ``python -m tileprompt_backend.index.build`` under torchrun)."""
+    p.add_argument("rasters", nargs="*", metavar="RASTER",
+                   help="GeoTIFF/COG, folder of per-band files or SAFE IMG_DATA folder (any number)")
+    p.add_argument("--scene-list", help="a text file with one raster per line (for archives; added to RASTER...)")
+    p.add_argument("--model", help="model id or model directory (default: clip-vit-b32-openai)")
+    p.add_argument("--tile", type=int, help="tile size in pixels (default: the model card's)")
+    p.add_argument("--stride", type=int, help="distance between tiles in pixels (default: the tile size)")
+    p.add_argument("--band-map", help="comma-separated band names of multiband files, in file order (all rasters)")
+    p.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
+    p.add_argument("--index", help="index folder (default: the cache's index for model + tile + stride)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--runner", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _read_aoi(value: str | None) -> str | None:
@@ -102,7 +148,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
             threshold=args.threshold, band_map=args.band_map.split(",") if args.band_map else None,
             level=args.level, batch_size=args.batch_size, runner=args.runner, device=args.device,
-            progress=progress)
+            progress=progress, index=args.index, use_index=not args.no_index)
     finally:
         if bar is not None:
             bar.close()
@@ -117,6 +163,35 @@ def cmd_classify(args: argparse.Namespace) -> int:
     for name, n in sorted(result.counts.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<{width}}  {n:6d}  {100.0 * n / max(result.tiles, 1):5.1f} %")
     print(f"wrote {result.out}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .index.build import run
+
+    return run(args)
+
+
+def _tile_ids(value: str) -> list[int]:
+    try:
+        ids = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"--tile-ids takes integers separated by commas, got {value!r}") from None
+    if not ids:
+        raise ValueError("--tile-ids is empty")
+    return ids
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .index import search
+
+    result = search(args.index, like=[_read_aoi(v) for v in args.like] if args.like else None,
+                    like_crs=args.like_crs, tile_ids=_tile_ids(args.tile_ids) if args.tile_ids else None,
+                    scene=args.scene, text=args.text, fuse=args.fuse, k=args.k, out=args.out,
+                    heatmap=args.heatmap, device=args.device)
+    query = f"{len(result.query_tiles)} query tile(s)" if result.query_tiles else "the text"
+    print(f"{result.hits} similar tiles to {query} in {result.seconds:.2f} s ({result.search_method})")
+    print(f"wrote {result.out}" + (f" and {result.heatmap}" if result.heatmap else ""))
     return 0
 
 

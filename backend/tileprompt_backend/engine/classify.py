@@ -48,10 +48,18 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              aoi: str | dict | None = None, aoi_crs: str | None = None, multi_label: bool = False,
              threshold: float = 0.5, band_map: Sequence[str] | None = None, level: str | None = None,
              batch_size: int = 32, runner: str = "auto", device: str = "auto",
-             progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> ClassifyResult:
+             progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+             index: str | Path | None = None, use_index: bool = True) -> ClassifyResult:
     """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
+
+    Embeddings come from an index when the raster (same files, band map, level) is complete in it for this
+    model, tile size and stride: ``index`` (a folder), else the default cache index of the model + tile +
+    stride. Then the image encoder never runs and only the prompts are encoded. A run that computed every tile
+    of the grid (no area of interest) stores its embeddings there for the next run. ``use_index=False`` does
+    neither. Scores are computed from float16-rounded embeddings either way (the index stores float16), so a
+    result is the same with or without the index.
     """
     started, t0 = _now(), time.perf_counter()
     out = check_output_path(out)
@@ -68,22 +76,42 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         grid = make_grid(info, tile_px or card.input.tile_px, stride, aoi=aoi, aoi_crs=aoi_crs)
         if not len(grid):
             raise ValueError("no tiles to classify in the area of interest")
+        from ..index.reuse import cached_embeddings, store_embeddings  # the index package imports the engine
+
+        cached = cached_embeddings(card, info, band_map, level, grid, index) if use_index else None
         loaded = load_model(card, device=device)
         check_bands(info, loaded.required_bands(info), card.id)
-        run_engine = make_runner(loaded, backend=runner)
         head = zero_shot_head(loaded.encode_text, classes, template_list)
 
         stats = EmbedStats()
         features = []
         counts = Counter({c.name: 0 for c in classes})
-        for tiles, emb in embed_tiles(source, grid.tiles, loaded, run_engine, batch_size=batch_size,
-                                      progress=progress, cancel=cancel, stats=stats):
-            s = score_tiles(logits(emb, head, card.logit_scale), multi_label=multi_label, threshold=threshold,
-                            logit_bias=card.logit_bias)
+        if cached is not None:
+            run_name, run_device = f"index ({cached.runner})", "none"
+            batches = cached.batches(grid.tiles, batch_size, stats, progress, cancel)
+        else:
+            run_engine = make_runner(loaded, backend=runner)
+            run_name, run_device = run_engine.name, run_engine.device
+            batches = embed_tiles(source, grid.tiles, loaded, run_engine, batch_size=batch_size,
+                                  progress=progress, cancel=cancel, stats=stats)
+        keep = use_index and cached is None and grid.aoi is None  # a full grid: worth storing
+        kept_tiles, kept_emb = [], []
+        for tiles, emb in batches:
+            # the index keeps float16: round here too, so scores never depend on where embeddings came from
+            emb = np.asarray(emb).astype(np.float16)
+            if keep:
+                kept_tiles.extend(tiles)
+                kept_emb.append(emb)
+            s = score_tiles(logits(emb.astype(np.float32), head, card.logit_scale), multi_label=multi_label,
+                            threshold=threshold, logit_bias=card.logit_bias)
             for i, tile in enumerate(tiles):
                 props = _tile_attributes(tile, classes, s, i, multi_label)
                 counts[props["class"]] += 1
                 features.append((tile.polygon, props))
+        stored = None
+        if keep and features:
+            stored = store_embeddings(loaded.card, info, band_map, level, grid, index, kept_tiles, kept_emb,
+                                      stats.skipped_nodata, run_name)
 
     if not features:
         raise ValueError(f"every tile in the area is nodata ({stats.skipped_nodata} tiles skipped); nothing to classify")
@@ -97,8 +125,10 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "model_title": card.title,
         "model_card_hash": card.card_hash(),
         "model_trained": card.trained,
-        "runner": run_engine.name,
-        "device": run_engine.device,
+        "runner": run_name,
+        "device": run_device,
+        "embeddings_index": (str(cached.store.root) if cached is not None else str(stored) if stored else None),
+        "embeddings_reused": cached is not None,
         "raster": str(Path(raster).resolve()),
         "raster_layout": info.layout,
         "raster_level": info.level,
@@ -124,7 +154,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     seconds = time.perf_counter() - t0
     return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
-                          encode_seconds=stats.encode_seconds, runner=run_engine.name, run=run)
+                          encode_seconds=stats.encode_seconds, runner=run_name, run=run)
 
 
 def _fields(classes, multi_label: bool) -> dict[str, str]:
