@@ -1,19 +1,48 @@
-"""The plugin object QGIS creates through ``classFactory``: one action, in a toolbar and the Raster menu."""
+"""The plugin object QGIS creates through ``classFactory``; ``unload`` undoes everything ``initGui`` did.
 
-from pathlib import Path
+initGui adds: the toolbar/Raster-menu action (shows the dock), the TilePrompt dock (right), two map tools and
+the sketches they leave on the canvas, the Processing provider ``tileprompt``, the translator, connections to
+the project's signals, and it may attach to a backend that is already running. Running jobs are QgsTasks kept
+in a registry. unload cancels the tasks, stops the backend if this QGIS started it, and removes all of that.
 
-from qgis.core import Qgis
+The dock emits typed parameters; this class runs them: exports a layer when needed (UI thread), starts a
+JobTask, and adds the styled result layers in the task's delegate (UI thread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from qgis.core import Qgis, QgsApplication, QgsProject
+from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction
+from qgis.PyQt.QtWidgets import QAction, QApplication, QFileDialog
+
+from .client import BackendError, BackendUnavailable, Connection
+from .diagnostics import report
+from .dock import TilePromptDock
+from .i18n import Translator, tr
+from .jobs import JobCancelled, JobFailed, JobSucceeded
+from .launcher import BackendLauncher, backend_environment
+from .maptools import PolygonTool, RectangleTool, Sketches
+from .parameters import ClassifyParameters, SearchParameters
+from .provider import TilePromptProvider
+from .results import (
+    SIMILAR_LAYER,
+    TILES_LAYER,
+    add_to_group,
+    load_heatmap,
+    load_vector,
+    style_categorized,
+    style_graduated,
+    summary_rows,
+)
+from .runs import new_output, plan_search, prepare_raster
+from .session import BackendSession
+from .settings import ICON_PATH, Key, ProjectState, Settings
+from .tasks import JobTask, TaskRegistry
 
 PLUGIN_NAME = "TilePrompt"
-ICON_PATH = Path(__file__).resolve().parent.parent / "resources" / "icon.png"
-
-# Until the dock lands, the action explains where things stand and how to use the backend directly.
-NOT_YET_MESSAGE = (
-    "The TilePrompt dock arrives with the UI work. Meanwhile, classify tiles with the backend CLI: "
-    "run scripts/setup once in the plugin folder, then .venv/bin/tileprompt --help."
-)
 
 
 class TilePromptPlugin:
@@ -22,23 +51,403 @@ class TilePromptPlugin:
     def __init__(self, iface):
         self.iface = iface
         self.action = None
+        self.dock = None
+        self.provider = None
+        self.session = None
+        self.launcher = None
+        self.rectangle_tool = None
+        self.polygon_tool = None
+        self.sketches = None
+        self.translator = Translator()
+        self.tasks = TaskRegistry()
+        self.current_task = None
+        self.settings = Settings()
+        self._draw_purpose = "area"
+        self._connections: list = []
+        self._model_ids: list = []
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def _connect(self, signal, slot) -> None:
+        signal.connect(slot)
+        self._connections.append((signal, slot))
 
     def initGui(self):  # noqa: N802 (QGIS API)
-        self.action = QAction(QIcon(str(ICON_PATH)), PLUGIN_NAME, self.iface.mainWindow())
+        self.translator.install()
+        window = self.iface.mainWindow()
+        self.action = QAction(QIcon(str(ICON_PATH)), PLUGIN_NAME, window)
         self.action.setObjectName("tilepromptAction")
-        self.action.setToolTip("TilePrompt: classify and search raster tiles with text prompts")
-        self.action.triggered.connect(self.run)
+        self.action.setToolTip(tr("TilePrompt: classify and search raster tiles with text prompts"))
+        self.action.setCheckable(True)
+        self._connect(self.action.triggered, self.run)
         self.iface.addToolBarIcon(self.action)
         self.iface.addPluginToRasterMenu(PLUGIN_NAME, self.action)
+
+        self.session = BackendSession(self.settings, window)
+        self.launcher = BackendLauncher(window)
+        self.dock = TilePromptDock(self.iface, window)
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
+        self.dock.hide()
+
+        canvas = self.iface.mapCanvas()
+        self.rectangle_tool = RectangleTool(canvas)
+        self.polygon_tool = PolygonTool(canvas)
+        self.sketches = Sketches(canvas)
+
+        self.provider = TilePromptProvider(self.session)
+        QgsApplication.processingRegistry().addProvider(self.provider)
+
+        project = QgsProject.instance()
+        for signal, slot in (
+            (self.dock.visibilityChanged, self.action.setChecked),
+            (self.dock.classifyRequested, self.run_classify),
+            (self.dock.searchRequested, self.run_search),
+            (self.dock.cancelRequested, self.cancel),
+            (self.dock.drawRequested, self.start_drawing),
+            (self.dock.startBackendRequested, self.start_backend),
+            (self.dock.stopBackendRequested, self.stop_backend),
+            (self.dock.attachRequested, self.attach_backend),
+            (self.dock.diagnosticsRequested, self.copy_diagnostics),
+            (self.dock.refreshModelsRequested, self._refresh_models),
+            (self.rectangle_tool.drawn, self._on_drawn),
+            (self.polygon_tool.drawn, self._on_drawn),
+            (self.session.changed, self._update_backend_panel),
+            (self.session.lost, self._on_backend_lost),
+            (self.launcher.started, self._on_launcher_started),
+            (self.launcher.failed, self._on_launcher_failed),
+            (self.launcher.stopped, self._update_backend_panel),
+            (project.readProject, self._on_project_read),
+            (project.cleared, self._on_project_cleared),
+        ):
+            self._connect(signal, slot)
+
+        if self.settings.get(Key.AUTO_ATTACH) and self.settings.state_file().is_file():
+            self.attach_backend(quiet=True)
 
     def unload(self):
         if self.action is None:
             return
+        self.tasks.cancel_all()
+        self.current_task = None
+        for signal, slot in reversed(self._connections):
+            try:
+                signal.disconnect(slot)
+            except (TypeError, RuntimeError):
+                pass  # already gone with its object
+        self._connections.clear()
+        if self.launcher is not None:
+            self.launcher.stop()
+        if self.session is not None:
+            self.session.disconnect()
+        canvas = self.iface.mapCanvas()
+        for tool in (self.rectangle_tool, self.polygon_tool):
+            if tool is None:
+                continue
+            if canvas.mapTool() is tool:
+                canvas.unsetMapTool(tool)
+            if isinstance(tool, PolygonTool):
+                tool.remove_band()
+            tool.deleteLater()
+        self.rectangle_tool = self.polygon_tool = None
+        if self.sketches is not None:
+            self.sketches.clear()
+            self.sketches = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+        if self.dock is not None:
+            self.iface.removeDockWidget(self.dock)
+            self.dock.hide()
+            self.dock.setParent(None)
+            self.dock.deleteLater()
+            self.dock = None
+        for obj in (self.launcher, self.session):
+            if obj is not None:
+                obj.setParent(None)
+                obj.deleteLater()
+        self.launcher = self.session = None
         self.iface.removePluginRasterMenu(PLUGIN_NAME, self.action)
         self.iface.removeToolBarIcon(self.action)
         # deleteLater, not del: the main window owns the action on the C++ side.
         self.action.deleteLater()
         self.action = None
+        self.translator.remove()
 
-    def run(self):
-        self.iface.messageBar().pushMessage(PLUGIN_NAME, NOT_YET_MESSAGE, level=Qgis.MessageLevel.Info, duration=15)
+    def run(self, checked: bool = True):
+        """The toolbar/menu action: show (or hide) the dock."""
+        if self.dock is None:
+            return
+        if checked:
+            self.dock.setUserVisible(True)  # shows it, and brings it to the front when tabbed with other docks
+        else:
+            self.dock.hide()
+
+    # -------------------------------------------------------------------------------------------- messages
+    def _message(self, text: str, level=Qgis.MessageLevel.Info, duration: int = 8) -> None:
+        self.iface.messageBar().pushMessage(PLUGIN_NAME, text, level=level, duration=duration)
+
+    # --------------------------------------------------------------------------------------------- backend
+    def start_backend(self):
+        """Start ``<venv>/bin/tileprompt serve`` (or attach when a backend is already running)."""
+        if self.launcher.running or self.launcher.starting:
+            return
+        state_file = self.settings.state_file()
+        if state_file.is_file():
+            try:
+                existing = Connection.from_state_file(state_file)
+            except BackendUnavailable:
+                existing = None
+            if existing is not None and existing.process_alive():
+                self._message(tr("A backend is already running (pid {pid}); attaching to it.").format(
+                    pid=existing.pid))
+                self.attach_backend()
+                return
+        log = self.settings.cache_dir() / "logs" / "backend.log"
+        try:
+            self.launcher.start(self.settings.backend_executable(), state_file, log,
+                                port=self.settings.get(Key.BACKEND_PORT),
+                                timeout_s=self.settings.get(Key.START_TIMEOUT_S), env=backend_environment())
+        except BackendUnavailable as exc:
+            self.dock.set_backend_state("error", str(exc), False)
+            self._message(str(exc), Qgis.MessageLevel.Critical, 0)
+            return
+        self.dock.set_backend_state("starting", tr("Starting the backend… (log: {log})").format(log=log), True)
+
+    def _on_launcher_started(self, connection: Connection):
+        self.session.connect_to(connection, self._on_attached)
+
+    def _on_launcher_failed(self, message: str):
+        self.dock.set_backend_state("error", message.splitlines()[0], False)
+        self._message(message, Qgis.MessageLevel.Critical, 0)
+
+    def stop_backend(self):
+        self.session.disconnect()
+        self.launcher.stop()
+        self._update_backend_panel()
+
+    def attach_backend(self, path=None, quiet: bool = False):
+        """Connect to the backend whose state file is ``path`` (default: the configured one)."""
+        if path is None or isinstance(path, bool):
+            path = self.settings.state_file()
+            if not path.is_file() and not quiet:
+                chosen, _ = QFileDialog.getOpenFileName(self.dock, tr("Backend state file"), str(path.parent),
+                                                        tr("State file (*.json)"))
+                if not chosen:
+                    return
+                path = chosen
+        try:
+            connection = Connection.from_state_file(path)
+        except BackendUnavailable as exc:
+            if not quiet:
+                self._message(str(exc), Qgis.MessageLevel.Warning)
+            return
+        if connection.process_alive() is False:
+            if not quiet:
+                self._message(tr("The backend in {path} (pid {pid}) is not running any more.").format(
+                    path=path, pid=connection.pid), Qgis.MessageLevel.Warning)
+            return
+        self.dock.set_backend_state("starting", tr("Connecting to {address}…").format(address=connection.address),
+                                    self.launcher.running)
+        self.session.connect_to(connection, lambda error: self._on_attached(error, quiet))
+
+    def _on_attached(self, error, quiet: bool = False):
+        if error is not None:
+            if not quiet:
+                self._message(str(error), Qgis.MessageLevel.Critical, 0)
+            self._update_backend_panel()
+            return
+        self._message(tr("Connected to the backend: {what}").format(what=self.session.describe()),
+                      Qgis.MessageLevel.Success, 4)
+
+    def _refresh_models(self):
+        if self.session.connection is None:
+            self._message(tr("Start or attach a backend first."), Qgis.MessageLevel.Warning)
+            return
+        self.session.refresh_health()
+        self.session.refresh_models(lambda error: error and self._message(str(error), Qgis.MessageLevel.Warning))
+
+    def _update_backend_panel(self):
+        if self.dock is None:
+            return
+        session, started_here = self.session, self.launcher.running
+        if self.launcher.starting:
+            state = "starting"
+        elif session.connected:
+            state = "up"
+        elif session.connection is not None:
+            state = "error" if session.error else "starting"
+        else:
+            state = "down"
+        self.dock.set_backend_state(state, session.describe(), started_here)
+        ids = [m.get("id") for m in session.models]
+        if ids != self._model_ids:
+            self._model_ids = ids
+            self.dock.set_models(session.models)
+
+    def _on_backend_lost(self, message: str):
+        self._message(message, Qgis.MessageLevel.Critical, 0)
+
+    def copy_diagnostics(self) -> str:
+        text = report(self.session, self.launcher, self.settings)
+        QApplication.clipboard().setText(text)
+        self._message(tr("Diagnostics copied to the clipboard ({n} lines).").format(n=text.count("\n") + 1))
+        return text
+
+    # ------------------------------------------------------------------------------------------------ runs
+    def _can_run(self) -> bool:
+        if self.current_task is not None:
+            self._message(tr("A job is running: wait for it or cancel it."), Qgis.MessageLevel.Warning)
+            return False
+        if not self.session.connected:
+            reason = self.session.error or tr("no backend is connected")
+            self._message(tr("Cannot run: {reason}. Start the backend in the TilePrompt dock (Backend: Start), or "
+                             "attach to a running one.").format(reason=reason.rstrip(".")),
+                          Qgis.MessageLevel.Critical, 10)
+            return False
+        return True
+
+    def _start_task(self, title: str, requests: list, delegate) -> JobTask:
+        task = JobTask(title, self.session.client(), requests, delegate,
+                       self.settings.get(Key.POLL_INTERVAL_MS) / 1000.0)
+        task.progressChanged.connect(lambda value: self.dock and self.dock.set_progress(value))
+        task.statusChanged.connect(lambda text: self.dock and self.dock.set_status(text))
+        self.dock.set_busy(True, tr("Starting {title}…").format(title=title))
+        self.current_task = self.tasks.start(task)
+        return task
+
+    def _exports_dir(self):
+        return self.settings.cache_dir() / "exports"
+
+    def run_classify(self, params: ClassifyParameters):
+        if not self._can_run():
+            return None
+        model = self.session.model_info(params.model)
+        try:
+            raster = prepare_raster(params.raster, model.get("gsd_m"), self._exports_dir())
+            params = replace(params, raster=raster)
+            out = params.output or new_output(self.settings.cache_dir() / "results", raster.layer_name + "_tiles")
+            request = params.classify_request(out, model.get("tile_px"))
+            client_ok = self.session.client()
+        except (ValueError, BackendError) as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return None
+        del client_ok
+        ProjectState().set_dock_state(params.to_state())
+        classes = [line.split("|")[0].strip() for line in params.prompts.splitlines() if line.strip()]
+        title = tr("TilePrompt: classify {layer}").format(layer=raster.layer_name)
+        return self._start_task(title, [request], lambda outcome: self._classify_done(outcome, params, out, classes))
+
+    def _classify_done(self, outcome, params: ClassifyParameters, out: str, classes: list):
+        self.current_task = None
+        if self.dock is None:
+            return
+        self.dock.set_busy(False)
+        if isinstance(outcome, JobSucceeded):
+            try:
+                name = tr("{layer} · classes").format(layer=params.raster.layer_name)
+                layer = load_vector(out, TILES_LAYER, name)
+            except ValueError as exc:
+                self._message(str(exc), Qgis.MessageLevel.Critical)
+                return
+            counts = style_categorized(layer, classes)
+            add_to_group([layer])
+            self.dock.progress.setValue(100)
+            self.dock.show_summary(summary_rows(counts, classes), classes)
+            total = sum(counts.values())
+            self.dock.set_status(tr("{n} tiles classified; saved to {path}").format(n=total, path=out))
+            self._message(tr("{n} tiles classified into {k} classes.").format(n=total, k=len(counts)),
+                          Qgis.MessageLevel.Success, 5)
+        else:
+            self._report_unsuccessful(outcome)
+
+    def _report_unsuccessful(self, outcome):
+        if isinstance(outcome, JobFailed):
+            self.dock.set_status(outcome.message)
+            self._message(outcome.message, Qgis.MessageLevel.Critical, 0)
+        elif isinstance(outcome, JobCancelled):
+            self.dock.set_status(tr("Cancelled."))
+            self.dock.progress.setValue(0)
+            self._message(tr("Job cancelled."), Qgis.MessageLevel.Info, 4)
+
+    def run_search(self, params: SearchParameters):
+        if not self._can_run():
+            return None
+        model = self.session.model_info(params.model)
+        try:
+            raster = prepare_raster(params.raster, model.get("gsd_m"), self._exports_dir())
+            params = replace(params, raster=raster)
+            results = self.settings.cache_dir() / "results"
+            stem = raster.layer_name + ("_text" if params.query.is_text else "_similar")
+            out = new_output(results, stem)
+            heatmap = new_output(results, stem + "_heat", ".tif") if params.heatmap else None
+            plan = plan_search(params, self.session, out, heatmap)
+            self.session.client()
+        except (ValueError, BackendError) as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return None
+        what = tr("text search") if params.query.is_text else tr("similar tiles")
+        title = tr("TilePrompt: {what} in {layer}").format(what=what, layer=raster.layer_name)
+        return self._start_task(title, plan.requests, lambda outcome: self._search_done(outcome, params, plan))
+
+    def _search_done(self, outcome, params: SearchParameters, plan):
+        self.current_task = None
+        if self.dock is None:
+            return
+        self.dock.set_busy(False)
+        if not isinstance(outcome, JobSucceeded):
+            self._report_unsuccessful(outcome)
+            return
+        if plan.index_request is not None:
+            self.session.indexes.mark_built(plan.index_dir, plan.index_request)
+        label = f"“{params.query.text}”" if params.query.is_text else tr("similar")
+        try:
+            layer = load_vector(plan.out, SIMILAR_LAYER, tr("{layer} · {label} (top {k})").format(
+                layer=params.raster.layer_name, label=label, k=params.k))
+            style_graduated(layer)
+            layers = [layer]
+            if plan.heatmap:
+                layers.append(load_heatmap(plan.heatmap, tr("{layer} · {label} heat map").format(
+                    layer=params.raster.layer_name, label=label)))
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return
+        add_to_group(layers)
+        self.dock.progress.setValue(100)
+        self.dock.show_search_results(layer)
+        self.dock.set_status(tr("{n} tiles found.").format(n=layer.featureCount()))
+        self._message(tr("{n} tiles found.").format(n=layer.featureCount()), Qgis.MessageLevel.Success, 4)
+
+    def cancel(self):
+        if self.current_task is not None:
+            self.dock.set_status(tr("Cancelling…"))
+            self.current_task.cancel()
+
+    # ---------------------------------------------------------------------------------------------- drawing
+    def start_drawing(self, purpose: str, shape: str):
+        self._draw_purpose = purpose
+        tool = self.polygon_tool if shape == "polygon" else self.rectangle_tool
+        tool.start()
+        self._message(tr("Drag a rectangle on the map.") if shape != "polygon" else
+                      tr("Click the polygon's corners on the map; right click (or Enter) closes it, Esc cancels."),
+                      Qgis.MessageLevel.Info, 5)
+
+    def _on_drawn(self, geometry, crs):
+        if self.dock is None:
+            return
+        self.sketches.show(self._draw_purpose, geometry, crs)
+        if self._draw_purpose == "area":
+            self.dock.set_drawn_area(geometry, crs)
+        else:
+            self.dock.set_query([geometry], crs)
+            self.dock.request_similar_search()
+
+    # ---------------------------------------------------------------------------------------------- project
+    def _on_project_read(self, *_args):
+        if self.dock is not None:
+            self.dock.reload_prompt_sets()
+            self.dock.restore_state(ProjectState().dock_state())
+
+    def _on_project_cleared(self):
+        if self.dock is not None:
+            self.dock.reload_prompt_sets()
+        if self.sketches is not None:
+            self.sketches.clear()

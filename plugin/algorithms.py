@@ -1,0 +1,462 @@
+"""Processing algorithms of the ``tileprompt`` provider: classify, build an index, find similar, text search.
+
+Each runs in three steps, as Processing schedules them:
+``prepareAlgorithm`` (UI thread): reads layers, exports a layer the backend cannot open, finds the backend;
+``processAlgorithm`` (worker thread): submits the job(s) and polls them with the feedback's progress and cancel;
+``postProcessAlgorithm`` (UI thread): makes the loaded output the right GeoPackage layer, styled.
+They work in the toolbox, in batch mode, in models and from ``processing.run`` (tests/e2e).
+"""
+
+from __future__ import annotations
+
+import json
+
+from qgis.core import (
+    QgsFeatureRequest,
+    QgsGeometry,
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputFolder,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsProcessingParameterVectorDestination,
+)
+from qgis.PyQt.QtGui import QIcon
+
+from . import compat
+from .bands import validate_band_map
+from .client import BackendError
+from .i18n import tr
+from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, run_jobs
+from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query, SearchParameters
+from .prompts import PromptError, parse_prompts, prompts_to_request
+from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_graduated, \
+    style_pseudocolor
+from .runs import new_output, plan_search, prepare_raster, raster_input_from_layer
+from .settings import ICON_PATH, Key
+
+LEVELS = [None, "L1C", "L2A"]
+FUSES = [Fuse.MEAN, Fuse.MAX]
+
+# Post-processors must outlive the algorithm run that registers them (QGIS keeps a raw pointer).
+_KEEP_ALIVE: list = []
+
+
+class _Styler(QgsProcessingLayerPostProcessorInterface):
+    def __init__(self, style, *args):
+        super().__init__()
+        self.style, self.args = style, args
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS API)
+        self.style(layer, *self.args)
+
+
+def _styler(style, *args) -> _Styler:
+    styler = _Styler(style, *args)
+    _KEEP_ALIVE.append(styler)
+    del _KEEP_ALIVE[:-64]
+    return styler
+
+
+class TilePromptAlgorithm(QgsProcessingAlgorithm):
+    """Common parameters (raster, bands, model, tiles) and the job loop."""
+
+    INPUT, USE_PRODUCT, BAND_MAP, LEVEL = "INPUT", "USE_PRODUCT", "BAND_MAP", "LEVEL"
+    MODEL, TILE, OVERLAP, RESOLUTION, OUTPUT = "MODEL", "TILE", "OVERLAP", "RESOLUTION", "OUTPUT"
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self._raster = None
+        self._client = None
+        self._requests: list = []
+        self._outputs: dict = {}
+        self._styles: dict = {}  # output parameter -> (layer name in the GeoPackage or None, styler)
+        self._succeeded = False
+
+    # --- QgsProcessingAlgorithm boilerplate --------------------------------------------------------------
+    def createInstance(self):  # noqa: N802
+        return type(self)(self.session)
+
+    def group(self):
+        return ""
+
+    def groupId(self):  # noqa: N802
+        return ""
+
+    def icon(self):
+        return QIcon(str(ICON_PATH))
+
+    def flags(self):
+        return super().flags() | compat.ALG_FLAG_CAN_CANCEL | compat.ALG_FLAG_SUPPORTS_BATCH
+
+    # --- parameters ---------------------------------------------------------------------------------------
+    def _add_raster_parameters(self):
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
+        self.addParameter(QgsProcessingParameterString(
+            self.MODEL, tr("Model id (empty: the backend's default)"),
+            defaultValue=self.session.settings.get(Key.DEFAULT_MODEL) or None, optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.TILE, tr("Tile size in pixels (0: the model's)"), compat.NUMBER_INTEGER, 0, False, 0, 4096))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.OVERLAP, tr("Tile overlap in pixels"), compat.NUMBER_INTEGER, 0, False, 0, 4095))
+        advanced = [
+            QgsProcessingParameterBoolean(
+                self.USE_PRODUCT, tr("Read the whole product folder when the layer is one band file of it"), True),
+            QgsProcessingParameterString(
+                self.BAND_MAP, tr("Band names in file order, comma-separated (empty: detect)"), optional=True),
+            QgsProcessingParameterEnum(self.LEVEL, tr("Sentinel-2 processing level"),
+                                       [tr("detect"), "L1C", "L2A"], defaultValue=0),
+            QgsProcessingParameterNumber(
+                self.RESOLUTION, tr("Export resolution (m/px) for layers without a local file (0: the model's)"),
+                compat.NUMBER_DOUBLE, 0.0, False, 0.0),
+        ]
+        for parameter in advanced:
+            parameter.setFlags(parameter.flags() | compat.PARAM_FLAG_ADVANCED)
+            self.addParameter(parameter)
+
+    def _model(self, parameters, context) -> str | None:
+        return self.parameterAsString(parameters, self.MODEL, context).strip() or None
+
+    def _tiles(self, parameters, context) -> tuple[int | None, int]:
+        tile = self.parameterAsInt(parameters, self.TILE, context) or None
+        return tile, self.parameterAsInt(parameters, self.OVERLAP, context)
+
+    def _raster_input(self, parameters, context, export_extent: Extent | None = None):
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None:
+            raise QgsProcessingException(tr("Choose a raster layer."))
+        text = self.parameterAsString(parameters, self.BAND_MAP, context).strip()
+        band_map = None
+        if text:
+            names = [n.strip().upper() for n in text.split(",")]
+            error = validate_band_map(names)
+            if error:
+                raise QgsProcessingException(tr("Band map: {error}").format(error=error))
+            band_map = tuple(names)
+        level = LEVELS[self.parameterAsEnum(parameters, self.LEVEL, context)]
+        use_product = self.parameterAsBoolean(parameters, self.USE_PRODUCT, context)
+        try:
+            raster = raster_input_from_layer(layer, use_product, band_map, level, export_extent)
+            gsd = self.parameterAsDouble(parameters, self.RESOLUTION, context) or \
+                self.session.model_info(self._model(parameters, context)).get("gsd_m")
+            return prepare_raster(raster, gsd, self.session.settings.cache_dir() / "exports", layer)
+        except ValueError as exc:
+            raise QgsProcessingException(str(exc)) from None
+
+    def _output_path(self, parameters, name, context, stem, suffix=".gpkg") -> str:
+        path = self.parameterAsOutputLayer(parameters, name, context)
+        if not path:
+            return ""
+        if suffix == ".gpkg" and not path.lower().endswith(".gpkg"):
+            raise QgsProcessingException(tr("Save the result as a GeoPackage (.gpkg), not {path}").format(path=path))
+        return path or new_output(self.session.settings.cache_dir() / "results", stem, suffix)
+
+    def _connect(self):
+        try:
+            self._client = self.session.client()
+        except BackendError as exc:
+            raise QgsProcessingException(str(exc)) from None
+
+    # --- running ------------------------------------------------------------------------------------------
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (worker thread)
+        last = {"text": ""}
+
+        def report(index, count, status):
+            feedback.setProgress(100.0 * fraction_done(index, count, status))
+            text = describe_status(status)
+            if text.split(":")[0] != last["text"].split(":")[0] or status.get("state") != "running":
+                feedback.pushInfo(text)
+            last["text"] = text
+
+        poll_s = self.session.settings.get(Key.POLL_INTERVAL_MS) / 1000.0
+        outcome = run_jobs(self._client, self._requests, feedback.isCanceled, report, poll_s)
+        if isinstance(outcome, JobFailed):
+            raise QgsProcessingException(outcome.message)
+        if isinstance(outcome, JobCancelled):
+            feedback.reportError(tr("Cancelled; the backend job was cancelled too."), False)
+            return {}
+        assert isinstance(outcome, JobSucceeded)
+        self.statuses = outcome.statuses
+        self._succeeded = True
+        return self.finish(outcome, context, feedback)
+
+    def finish(self, outcome: JobSucceeded, context, feedback) -> dict:
+        return dict(self._outputs)
+
+    def postProcessAlgorithm(self, context, feedback):  # noqa: N802 (UI thread)
+        """Point the layer QGIS loads at the right GeoPackage layer, with the right style."""
+        if not self._succeeded:
+            return {}
+        layers = context.layersToLoadOnCompletion()
+        for name, (sublayer, styler) in self._styles.items():
+            path = self._outputs.get(name + "_PATH")
+            if not path or path not in layers:
+                continue
+            details = layers.pop(path)
+            uri = f"{path}|layername={sublayer}" if sublayer else path
+            new = QgsProcessingContext.LayerDetails(details.name, details.project, details.outputName)
+            new.setPostProcessor(styler)
+            layers[uri] = new
+        context.setLayersToLoadOnCompletion(layers)
+        return {k: v for k, v in self._outputs.items() if not k.endswith("_PATH")}
+
+
+class ClassifyAlgorithm(TilePromptAlgorithm):
+    PROMPTS, TEMPLATES, EXTENT, AOI = "PROMPTS", "TEMPLATES", "EXTENT", "AOI"
+    MULTI_LABEL, THRESHOLD, TILES, COUNTS = "MULTI_LABEL", "THRESHOLD", "TILES", "CLASS_COUNTS"
+
+    def name(self):
+        return "classify"
+
+    def displayName(self):  # noqa: N802
+        return tr("Classify tiles by prompts")
+
+    def shortHelpString(self):  # noqa: N802
+        return tr("Cuts the raster into tiles and gives every tile the class prompt it matches best (or, in "
+                  "multi-label mode, every class whose score reaches the threshold). Prompts: one class per line, "
+                  "synonyms after |. Needs a running TilePrompt backend (start it from the TilePrompt dock). "
+                  "Output: a GeoPackage layer 'tiles' with class, score, runner-up, margin and one score per class.")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self._add_raster_parameters()
+        self.addParameter(QgsProcessingParameterString(
+            self.PROMPTS, tr("Class prompts (one per line, synonyms after |)"), multiLine=True))
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, tr("Area (extent)"), optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.AOI, tr("Area (polygons; use 'Selected features only' for a selection)"),
+            [compat.SOURCE_VECTOR_POLYGON], optional=True))
+        self.addParameter(QgsProcessingParameterBoolean(self.MULTI_LABEL, tr("Multi-label"), False))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.THRESHOLD, tr("Multi-label threshold"), compat.NUMBER_DOUBLE, 0.5, False, 0.01, 0.99))
+        templates = QgsProcessingParameterFile(self.TEMPLATES, tr("Templates file (empty: the model's)"),
+                                               compat.FILE_BEHAVIOR_FILE, "txt", optional=True)
+        templates.setFlags(templates.flags() | compat.PARAM_FLAG_ADVANCED)
+        self.addParameter(templates)
+        self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Classified tiles")))
+        self.addOutput(QgsProcessingOutputNumber(self.TILES, tr("Number of tiles")))
+        self.addOutput(QgsProcessingOutputString(self.COUNTS, tr("Tiles per class (JSON)")))
+
+    def _area(self, parameters, context) -> Area:
+        source = self.parameterAsSource(parameters, self.AOI, context)
+        if source is not None:
+            geometries = [f.geometry() for f in source.getFeatures(QgsFeatureRequest()) if f.hasGeometry()]
+            if not geometries:
+                raise QgsProcessingException(tr("The area layer has no (selected) features."))
+            return Area(AreaMode.SELECTED, QgsGeometry.unaryUnion(geometries).asWkt(9),
+                        compat.crs_to_string(source.sourceCrs()))
+        if parameters.get(self.EXTENT):
+            rect = self.parameterAsExtent(parameters, self.EXTENT, context)
+            crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
+            if not rect.isNull() and not rect.isEmpty():
+                e = Extent(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum(),
+                           compat.crs_to_string(crs))
+                return Area(AreaMode.DRAWN, e.to_wkt(), e.crs)
+        return Area()
+
+    def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 (UI thread)
+        try:
+            classes = parse_prompts(self.parameterAsString(parameters, self.PROMPTS, context))
+        except PromptError as exc:
+            raise QgsProcessingException(tr("Prompts: {error}").format(error=exc)) from None
+        self.class_order = [c.name for c in classes]
+        area = self._area(parameters, context)
+        export_extent = None
+        if area.wkt:
+            rect = QgsGeometry.fromWkt(area.wkt).boundingBox()
+            export_extent = Extent(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum(), area.crs)
+        raster = self._raster_input(parameters, context, export_extent)
+        tile, overlap = self._tiles(parameters, context)
+        self.params = ClassifyParameters(
+            raster=raster, prompts=prompts_to_request(classes), model=self._model(parameters, context),
+            templates=self.parameterAsFile(parameters, self.TEMPLATES, context) or None, area=area, tile_px=tile,
+            overlap_px=overlap, multi_label=self.parameterAsBoolean(parameters, self.MULTI_LABEL, context),
+            threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context))
+        out = self._output_path(parameters, self.OUTPUT, context, raster.layer_name + "_tiles")
+        model_tile = self.session.model_info(self.params.model).get("tile_px")
+        self._connect()
+        try:
+            self._requests = [self.params.classify_request(out, model_tile)]
+        except ValueError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        self._outputs = {self.OUTPUT: f"{out}|layername={TILES_LAYER}", self.OUTPUT + "_PATH": out}
+        self._styles = {self.OUTPUT: (TILES_LAYER, _styler(style_categorized, self.class_order))}
+        return True
+
+    def finish(self, outcome, context, feedback):
+        from qgis.core import QgsVectorLayer
+
+        out = self._outputs[self.OUTPUT + "_PATH"]
+        layer = QgsVectorLayer(f"{out}|layername={TILES_LAYER}", "tiles", "ogr")
+        counts = class_counts(layer) if layer.isValid() else {}
+        self._outputs[self.TILES] = sum(counts.values())
+        self._outputs[self.COUNTS] = json.dumps(dict(counts), sort_keys=True)
+        feedback.pushInfo(tr("{n} tiles: {counts}").format(n=sum(counts.values()), counts=dict(counts)))
+        return {k: v for k, v in self._outputs.items() if not k.endswith("_PATH")}
+
+
+class _SearchBase(TilePromptAlgorithm):
+    K, INDEX, HEATMAP = "K", "INDEX", "HEATMAP"
+
+    def _add_search_outputs(self):
+        self.addParameter(QgsProcessingParameterNumber(self.K, tr("Number of tiles to return (top K)"),
+                                                       compat.NUMBER_INTEGER, 20, False, 1, 10000))
+        index = QgsProcessingParameterFile(self.INDEX, tr("Index folder (empty: built once, then re-used, in the "
+                                                          "plugin's cache)"), compat.FILE_BEHAVIOR_FOLDER,
+                                           optional=True)
+        index.setFlags(index.flags() | compat.PARAM_FLAG_ADVANCED)
+        self.addParameter(index)
+        self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Similar tiles")))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.HEATMAP, tr("Similarity heat map"), optional=True, createByDefault=False))
+
+    def _prepare_search(self, parameters, context, query: Query, stem: str):
+        raster = self._raster_input(parameters, context)
+        tile, overlap = self._tiles(parameters, context)
+        fuse = Fuse.MEAN
+        if self.parameterDefinition("FUSE") is not None:
+            fuse = FUSES[self.parameterAsEnum(parameters, "FUSE", context)]
+        self.params = SearchParameters(raster=raster, query=query, model=self._model(parameters, context),
+                                       tile_px=tile, overlap_px=overlap,
+                                       k=self.parameterAsInt(parameters, self.K, context), fuse=fuse)
+        out = self._output_path(parameters, self.OUTPUT, context, stem)
+        heatmap = self.parameterAsOutputLayer(parameters, self.HEATMAP, context) or None
+        index_dir = self.parameterAsFile(parameters, self.INDEX, context) or None
+        self._connect()
+        try:
+            self.plan = plan_search(self.params, self.session, out, heatmap, index_dir)
+        except ValueError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        self._requests = self.plan.requests
+        self._outputs = {self.OUTPUT: f"{out}|layername={SIMILAR_LAYER}", self.OUTPUT + "_PATH": out}
+        self._styles = {self.OUTPUT: (SIMILAR_LAYER, _styler(style_graduated))}
+        if heatmap:
+            self._outputs[self.HEATMAP] = heatmap
+            self._outputs[self.HEATMAP + "_PATH"] = heatmap
+            self._styles[self.HEATMAP] = (None, _styler(style_pseudocolor))
+        return True
+
+    def finish(self, outcome, context, feedback):
+        if self.plan.index_request is not None:
+            self.session.indexes.mark_built(self.plan.index_dir, self.plan.index_request)
+        return {k: v for k, v in self._outputs.items() if not k.endswith("_PATH")}
+
+
+class FindSimilarAlgorithm(_SearchBase):
+    QUERY, FUSE = "QUERY", "FUSE"
+
+    def name(self):
+        return "findsimilar"
+
+    def displayName(self):  # noqa: N802
+        return tr("Find similar tiles")
+
+    def shortHelpString(self):  # noqa: N802
+        return tr("Finds the K tiles of the raster that look most like the query polygons (for example a drawn "
+                  "rectangle, or the selected features of a layer). Builds the embedding index of the raster first "
+                  "when there is none yet. Output: layer 'similar' (rank, similarity) and an optional heat map.")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self._add_raster_parameters()
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.QUERY, tr("Query polygons (tiles like these)"), [compat.SOURCE_VECTOR_POLYGON]))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.FUSE, tr("Several query tiles"), [tr("mean of the query tiles"), tr("best match of any query tile")],
+            defaultValue=0))
+        self._add_search_outputs()
+
+    def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        source = self.parameterAsSource(parameters, self.QUERY, context)
+        if source is None:
+            raise QgsProcessingException(tr("Give query polygons."))
+        wkts = tuple(f.geometry().asWkt(9) for f in source.getFeatures() if f.hasGeometry())
+        if not wkts:
+            raise QgsProcessingException(tr("The query layer has no (selected) features."))
+        query = Query(wkts, compat.crs_to_string(source.sourceCrs()))
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        return self._prepare_search(parameters, context, query, (layer.name() if layer else "raster") + "_similar")
+
+
+class TextSearchAlgorithm(_SearchBase):
+    TEXT = "TEXT"
+
+    def name(self):
+        return "textsearch"
+
+    def displayName(self):  # noqa: N802
+        return tr("Text search")
+
+    def shortHelpString(self):  # noqa: N802
+        return tr("Finds the K tiles of the raster that best match a description ('a solar farm', 'flooded fields'). "
+                  "Builds the embedding index first when there is none yet. Output: layer 'similar' (rank, "
+                  "similarity) and an optional heat map.")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self._add_raster_parameters()
+        self.addParameter(QgsProcessingParameterString(self.TEXT, tr("Description")))
+        self._add_search_outputs()
+
+    def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        text = self.parameterAsString(parameters, self.TEXT, context).strip()
+        if not text:
+            raise QgsProcessingException(tr("Type a description to search for."))
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        return self._prepare_search(parameters, context, Query(text=text),
+                                    (layer.name() if layer else "raster") + "_text")
+
+
+class BuildIndexAlgorithm(TilePromptAlgorithm):
+    INDEX = "INDEX"
+
+    def name(self):
+        return "buildindex"
+
+    def displayName(self):  # noqa: N802
+        return tr("Build embedding index")
+
+    def shortHelpString(self):  # noqa: N802
+        return tr("Embeds every tile of the raster once and stores the embeddings in an index folder, so later "
+                  "similar-tile and text searches are instant. Empty folder: the plugin's cache (what the dock and "
+                  "the search algorithms re-use).")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self._add_raster_parameters()
+        self.addParameter(QgsProcessingParameterFile(
+            self.INDEX, tr("Index folder (empty: the plugin's cache)"), compat.FILE_BEHAVIOR_FOLDER,
+            optional=True))
+        self.addOutput(QgsProcessingOutputFolder(self.INDEX, tr("Index folder")))
+
+    def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        raster = self._raster_input(parameters, context)
+        tile, overlap = self._tiles(parameters, context)
+        params = SearchParameters(raster=raster, query=Query(), model=self._model(parameters, context),
+                                  tile_px=tile, overlap_px=overlap)
+        model_tile = self.session.model_info(params.model).get("tile_px")
+        index_dir = self.parameterAsFile(parameters, self.INDEX, context) or str(
+            self.session.indexes.folder(params.index_key(model_tile, self.session.indexes.mtime(raster.path))))
+        self._connect()
+        try:
+            self.index_request = params.index_request(index_dir, model_tile)
+        except ValueError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        self._requests = [self.index_request]
+        self._outputs = {self.INDEX: index_dir}
+        return True
+
+    def finish(self, outcome, context, feedback):
+        self.session.indexes.mark_built(self._outputs[self.INDEX], self.index_request)
+        return dict(self._outputs)
+
+
+ALGORITHMS = (ClassifyAlgorithm, BuildIndexAlgorithm, FindSimilarAlgorithm, TextSearchAlgorithm)

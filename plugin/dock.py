@@ -1,0 +1,832 @@
+"""The TilePrompt dock: backend panel, model and layer pickers, the Classify and Similar tiles tabs.
+
+The dock only turns its widgets into typed parameter objects (parameters.py) and shows what the plugin tells
+it; it starts no job, process or network call itself. Signals out: ``classifyRequested(ClassifyParameters)``,
+``searchRequested(SearchParameters)``, ``cancelRequested``, ``drawRequested(purpose, shape)`` and the backend
+buttons. Building parameters raises :class:`ParameterError` with a message for the user.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsGeometry,
+    QgsMapLayerProxyModel,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QInputDialog,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import compat
+from .bands import validate_band_map
+from .i18n import tr
+from .parameters import (
+    Area,
+    AreaMode,
+    ClassifyParameters,
+    Extent,
+    Fuse,
+    InputKind,
+    Query,
+    RasterInput,
+    SearchParameters,
+)
+from .prompts import (
+    PromptError,
+    bundled_prompt_sets,
+    parse_prompts,
+    project_prompt_sets,
+    prompts_to_request,
+    template_files,
+)
+from .results import class_color
+from .settings import Key, ProjectState, Settings
+from .sources import LayerSource, inspect_layer
+
+MAX_K = 10_000
+LIGHT_COLORS = {"down": "#9e9e9e", "starting": "#f0ad00", "up": "#2e9d3a", "error": "#d9302c"}
+
+
+class ParameterError(ValueError):
+    """The dock's state cannot make a run; the message tells the user what to change."""
+
+
+def model_summary(model: dict) -> str:
+    """One line about a model: modality, bands, GSD, tile, and a warning for untrained weights."""
+    bands = model.get("bands") or []
+    if len(bands) > 4:
+        band_text = tr("{n} bands ({first}..{last})").format(n=len(bands), first=bands[0], last=bands[-1])
+    else:
+        band_text = ", ".join(bands) or tr("no bands listed")
+    text = tr("{modality} · {bands} · {gsd:g} m/px · tile {tile} px").format(
+        modality=str(model.get("modality", "?")).upper(), bands=band_text, gsd=float(model.get("gsd_m") or 0),
+        tile=model.get("tile_px", "?"))
+    if not model.get("trained", True):
+        text += " · " + tr("⚠ untrained (random weights): results are meaningless")
+    return text
+
+
+def geometry_wkt(geometry: QgsGeometry) -> str:
+    return geometry.asWkt(9)
+
+
+class TilePromptDock(QgsDockWidget):
+    classifyRequested = pyqtSignal(object)  # noqa: N815
+    searchRequested = pyqtSignal(object)  # noqa: N815
+    cancelRequested = pyqtSignal()  # noqa: N815
+    drawRequested = pyqtSignal(str, str)  # noqa: N815  purpose ("area"/"query"), shape ("rectangle"/"polygon")
+    startBackendRequested = pyqtSignal()  # noqa: N815
+    stopBackendRequested = pyqtSignal()  # noqa: N815
+    attachRequested = pyqtSignal()  # noqa: N815
+    diagnosticsRequested = pyqtSignal()  # noqa: N815
+    refreshModelsRequested = pyqtSignal()  # noqa: N815
+
+    def __init__(self, iface, parent=None):
+        super().__init__(tr("TilePrompt"), parent)
+        self.setObjectName("TilePromptDock")
+        self.iface = iface
+        self.settings = Settings()
+        self.models: dict[str, dict] = {}
+        self.layer_source: LayerSource | None = None
+        self.drawn_area: tuple[str, str] | None = None  # (wkt, crs)
+        self.query: Query | None = None
+        self._result_rows: list = []  # (layer id, feature id) per row of the results table
+        self._busy = False
+
+        scroll = QScrollArea(self)
+        scroll.setWidgetResizable(True)
+        body = QWidget(scroll)
+        self.body = body
+        layout = QVBoxLayout(body)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(self._backend_panel())
+        layout.addWidget(self._input_panel())
+        self.tabs = QTabWidget(body)
+        self.tabs.addTab(self._classify_tab(), tr("Classify"))
+        self.tabs.addTab(self._search_tab(), tr("Similar tiles"))
+        layout.addWidget(self.tabs)
+        layout.addLayout(self._run_row())
+        layout.addStretch(1)
+        scroll.setWidget(body)
+        self.setWidget(scroll)
+
+        self.reload_prompt_sets()
+        self._on_layer_changed(self.layer_combo.currentLayer())
+        self._on_area_mode_changed()
+        self._on_label_mode_changed()
+        self.set_backend_state("down", tr("Not connected"), False)
+
+    # ----------------------------------------------------------------------------------------------- building
+    def _backend_panel(self) -> QWidget:
+        box = QgsCollapsibleGroupBox(tr("Backend"), self)
+        grid = QGridLayout(box)
+        self.light = QLabel(box)
+        self.light.setFixedSize(14, 14)
+        self.backend_label = QLabel(box)
+        self.backend_label.setWordWrap(True)
+        self.backend_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        grid.addWidget(self.light, 0, 0)
+        grid.addWidget(self.backend_label, 0, 1, 1, 4)
+        self.start_button = QPushButton(tr("Start"), box)
+        self.start_button.setToolTip(tr("Start the bundled backend from its virtual environment"))
+        self.stop_button = QPushButton(tr("Stop"), box)
+        self.stop_button.setToolTip(tr("Stop the backend this QGIS started"))
+        self.attach_button = QPushButton(tr("Attach"), box)
+        self.attach_button.setToolTip(tr("Connect to a backend already running (its state file)"))
+        self.diagnostics_button = QPushButton(tr("Diagnostics"), box)
+        self.diagnostics_button.setToolTip(tr("Copy plugin, QGIS, backend and device versions and the log tail "
+                                              "to the clipboard"))
+        for column, button in enumerate((self.start_button, self.stop_button, self.attach_button,
+                                         self.diagnostics_button)):
+            grid.addWidget(button, 1, column + 1 if column else 0, 1, 2 if column == 0 else 1)
+        self.start_button.clicked.connect(self.startBackendRequested)
+        self.stop_button.clicked.connect(self.stopBackendRequested)
+        self.attach_button.clicked.connect(self.attachRequested)
+        self.diagnostics_button.clicked.connect(self.diagnosticsRequested)
+
+        options = QgsCollapsibleGroupBox(tr("Backend settings"), box)
+        options.setCollapsed(True)
+        form = QFormLayout(options)
+        self.venv_widget = QgsFileWidget(options)
+        self.venv_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.venv_widget.lineEdit().setPlaceholderText(str(self.settings.backend_venv()))
+        self.venv_widget.setFilePath(self.settings.get(Key.BACKEND_VENV))
+        self.venv_widget.fileChanged.connect(lambda p: self.settings.set(Key.BACKEND_VENV, p or ""))
+        self.port_spin = QSpinBox(options)
+        self.port_spin.setRange(0, 65535)
+        self.port_spin.setSpecialValueText(tr("any free port"))
+        self.port_spin.setValue(self.settings.get(Key.BACKEND_PORT))
+        self.port_spin.valueChanged.connect(lambda v: self.settings.set(Key.BACKEND_PORT, int(v)))
+        self.cache_widget = QgsFileWidget(options)
+        self.cache_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.cache_widget.lineEdit().setPlaceholderText(str(self.settings.cache_dir()))
+        self.cache_widget.setFilePath(self.settings.get(Key.CACHE_DIR))
+        self.cache_widget.fileChanged.connect(lambda p: self.settings.set(Key.CACHE_DIR, p or ""))
+        form.addRow(tr("Backend venv"), self.venv_widget)
+        form.addRow(tr("Port"), self.port_spin)
+        form.addRow(tr("Cache folder"), self.cache_widget)
+        grid.addWidget(options, 2, 0, 1, 5)
+        return box
+
+    def _input_panel(self) -> QWidget:
+        box = QgsCollapsibleGroupBox(tr("Model and layer"), self)
+        form = QFormLayout(box)
+        model_row = QHBoxLayout()
+        self.model_combo = QComboBox(box)
+        self.model_combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
+        self.refresh_models_button = QToolButton(box)
+        self.refresh_models_button.setText("⟳")
+        self.refresh_models_button.setToolTip(tr("Reload the model list from the backend"))
+        self.refresh_models_button.clicked.connect(self.refreshModelsRequested)
+        model_row.addWidget(self.model_combo)
+        model_row.addWidget(self.refresh_models_button)
+        form.addRow(tr("Model"), model_row)
+        self.model_label = QLabel(box)
+        self.model_label.setWordWrap(True)
+        form.addRow("", self.model_label)
+
+        self.layer_combo = QgsMapLayerComboBox(box)
+        self.layer_combo.setFilters(compat.RASTER_LAYER_FILTER)
+        self.layer_combo.layerChanged.connect(self._on_layer_changed)
+        form.addRow(tr("Raster layer"), self.layer_combo)
+        self.input_label = QLabel(box)
+        self.input_label.setWordWrap(True)
+        form.addRow("", self.input_label)
+        self.product_check = QCheckBox(tr("Read the whole product folder (all band files)"), box)
+        self.product_check.setChecked(True)
+        self.product_check.toggled.connect(self._fill_band_table)
+        form.addRow("", self.product_check)
+        self.band_table = QTableWidget(0, 2, box)
+        self.band_table.setHorizontalHeaderLabels([tr("Band"), tr("Holds (B01..B12, B8A, or R/G/B)")])
+        self.band_table.verticalHeader().setVisible(False)
+        self.band_table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        self.band_table.setMaximumHeight(150)
+        form.addRow(tr("Bands"), self.band_table)
+        self.level_combo = QComboBox(box)
+        self.level_combo.addItem(tr("detect"), None)
+        self.level_combo.addItem("L1C", "L1C")
+        self.level_combo.addItem("L2A", "L2A")
+        form.addRow(tr("S2 level"), self.level_combo)
+        return box
+
+    def _classify_tab(self) -> QWidget:
+        tab = QWidget(self)
+        form = QFormLayout(tab)
+        sets_row = QHBoxLayout()
+        self.prompt_set_combo = QComboBox(tab)
+        self.prompt_set_combo.activated.connect(self._on_prompt_set_chosen)
+        self.save_set_button = QToolButton(tab)
+        self.save_set_button.setText(tr("Save…"))
+        self.save_set_button.setToolTip(tr("Save these prompts as a set in this project"))
+        self.save_set_button.clicked.connect(self._ask_save_prompt_set)
+        self.delete_set_button = QToolButton(tab)
+        self.delete_set_button.setText(tr("Delete"))
+        self.delete_set_button.setToolTip(tr("Delete the chosen project prompt set"))
+        self.delete_set_button.clicked.connect(self._delete_prompt_set)
+        sets_row.addWidget(self.prompt_set_combo, 1)
+        sets_row.addWidget(self.save_set_button)
+        sets_row.addWidget(self.delete_set_button)
+        form.addRow(tr("Prompt set"), sets_row)
+        self.prompt_edit = QPlainTextEdit(tab)
+        self.prompt_edit.setPlaceholderText(tr("one class per line, synonyms after |\nforest | woodland\nwater\n"
+                                               "farmland | fields"))
+        self.prompt_edit.setMinimumHeight(110)
+        form.addRow(tr("Classes"), self.prompt_edit)
+        self.template_combo = QComboBox(tab)
+        self.template_combo.addItem(tr("model default"), None)
+        for path in template_files():
+            self.template_combo.addItem(path.stem, str(path))
+        form.addRow(tr("Templates"), self.template_combo)
+
+        area_row = QHBoxLayout()
+        self.area_combo = QComboBox(tab)
+        for mode, label in ((AreaMode.WHOLE_LAYER, tr("whole layer")), (AreaMode.MAP_EXTENT, tr("current map extent")),
+                            (AreaMode.DRAWN, tr("drawn rectangle")), (AreaMode.SELECTED, tr("selected features"))):
+            self.area_combo.addItem(label, mode.value)
+        self.area_combo.currentIndexChanged.connect(self._on_area_mode_changed)
+        self.draw_area_button = QToolButton(tab)
+        self.draw_area_button.setText(tr("Draw"))
+        self.draw_area_button.setToolTip(tr("Drag a rectangle on the map"))
+        self.draw_area_button.clicked.connect(lambda: self.drawRequested.emit("area", "rectangle"))
+        area_row.addWidget(self.area_combo, 1)
+        area_row.addWidget(self.draw_area_button)
+        form.addRow(tr("Area"), area_row)
+        self.area_layer_combo = QgsMapLayerComboBox(tab)
+        self.area_layer_combo.setFilters(compat.POLYGON_LAYER_FILTER)
+        self.area_layer_combo.setAllowEmptyLayer(True)
+        form.addRow(tr("Polygons"), self.area_layer_combo)
+        self.area_label = QLabel(tab)
+        self.area_label.setWordWrap(True)
+        form.addRow("", self.area_label)
+
+        tiles_row = QHBoxLayout()
+        self.tile_spin = QSpinBox(tab)
+        self.tile_spin.setRange(0, 4096)
+        self.tile_spin.setSpecialValueText(tr("model's"))
+        self.tile_spin.setSuffix(" px")
+        self.overlap_spin = QSpinBox(tab)
+        self.overlap_spin.setRange(0, 4095)
+        self.overlap_spin.setSuffix(" px")
+        tiles_row.addWidget(QLabel(tr("size"), tab))
+        tiles_row.addWidget(self.tile_spin)
+        tiles_row.addWidget(QLabel(tr("overlap"), tab))
+        tiles_row.addWidget(self.overlap_spin)
+        form.addRow(tr("Tiles"), tiles_row)
+
+        mode_row = QHBoxLayout()
+        self.label_mode_combo = QComboBox(tab)
+        self.label_mode_combo.addItem(tr("single label (best class)"), False)
+        self.label_mode_combo.addItem(tr("multi-label (every class above threshold)"), True)
+        self.label_mode_combo.currentIndexChanged.connect(self._on_label_mode_changed)
+        self.threshold_spin = QDoubleSpinBox(tab)
+        self.threshold_spin.setRange(0.01, 0.99)
+        self.threshold_spin.setSingleStep(0.05)
+        self.threshold_spin.setValue(0.5)
+        mode_row.addWidget(self.label_mode_combo, 1)
+        mode_row.addWidget(self.threshold_spin)
+        form.addRow(tr("Labels"), mode_row)
+        self.output_widget = QgsFileWidget(tab)
+        self.output_widget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
+        self.output_widget.setFilter(tr("GeoPackage (*.gpkg)"))
+        self.output_widget.lineEdit().setPlaceholderText(tr("[new file in the cache folder]"))
+        form.addRow(tr("Save to"), self.output_widget)
+        self.run_button = QPushButton(tr("Classify tiles"), tab)
+        self.run_button.setObjectName("tilepromptRunButton")
+        self.run_button.clicked.connect(self.request_classify)
+        form.addRow(self.run_button)
+        self.summary_table = QTableWidget(0, 3, tab)
+        self.summary_table.setHorizontalHeaderLabels([tr("Class"), tr("Tiles"), "%"])
+        self.summary_table.verticalHeader().setVisible(False)
+        self.summary_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.summary_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.summary_table.setMinimumHeight(120)
+        form.addRow(self.summary_table)
+        return tab
+
+    def _search_tab(self) -> QWidget:
+        tab = QWidget(self)
+        form = QFormLayout(tab)
+        query_row = QHBoxLayout()
+        self.draw_rect_button = QPushButton(tr("Rectangle"), tab)
+        self.draw_rect_button.setToolTip(tr("Drag a rectangle on the map, then find tiles like it"))
+        self.draw_rect_button.clicked.connect(lambda: self.drawRequested.emit("query", "rectangle"))
+        self.draw_polygon_button = QPushButton(tr("Polygon"), tab)
+        self.draw_polygon_button.setToolTip(tr("Click a polygon on the map (right click closes it), then find "
+                                               "tiles like it"))
+        self.draw_polygon_button.clicked.connect(lambda: self.drawRequested.emit("query", "polygon"))
+        self.selected_query_button = QPushButton(tr("Selected"), tab)
+        self.selected_query_button.setToolTip(tr("Find tiles like the selected features of the polygon layer"))
+        self.selected_query_button.clicked.connect(self._query_from_selection)
+        for button in (self.draw_rect_button, self.draw_polygon_button, self.selected_query_button):
+            query_row.addWidget(button)
+        form.addRow(tr("Like"), query_row)
+        self.query_layer_combo = QgsMapLayerComboBox(tab)
+        self.query_layer_combo.setFilters(compat.POLYGON_LAYER_FILTER)
+        self.query_layer_combo.setAllowEmptyLayer(True)
+        form.addRow(tr("Polygons"), self.query_layer_combo)
+        text_row = QHBoxLayout()
+        self.text_edit = QLineEdit(tab)
+        self.text_edit.setPlaceholderText(tr("describe what to find, e.g. a solar farm"))
+        self.text_edit.returnPressed.connect(self.request_text_search)
+        self.text_button = QPushButton(tr("Search"), tab)
+        self.text_button.clicked.connect(self.request_text_search)
+        text_row.addWidget(self.text_edit, 1)
+        text_row.addWidget(self.text_button)
+        form.addRow(tr("Text"), text_row)
+        options_row = QHBoxLayout()
+        self.k_spin = QSpinBox(tab)
+        self.k_spin.setRange(1, MAX_K)
+        self.k_spin.setValue(20)
+        self.fuse_combo = QComboBox(tab)
+        self.fuse_combo.addItem(tr("mean of the query tiles"), Fuse.MEAN.value)
+        self.fuse_combo.addItem(tr("best match of any query tile"), Fuse.MAX.value)
+        self.heatmap_check = QCheckBox(tr("heat map"), tab)
+        self.heatmap_check.setChecked(True)
+        options_row.addWidget(QLabel(tr("top"), tab))
+        options_row.addWidget(self.k_spin)
+        options_row.addWidget(self.fuse_combo, 1)
+        options_row.addWidget(self.heatmap_check)
+        form.addRow(tr("Results"), options_row)
+        self.search_again_button = QPushButton(tr("Search again with the last query"), tab)
+        self.search_again_button.clicked.connect(self.request_similar_search)
+        form.addRow(self.search_again_button)
+        self.results_table = QTableWidget(0, 4, tab)
+        self.results_table.setHorizontalHeaderLabels([tr("Rank"), tr("Similarity"), tr("Row"), tr("Col")])
+        self.results_table.verticalHeader().setVisible(False)
+        self.results_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.results_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.results_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.results_table.setMinimumHeight(150)
+        self.results_table.cellClicked.connect(lambda row, _col: self.zoom_to_result(row))
+        form.addRow(self.results_table)
+        return tab
+
+    def _run_row(self) -> QVBoxLayout:
+        column = QVBoxLayout()
+        row = QHBoxLayout()
+        self.progress = QProgressBar(self)
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        self.cancel_button = QPushButton(tr("Cancel"), self)
+        self.cancel_button.setObjectName("tilepromptCancelButton")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancelRequested)
+        row.addWidget(self.progress, 1)
+        row.addWidget(self.cancel_button)
+        column.addLayout(row)
+        self.status_label = QLabel(self)
+        self.status_label.setWordWrap(True)
+        column.addWidget(self.status_label)
+        return column
+
+    # --------------------------------------------------------------------------------------------- backend
+    def set_backend_state(self, state: str, text: str, started_here: bool) -> None:
+        color = LIGHT_COLORS.get(state, LIGHT_COLORS["down"])
+        self.light.setStyleSheet(f"background-color: {color}; border-radius: 7px; border: 1px solid #555;")
+        self.light.setToolTip(state)
+        self.backend_state = state
+        self.backend_label.setText(text)
+        self.start_button.setEnabled(state in ("down", "error"))
+        self.stop_button.setEnabled(started_here and state in ("up", "starting"))
+        self.attach_button.setEnabled(state != "starting")
+
+    def set_models(self, models: list) -> None:
+        """Fill the model picker from /v1/models, keeping the current (or the default) model selected."""
+        wanted = self.current_model() or self.settings.get(Key.DEFAULT_MODEL)
+        self.models = {m["id"]: m for m in models if isinstance(m, dict) and "id" in m}
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for model in models:
+            title = model.get("title") or model["id"]
+            self.model_combo.addItem(f"{model['id']} — {title}", model["id"])
+            self.model_combo.setItemData(self.model_combo.count() - 1, model.get("description", ""),
+                                         Qt.ItemDataRole.ToolTipRole)
+        index = self.model_combo.findData(wanted) if wanted else -1
+        self.model_combo.setCurrentIndex(max(index, 0) if self.model_combo.count() else -1)
+        self.model_combo.blockSignals(False)
+        self._on_model_changed()
+
+    def current_model(self) -> str | None:
+        data = self.model_combo.currentData()
+        return str(data) if data else None
+
+    def current_model_info(self) -> dict:
+        return self.models.get(self.current_model() or "", {})
+
+    def _on_model_changed(self, *_args) -> None:
+        info = self.current_model_info()
+        self.model_label.setText(model_summary(info) if info else tr("Start or attach a backend to list models."))
+        if info:
+            self.model_label.setToolTip(info.get("description", ""))
+            self.settings.set(Key.DEFAULT_MODEL, info["id"])
+
+    # ------------------------------------------------------------------------------------------------ layer
+    def current_layer(self) -> QgsRasterLayer | None:
+        layer = self.layer_combo.currentLayer()
+        return layer if isinstance(layer, QgsRasterLayer) else None
+
+    def _on_layer_changed(self, layer) -> None:
+        self.layer_source = inspect_layer(layer) if isinstance(layer, QgsRasterLayer) else None
+        has_product = self.layer_source is not None and self.layer_source.product is not None
+        self.product_check.setVisible(has_product)
+        self._fill_band_table()
+
+    def _use_product(self) -> bool:
+        return bool(self.layer_source and self.layer_source.product and self.product_check.isChecked())
+
+    def _fill_band_table(self, *_args) -> None:
+        source = self.layer_source
+        self.band_table.setRowCount(0)
+        if source is None:
+            self.input_label.setText(tr("Choose a raster layer."))
+            return
+        self.input_label.setText(source.describe(self._use_product()))
+        if self._use_product():
+            for band, path in sorted(source.product.bands.items()):
+                self._add_band_row(band, Path(path).name, editable=False)
+            return
+        for number, name in enumerate(source.file_bands, start=1):
+            self._add_band_row(str(number), name or "", editable=True)
+
+    def _add_band_row(self, first: str, second: str, editable: bool) -> None:
+        row = self.band_table.rowCount()
+        self.band_table.insertRow(row)
+        label = QTableWidgetItem(first)
+        label.setFlags(label.flags() & ~Qt.ItemFlag.ItemIsEditable)
+        value = QTableWidgetItem(second)
+        if not editable:
+            value.setFlags(value.flags() & ~Qt.ItemFlag.ItemIsEditable)
+        self.band_table.setItem(row, 0, label)
+        self.band_table.setItem(row, 1, value)
+
+    def set_band_names(self, names: list[str]) -> None:
+        """Edit the band map (what a user types in the table)."""
+        for row, name in enumerate(names):
+            if row < self.band_table.rowCount():
+                self.band_table.item(row, 1).setText(name)
+
+    def band_map(self) -> tuple[str, ...] | None:
+        """Band names in file order, or None when no band is named (the backend then detects them)."""
+        if self._use_product() or self.layer_source is None:
+            return None
+        names = [(self.band_table.item(r, 1).text() if self.band_table.item(r, 1) else "").strip().upper()
+                 for r in range(self.band_table.rowCount())]
+        names = [{"R": "R", "G": "G", "B": "B"}.get(n, n) for n in names]
+        if not any(names):
+            return None
+        if not all(names):
+            raise ParameterError(tr("Name every band of the layer, or none (then the backend detects them)."))
+        error = validate_band_map(names)
+        if error:
+            raise ParameterError(tr("Band mapping: {error}").format(error=error))
+        return tuple(names)
+
+    def raster_input(self, export_extent: Extent | None = None) -> RasterInput:
+        layer = self.current_layer()
+        if layer is None or self.layer_source is None:
+            raise ParameterError(tr("Choose a raster layer."))
+        level = self.level_combo.currentData()
+        if self.layer_source.needs_export:
+            if export_extent is None:
+                export_extent = self._layer_extent(layer)
+            return RasterInput(layer.id(), layer.name(), InputKind.EXPORT, "", self.band_map(), level, export_extent)
+        if self._use_product():
+            return RasterInput(layer.id(), layer.name(), InputKind.PRODUCT_FOLDER,
+                               str(self.layer_source.product.folder), None, level)
+        return RasterInput(layer.id(), layer.name(), InputKind.FILE, self.layer_source.path, self.band_map(), level)
+
+    def _canvas_extent(self) -> Extent:
+        canvas = self.iface.mapCanvas()
+        rect = canvas.extent()
+        crs = canvas.mapSettings().destinationCrs()
+        return Extent(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum(), compat.crs_to_string(crs))
+
+    def _layer_extent(self, layer) -> Extent:
+        if self.layer_source is not None and self.layer_source.web:
+            return self._canvas_extent()  # web tiles cover the world: use what is on screen
+        rect = layer.extent()
+        return Extent(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum(),
+                      compat.crs_to_string(layer.crs()))
+
+    # ---------------------------------------------------------------------------------------------- prompts
+    def reload_prompt_sets(self, select_key: str | None = None) -> None:
+        current = select_key or self.prompt_set_combo.currentData()
+        self._prompt_sets = {s.key: s for s in bundled_prompt_sets()}
+        self._prompt_sets.update({s.key: s for s in project_prompt_sets(ProjectState().prompt_sets())})
+        self.prompt_set_combo.blockSignals(True)
+        self.prompt_set_combo.clear()
+        self.prompt_set_combo.addItem(tr("(your own prompts)"), "")
+        for key, prompt_set in self._prompt_sets.items():
+            prefix = tr("Project: ") if prompt_set.is_project else ""
+            self.prompt_set_combo.addItem(prefix + prompt_set.title, key)
+        index = self.prompt_set_combo.findData(current) if current else 0
+        self.prompt_set_combo.setCurrentIndex(max(index, 0))
+        self.prompt_set_combo.blockSignals(False)
+        self.delete_set_button.setEnabled(str(self.prompt_set_combo.currentData() or "").startswith("project:"))
+
+    def _on_prompt_set_chosen(self, *_args) -> None:
+        key = self.prompt_set_combo.currentData()
+        self.delete_set_button.setEnabled(str(key or "").startswith("project:"))
+        if key and key in self._prompt_sets:
+            self.prompt_edit.setPlainText(self._prompt_sets[key].text)
+
+    def choose_prompt_set(self, key: str) -> None:
+        index = self.prompt_set_combo.findData(key)
+        if index < 0:
+            raise KeyError(key)
+        self.prompt_set_combo.setCurrentIndex(index)
+        self._on_prompt_set_chosen()
+
+    def save_prompt_set(self, name: str) -> None:
+        name = name.strip()
+        if not name:
+            raise ParameterError(tr("A prompt set needs a name."))
+        parse_prompts(self.prompt_edit.toPlainText())  # only valid prompts are saved
+        ProjectState().save_prompt_set(name, self.prompt_edit.toPlainText())
+        self.reload_prompt_sets(select_key=f"project:{name}")
+
+    def _ask_save_prompt_set(self) -> None:
+        name, ok = QInputDialog.getText(self, tr("Save prompt set"), tr("Name of the set in this project:"))
+        if ok:
+            try:
+                self.save_prompt_set(name)
+            except (ParameterError, PromptError) as exc:
+                self.show_error(str(exc))
+
+    def _delete_prompt_set(self) -> None:
+        key = str(self.prompt_set_combo.currentData() or "")
+        if key.startswith("project:"):
+            ProjectState().delete_prompt_set(key.split(":", 1)[1])
+            self.reload_prompt_sets(select_key="")
+
+    def prompt_classes(self) -> list[str]:
+        try:
+            return [c.name for c in parse_prompts(self.prompt_edit.toPlainText())]
+        except PromptError:
+            return []
+
+    # ------------------------------------------------------------------------------------------------- area
+    def area_mode(self) -> AreaMode:
+        return AreaMode(self.area_combo.currentData())
+
+    def set_area_mode(self, mode: AreaMode) -> None:
+        self.area_combo.setCurrentIndex(self.area_combo.findData(mode.value))
+
+    def _on_area_mode_changed(self, *_args) -> None:
+        mode = self.area_mode()
+        self.draw_area_button.setEnabled(mode is AreaMode.DRAWN)
+        self.area_layer_combo.setEnabled(mode is AreaMode.SELECTED)
+        if mode is AreaMode.DRAWN and self.drawn_area is None:
+            self.area_label.setText(tr("Press Draw and drag a rectangle on the map."))
+        elif mode is AreaMode.DRAWN:
+            self.area_label.setText(tr("Drawn rectangle set."))
+        elif mode is AreaMode.SELECTED:
+            self.area_label.setText(tr("The selected features of the polygon layer."))
+        else:
+            self.area_label.setText("")
+
+    def set_drawn_area(self, geometry: QgsGeometry, crs: QgsCoordinateReferenceSystem) -> None:
+        self.drawn_area = (geometry_wkt(geometry), compat.crs_to_string(crs))
+        self.set_area_mode(AreaMode.DRAWN)
+        self._on_area_mode_changed()
+
+    def _selected_geometries(self, layer) -> list[QgsGeometry]:
+        if not isinstance(layer, QgsVectorLayer) or layer.geometryType() != compat.POLYGON_GEOMETRY:
+            raise ParameterError(tr("Choose a polygon layer."))
+        geometries = [f.geometry() for f in layer.selectedFeatures() if f.hasGeometry()]
+        if not geometries:
+            raise ParameterError(tr("Select one or more features of layer {name} first.").format(name=layer.name()))
+        return geometries
+
+    def area(self) -> Area:
+        mode = self.area_mode()
+        if mode is AreaMode.WHOLE_LAYER:
+            return Area(mode)
+        if mode is AreaMode.MAP_EXTENT:
+            extent = self._canvas_extent()
+            return Area(mode, extent.to_wkt(), extent.crs)
+        if mode is AreaMode.DRAWN:
+            if self.drawn_area is None:
+                raise ParameterError(tr("Draw a rectangle first (Area: Draw)."))
+            return Area(mode, *self.drawn_area)
+        layer = self.area_layer_combo.currentLayer()
+        geometries = self._selected_geometries(layer)
+        union = QgsGeometry.unaryUnion(geometries)
+        return Area(mode, geometry_wkt(union), compat.crs_to_string(layer.crs()))
+
+    def _area_extent(self, area: Area) -> Extent | None:
+        if area.wkt is None:
+            return None
+        rect = QgsGeometry.fromWkt(area.wkt).boundingBox()
+        return Extent(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum(), area.crs or "")
+
+    # ---------------------------------------------------------------------------------------------- classify
+    def _on_label_mode_changed(self, *_args) -> None:
+        self.threshold_spin.setEnabled(bool(self.label_mode_combo.currentData()))
+
+    def classify_parameters(self) -> ClassifyParameters:
+        """The one object a classification run needs, from the widgets; ParameterError/PromptError if invalid."""
+        classes = parse_prompts(self.prompt_edit.toPlainText())
+        area = self.area()
+        raster = self.raster_input(self._area_extent(area))
+        output = self.output_widget.filePath().strip() or None
+        if output and not output.lower().endswith(".gpkg"):
+            output += ".gpkg"
+        tile = self.tile_spin.value() or None
+        overlap = self.overlap_spin.value()
+        model_tile = self.current_model_info().get("tile_px")
+        if overlap and overlap >= (tile or model_tile or overlap + 1):
+            raise ParameterError(tr("The overlap must be smaller than the tile size."))
+        return ClassifyParameters(
+            raster=raster, prompts=prompts_to_request(classes), model=self.current_model(),
+            prompt_set=str(self.prompt_set_combo.currentData() or ""), templates=self.template_combo.currentData(),
+            area=area, tile_px=tile, overlap_px=overlap, multi_label=bool(self.label_mode_combo.currentData()),
+            threshold=round(self.threshold_spin.value(), 4), output=output)
+
+    def request_classify(self) -> ClassifyParameters | None:
+        try:
+            parameters = self.classify_parameters()
+        except (ParameterError, PromptError) as exc:
+            self.show_error(str(exc))
+            return None
+        self.classifyRequested.emit(parameters)
+        return parameters
+
+    def show_summary(self, rows: list[tuple[str, int, float]], class_order: list[str] | None = None) -> None:
+        self.summary_table.setRowCount(0)
+        palette = list(class_order or []) + [r[0] for r in rows if r[0] not in (class_order or [])]
+        for name, count, percent in rows:
+            row = self.summary_table.rowCount()
+            self.summary_table.insertRow(row)
+            item = QTableWidgetItem(name)
+            color = class_color(palette.index(name)) if name in palette else QColor("#999999")
+            item.setData(Qt.ItemDataRole.DecorationRole, color)
+            self.summary_table.setItem(row, 0, item)
+            self.summary_table.setItem(row, 1, QTableWidgetItem(str(count)))
+            self.summary_table.setItem(row, 2, QTableWidgetItem(f"{percent:.1f}"))
+
+    def summary(self) -> list[tuple[str, int]]:
+        return [(self.summary_table.item(r, 0).text(), int(self.summary_table.item(r, 1).text()))
+                for r in range(self.summary_table.rowCount())]
+
+    # ------------------------------------------------------------------------------------------------ search
+    def _search_parameters(self, query: Query) -> SearchParameters:
+        export_extent = None
+        if self.layer_source is not None and self.layer_source.needs_export and not query.is_text:
+            export_extent = None  # the layer (or, for web tiles, the map extent) - see _layer_extent
+        return SearchParameters(
+            raster=self.raster_input(export_extent), query=query, model=self.current_model(),
+            tile_px=self.tile_spin.value() or None, overlap_px=self.overlap_spin.value(), k=self.k_spin.value(),
+            fuse=Fuse(self.fuse_combo.currentData()), heatmap=self.heatmap_check.isChecked())
+
+    def set_query(self, geometries: list[QgsGeometry], crs: QgsCoordinateReferenceSystem) -> None:
+        self.query = Query(tuple(geometry_wkt(g) for g in geometries), compat.crs_to_string(crs))
+
+    def request_similar_search(self) -> SearchParameters | None:
+        if self.query is None:
+            self.show_error(tr("Draw a rectangle or polygon, or use the selected features, to search tiles like it."))
+            return None
+        return self._emit_search(self.query)
+
+    def request_text_search(self) -> SearchParameters | None:
+        text = self.text_edit.text().strip()
+        if not text:
+            self.show_error(tr("Type a description to search for."))
+            return None
+        return self._emit_search(Query(text=text))
+
+    def _emit_search(self, query: Query) -> SearchParameters | None:
+        try:
+            parameters = self._search_parameters(query)
+        except ParameterError as exc:
+            self.show_error(str(exc))
+            return None
+        self.searchRequested.emit(parameters)
+        return parameters
+
+    def _query_from_selection(self) -> None:
+        layer = self.query_layer_combo.currentLayer()
+        try:
+            geometries = self._selected_geometries(layer)
+        except ParameterError as exc:
+            self.show_error(str(exc))
+            return
+        self.set_query(geometries, layer.crs())
+        self.request_similar_search()
+
+    def show_search_results(self, layer: QgsVectorLayer) -> None:
+        """List the ranked tiles of a ``similar`` layer; clicking a row zooms to the tile."""
+        self.results_table.setRowCount(0)
+        self._result_rows = []
+        fields = layer.fields()
+        features = sorted(layer.getFeatures(), key=lambda f: f.attribute("rank") if fields.indexOf("rank") >= 0
+                          else f.id())
+        for feature in features:
+            row = self.results_table.rowCount()
+            self.results_table.insertRow(row)
+            values = [feature.attribute(name) if fields.indexOf(name) >= 0 else "" for name in
+                      ("rank", "similarity", "row", "col")]
+            if isinstance(values[1], float):
+                values[1] = f"{values[1]:.4f}"
+            for column, value in enumerate(values):
+                self.results_table.setItem(row, column, QTableWidgetItem(str(value)))
+            self._result_rows.append((layer.id(), feature.id()))
+        self.tabs.setCurrentIndex(1)
+
+    def zoom_to_result(self, row: int) -> bool:
+        if not 0 <= row < len(self._result_rows):
+            return False
+        layer_id, fid = self._result_rows[row]
+        layer = QgsProject.instance().mapLayer(layer_id)
+        if layer is None:
+            return False
+        feature = layer.getFeature(fid)
+        if not feature.hasGeometry():
+            return False
+        canvas = self.iface.mapCanvas()
+        transform = QgsCoordinateTransform(layer.crs(), canvas.mapSettings().destinationCrs(), QgsProject.instance())
+        rect = transform.transformBoundingBox(feature.geometry().boundingBox())
+        grow = max(rect.width(), rect.height()) * 2
+        canvas.setExtent(QgsRectangle(rect.xMinimum() - grow, rect.yMinimum() - grow,
+                                      rect.xMaximum() + grow, rect.yMaximum() + grow))
+        canvas.refresh()
+        canvas.flashGeometries([feature.geometry()], layer.crs())
+        layer.selectByIds([fid])
+        return True
+
+    # ------------------------------------------------------------------------------------------- run state
+    def set_busy(self, busy: bool, text: str = "") -> None:
+        self._busy = busy
+        for button in (self.run_button, self.draw_rect_button, self.draw_polygon_button, self.selected_query_button,
+                       self.text_button, self.search_again_button):
+            button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+        if busy:
+            self.progress.setValue(0)
+        self.status_label.setText(text)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def set_progress(self, percent: float) -> None:
+        self.progress.setValue(int(round(percent)))
+
+    def set_status(self, text: str) -> None:
+        self.status_label.setText(text)
+
+    def show_error(self, text: str) -> None:
+        self.status_label.setText(text)
+        self.iface.messageBar().pushMessage(tr("TilePrompt"), text, level=compat.Qgis.MessageLevel.Warning,
+                                            duration=8)
+
+    # ----------------------------------------------------------------------------------------- project state
+    def restore_state(self, state: dict) -> None:
+        """Put a project's last run back into the widgets (dock state saved by the plugin on each run)."""
+        if not state:
+            return
+        if state.get("prompts"):
+            self.prompt_edit.setPlainText(state["prompts"])
+        key = state.get("prompt_set") or ""
+        index = self.prompt_set_combo.findData(key)
+        if index >= 0:
+            self.prompt_set_combo.setCurrentIndex(index)
+        self.tile_spin.setValue(int(state.get("tile_px") or 0))
+        self.overlap_spin.setValue(int(state.get("overlap_px") or 0))
+        self.label_mode_combo.setCurrentIndex(1 if state.get("multi_label") else 0)
+        self.threshold_spin.setValue(float(state.get("threshold") or 0.5))
+        index = self.template_combo.findData(state.get("templates"))
+        self.template_combo.setCurrentIndex(max(index, 0))

@@ -1,0 +1,125 @@
+"""Running backend jobs to the end: submit, poll, pass a cancel through; the outcome is one of three classes.
+
+:func:`run_jobs` is the one polling loop, shared by the dock's QgsTask (tasks.py) and the Processing algorithms
+(which poll from their own worker thread with the algorithm's feedback). It blocks, so it never runs on the UI
+thread. Outcomes are tagged types - :class:`JobSucceeded`, :class:`JobFailed`, :class:`JobCancelled` - so
+every caller handles all three.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Union
+
+from .client import BackendClient, BackendError
+from .i18n import tr
+
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class JobSucceeded:
+    statuses: tuple  # the final JobStatus of every job, in order
+
+    @property
+    def status(self) -> dict:
+        return self.statuses[-1]
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    message: str
+    status: dict | None = None
+
+
+@dataclass(frozen=True)
+class JobCancelled:
+    status: dict | None = None
+
+
+JobOutcome = Union[JobSucceeded, JobFailed, JobCancelled]
+
+
+def describe_status(status: dict) -> str:
+    """'classify: 120 / 288 tiles, 51 tiles/s, about 3 s left' (or 'index: queued')."""
+    kind, state = status.get("kind", "job"), status.get("state", "")
+    done, total = int(status.get("done") or 0), int(status.get("total") or 0)
+    if state == "queued":
+        return tr("{kind}: queued").format(kind=kind)
+    if not total:
+        return tr("{kind}: {state}").format(kind=kind, state=state)
+    text = tr("{kind}: {done} / {total} tiles").format(kind=kind, done=done, total=total)
+    if status.get("rate"):
+        text += tr(", {rate:.0f} tiles/s").format(rate=status["rate"])
+    eta = status.get("eta_seconds")
+    if eta is not None and state == "running":
+        text += tr(", about {eta:.0f} s left").format(eta=eta)
+    return text
+
+
+def fraction_done(index: int, count: int, status: dict) -> float:
+    """Overall progress in [0, 1] of job ``index`` of ``count`` at ``status``."""
+    total = int(status.get("total") or 0)
+    inner = 1.0 if status.get("state") == "succeeded" else (int(status.get("done") or 0) / total if total else 0.0)
+    return min(1.0, (index + min(inner, 1.0)) / max(count, 1))
+
+
+def _sleep(seconds: float, is_canceled: Callable[[], bool]) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not is_canceled():
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+
+def _cancel(client: BackendClient, status: dict, wait_s: float, poll_s: float) -> JobCancelled:
+    """Ask the backend to cancel and wait (bounded) until the job has stopped writing."""
+    try:
+        answer = client.cancel(status["id"])
+        if isinstance(answer, dict) and answer.get("state"):
+            status = answer
+        deadline = time.monotonic() + wait_s
+        while status.get("state") not in TERMINAL_STATES and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            status = client.job(status["id"])
+    except BackendError:
+        pass  # the backend went away: nothing is running there any more either
+    return JobCancelled(status)
+
+
+def run_jobs(
+    client: BackendClient,
+    requests: list,
+    is_canceled: Callable[[], bool],
+    report: Callable[[int, int, dict], None] = lambda i, n, status: None,
+    poll_s: float = 0.25,
+    cancel_wait_s: float = 15.0,
+) -> JobOutcome:
+    """Run ``requests`` one after the other (e.g. index, then search); stop at the first failure or a cancel."""
+    statuses = []
+    try:
+        for index, request in enumerate(requests):
+            if is_canceled():
+                return JobCancelled(statuses[-1] if statuses else None)
+            status = client.submit(request)
+            while True:
+                report(index, len(requests), status)
+                state = status.get("state")
+                if state == "succeeded":
+                    statuses.append(status)
+                    break
+                if state == "failed":
+                    return JobFailed(status.get("error") or tr("the {kind} job failed").format(
+                        kind=status.get("kind", "")), status)
+                if state == "cancelled":
+                    return JobCancelled(status)
+                if is_canceled():
+                    return _cancel(client, status, cancel_wait_s, poll_s)
+                _sleep(poll_s, is_canceled)
+                if is_canceled():
+                    return _cancel(client, status, cancel_wait_s, poll_s)
+                status = client.job(status["id"])
+    except BackendError as exc:
+        return JobFailed(str(exc))
+    except (KeyError, TypeError, ValueError) as exc:
+        return JobFailed(tr("Unexpected answer from the backend: {error}").format(error=exc))
+    return JobSucceeded(tuple(statuses))

@@ -1,0 +1,182 @@
+"""What the dock hands to the plugin: one typed, frozen object per run, made of ids, paths and strings only.
+
+No QGIS object crosses this boundary (a layer is named by its id), so the dock is tested by setting widgets and
+comparing the object it emits, and the plugin builds the backend's JSON request from it (``*_request``). The
+request fields are those of ``backend/tileprompt_backend/schemas.py`` (ClassifyRequest, IndexRequest,
+SearchRequest); a test holds the two together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class AreaMode(str, Enum):
+    WHOLE_LAYER = "layer"
+    MAP_EXTENT = "extent"
+    DRAWN = "drawn"
+    SELECTED = "selected"
+
+
+class InputKind(str, Enum):
+    FILE = "file"  # a file the backend opens by path (GeoTIFF, JP2, VRT ...)
+    PRODUCT_FOLDER = "folder"  # a folder of per-band files (SAFE IMG_DATA, BigEarthNet patch ...)
+    EXPORT = "export"  # not readable by path (WMS/XYZ, memory, virtual): exported to a GeoTIFF before the job
+
+
+class Fuse(str, Enum):
+    MEAN = "mean"  # the mean embedding of the query tiles is the query
+    MAX = "max"  # every query tile queries; a tile's similarity is its best match
+
+
+@dataclass(frozen=True)
+class Extent:
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    crs: str  # authid or WKT
+
+    def to_wkt(self) -> str:
+        x0, y0, x1, y1 = self.xmin, self.ymin, self.xmax, self.ymax
+        return f"POLYGON (({x0!r} {y0!r}, {x1!r} {y0!r}, {x1!r} {y1!r}, {x0!r} {y1!r}, {x0!r} {y0!r}))"
+
+
+@dataclass(frozen=True)
+class RasterInput:
+    """The layer a job reads, and how the backend gets at its pixels."""
+
+    layer_id: str
+    layer_name: str
+    kind: InputKind
+    path: str = ""  # file or folder; "" for EXPORT until exported
+    band_map: tuple[str, ...] | None = None  # band names in file order (multiband files only)
+    level: str | None = None  # "L1C" / "L2A" when the user says so; None = detected by the backend
+    export_extent: Extent | None = None  # EXPORT only: the part of the layer to export
+
+    def with_path(self, path: str, band_map: tuple[str, ...] | None = None) -> RasterInput:
+        """The same input, now readable by path (after an export)."""
+        return RasterInput(self.layer_id, self.layer_name, InputKind.FILE, path,
+                           band_map if band_map is not None else self.band_map, self.level, None)
+
+    def request_fields(self) -> dict:
+        if self.kind is InputKind.EXPORT:
+            raise ValueError(f"layer {self.layer_name!r} must be exported before a job can read it")
+        fields = {"raster": self.path}
+        if self.band_map and self.kind is InputKind.FILE:
+            fields["band_map"] = list(self.band_map)
+        if self.level:
+            fields["level"] = self.level
+        return fields
+
+
+@dataclass(frozen=True)
+class Area:
+    mode: AreaMode = AreaMode.WHOLE_LAYER
+    wkt: str | None = None  # None for the whole layer
+    crs: str | None = None  # CRS of wkt (authid or WKT)
+
+
+def _tile_fields(model: str | None, tile_px: int | None, overlap_px: int, model_tile_px: int | None) -> dict:
+    fields: dict = {}
+    if model:
+        fields["model"] = model
+    tile = tile_px or model_tile_px
+    if tile_px:
+        fields["tile_px"] = tile_px
+    if overlap_px:
+        if not tile:
+            raise ValueError("an overlap needs a tile size: choose one, or a model whose card gives one")
+        if overlap_px >= tile:
+            raise ValueError(f"overlap ({overlap_px} px) must be smaller than the tile ({tile} px)")
+        fields["tile_px"] = tile
+        fields["stride"] = tile - overlap_px
+    return fields
+
+
+@dataclass(frozen=True)
+class ClassifyParameters:
+    raster: RasterInput
+    prompts: str  # one class per line, synonyms after "|", no comments (prompts.prompts_to_request)
+    model: str | None = None  # None = the backend's default
+    prompt_set: str = ""  # the saved set the prompts came from, if any ("bundled:land-cover")
+    templates: str | None = None  # templates file; None = the model card's
+    area: Area = field(default_factory=Area)
+    tile_px: int | None = None  # None = the model card's
+    overlap_px: int = 0
+    multi_label: bool = False
+    threshold: float = 0.5
+    output: str | None = None  # GeoPackage path; None = a new file in the plugin's cache
+
+    def classify_request(self, out: str, model_tile_px: int | None = None) -> dict:
+        request = {"kind": "classify", **self.raster.request_fields(), "prompts": self.prompts, "out": out}
+        request.update(_tile_fields(self.model, self.tile_px, self.overlap_px, model_tile_px))
+        if self.templates:
+            request["templates"] = self.templates
+        if self.area.wkt:
+            request["aoi"] = self.area.wkt
+            if self.area.crs:
+                request["aoi_crs"] = self.area.crs
+        if self.multi_label:
+            request["multi_label"] = True
+            request["threshold"] = self.threshold
+        return request
+
+    def to_state(self) -> dict:
+        """What the project remembers of this run (dock state), JSON-able."""
+        return json.loads(json.dumps(asdict(self), default=lambda v: v.value if isinstance(v, Enum) else str(v)))
+
+
+@dataclass(frozen=True)
+class Query:
+    """Geometries (WKT in ``crs``) to find tiles like, or a text to find tiles matching it."""
+
+    wkts: tuple[str, ...] = ()
+    crs: str | None = None
+    text: str | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return bool(self.text)
+
+
+@dataclass(frozen=True)
+class SearchParameters:
+    raster: RasterInput
+    query: Query
+    model: str | None = None
+    tile_px: int | None = None
+    overlap_px: int = 0
+    k: int = 20
+    fuse: Fuse = Fuse.MEAN
+    heatmap: bool = True
+
+    def index_key(self, model_tile_px: int | None = None, mtime: float | None = None) -> str:
+        """Identifies an index: same raster, bands, model and grid -> same index folder (reused)."""
+        parts = [self.raster.path, self.raster.band_map, self.raster.level, self.model,
+                 _tile_fields(self.model, self.tile_px, self.overlap_px, model_tile_px), mtime]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def index_request(self, index_dir: str, model_tile_px: int | None = None) -> dict:
+        request = {"kind": "index", "rasters": [self.raster.request_fields()], "index": index_dir}
+        request.update(_tile_fields(self.model, self.tile_px, self.overlap_px, model_tile_px))
+        return request
+
+    def search_request(self, index_dir: str, out: str, heatmap: str | None = None) -> dict:
+        request = {"kind": "search", "index": index_dir, "k": int(self.k), "out": out,
+                   "scene": self.raster.path}
+        if self.query.is_text:
+            request["text"] = self.query.text
+        else:
+            if not self.query.wkts:
+                raise ValueError("draw a rectangle or polygon, or select features, to search tiles like it")
+            request["like"] = list(self.query.wkts)
+            if self.query.crs:
+                request["like_crs"] = self.query.crs
+            request["fuse"] = self.fuse.value
+        if heatmap:
+            request["heatmap"] = heatmap
+        return request

@@ -1,0 +1,163 @@
+"""The plugin's view of the backend: the current connection, its health and models, and built indexes.
+
+Shared by the dock (through the plugin) and the Processing algorithms. Health and model list are fetched
+asynchronously (AsyncClient) on connect and refreshed by a timer; Processing, which runs without the dock,
+falls back to the state file of a backend started elsewhere (``resolve_connection``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from qgis.PyQt.QtCore import QObject, QTimer, pyqtSignal
+
+from .client import AsyncClient, BackendClient, BackendUnavailable, Connection
+from .i18n import tr
+from .settings import Key, Settings
+
+HEALTH_INTERVAL_MS = 5000
+INDEX_MARKER = ".tileprompt-plugin-index.json"
+
+
+class IndexRegistry:
+    """Index folders in the cache, keyed by raster, bands, model and grid; a marker says an index is complete."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def folder(self, key: str) -> Path:
+        return self.settings.cache_dir() / "indexes" / key
+
+    @staticmethod
+    def mtime(path: str) -> float | None:
+        try:
+            return os.stat(path).st_mtime
+        except OSError:
+            return None
+
+    def is_built(self, folder: str | Path) -> bool:
+        return (Path(folder) / INDEX_MARKER).is_file()
+
+    def mark_built(self, folder: str | Path, request: dict) -> None:
+        folder = Path(folder)
+        if folder.is_dir():
+            (folder / INDEX_MARKER).write_text(json.dumps({"request": request, "built": time.time()}),
+                                               encoding="utf-8")
+
+
+class BackendSession(QObject):
+    """Connection state; signals ``changed()`` whenever connection, health or models change."""
+
+    changed = pyqtSignal()
+    lost = pyqtSignal(str)  # the backend stopped answering (message)
+
+    def __init__(self, settings: Settings | None = None, parent=None):
+        super().__init__(parent)
+        self.settings = settings or Settings()
+        self.connection: Connection | None = None
+        self.health: dict | None = None
+        self.models: list[dict] = []
+        self.error: str = ""
+        self.indexes = IndexRegistry(self.settings)
+        self._async: AsyncClient | None = None
+        self._timer = QTimer(self)
+        self._timer.setInterval(HEALTH_INTERVAL_MS)
+        self._timer.timeout.connect(self.refresh_health)
+
+    @property
+    def connected(self) -> bool:
+        return self.connection is not None and self.health is not None
+
+    def timeout(self) -> float:
+        return float(self.settings.get(Key.REQUEST_TIMEOUT_S))
+
+    def connect_to(self, connection: Connection, on_result=None) -> None:
+        """Use ``connection``; ``on_result(error or None)`` after the first health check."""
+        self.disconnect()
+        self.connection = connection
+        self._async = AsyncClient(connection, self.timeout(), self)
+
+        def first_health(data, error):
+            self._on_health(data, error)
+            if error is None:
+                self.refresh_models()
+                self._timer.start()
+            if on_result is not None:
+                on_result(error)
+
+        self._async.health(first_health)
+
+    def disconnect(self) -> None:
+        self._timer.stop()
+        if self._async is not None:
+            self._async.abort_all()
+            self._async.deleteLater()
+            self._async = None
+        had = self.connection is not None
+        self.connection, self.health, self.models, self.error = None, None, [], ""
+        if had:
+            self.changed.emit()
+
+    def refresh_health(self) -> None:
+        if self._async is not None:
+            self._async.health(self._on_health)
+
+    def _on_health(self, data, error) -> None:
+        was_up = self.health is not None
+        if error is None and isinstance(data, dict):
+            self.health, self.error = data, ""
+        else:
+            self.health, self.error = None, str(error)
+            if was_up:
+                self._timer.stop()
+                self.lost.emit(self.error)
+        self.changed.emit()
+
+    def refresh_models(self, on_result=None) -> None:
+        if self._async is None:
+            return
+
+        def done(data, error):
+            if error is None and isinstance(data, list):
+                self.models = [m for m in data if isinstance(m, dict)]
+                self.changed.emit()
+            if on_result is not None:
+                on_result(error)
+
+        self._async.models(done)
+
+    def model_info(self, model_id: str | None) -> dict:
+        if model_id:
+            for model in self.models:
+                if model.get("id") == model_id:
+                    return model
+            return {}
+        default = (self.health or {}).get("default_model")
+        return self.model_info(default) if default else (self.models[0] if len(self.models) == 1 else {})
+
+    def resolve_connection(self) -> Connection:
+        """The dock's connection, else the state file of a backend started elsewhere (Processing, scripts)."""
+        if self.connection is not None:
+            return self.connection
+        connection = Connection.from_state_file(self.settings.state_file())
+        if connection.process_alive() is False:
+            raise BackendUnavailable(tr("The backend recorded in {path} (pid {pid}) is no longer running. Start it "
+                                        "from the TilePrompt dock.").format(path=connection.state_file,
+                                                                            pid=connection.pid))
+        return connection
+
+    def client(self) -> BackendClient:
+        return BackendClient(self.resolve_connection(), self.timeout())
+
+    def describe(self) -> str:
+        if self.connection is None:
+            return tr("Not connected")
+        if self.health is None:
+            return tr("{address}: not answering ({error})").format(address=self.connection.address,
+                                                                  error=self.error or tr("checking"))
+        h = self.health
+        return tr("backend {version} · device {device} · {address}").format(
+            version=h.get("version", "?"), device=h.get("device", "?"), address=self.connection.address)
