@@ -80,17 +80,18 @@ class IndexView:
         self.scenes = store.scenes()
         if not self.scenes:
             raise ValueError(f"index {store.root} holds no complete scenes: index a raster into it first")
-        self.emb = [store.embeddings(s) for s in self.scenes]
+        # copied into memory (float16), not kept memory-mapped: a long-lived process must not fault on a file
+        # that another process replaces
+        self.x16 = np.concatenate([np.asarray(store.embeddings(s)) for s in self.scenes])
         self.tile_ids = [store.tile_ids(s) for s in self.scenes]
         self._pos = [{int(t): i for i, t in enumerate(ids)} for ids in self.tile_ids]
-        sizes = np.array([len(e) for e in self.emb], dtype=np.int64)
+        sizes = np.array([s.tiles for s in self.scenes], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.n = int(self.offsets[-1])
         if self.n == 0:
             raise ValueError(f"index {store.root} holds no tiles (every tile of its scenes was nodata)")
-        x = np.concatenate([np.asarray(e, dtype=np.float32) for e in self.emb])
         cache = store.root / VECTORS_DIR / f"{state}.faiss"
-        self.vectors = vectors.VectorIndex(l2_normalize(x), cache_file=cache)
+        self.vectors = vectors.VectorIndex(l2_normalize(self.x16.astype(np.float32)), cache_file=cache)
         if self.vectors.method in ("ivf", "hnsw"):
             for old in cache.parent.glob("*.faiss"):
                 if old != cache:
@@ -104,10 +105,13 @@ class IndexView:
     def has_tile(self, scene_pos: int, tile_id: int) -> bool:
         return int(tile_id) in self._pos[scene_pos]
 
+    def emb(self, scene_pos: int) -> np.ndarray:
+        """A scene's (tiles, dim) float16 embeddings."""
+        return self.x16[self.offsets[scene_pos]:self.offsets[scene_pos + 1]]
+
     def vectors_of(self, scene_pos: int, tile_ids: Sequence[int]) -> np.ndarray:
-        pos = self._pos[scene_pos]
-        idx = [pos[int(t)] for t in tile_ids]
-        return l2_normalize(np.asarray(self.emb[scene_pos][idx], dtype=np.float32))
+        """Unit float32 vectors of some tiles of a scene."""
+        return l2_normalize(self.x16[self.rows(scene_pos, tile_ids)].astype(np.float32))
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scene position, tile id) of global rows."""
@@ -398,7 +402,7 @@ def _heatmap(view: IndexView, scene_pos: int, queries: np.ndarray, query_ids: Se
     """Every indexed tile of the scene: its (max-fused) cosine to the query; the query's own tiles stay nodata."""
     scene = view.scenes[scene_pos]
     ids = view.tile_ids[scene_pos]
-    emb = l2_normalize(np.asarray(view.emb[scene_pos], dtype=np.float32))
+    emb = l2_normalize(view.emb(scene_pos).astype(np.float32))
     values = (emb @ queries.T).max(axis=1)
     keep = ~np.isin(ids, np.asarray(query_ids, dtype=np.int64))
     rows = view.store.tile_rows(scene, ids[keep])
