@@ -312,8 +312,8 @@ class _SearchBase(TilePromptAlgorithm):
     def _add_search_outputs(self):
         self.addParameter(QgsProcessingParameterNumber(self.K, tr("Number of tiles to return (top K)"),
                                                        compat.NUMBER_INTEGER, 20, False, 1, 10000))
-        index = QgsProcessingParameterFile(self.INDEX, tr("Index folder (empty: built once, then re-used, in the "
-                                                          "plugin's cache)"), compat.FILE_BEHAVIOR_FOLDER,
+        index = QgsProcessingParameterFile(self.INDEX, tr("Index folder (empty: the backend's cache; embeddings "
+                                                          "are computed once and re-used)"), compat.FILE_BEHAVIOR_FOLDER,
                                            optional=True)
         index.setFlags(index.flags() | compat.PARAM_FLAG_ADVANCED)
         self.addParameter(index)
@@ -348,8 +348,8 @@ class _SearchBase(TilePromptAlgorithm):
         return True
 
     def finish(self, outcome, context, feedback):
-        if self.plan.index_request is not None:
-            self.session.indexes.mark_built(self.plan.index_dir, self.plan.index_request)
+        result = outcome.status.get("result") or {}
+        feedback.pushInfo(tr("{n} tiles found.").format(n=result.get("hits", "?")))
         return {k: v for k, v in self._outputs.items() if not k.endswith("_PATH")}
 
 
@@ -427,13 +427,13 @@ class BuildIndexAlgorithm(TilePromptAlgorithm):
 
     def shortHelpString(self):  # noqa: N802
         return tr("Embeds every tile of the raster once and stores the embeddings in an index folder, so later "
-                  "similar-tile and text searches are instant. Empty folder: the plugin's cache (what the dock and "
-                  "the search algorithms re-use).")
+                  "similar-tile and text searches are instant. Empty folder: the backend's cache, keyed by model, tile "
+                  "size and stride (what the dock, classification and the search algorithms re-use).")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._add_raster_parameters()
         self.addParameter(QgsProcessingParameterFile(
-            self.INDEX, tr("Index folder (empty: the plugin's cache)"), compat.FILE_BEHAVIOR_FOLDER,
+            self.INDEX, tr("Index folder (empty: the backend's cache)"), compat.FILE_BEHAVIOR_FOLDER,
             optional=True))
         self.addOutput(QgsProcessingOutputFolder(self.INDEX, tr("Index folder")))
 
@@ -443,19 +443,21 @@ class BuildIndexAlgorithm(TilePromptAlgorithm):
         params = SearchParameters(raster=raster, query=Query(), model=self._model(parameters, context),
                                   tile_px=tile, overlap_px=overlap)
         model_tile = self.session.model_info(params.model).get("tile_px")
-        index_dir = self.parameterAsFile(parameters, self.INDEX, context) or str(
-            self.session.indexes.folder(params.index_key(model_tile, self.session.indexes.mtime(raster.path))))
+        index_dir = self.parameterAsFile(parameters, self.INDEX, context) or None
         self._connect()
         try:
-            self.index_request = params.index_request(index_dir, model_tile)
+            self._requests = [params.index_request(index_dir, model_tile)]
         except ValueError as exc:
             raise QgsProcessingException(str(exc)) from None
-        self._requests = [self.index_request]
-        self._outputs = {self.INDEX: index_dir}
+        self._outputs = {}
         return True
 
     def finish(self, outcome, context, feedback):
-        self.session.indexes.mark_built(self._outputs[self.INDEX], self.index_request)
+        result = outcome.status.get("result") or {}
+        feedback.pushInfo(tr("Index {index}: {tiles} tiles ({computed} computed, {reused} re-used).").format(
+            index=result.get("index"), tiles=result.get("tiles"), computed=result.get("computed"),
+            reused=result.get("reused")))
+        self._outputs = {self.INDEX: result.get("index", "")}
         return dict(self._outputs)
 
 

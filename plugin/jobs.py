@@ -94,12 +94,17 @@ def run_jobs(
     poll_s: float = 0.25,
     cancel_wait_s: float = 15.0,
 ) -> JobOutcome:
-    """Run ``requests`` one after the other (e.g. index, then search); stop at the first failure or a cancel."""
+    """Run ``requests`` one after the other (e.g. index, then search); stop at the first failure or a cancel.
+
+    A request may be a function of the statuses so far, returning the request (the search takes the index
+    folder the index job reports)."""
     statuses = []
     try:
         for index, request in enumerate(requests):
             if is_canceled():
                 return JobCancelled(statuses[-1] if statuses else None)
+            if callable(request):
+                request = request(statuses)
             status = client.submit(request)
             while True:
                 report(index, len(requests), status)

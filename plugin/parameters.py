@@ -8,7 +8,6 @@ SearchRequest); a test holds the two together.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -154,14 +153,12 @@ class SearchParameters:
     fuse: Fuse = Fuse.MEAN
     heatmap: bool = True
 
-    def index_key(self, model_tile_px: int | None = None, mtime: float | None = None) -> str:
-        """Identifies an index: same raster, bands, model and grid -> same index folder (reused)."""
-        parts = [self.raster.path, self.raster.band_map, self.raster.level, self.model,
-                 _tile_fields(self.model, self.tile_px, self.overlap_px, model_tile_px), mtime]
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def index_request(self, index_dir: str, model_tile_px: int | None = None) -> dict:
-        request = {"kind": "index", "rasters": [self.raster.request_fields()], "index": index_dir}
+    def index_request(self, index_dir: str | None = None, model_tile_px: int | None = None) -> dict:
+        """Index the raster (None: into the backend's cache, keyed by model, tile and stride - the same index a
+        classification of this raster fills, so embeddings are computed once)."""
+        request = {"kind": "index", "rasters": [self.raster.request_fields()]}
+        if index_dir:
+            request["index"] = index_dir
         request.update(_tile_fields(self.model, self.tile_px, self.overlap_px, model_tile_px))
         return request
 

@@ -396,8 +396,6 @@ class TilePromptPlugin:
         if not isinstance(outcome, JobSucceeded):
             self._report_unsuccessful(outcome)
             return
-        if plan.index_request is not None:
-            self.session.indexes.mark_built(plan.index_dir, plan.index_request)
         label = f"“{params.query.text}”" if params.query.is_text else tr("similar")
         try:
             layer = load_vector(plan.out, SIMILAR_LAYER, tr("{layer} · {label} (top {k})").format(

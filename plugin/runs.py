@@ -50,27 +50,31 @@ def new_output(folder: Path, stem: str, suffix: str = ".gpkg") -> str:
 
 @dataclass(frozen=True)
 class SearchPlan:
-    requests: list  # [index request (when the index is not built yet)], search request
-    index_dir: str
+    requests: list  # the index request, then a function of its status giving the search request
     out: str
     heatmap: str | None
-    index_request: dict | None  # the index request, when it is part of the plan
 
 
 def plan_search(params: SearchParameters, session: BackendSession, out: str, heatmap: str | None,
                 index_dir: str | None = None) -> SearchPlan:
-    """Index (unless already built) then search; the index folder is keyed by raster, bands, model and grid."""
+    """Index, then search the index the index job reports.
+
+    The index job is always sent: the backend re-uses every embedding it already has (from an earlier index or
+    classification of the same raster, model and grid), so a repeated search costs only a check.
+    """
     model_tile = session.model_info(params.model).get("tile_px")
-    if not index_dir:
-        key = params.index_key(model_tile, session.indexes.mtime(params.raster.path))
-        index_dir = str(session.indexes.folder(key))
-    requests, index_request = [], None
-    if not session.indexes.is_built(index_dir):
+    if index_dir:
         Path(index_dir).parent.mkdir(parents=True, exist_ok=True)
-        index_request = params.index_request(index_dir, model_tile)
-        requests.append(index_request)
-    requests.append(params.search_request(index_dir, out, heatmap))
-    return SearchPlan(requests, index_dir, out, heatmap, index_request)
+    index_request = params.index_request(index_dir, model_tile)
+    params.search_request(index_dir or "-", out, heatmap)  # raises now (UI thread) if the query is unusable
+
+    def search_request(statuses: list) -> dict:
+        folder = index_dir or (statuses[-1].get("result") or {}).get("index")
+        if not folder:
+            raise ValueError(tr("the index job did not say where the index is"))
+        return params.search_request(folder, out, heatmap)
+
+    return SearchPlan([index_request, search_request], out, heatmap)
 
 
 def raster_input_from_layer(layer: QgsRasterLayer, use_product: bool = True, band_map: tuple | None = None,

@@ -1,4 +1,4 @@
-"""The plugin's view of the backend: the current connection, its health and models, and built indexes.
+"""The plugin's view of the backend: the current connection, its health and models.
 
 Shared by the dock (through the plugin) and the Processing algorithms. Health and model list are fetched
 asynchronously (AsyncClient) on connect and refreshed by a timer; Processing, which runs without the dock,
@@ -7,11 +7,6 @@ falls back to the state file of a backend started elsewhere (``resolve_connectio
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from pathlib import Path
-
 from qgis.PyQt.QtCore import QObject, QTimer, pyqtSignal
 
 from .client import AsyncClient, BackendClient, BackendUnavailable, Connection
@@ -19,33 +14,6 @@ from .i18n import tr
 from .settings import Key, Settings
 
 HEALTH_INTERVAL_MS = 5000
-INDEX_MARKER = ".tileprompt-plugin-index.json"
-
-
-class IndexRegistry:
-    """Index folders in the cache, keyed by raster, bands, model and grid; a marker says an index is complete."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-
-    def folder(self, key: str) -> Path:
-        return self.settings.cache_dir() / "indexes" / key
-
-    @staticmethod
-    def mtime(path: str) -> float | None:
-        try:
-            return os.stat(path).st_mtime
-        except OSError:
-            return None
-
-    def is_built(self, folder: str | Path) -> bool:
-        return (Path(folder) / INDEX_MARKER).is_file()
-
-    def mark_built(self, folder: str | Path, request: dict) -> None:
-        folder = Path(folder)
-        if folder.is_dir():
-            (folder / INDEX_MARKER).write_text(json.dumps({"request": request, "built": time.time()}),
-                                               encoding="utf-8")
 
 
 class BackendSession(QObject):
@@ -61,7 +29,6 @@ class BackendSession(QObject):
         self.health: dict | None = None
         self.models: list[dict] = []
         self.error: str = ""
-        self.indexes = IndexRegistry(self.settings)
         self._async: AsyncClient | None = None
         self._timer = QTimer(self)
         self._timer.setInterval(HEALTH_INTERVAL_MS)
