@@ -1,0 +1,207 @@
+"""The dock turns its widgets' state into one typed parameters object (and refuses to when it cannot)."""
+
+import pytest
+from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsGeometry, QgsProject, QgsRasterLayer, QgsRectangle,
+                       QgsVectorLayer)
+
+from conftest import S2_BAND_NAMES, write_raster
+from tileprompt_plugin.plugin.dock import TilePromptDock, model_summary
+from tileprompt_plugin.plugin.parameters import AreaMode, ClassifyParameters, Fuse, InputKind, SearchParameters
+from tileprompt_plugin.plugin.settings import Key, ProjectState, Settings
+
+MODELS = __import__("fake_backend").MODELS
+
+
+@pytest.fixture()
+def dock(qgis_iface, isolated, qgis_new_project):
+    widget = TilePromptDock(qgis_iface)
+    widget.set_models(MODELS)
+    yield widget
+    widget.deleteLater()
+
+
+def add_raster(path, name="s2"):
+    layer = QgsRasterLayer(str(path), name)
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def capture(signal):
+    got = []
+    signal.connect(got.append)
+    return got
+
+
+def test_widgets_make_one_classify_parameters_object(dock, sample_files, tmp_path):
+    layer = add_raster(sample_files["s2"])
+    dock.layer_combo.setLayer(layer)
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData("tiny-aligned-s2"))
+    dock.prompt_edit.setPlainText("# comment\nforest | woodland\nwater\n")
+    dock.template_combo.setCurrentIndex(1)
+    dock.tile_spin.setValue(64)
+    dock.overlap_spin.setValue(16)
+    dock.label_mode_combo.setCurrentIndex(1)
+    dock.threshold_spin.setValue(0.35)
+    dock.level_combo.setCurrentIndex(dock.level_combo.findData("L1C"))
+    dock.output_widget.setFilePath(str(tmp_path / "out"))
+    emitted = capture(dock.classifyRequested)
+
+    dock.run_button.click()
+
+    assert len(emitted) == 1
+    params = emitted[0]
+    assert isinstance(params, ClassifyParameters)
+    assert params.raster.kind is InputKind.FILE and params.raster.path == str(sample_files["s2"])
+    assert params.raster.band_map == tuple(S2_BAND_NAMES)  # from the band descriptions
+    assert params.raster.layer_id == layer.id() and params.raster.level == "L1C"
+    assert params.model == "tiny-aligned-s2"
+    assert params.prompts == "forest | woodland\nwater"
+    assert params.templates.endswith("resources/templates/satellite.txt")
+    assert params.area.mode is AreaMode.WHOLE_LAYER and params.area.wkt is None
+    assert (params.tile_px, params.overlap_px, params.multi_label, params.threshold) == (64, 16, True, 0.35)
+    assert params.output == str(tmp_path / "out.gpkg")
+    assert params.classify_request(params.output)["stride"] == 48
+
+
+def test_defaults_mean_the_models_choices(dock, sample_files):
+    dock.layer_combo.setLayer(add_raster(sample_files["s2"]))
+    dock.prompt_edit.setPlainText("a\nb")
+    params = dock.classify_parameters()
+    assert (params.tile_px, params.overlap_px, params.multi_label, params.templates, params.output) == \
+        (None, 0, False, None, None)
+
+
+def test_invalid_state_emits_nothing_and_says_why(dock, qgis_iface, sample_files):
+    emitted = capture(dock.classifyRequested)
+    dock.prompt_edit.setPlainText("forest\nforest")
+    dock.request_classify()
+    dock.prompt_edit.setPlainText("forest\nwater")
+    QgsProject.instance().removeAllMapLayers()
+    dock.request_classify()
+    assert emitted == []
+    warnings = qgis_iface.messageBar().get_messages(__import__("qgis.core").core.Qgis.MessageLevel.Warning)
+    assert any("appears twice" in m for m in warnings) and any("raster layer" in m for m in warnings)
+
+
+def test_band_mapping_is_detected_and_editable(dock, sample_files, tmp_path):
+    plain = add_raster(sample_files["plain"], "plain")  # 3 bands without descriptions
+    dock.layer_combo.setLayer(plain)
+    dock.prompt_edit.setPlainText("a\nb")
+    assert dock.band_table.rowCount() == 3 and dock.band_map() is None  # the backend detects
+    dock.set_band_names(["b04", "B03", "B02"])
+    assert dock.classify_parameters().raster.band_map == ("B04", "B03", "B02")
+    dock.set_band_names(["B04", "NIR", "B02"])
+    with pytest.raises(ValueError, match="unknown"):
+        dock.classify_parameters()
+    dock.set_band_names(["B04", "", "B02"])
+    with pytest.raises(ValueError, match="every band"):
+        dock.classify_parameters()
+
+
+def test_a_band_file_of_a_product_sends_the_folder(dock, tmp_path):
+    folder = tmp_path / "IMG_DATA"
+    folder.mkdir()
+    for band in ("B02", "B03", "B04", "B08"):
+        write_raster(folder / f"T33UUU_20170216T102101_{band}.tif", bands=1)
+    dock.layer_combo.setLayer(add_raster(folder / "T33UUU_20170216T102101_B04.tif", "B04"))
+    dock.prompt_edit.setPlainText("a\nb")
+    assert not dock.product_check.isHidden() and "product folder IMG_DATA (4 band files" in dock.input_label.text()
+    params = dock.classify_parameters()
+    assert params.raster.kind is InputKind.PRODUCT_FOLDER and params.raster.path == str(folder)
+    assert params.raster.band_map is None
+    dock.product_check.setChecked(False)  # just this file
+    params = dock.classify_parameters()
+    assert params.raster.kind is InputKind.FILE and params.raster.band_map == ("B04",)
+
+
+def test_area_modes(dock, qgis_iface, sample_files):
+    layer = add_raster(sample_files["s2"])
+    dock.layer_combo.setLayer(layer)
+    dock.prompt_edit.setPlainText("a\nb")
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:32633"))
+    canvas.setExtent(QgsRectangle(330100, 5821200, 330500, 5821800))
+
+    dock.set_area_mode(AreaMode.MAP_EXTENT)
+    area = dock.classify_parameters().area
+    assert area.mode is AreaMode.MAP_EXTENT and area.crs == "EPSG:32633"
+    assert QgsGeometry.fromWkt(area.wkt).boundingBox().contains(QgsRectangle(330100, 5821200, 330500, 5821800))
+
+    dock.set_area_mode(AreaMode.DRAWN)
+    with pytest.raises(ValueError, match="Draw"):
+        dock.classify_parameters()
+    dock.set_drawn_area(QgsGeometry.fromRect(QgsRectangle(330000, 5821500, 330300, 5822000)),
+                        QgsCoordinateReferenceSystem("EPSG:32633"))
+    area = dock.classify_parameters().area
+    assert area.mode is AreaMode.DRAWN and QgsGeometry.fromWkt(area.wkt).area() == pytest.approx(300 * 500)
+
+    polygons = QgsVectorLayer("Polygon?crs=EPSG:4326", "fields", "memory")
+    features = []
+    for i in range(2):
+        f = QgsFeature()
+        f.setGeometry(QgsGeometry.fromRect(QgsRectangle(12.5 + i, 52.5, 12.6 + i, 52.6)))
+        features.append(f)
+    polygons.dataProvider().addFeatures(features)
+    QgsProject.instance().addMapLayer(polygons)
+    dock.set_area_mode(AreaMode.SELECTED)
+    dock.area_layer_combo.setLayer(polygons)
+    with pytest.raises(ValueError, match="Select"):
+        dock.classify_parameters()
+    polygons.selectAll()
+    area = dock.classify_parameters().area
+    assert area.mode is AreaMode.SELECTED and area.crs == "EPSG:4326"
+    assert QgsGeometry.fromWkt(area.wkt).area() == pytest.approx(0.02)
+
+
+def test_prompt_sets_bundled_and_per_project(dock):
+    dock.choose_prompt_set("bundled:land-cover")
+    assert "annual crop land" in dock.prompt_edit.toPlainText()
+    dock.prompt_edit.setPlainText("lake\nriver")
+    dock.save_prompt_set("Waters")
+    assert ProjectState().prompt_sets() == {"Waters": "lake\nriver"}
+    assert dock.prompt_set_combo.currentData() == "project:Waters" and dock.delete_set_button.isEnabled()
+    dock.prompt_edit.setPlainText("")
+    dock.choose_prompt_set("project:Waters")
+    assert dock.prompt_edit.toPlainText() == "lake\nriver"
+    dock._delete_prompt_set()
+    assert ProjectState().prompt_sets() == {} and dock.prompt_set_combo.findData("project:Waters") < 0
+    dock.prompt_edit.setPlainText("dup\ndup")
+    with pytest.raises(ValueError):
+        dock.save_prompt_set("Bad")
+
+
+def test_models_and_their_one_line_description(dock):
+    assert dock.model_combo.count() == 2
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData("tiny-aligned-s2"))
+    text = dock.model_label.text()
+    assert "S2 · 13 bands (B01..B12) · 10 m/px · tile 32 px" in text and "untrained" in text
+    assert Settings().get(Key.DEFAULT_MODEL) == "tiny-aligned-s2"
+    assert "untrained" not in model_summary(MODELS[1]) and "R, G, B" in model_summary(MODELS[1])
+    dock.set_models(MODELS)  # a refresh keeps the choice
+    assert dock.current_model() == "tiny-aligned-s2"
+
+
+def test_search_parameters(dock, sample_files):
+    dock.layer_combo.setLayer(add_raster(sample_files["s2"]))
+    emitted = capture(dock.searchRequested)
+    dock.k_spin.setValue(7)
+    dock.fuse_combo.setCurrentIndex(1)
+    dock.heatmap_check.setChecked(False)
+    assert dock.request_similar_search() is None  # no query yet
+    dock.set_query([QgsGeometry.fromRect(QgsRectangle(0, 0, 10, 10))], QgsCoordinateReferenceSystem("EPSG:32633"))
+    dock.search_again_button.click()
+    dock.text_edit.setText("a harbour")
+    dock.text_button.click()
+    assert len(emitted) == 2 and all(isinstance(p, SearchParameters) for p in emitted)
+    like, text = emitted
+    assert like.query.crs == "EPSG:32633" and len(like.query.wkts) == 1 and not like.query.is_text
+    assert (like.k, like.fuse, like.heatmap) == (7, Fuse.MAX, False)
+    assert text.query.text == "a harbour" and text.raster.path == str(sample_files["s2"])
+
+
+def test_restore_state(dock):
+    dock.restore_state({"prompts": "x\ny", "tile_px": 48, "overlap_px": 8, "multi_label": True, "threshold": 0.3})
+    assert dock.prompt_edit.toPlainText() == "x\ny"
+    assert (dock.tile_spin.value(), dock.overlap_spin.value(), dock.label_mode_combo.currentData(),
+            round(dock.threshold_spin.value(), 2)) == (48, 8, True, 0.3)

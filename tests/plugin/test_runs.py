@@ -1,0 +1,178 @@
+"""Dock -> plugin -> (fake) backend -> styled layers: classify, similar and text search, failures, cancel, down."""
+
+import time
+
+import pytest
+from qgis.core import (Qgis, QgsCategorizedSymbolRenderer, QgsCoordinateReferenceSystem, QgsGeometry,
+                       QgsGraduatedSymbolRenderer, QgsProject, QgsRasterLayer, QgsRectangle,
+                       QgsSingleBandPseudoColorRenderer)
+
+from conftest import connect, wait_until
+
+
+def messages(iface, level):
+    return iface.messageBar().get_messages(level)
+
+
+@pytest.fixture()
+def ready(plugin, fake_backend, isolated, sample_files):
+    connect(plugin, fake_backend, isolated)
+    layer = QgsRasterLayer(str(sample_files["s2"]), "S2 scene")
+    QgsProject.instance().addMapLayer(layer)
+    plugin.dock.layer_combo.setLayer(layer)
+    plugin.dock.model_combo.setCurrentIndex(plugin.dock.model_combo.findData("tiny-aligned-s2"))
+    plugin.dock.prompt_edit.setPlainText("forest | woodland\nwater\nfarmland\nurban")
+    return plugin
+
+
+def group_layers():
+    group = QgsProject.instance().layerTreeRoot().findGroup("TilePrompt")
+    return [node.layer() for node in group.findLayers()] if group else []
+
+
+def test_backend_panel_shows_version_and_device(ready):
+    dock = ready.dock
+    assert dock.backend_state == "up"
+    assert "0.0-fake" in dock.backend_label.text() and "cpu" in dock.backend_label.text()
+    assert not dock.start_button.isEnabled() and not dock.stop_button.isEnabled()  # attached, not started here
+
+
+def test_classify_adds_a_categorized_layer_and_a_summary(ready, fake_backend, qgis_iface):
+    ready.dock.run_button.click()
+    assert ready.current_task is not None and ready.dock.cancel_button.isEnabled()
+    assert wait_until(lambda: ready.current_task is None, 15)
+
+    request = fake_backend.requests[-1]
+    assert request["model"] == "tiny-aligned-s2" and request["prompts"].startswith("forest | woodland")
+    layers = group_layers()
+    assert len(layers) == 1 and layers[0].featureCount() == 12
+    renderer = layers[0].renderer()
+    assert isinstance(renderer, QgsCategorizedSymbolRenderer) and renderer.classAttribute() == "class"
+    assert [c.value() for c in renderer.categories()] == ["forest", "water", "farmland"]
+    colors = {c.symbol().color().name() for c in renderer.categories()}
+    assert len(colors) == 3
+    assert ready.dock.summary() == [("forest", 4), ("water", 4), ("farmland", 4), ("urban", 0)]
+    assert ready.dock.progress.value() == 100 and not ready.dock.cancel_button.isEnabled()
+    assert any("12 tiles classified" in m for m in messages(qgis_iface, Qgis.MessageLevel.Success))
+    # the run is remembered in the project
+    from tileprompt_plugin.plugin.settings import ProjectState
+    assert ProjectState().dock_state()["model"] == "tiny-aligned-s2"
+
+
+def test_a_failed_job_shows_the_backends_error(ready, fake_backend, qgis_iface):
+    fake_backend.fail_with = "the raster has 3 bands; the model needs B01..B12"
+    ready.dock.run_button.click()
+    assert wait_until(lambda: ready.current_task is None, 15)
+    assert group_layers() == []
+    assert any("model needs B01..B12" in m for m in messages(qgis_iface, Qgis.MessageLevel.Critical))
+    assert ready.dock.run_button.isEnabled()
+
+
+def test_cancel_button_cancels_the_backend_job(ready, fake_backend, qgis_iface):
+    fake_backend.hang = True
+    ready.dock.run_button.click()
+    assert wait_until(lambda: any(j["state"] == "running" for j in fake_backend.jobs.values()), 10)
+    ready.dock.cancel_button.click()
+    assert wait_until(lambda: ready.current_task is None, 10)
+    assert [j["state"] for j in fake_backend.jobs.values()] == ["cancelled"]
+    assert group_layers() == []
+    assert any("cancelled" in m for m in messages(qgis_iface, Qgis.MessageLevel.Info))
+    assert ready.dock.status_label.text() == "Cancelled."
+
+
+def test_backend_down_gives_a_clear_message_and_no_freeze(ready, fake_backend, qgis_iface):
+    fake_backend.stop()  # the backend died after we attached
+    start = time.monotonic()
+    ready.dock.run_button.click()
+    assert time.monotonic() - start < 1  # the click returns at once: the job runs in a task
+    assert wait_until(lambda: ready.current_task is None, 15)
+    assert time.monotonic() - start < 5
+    critical = messages(qgis_iface, Qgis.MessageLevel.Critical)
+    assert any("does not answer" in m and "Start" in m for m in critical)
+    # the periodic health check notices too, and the light turns red
+    ready.session.refresh_health()
+    assert wait_until(lambda: ready.dock.backend_state == "error", 10)
+
+
+def test_running_without_a_backend_says_how_to_start_one(plugin, qgis_iface, sample_files):
+    layer = QgsRasterLayer(str(sample_files["s2"]), "S2")
+    QgsProject.instance().addMapLayer(layer)
+    plugin.dock.layer_combo.setLayer(layer)
+    plugin.dock.prompt_edit.setPlainText("a\nb")
+    plugin.dock.run_button.click()
+    assert plugin.current_task is None
+    critical = messages(qgis_iface, Qgis.MessageLevel.Critical)
+    assert any("no backend is connected" in m and "Start" in m for m in critical)
+
+
+def test_similar_tiles_from_a_drawn_rectangle(ready, fake_backend, qgis_iface):
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:32633"))
+    ready.dock.k_spin.setValue(5)
+    ready.start_drawing("query", "rectangle")
+    assert canvas.mapTool() is ready.rectangle_tool
+    ready.rectangle_tool.drawn.emit(QgsGeometry.fromRect(QgsRectangle(330000, 5821700, 330320, 5822040)),
+                                    canvas.mapSettings().destinationCrs())
+    assert wait_until(lambda: ready.current_task is None and len(group_layers()) == 2, 15)
+
+    index, search = fake_backend.requests[-2:]
+    assert index["kind"] == "index" and index["model"] == "tiny-aligned-s2" and "index" not in index
+    assert search["kind"] == "search" and search["k"] == 5 and search["like_crs"] == "EPSG:32633"
+    assert search["index"] == fake_backend.jobs[next(iter(fake_backend.jobs))]["result"]["index"]
+    similar, heat = group_layers()
+    assert similar.featureCount() == 5 and isinstance(similar.renderer(), QgsGraduatedSymbolRenderer)
+    assert similar.renderer().classAttribute() == "similarity" and len(similar.renderer().ranges()) == 5
+    assert isinstance(heat, QgsRasterLayer) and isinstance(heat.renderer(), QgsSingleBandPseudoColorRenderer)
+    table = ready.dock.results_table
+    assert table.rowCount() == 5 and table.item(0, 0).text() == "1"
+    assert "query" in ready.sketches.bands
+
+    # clicking a result zooms to it
+    canvas.setExtent(QgsRectangle(0, 0, 10, 10))
+    ready.dock.results_table.cellClicked.emit(2, 0)
+    feature = similar.getFeature(ready.dock._result_rows[2][1])
+    assert canvas.extent().contains(feature.geometry().boundingBox())
+    assert similar.selectedFeatureIds() == [feature.id()]
+
+
+def test_text_search_gives_a_ranked_layer(ready, fake_backend):
+    ready.dock.heatmap_check.setChecked(False)
+    ready.dock.text_edit.setText("a solar farm")
+    ready.dock.text_button.click()
+    assert wait_until(lambda: ready.current_task is None and group_layers(), 15)
+    assert fake_backend.requests[-1]["text"] == "a solar farm" and "heatmap" not in fake_backend.requests[-1]
+    (layer,) = group_layers()
+    assert "a solar farm" in layer.name() and isinstance(layer.renderer(), QgsGraduatedSymbolRenderer)
+
+
+def test_drawn_area_goes_into_the_request(ready, fake_backend, qgis_iface):
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:32633"))
+    ready.start_drawing("area", "rectangle")
+    ready.rectangle_tool.drawn.emit(QgsGeometry.fromRect(QgsRectangle(330000, 5821500, 330500, 5822000)),
+                                    canvas.mapSettings().destinationCrs())
+    assert ready.dock.area_mode().value == "drawn" and "area" in ready.sketches.bands
+    ready.dock.run_button.click()
+    assert wait_until(lambda: ready.current_task is None, 15)
+    request = fake_backend.requests[-1]
+    assert request["aoi_crs"] == "EPSG:32633"
+    assert QgsGeometry.fromWkt(request["aoi"]).area() == pytest.approx(500 * 500)
+
+
+def test_only_one_job_at_a_time(ready, fake_backend, qgis_iface):
+    fake_backend.hang = True
+    ready.dock.request_classify()
+    ready.run_classify(ready.dock.classify_parameters())
+    assert any("A job is running" in m for m in messages(qgis_iface, Qgis.MessageLevel.Warning))
+    ready.cancel()
+    assert wait_until(lambda: ready.current_task is None, 10)
+
+
+def test_diagnostics_are_copied_to_the_clipboard(ready):
+    from qgis.PyQt.QtWidgets import QApplication
+
+    text = ready.copy_diagnostics()
+    assert QApplication.clipboard().text() == text
+    for expected in ("plugin: 0.1.0", "QGIS: 3.", "Python 3.", "backend version: 0.0-fake", "device: cpu",
+                     "CPUExecutionProvider", "tiny-aligned-s2 (s2, untrained)", "--- last 40 lines"):
+        assert expected in text, expected
