@@ -124,14 +124,14 @@ class IndexView:
         return next(i for i, s in enumerate(self.scenes) if s.key == record.key)
 
 
-_views: OrderedDict[tuple[str, str], IndexView] = OrderedDict()
+_views: OrderedDict[tuple[str, str, str], IndexView] = OrderedDict()
 _views_lock = threading.Lock()
 
 
 def load_view(store: IndexStore) -> IndexView:
     """The loaded index, from the in-process cache while the index has not changed."""
     state = store.state()
-    key = (str(store.root), state)
+    key = (str(store.root), state, vectors.choose_method(store.total_tiles()))
     with _views_lock:
         if key in _views:
             _views.move_to_end(key)
