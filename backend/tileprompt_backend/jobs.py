@@ -35,7 +35,7 @@ MAX_FINISHED_JOBS = 500
 #: Loaded models kept in memory by the worker (least recently used go first).
 MAX_CACHED_MODELS = 2
 #: A request whose grid would exceed this many tiles is refused before any work (a typo such as tile_px=1).
-MAX_GRID_TILES = 2_000_000
+MAX_GRID_TILES = 1_000_000
 #: Up to this many rasters of an index request are opened (headers only) on submit; beyond, only found.
 MAX_RASTERS_OPENED = 32
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -120,35 +120,37 @@ def _check_crs(value: str | None, what: str) -> None:
         raise ValueError(f"{what}: unknown CRS {value!r} ({e})") from None
 
 
-def _check_query_geometry(value: str, n: int) -> None:
-    """A query geometry must parse as WKT or GeoJSON and not be empty (any geometry type: a point is a query)."""
-    import json
+def _check_search_scene(request: SearchRequest, index: Path) -> None:
+    """The index opens; the query scene is known; query geometries lie on it and tile ids on its grid."""
+    from .index import IndexStore
+    from .tiling import make_grid
 
-    import shapely
-    import shapely.errors
-    from shapely.geometry import shape
-
-    what = f"like[{n}]"
-    text = value.strip()
-    if not text:
-        raise ValueError(f"{what} is empty: give a WKT or GeoJSON geometry")
-    try:
-        if text.startswith("{"):
-            obj = json.loads(text)
-            if isinstance(obj, dict) and obj.get("type") == "Feature":
-                obj = obj.get("geometry")
-            if isinstance(obj, dict) and obj.get("type") == "FeatureCollection":
-                geoms = [shape(f["geometry"]) for f in obj.get("features", []) if f.get("geometry")]
-                geom = shapely.union_all(geoms) if geoms else None
-            else:
-                geom = shape(obj)
-        else:
-            geom = shapely.from_wkt(text)
-    except (ValueError, TypeError, KeyError, AttributeError, shapely.errors.GEOSException) as e:
-        kind = "GeoJSON" if text.startswith("{") else "WKT"
-        raise ValueError(f"{what} is not valid {kind}: {e}") from None
-    if geom is None or geom.is_empty:
-        raise ValueError(f"{what} is an empty geometry")
+    store = IndexStore.open(index)
+    needs_scene = request.like is not None or request.tile_ids is not None or request.heatmap is not None
+    if request.scene is None and not needs_scene:
+        return
+    scenes = store.scenes()
+    if not scenes:
+        raise ValueError(f"index {index} holds no complete scenes (was its indexing cancelled?)")
+    if request.scene is not None:
+        scene = store.find_scene(request.scene)
+    elif len(scenes) == 1:
+        scene = scenes[0]
+    else:
+        raise ValueError(f"index {index} holds {len(scenes)} scenes: name the scene the query geometries, tile ids "
+                         "or heat map refer to (scene)")
+    info = scene.grid_info()
+    for n, geom in enumerate(request.like or []):
+        try:  # one scene-sized tile: the engine's parsing, reprojection and overlap checks, at no cost
+            make_grid(info, max(info.width, info.height), aoi=geom, aoi_crs=request.like_crs)
+        except ValueError as e:
+            text = str(e).replace("area of interest", "geometry").replace("the raster", f"scene {scene.name}")
+            raise ValueError(f"like[{n}]: {text}") from None
+    n_tiles = scene.n_rows * scene.n_cols
+    off = [t for t in request.tile_ids or [] if not 0 <= t < n_tiles]
+    if off:
+        raise ValueError(f"tile id(s) {', '.join(map(str, off[:10]))} are not on the grid of scene {scene.name} "
+                         f"(ids 0..{n_tiles - 1}, {scene.n_rows} rows x {scene.n_cols} columns)")
 
 
 def check_request(request: Request) -> Request:
@@ -182,6 +184,11 @@ def _check_request(request: Request) -> Request:
         info = _check_raster(request)
         _check_grid(info, request.tile_px or card.input.tile_px, request.stride, request.aoi, request.aoi_crs)
         updates = {"raster": str(_absolute(request.raster, "raster")), "out": str(out), "model": model}
+        if request.index is not None:
+            index = _absolute(request.index, "index")
+            if index.exists() and not index.is_dir():
+                raise ValueError(f"index must be a folder, got a file: {index}")
+            updates["index"] = str(index)
     elif isinstance(request, IndexRequest):
         model = _model_arg(request.model)
         card = resolve_card(model or DEFAULT_MODEL)
@@ -204,23 +211,17 @@ def _check_request(request: Request) -> Request:
             updates["index"] = str(index)
     elif isinstance(request, SearchRequest):
         index = _existing(request.index, "index")
-        if not index.is_dir():
-            raise ValueError(f"index must be a folder (as written by an index job), got a file: {index}")
+        given = [n for n, v in (("like", request.like), ("tile_ids", request.tile_ids), ("text", request.text))
+                 if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one query: geometries (like), tile ids (tile_ids) or text"
+                             + (f" (got {' and '.join(given)})" if given else ""))
         if request.text is not None and not request.text.strip():
             raise ValueError("text is empty: give a description to search for, e.g. \"river with sand banks\"")
-        if request.like is not None and request.tile_ids is not None:
-            raise ValueError("give the query as geometries (like) or as tile ids (tile_ids), not both")
         if request.like is not None and not request.like:
             raise ValueError("like is an empty list: give at least one WKT or GeoJSON geometry")
-        if request.tile_ids is not None:
-            if not request.tile_ids:
-                raise ValueError("tile_ids is an empty list: give at least one tile id")
-            if any(i < 0 for i in request.tile_ids):
-                raise ValueError(f"tile ids are non-negative, got {min(request.tile_ids)}")
-        if request.like is None and request.tile_ids is None and request.text is None:
-            raise ValueError("nothing to search for: give like (geometries), tile_ids or text")
-        for n, g in enumerate(request.like or []):
-            _check_query_geometry(g, n)
+        if request.tile_ids is not None and not request.tile_ids:
+            raise ValueError("tile_ids is an empty list: give at least one tile id")
         _check_crs(request.like_crs, "like_crs")
         out = _absolute(request.out, "out")
         check_output_path(out)
@@ -228,9 +229,10 @@ def _check_request(request: Request) -> Request:
         if request.heatmap is not None:
             heatmap = _absolute(request.heatmap, "heatmap")
             check_output_path(heatmap, (".tif", ".tiff"))
+            if heatmap == out:
+                raise ValueError("the heat map and the GeoPackage need different paths")
             updates["heatmap"] = str(heatmap)
-        if request.scene is not None:
-            updates["scene"] = str(_existing(request.scene, "scene"))
+        _check_search_scene(request, index)
     else:  # pragma: no cover - the schema's discriminator admits only the three kinds
         raise ValueError(f"unknown job kind {getattr(request, 'kind', None)!r}")
     return request.model_copy(update=updates)
@@ -600,7 +602,8 @@ def run_classify(req: ClassifyRequest, ctx: JobContext):
     return classify(req.raster, req.prompts, req.out, model=req.model, templates=req.templates, tile_px=req.tile_px,
                     stride=req.stride, aoi=req.aoi, aoi_crs=req.aoi_crs, multi_label=req.multi_label,
                     threshold=req.threshold, band_map=req.band_map, level=req.level, batch_size=req.batch_size,
-                    runner=req.runner, device=ctx.device, progress=ctx.progress, cancel=ctx.cancel)
+                    runner=req.runner, device=ctx.device, progress=ctx.progress, cancel=ctx.cancel,
+                    index=req.index, use_index=req.use_index)
 
 
 def _raster_arg(r: RasterInput):
@@ -623,7 +626,7 @@ def run_search(req: SearchRequest, ctx: JobContext):
 
     return search(req.index, like=req.like, like_crs=req.like_crs, tile_ids=req.tile_ids, scene=req.scene,
                   text=req.text, fuse=req.fuse, k=req.k, out=req.out, heatmap=req.heatmap, progress=ctx.progress,
-                  cancel=ctx.cancel)
+                  cancel=ctx.cancel, device=ctx.device)
 
 
 HANDLERS: dict[str, Handler] = {"classify": run_classify, "index": run_index, "search": run_search}

@@ -42,6 +42,10 @@ class ClassifyRequest(RasterInput, TileParams):
     multi_label: bool = False
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     out: str = Field(..., min_length=1, description="output GeoPackage path")
+    index: str | None = Field(None, description="embedding index to reuse and fill (default: the cache's, "
+                                                "per model + tile + stride)")
+    use_index: bool = Field(True, description="reuse embeddings of an indexed raster (only the prompts are "
+                                              "encoded) and store a full grid's embeddings for the next run")
 
 
 class IndexRequest(TileParams):

@@ -142,8 +142,13 @@ def _location(loc: tuple[Any, ...]) -> str:
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     lines = []
     for err in exc.errors():
-        msg = err.get("msg", "invalid")
-        lines.append(f"{_location(tuple(err.get('loc', ())))}: {msg}")
+        kind, ctx = err.get("type"), err.get("ctx") or {}
+        if kind == "json_invalid":
+            lines.append(f"the body is not valid JSON: {ctx.get('error', 'decode error')}")
+        elif kind == "union_tag_not_found":
+            lines.append('body: "kind" is missing (one of: classify, index, search)')
+        else:
+            lines.append(f"{_location(tuple(err.get('loc', ())))}: {err.get('msg', 'invalid')}")
     detail = "; ".join(dict.fromkeys(lines)) or "invalid request"
     log.info("422 %s %s: %s", request.method, request.url.path, detail[:500])
     return JSONResponse({"detail": detail}, status_code=422)

