@@ -184,9 +184,12 @@ def write_raster(path, bands=13, width=128, height=96, descriptions=None, origin
     srs = osr.SpatialReference()
     srs.SetFromUserInput(crs)
     ds.SetProjection(srs.ExportToWkt())
+    import numpy as np  # tests only: never in plugin/
+
+    ramp = (np.add.outer(np.arange(height), np.arange(width)) % 200).astype("float64")
     for b in range(1, bands + 1):
         band = ds.GetRasterBand(b)
-        band.Fill(100 * b + 1)
+        band.WriteArray(ramp + 100 * b)
         if descriptions:
             band.SetDescription(descriptions[b - 1])
     ds = None

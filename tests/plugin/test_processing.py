@@ -1,0 +1,161 @@
+"""The ``tileprompt`` Processing provider: algorithms, parameters, outputs, cancel, errors (fake backend)."""
+
+import threading
+
+import pytest
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsFeature, QgsGeometry, QgsGraduatedSymbolRenderer,
+                       QgsProcessingException, QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsRectangle,
+                       QgsSingleBandPseudoColorRenderer, QgsVectorLayer)
+
+from conftest import connect
+
+
+@pytest.fixture()
+def processing(qgis_processing, plugin):
+    import processing as qgis_processing_module
+
+    return qgis_processing_module
+
+
+@pytest.fixture()
+def scene(sample_files):
+    layer = QgsRasterLayer(str(sample_files["s2"]), "S2 scene")
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def query_layer():
+    layer = QgsVectorLayer("Polygon?crs=EPSG:32633", "query", "memory")
+    f = QgsFeature()
+    f.setGeometry(QgsGeometry.fromRect(QgsRectangle(330000, 5821700, 330320, 5822040)))
+    layer.dataProvider().addFeatures([f])
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def test_provider_and_algorithms(plugin):
+    from qgis.core import QgsApplication
+
+    from tileprompt_plugin.plugin import compat
+
+    provider = QgsApplication.processingRegistry().providerById("tileprompt")
+    assert provider.name() == "TilePrompt" and not provider.icon().isNull()
+    assert provider.supportedOutputVectorLayerExtensions() == ["gpkg"]
+    for algorithm in provider.algorithms():
+        assert algorithm.flags() & compat.ALG_FLAG_SUPPORTS_BATCH and algorithm.flags() & compat.ALG_FLAG_CAN_CANCEL
+        assert algorithm.shortHelpString() and algorithm.displayName()
+        names = {p.name() for p in algorithm.parameterDefinitions()}
+        assert {"INPUT", "MODEL", "TILE", "OVERLAP", "BAND_MAP", "LEVEL", "USE_PRODUCT", "RESOLUTION"} <= names
+    classify = provider.algorithm("classify")
+    assert {"PROMPTS", "EXTENT", "AOI", "MULTI_LABEL", "THRESHOLD", "TEMPLATES", "OUTPUT"} <= \
+        {p.name() for p in classify.parameterDefinitions()}
+    assert {o.name() for o in classify.outputDefinitions()} >= {"OUTPUT", "TILES", "CLASS_COUNTS"}
+
+
+def test_classify_through_processing_run(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    connect(plugin, fake_backend, isolated)
+    out = str(tmp_path / "classes.gpkg")
+    result = processing.run("tileprompt:classify", {
+        "INPUT": scene, "PROMPTS": "forest\nwater\nfarmland", "MODEL": "tiny-aligned-s2", "TILE": 64, "OVERLAP": 0,
+        "MULTI_LABEL": True, "THRESHOLD": 0.4, "OUTPUT": out})
+    assert result["OUTPUT"] == f"{out}|layername=tiles"
+    assert result["TILES"] == 12 and '"forest": 4' in result["CLASS_COUNTS"]
+    request = fake_backend.requests[-1]
+    assert request["raster"] == scene.source() and request["band_map"][0] == "B01"
+    assert (request["tile_px"], request["multi_label"], request["threshold"]) == (64, True, 0.4)
+    assert QgsVectorLayer(result["OUTPUT"], "x", "ogr").featureCount() == 12
+
+
+def test_run_and_load_results_styles_the_layer(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    connect(plugin, fake_backend, isolated)
+    result = processing.runAndLoadResults("tileprompt:classify", {
+        "INPUT": scene, "PROMPTS": "forest\nwater\nfarmland", "OUTPUT": str(tmp_path / "c.gpkg")})
+    assert result["TILES"] == 12
+    layer = next(lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.source().endswith("layername=tiles"))
+    assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer)
+    assert [c.value() for c in layer.renderer().categories()] == ["forest", "water", "farmland"]
+
+
+def test_processing_finds_a_backend_started_elsewhere(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    fake_backend.write_state_file(isolated / "home" / "server.json")  # the default state file; the dock never attached
+    assert plugin.session.connection is None
+    result = processing.run("tileprompt:classify", {"INPUT": scene, "PROMPTS": "a\nb", "AOI": query_layer(),
+                                                    "OUTPUT": str(tmp_path / "c.gpkg")})
+    assert result["TILES"] == 12
+    request = fake_backend.requests[-1]
+    assert request["aoi_crs"] == "EPSG:32633" and QgsGeometry.fromWkt(request["aoi"]).area() > 0
+
+
+def test_find_similar_and_text_search(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    connect(plugin, fake_backend, isolated)
+    result = processing.runAndLoadResults("tileprompt:findsimilar", {
+        "INPUT": scene, "QUERY": query_layer(), "K": 5, "FUSE": 1, "OUTPUT": str(tmp_path / "s.gpkg"),
+        "HEATMAP": str(tmp_path / "heat.tif")})
+    index, search = fake_backend.requests[-2:]
+    assert index["kind"] == "index" and search["fuse"] == "max" and search["k"] == 5
+    assert search["heatmap"] == str(tmp_path / "heat.tif")
+    layers = list(QgsProject.instance().mapLayers().values())
+    similar = next(l for l in layers if l.source().endswith("layername=similar"))
+    heat = next(l for l in layers if l.source() == str(tmp_path / "heat.tif"))
+    assert isinstance(similar.renderer(), QgsGraduatedSymbolRenderer)
+    assert isinstance(heat.renderer(), QgsSingleBandPseudoColorRenderer)
+    assert result["HEATMAP"] == str(tmp_path / "heat.tif")
+
+    result = processing.run("tileprompt:textsearch", {"INPUT": scene, "TEXT": "a harbour", "K": 3,
+                                                      "OUTPUT": str(tmp_path / "t.gpkg")})
+    assert fake_backend.requests[-1]["text"] == "a harbour" and "heatmap" not in fake_backend.requests[-1]
+    assert QgsVectorLayer(result["OUTPUT"], "t", "ogr").featureCount() == 5  # what the fake returns
+
+
+def test_build_index(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    connect(plugin, fake_backend, isolated)
+    result = processing.run("tileprompt:buildindex", {"INPUT": scene, "TILE": 32, "OVERLAP": 8})
+    request = fake_backend.requests[-1]
+    assert request["kind"] == "index" and (request["tile_px"], request["stride"]) == (32, 24)
+    assert result["INDEX"] and "index" not in request
+    result = processing.run("tileprompt:buildindex", {"INPUT": scene, "INDEX": str(tmp_path / "idx")})
+    assert fake_backend.requests[-1]["index"] == str(tmp_path / "idx") == result["INDEX"]
+
+
+class Errors(QgsProcessingFeedback):
+    """processing.run raises a generic 'There were errors'; the algorithm's message goes to the feedback."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors = []
+
+    def reportError(self, error, fatalError=False):  # noqa: N802, N803
+        self.errors.append(error)
+
+
+def run_failing(processing, parameters, algorithm="tileprompt:classify"):
+    feedback = Errors()
+    with pytest.raises(QgsProcessingException) as info:
+        processing.run(algorithm, parameters, feedback=feedback)
+    return " ".join(feedback.errors + [str(info.value)])
+
+
+def test_backend_down_is_a_clear_processing_error(processing, plugin, isolated, scene, tmp_path):
+    errors = run_failing(processing, {"INPUT": scene, "PROMPTS": "a\nb", "OUTPUT": str(tmp_path / "c.gpkg")})
+    assert "No running backend" in errors and "Start the backend from the TilePrompt dock" in errors
+
+
+def test_bad_parameters_are_processing_errors(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    connect(plugin, fake_backend, isolated)
+    out = str(tmp_path / "c.gpkg")
+    assert "appears twice" in run_failing(processing, {"INPUT": scene, "PROMPTS": "a\na", "OUTPUT": out})
+    assert "unknown band" in run_failing(processing, {"INPUT": scene, "PROMPTS": "a\nb", "BAND_MAP": "B04,NIR",
+                                                      "OUTPUT": out})
+    fake_backend.fail_with = "out of memory"
+    assert "out of memory" in run_failing(processing, {"INPUT": scene, "PROMPTS": "a\nb", "OUTPUT": out})
+
+
+def test_cancel_from_the_feedback_cancels_the_job(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    connect(plugin, fake_backend, isolated)
+    fake_backend.hang = True
+    feedback = QgsProcessingFeedback()
+    threading.Timer(0.3, feedback.cancel).start()
+    result = processing.run("tileprompt:classify", {"INPUT": scene, "PROMPTS": "a\nb",
+                                                    "OUTPUT": str(tmp_path / "c.gpkg")}, feedback=feedback)
+    assert result.get("TILES") is None
+    assert [j["state"] for j in fake_backend.jobs.values()] == ["cancelled"]
