@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from qgis.core import (
+    Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsGeometry,
-    QgsMapLayerProxyModel,
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
@@ -810,7 +810,7 @@ class TilePromptDock(QgsDockWidget):
 
     def show_error(self, text: str) -> None:
         self.status_label.setText(text)
-        self.iface.messageBar().pushMessage(tr("TilePrompt"), text, level=compat.Qgis.MessageLevel.Warning,
+        self.iface.messageBar().pushMessage(tr("TilePrompt"), text, level=Qgis.MessageLevel.Warning,
                                             duration=8)
 
     # ----------------------------------------------------------------------------------------- project state
