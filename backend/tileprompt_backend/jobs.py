@@ -39,6 +39,9 @@ MAX_GRID_TILES = 1_000_000
 #: Up to this many rasters of an index request are opened (headers only) on submit; beyond, only found.
 MAX_RASTERS_OPENED = 32
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+#: The modules that load models for jobs; the worker's model cache stands in for their loaders.
+ENGINE_MODULES = ("tileprompt_backend.engine.classify", "tileprompt_backend.index.build",
+                  "tileprompt_backend.index.query")
 
 
 class ShuttingDown(RuntimeError):
@@ -304,8 +307,15 @@ class ModelCache:
     @contextmanager
     def installed(self) -> Iterator[None]:
         """Point every loaded engine/index module's ``load_model`` / ``make_runner`` at this cache, then restore."""
+        import importlib
+
         from . import models
 
+        for name in ENGINE_MODULES:  # loaded first, so that a module a job is about to import is covered too
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                log.warning("cannot import %s; its jobs will fail", name, exc_info=True)
         originals = {"load_model": models.load_model, "make_runner": models.make_runner}
         swapped = []
         for name, module in list(sys.modules.items()):

