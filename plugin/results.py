@@ -173,12 +173,10 @@ def add_to_group(layers: list, project: QgsProject | None = None) -> None:
 
 
 def summary_rows(counts: Counter, class_order: list[str] | None = None) -> list[tuple[str, int, float]]:
-    """(class, count, percent) in prompt order, then any other class."""
+    """(class, count, percent) for every prompt class in prompt order (0 when no tile has it), then any other."""
     total = sum(counts.values()) or 1
-    order = [c for c in (class_order or []) if c in counts] + sorted(c for c in counts if c not in (class_order or []))
-    rows = [(c, counts[c], 100.0 * counts[c] / total) for c in order]
-    rows += [(c, 0, 0.0) for c in (class_order or []) if c not in counts]
-    return rows
+    order = list(class_order or []) + sorted(c for c in counts if c not in (class_order or []))
+    return [(c, counts.get(c, 0), 100.0 * counts.get(c, 0) / total) for c in order]
 
 
 def output_stem(name: str) -> str:

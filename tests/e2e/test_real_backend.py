@@ -1,0 +1,232 @@
+"""The plugin on QGIS 3.22 with the real backend and a tiny model, on the eo-box Sentinel-2 scene.
+
+How a user points the plugin at a multi-file product: load any band file of it (here B04.jp2) - or a VRT of
+its band files, such as an RGB composite - and the plugin sends the product folder (all 13 bands).
+"""
+
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+from qgis.core import (Qgis, QgsCategorizedSymbolRenderer, QgsGraduatedSymbolRenderer, QgsPointXY, QgsProject,
+                       QgsRasterLayer, QgsSingleBandPseudoColorRenderer, QgsVectorLayer)
+from qgis.gui import QgsMapMouseEvent
+from qgis.PyQt.QtCore import QEvent, QPoint, Qt
+
+from conftest import TINY_MODEL, state_of, wait_until
+from tileprompt_plugin.plugin.parameters import AreaMode, InputKind
+from tileprompt_plugin.plugin.settings import Key
+
+PROMPTS = "forest | woodland\nwater | lake\nfarmland | fields\nurban area | town"
+EXPECTED_TILES = 288  # 1536 x 768 px at tile 64: 24 x 12
+
+
+def band_layer(eo_box, band="B04"):
+    layer = QgsRasterLayer(str(eo_box / f"T33UUU_20170216T102101_{band}.jp2"), f"eo-box {band}")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def rgb_vrt(eo_box, tmp_path):
+    from osgeo import gdal
+
+    files = [str(eo_box / f"T33UUU_20170216T102101_{b}.jp2") for b in ("B04", "B03", "B02")]
+    path = str(tmp_path / "eo-box-rgb.vrt")
+    gdal.BuildVRT(path, files, separate=True).FlushCache()
+    layer = QgsRasterLayer(path, "eo-box RGB")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def group_layers():
+    group = QgsProject.instance().layerTreeRoot().findGroup("TilePrompt")
+    return [node.layer() for node in group.findLayers()] if group else []
+
+
+def get_job(state_file, job_id):
+    state = state_of(state_file)
+    request = urllib.request.Request(f"http://{state['host']}:{state['port']}/v1/jobs/{job_id}",
+                                     headers={"Authorization": f"Bearer {state['token']}"})
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
+        return json.load(response)
+
+
+def use_tiny_model(dock, tile=64):
+    index = dock.model_combo.findData(TINY_MODEL)
+    assert index >= 0, [dock.model_combo.itemData(i) for i in range(dock.model_combo.count())]
+    dock.model_combo.setCurrentIndex(index)
+    dock.tile_spin.setValue(tile)
+
+
+def test_classify_the_eo_box_scene_from_the_dock(attached, eo_box, qgis_iface):
+    dock = attached.dock
+    assert dock.backend_state == "up" and "device cpu" in dock.backend_label.text()
+    dock.layer_combo.setLayer(band_layer(eo_box))
+    assert "product folder IMG_DATA (13 band files" in dock.input_label.text()
+    use_tiny_model(dock)
+    assert "untrained" in dock.model_label.text()
+    dock.prompt_edit.setPlainText(PROMPTS)
+
+    dock.run_button.click()
+    assert wait_until(lambda: attached.current_task is None, 120)
+
+    messages = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    assert messages == []
+    (layer,) = group_layers()
+    assert layer.featureCount() == EXPECTED_TILES
+    renderer = layer.renderer()
+    assert isinstance(renderer, QgsCategorizedSymbolRenderer) and renderer.classAttribute() == "class"
+    assert {c.value() for c in renderer.categories()} <= {"forest", "water", "farmland", "urban area"}
+    assert sum(count for _name, count in dock.summary()) == EXPECTED_TILES
+    assert [name for name, _count in dock.summary()] == ["forest", "water", "farmland", "urban area"]
+    assert layer.crs().authid() == "EPSG:32633"
+
+
+def test_classify_through_processing(attached, eo_box, qgis_processing, tmp_path):
+    import processing
+
+    layer = rgb_vrt(eo_box, tmp_path)  # an RGB composite of the product: the whole product is read
+    result = processing.runAndLoadResults("tileprompt:classify", {
+        "INPUT": layer, "PROMPTS": PROMPTS, "MODEL": TINY_MODEL, "TILE": 64, "OUTPUT": str(tmp_path / "c.gpkg")})
+    assert result["TILES"] == EXPECTED_TILES
+    assert sum(json.loads(result["CLASS_COUNTS"]).values()) == EXPECTED_TILES
+    loaded = [lyr for lyr in QgsProject.instance().mapLayers().values()
+              if lyr.source() == f"{tmp_path / 'c.gpkg'}|layername=tiles"]
+    assert len(loaded) == 1 and isinstance(loaded[0].renderer(), QgsCategorizedSymbolRenderer)
+
+    # plain processing.run, an area of interest, and multi-label
+    result = processing.run("tileprompt:classify", {
+        "INPUT": layer, "PROMPTS": PROMPTS, "MODEL": TINY_MODEL, "TILE": 64, "MULTI_LABEL": True,
+        "EXTENT": "330000,337680,5814360,5822040 [EPSG:32633]", "OUTPUT": str(tmp_path / "aoi.gpkg")})
+    tiles = QgsVectorLayer(result["OUTPUT"], "aoi", "ogr")
+    assert tiles.featureCount() == result["TILES"] == 12 * 12  # the western half
+    assert "labels" in tiles.fields().names()
+
+
+def test_similar_tiles_from_a_drawn_rectangle(attached, eo_box, qgis_iface):
+    dock = attached.dock
+    layer = band_layer(eo_box)
+    dock.layer_combo.setLayer(layer)
+    use_tiny_model(dock)
+    dock.k_spin.setValue(7)
+    canvas = qgis_iface.mapCanvas()
+    canvas.resize(600, 600)
+    canvas.setDestinationCrs(layer.crs())
+    canvas.setExtent(layer.extent())
+    canvas.refresh()
+
+    dock.draw_rect_button.click()
+    tool = attached.rectangle_tool
+    assert canvas.mapTool() is tool
+    to_pixels = canvas.getCoordinateTransform()  # drag over a 1 km x 1 km square of the scene
+    top_left = to_pixels.transform(QgsPointXY(331000, 5821000))
+    bottom_right = to_pixels.transform(QgsPointXY(332000, 5820000))
+    (x0, y0), (x1, y1) = (round(top_left.x()), round(top_left.y())), (round(bottom_right.x()), round(bottom_right.y()))
+    for kind, x, y in ((QEvent.Type.MouseButtonPress, x0, y0), (QEvent.Type.MouseMove, x1, y1),
+                       (QEvent.Type.MouseButtonRelease, x1, y1)):
+        event = QgsMapMouseEvent(canvas, kind, QPoint(x, y), Qt.MouseButton.LeftButton, Qt.MouseButton.LeftButton,
+                                 Qt.KeyboardModifier.NoModifier)
+        {QEvent.Type.MouseButtonPress: tool.canvasPressEvent, QEvent.Type.MouseMove: tool.canvasMoveEvent,
+         QEvent.Type.MouseButtonRelease: tool.canvasReleaseEvent}[kind](event)
+    assert attached.current_task is not None  # drawing started the search
+    assert wait_until(lambda: attached.current_task is None, 120)
+
+    assert qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical) == []
+    similar, heat = group_layers()
+    assert similar.featureCount() == 7
+    assert sorted(f["rank"] for f in similar.getFeatures()) == list(range(1, 8))
+    assert isinstance(similar.renderer(), QgsGraduatedSymbolRenderer)
+    assert isinstance(heat, QgsRasterLayer) and isinstance(heat.renderer(), QgsSingleBandPseudoColorRenderer)
+    assert heat.extent().intersects(layer.extent())
+    assert dock.results_table.rowCount() == 7
+    assert dock.zoom_to_result(0) and canvas.extent().width() < layer.extent().width()
+
+    # then a text search on the same (now indexed) scene
+    dock.heatmap_check.setChecked(False)
+    dock.text_edit.setText("a lake")
+    dock.text_button.click()
+    assert wait_until(lambda: attached.current_task is None, 60)
+    text_layer = group_layers()[0]
+    assert "a lake" in text_layer.name() and text_layer.featureCount() == 7
+
+
+def test_cancel_stops_the_backend_job(attached, eo_box, real_backend, qgis_iface):
+    dock = attached.dock
+    dock.layer_combo.setLayer(band_layer(eo_box))
+    use_tiny_model(dock, tile=8)  # 18432 tiles: long enough to cancel in the middle
+    dock.prompt_edit.setPlainText(PROMPTS)
+    dock.run_button.click()
+    task = attached.current_task
+    assert wait_until(lambda: "tiles" in dock.status_label.text() and dock.progress.value() > 0, 60), \
+        dock.status_label.text()
+    start = time.monotonic()
+    dock.cancel_button.click()
+    assert wait_until(lambda: attached.current_task is None, 30)
+    assert time.monotonic() - start < 20
+    outcome = task.outcome
+    assert type(outcome).__name__ == "JobCancelled" and outcome.status["state"] == "cancelled"
+    assert get_job(real_backend, outcome.status["id"])["state"] == "cancelled"
+    assert group_layers() == []
+    assert dock.status_label.text() == "Cancelled."
+
+
+def test_start_stop_and_backend_down(plugin, eo_box, backend_home, qgis_iface, isolated):
+    """Start the bundled backend from the dock, lose it, get a clear message without a freeze, stop."""
+    home, env = backend_home
+    from conftest import backend_executable
+
+    plugin.settings.set(Key.BACKEND_VENV, str(backend_executable().parent.parent))
+    plugin.dock.start_button.click()
+    assert plugin.dock.backend_state == "starting"
+    assert wait_until(lambda: plugin.dock.backend_state == "up", 120), plugin.dock.backend_label.text()
+    assert "backend 0." in plugin.dock.backend_label.text() and plugin.launcher.running
+    diagnostics = plugin.copy_diagnostics()
+    assert "device: cpu" in diagnostics and "started by this QGIS" in diagnostics
+
+    os.kill(plugin.launcher.process.pid, signal.SIGKILL)  # the backend dies
+    plugin.launcher.process.wait(10)
+    layer = band_layer(eo_box)
+    plugin.dock.layer_combo.setLayer(layer)
+    plugin.dock.prompt_edit.setPlainText(PROMPTS)
+    start = time.monotonic()
+    plugin.dock.run_button.click()
+    assert time.monotonic() - start < 2  # the UI thread never waits on the network
+    assert wait_until(lambda: plugin.current_task is None, 30)
+    critical = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    assert any("does not answer" in m for m in critical), critical
+    plugin.session.refresh_health()
+    assert wait_until(lambda: plugin.dock.backend_state == "error", 30)
+
+    plugin.stop_backend()
+    assert plugin.dock.backend_state == "down" and not plugin.launcher.running
+
+
+def test_requests_match_the_openapi_schema(attached, eo_box, real_backend, tmp_path):
+    """The plugin's requests only use fields of the backend's published schema."""
+    state = state_of(real_backend)
+    request = urllib.request.Request(f"http://{state['host']}:{state['port']}/v1/openapi.json",
+                                     headers={"Authorization": f"Bearer {state['token']}"})
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
+        schemas = json.load(response)["components"]["schemas"]
+    dock = attached.dock
+    dock.layer_combo.setLayer(band_layer(eo_box))
+    use_tiny_model(dock)
+    dock.prompt_edit.setPlainText(PROMPTS)
+    dock.overlap_spin.setValue(16)
+    dock.set_area_mode(AreaMode.MAP_EXTENT)
+    dock.label_mode_combo.setCurrentIndex(1)
+    params = dock.classify_parameters()
+    assert params.raster.kind is InputKind.PRODUCT_FOLDER
+    classify = params.classify_request(str(tmp_path / "x.gpkg"), 32)
+    assert set(classify) <= set(schemas["ClassifyRequest"]["properties"])
+    from tileprompt_plugin.plugin.parameters import Query, SearchParameters
+    search = SearchParameters(raster=params.raster, query=Query(("POLYGON ((0 0, 1 0, 1 1, 0 0))",), "EPSG:32633"))
+    assert set(search.index_request(None, 32)) <= set(schemas["IndexRequest"]["properties"])
+    assert set(search.search_request("/i", "/o.gpkg", "/h.tif")) <= set(schemas["SearchRequest"]["properties"])
+    assert {"id", "state", "done", "total", "result", "error"} <= set(schemas["JobStatus"]["properties"])
+    assert {"id", "modality", "bands", "gsd_m", "tile_px", "trained"} <= set(schemas["ModelInfo"]["properties"])
