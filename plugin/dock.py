@@ -98,6 +98,14 @@ def model_summary(model: dict) -> str:
     return text
 
 
+def editor_text(text: str) -> str:
+    """A prompt set file without its header comments (title and description), as the editor shows it."""
+    lines = text.splitlines()
+    while lines and (lines[0].lstrip().startswith("#") or not lines[0].strip()):
+        lines.pop(0)
+    return "\n".join(lines)
+
+
 def geometry_wkt(geometry: QgsGeometry) -> str:
     return geometry.asWkt(9)
 
@@ -233,8 +241,10 @@ class TilePromptDock(QgsDockWidget):
         self.band_table.setHorizontalHeaderLabels([tr("Band"), tr("Holds (B01..B12, B8A, or R/G/B)")])
         self.band_table.verticalHeader().setVisible(False)
         self.band_table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
-        self.band_table.setMaximumHeight(150)
-        form.addRow(tr("Bands"), self.band_table)
+        self.band_table.setMaximumHeight(96)
+        self.band_table.verticalHeader().setDefaultSectionSize(22)
+        self.band_label = QLabel(tr("Bands"), box)
+        form.addRow(self.band_label, self.band_table)
         self.level_combo = QComboBox(box)
         self.level_combo.addItem(tr("detect"), None)
         self.level_combo.addItem("L1C", "L1C")
@@ -263,7 +273,8 @@ class TilePromptDock(QgsDockWidget):
         self.prompt_edit = QPlainTextEdit(tab)
         self.prompt_edit.setPlaceholderText(tr("one class per line, synonyms after |\nforest | woodland\nwater\n"
                                                "farmland | fields"))
-        self.prompt_edit.setMinimumHeight(110)
+        self.prompt_edit.setMinimumHeight(90)
+        self.prompt_edit.setMaximumHeight(140)
         form.addRow(tr("Classes"), self.prompt_edit)
         self.template_combo = QComboBox(tab)
         self.template_combo.addItem(tr("model default"), None)
@@ -281,16 +292,19 @@ class TilePromptDock(QgsDockWidget):
         self.draw_area_button.setText(tr("Draw"))
         self.draw_area_button.setToolTip(tr("Drag a rectangle on the map"))
         self.draw_area_button.clicked.connect(lambda: self.drawRequested.emit("area", "rectangle"))
-        area_row.addWidget(self.area_combo, 1)
-        area_row.addWidget(self.draw_area_button)
-        form.addRow(tr("Area"), area_row)
         self.area_layer_combo = QgsMapLayerComboBox(tab)
         self.area_layer_combo.setFilters(compat.POLYGON_LAYER_FILTER)
         self.area_layer_combo.setAllowEmptyLayer(True)
-        form.addRow(tr("Polygons"), self.area_layer_combo)
+        self.area_layer_combo.setToolTip(tr("The polygon layer whose selected features are the area"))
+        area_row.addWidget(self.area_combo, 1)
+        area_row.addWidget(self.draw_area_button)
+        area_row.addWidget(self.area_layer_combo, 1)
+        area_box = QVBoxLayout()
+        area_box.addLayout(area_row)
         self.area_label = QLabel(tab)
         self.area_label.setWordWrap(True)
-        form.addRow("", self.area_label)
+        area_box.addWidget(self.area_label)
+        form.addRow(tr("Area"), area_box)
 
         tiles_row = QHBoxLayout()
         self.tile_spin = QSpinBox(tab)
@@ -430,10 +444,9 @@ class TilePromptDock(QgsDockWidget):
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
         for model in models:
-            title = model.get("title") or model["id"]
-            self.model_combo.addItem(f"{model['id']} — {title}", model["id"])
-            self.model_combo.setItemData(self.model_combo.count() - 1, model.get("description", ""),
-                                         Qt.ItemDataRole.ToolTipRole)
+            self.model_combo.addItem(model["id"], model["id"])
+            tip = "\n".join(t for t in (model.get("title"), model.get("description")) if t)
+            self.model_combo.setItemData(self.model_combo.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
         index = self.model_combo.findData(wanted) if wanted else -1
         self.model_combo.setCurrentIndex(max(index, 0) if self.model_combo.count() else -1)
         self.model_combo.blockSignals(False)
@@ -448,7 +461,10 @@ class TilePromptDock(QgsDockWidget):
 
     def _on_model_changed(self, *_args) -> None:
         info = self.current_model_info()
-        self.model_label.setText(model_summary(info) if info else tr("Start or attach a backend to list models."))
+        text = model_summary(info) if info else tr("Start or attach a backend to list models.")
+        if info.get("title"):
+            text = f"{info['title']}<br>{text}"
+        self.model_label.setText(text)
         if info:
             self.model_label.setToolTip(info.get("description", ""))
             self.settings.set(Key.DEFAULT_MODEL, info["id"])
@@ -474,9 +490,10 @@ class TilePromptDock(QgsDockWidget):
             self.input_label.setText(tr("Choose a raster layer."))
             return
         self.input_label.setText(source.describe(self._use_product()))
+        # A product folder's bands are named by its files (listed in the label): nothing to map.
+        self.band_table.setVisible(not self._use_product())
+        self.band_label.setVisible(not self._use_product())
         if self._use_product():
-            for band, path in sorted(source.product.bands.items()):
-                self._add_band_row(band, Path(path).name, editable=False)
             return
         for number, name in enumerate(source.file_bands, start=1):
             self._add_band_row(str(number), name or "", editable=True)
@@ -552,6 +569,11 @@ class TilePromptDock(QgsDockWidget):
         for key, prompt_set in self._prompt_sets.items():
             prefix = tr("Project: ") if prompt_set.is_project else ""
             self.prompt_set_combo.addItem(prefix + prompt_set.title, key)
+            header = [line.lstrip("# ").strip() for line in prompt_set.text.splitlines()
+                      if line.startswith("#") and not line.lower().startswith("# title:")]
+            if header:
+                self.prompt_set_combo.setItemData(self.prompt_set_combo.count() - 1, " ".join(header),
+                                                  Qt.ItemDataRole.ToolTipRole)
         index = self.prompt_set_combo.findData(current) if current else 0
         self.prompt_set_combo.setCurrentIndex(max(index, 0))
         self.prompt_set_combo.blockSignals(False)
@@ -561,7 +583,7 @@ class TilePromptDock(QgsDockWidget):
         key = self.prompt_set_combo.currentData()
         self.delete_set_button.setEnabled(str(key or "").startswith("project:"))
         if key and key in self._prompt_sets:
-            self.prompt_edit.setPlainText(self._prompt_sets[key].text)
+            self.prompt_edit.setPlainText(editor_text(self._prompt_sets[key].text))
 
     def choose_prompt_set(self, key: str) -> None:
         index = self.prompt_set_combo.findData(key)
@@ -607,8 +629,8 @@ class TilePromptDock(QgsDockWidget):
 
     def _on_area_mode_changed(self, *_args) -> None:
         mode = self.area_mode()
-        self.draw_area_button.setEnabled(mode is AreaMode.DRAWN)
-        self.area_layer_combo.setEnabled(mode is AreaMode.SELECTED)
+        self.draw_area_button.setVisible(mode is AreaMode.DRAWN)
+        self.area_layer_combo.setVisible(mode is AreaMode.SELECTED)
         if mode is AreaMode.DRAWN and self.drawn_area is None:
             self.area_label.setText(tr("Press Draw and drag a rectangle on the map."))
         elif mode is AreaMode.DRAWN:
@@ -617,6 +639,7 @@ class TilePromptDock(QgsDockWidget):
             self.area_label.setText(tr("The selected features of the polygon layer."))
         else:
             self.area_label.setText("")
+        self.area_label.setVisible(bool(self.area_label.text()))
 
     def set_drawn_area(self, geometry: QgsGeometry, crs: QgsCoordinateReferenceSystem) -> None:
         self.drawn_area = (geometry_wkt(geometry), compat.crs_to_string(crs))

@@ -350,12 +350,13 @@ class TilePromptPlugin:
                 return
             counts = style_categorized(layer, classes)
             add_to_group([layer])
+            self._reveal(layer)
             self.dock.progress.setValue(100)
             self.dock.show_summary(summary_rows(counts, classes), classes)
             total = sum(counts.values())
             self.dock.set_status(tr("{n} tiles classified; saved to {path}").format(n=total, path=out))
-            self._message(tr("{n} tiles classified into {k} classes.").format(n=total, k=len(counts)),
-                          Qgis.MessageLevel.Success, 5)
+            top = ", ".join(f"{name} {count}" for name, count in counts.most_common(3))
+            self._message(tr("{n} tiles classified ({top}).").format(n=total, top=top), Qgis.MessageLevel.Success, 5)
         else:
             self._report_unsuccessful(outcome)
 
@@ -409,10 +410,21 @@ class TilePromptPlugin:
             self._message(str(exc), Qgis.MessageLevel.Critical)
             return
         add_to_group(layers)
+        self._reveal(layer)
         self.dock.progress.setValue(100)
         self.dock.show_search_results(layer)
         self.dock.set_status(tr("{n} tiles found.").format(n=layer.featureCount()))
         self._message(tr("{n} tiles found.").format(n=layer.featureCount()), Qgis.MessageLevel.Success, 4)
+
+    def _reveal(self, layer):
+        """Select the new layer in the Layers panel (which also expands the TilePrompt group)."""
+        view = self.iface.layerTreeView()
+        if hasattr(view, "setCurrentLayer") and hasattr(view, "scrollTo"):
+            try:
+                view.setCurrentLayer(layer)
+                view.scrollTo(view.currentIndex())
+            except (TypeError, RuntimeError):
+                pass
 
     def cancel(self):
         if self.current_task is not None:

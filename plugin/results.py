@@ -160,6 +160,7 @@ def result_group(project: QgsProject | None = None):
     group = root.findGroup(GROUP_NAME)
     if group is None:
         group = root.insertGroup(0, GROUP_NAME)
+    group.setExpanded(True)
     return group
 
 

@@ -28,7 +28,7 @@ EXPECTED = {
     "experimental": "True",
     "deprecated": "False",
     "license": "GPL-2.0-or-later",
-    "hasProcessingProvider": "no",
+    "hasProcessingProvider": "yes",
     "server": "False",
 }
 
