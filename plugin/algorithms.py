@@ -187,7 +187,6 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         if isinstance(outcome, JobCancelled):
             feedback.reportError(tr("Cancelled; the backend job was cancelled too."), False)
             return {}
-        assert isinstance(outcome, JobSucceeded)
         self.statuses = outcome.statuses
         self._succeeded = True
         return self.finish(outcome, context, feedback)

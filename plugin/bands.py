@@ -14,7 +14,8 @@ folder, so every band the model needs is read, not just the one on the map.
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET  # nosec B405: parses local VRT files the user loaded, not remote input
+# Parses local VRT files the user loaded into QGIS, not remote input.
+import xml.etree.ElementTree as ET  # nosec B405
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,8 @@ BAND_FILE_SUFFIXES = frozenset({".tif", ".tiff", ".jp2"})
 MIN_PRODUCT_BANDS = 3
 
 # A band token: B4, B04, B8A, b12 - not preceded by a letter or digit, optionally followed by an L2A "_10m".
-_TOKEN = r"(?<![A-Za-z0-9])B0?(8A|1[0-2]|[1-9])(?![A-Za-z0-9])"
-_TOKEN_RE = re.compile(_TOKEN, re.IGNORECASE)
+_BAND_PATTERN = r"(?<![A-Za-z0-9])B0?(8A|1[0-2]|[1-9])(?![A-Za-z0-9])"
+_BAND_RE = re.compile(_BAND_PATTERN, re.IGNORECASE)
 _STEM_RE = re.compile(r"^(?P<prefix>.*?)" + r"B0?(?P<band>8A|1[0-2]|[1-9])" + r"(?:_(?P<res>\d+)m)?$", re.IGNORECASE)
 _QGIS_BAND_PREFIX_RE = re.compile(r"^Band \d+\s*:?\s*")
 _RGB_WORDS = {"red": "R", "r": "R", "green": "G", "g": "G", "blue": "B", "b": "B"}
@@ -47,7 +48,7 @@ def band_from_description(text: str | None) -> str | None:
     text = _QGIS_BAND_PREFIX_RE.sub("", str(text)).strip()
     if not text:
         return None
-    match = _TOKEN_RE.search(text)
+    match = _BAND_RE.search(text)
     if match:
         return canonical(match.group(1))
     return _RGB_WORDS.get(text.lower())
@@ -137,7 +138,7 @@ def vrt_sources(vrt_path: str | Path) -> list[list[str]]:
     """Source file names of each band of a VRT (band order), resolved against the VRT's folder when relative."""
     vrt_path = Path(vrt_path)
     try:
-        root = ET.parse(vrt_path).getroot()  # nosec B314: a local file the user loaded into QGIS
+        root = ET.parse(vrt_path).getroot()  # nosec B314
     except (ET.ParseError, OSError):
         return []
     bands = []

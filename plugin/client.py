@@ -140,7 +140,8 @@ class BackendClient:
     def request(self, method: str, path: str, body: dict | None = None, what: str | None = None):
         url = self.connection.base_url + API + path
         data = json.dumps(body).encode("utf-8") if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method)  # nosec B310: http to loopback only
+        # http to the loopback backend only (the URL comes from its state file)
+        req = urllib.request.Request(url, data=data, method=method)  # nosec B310
         req.add_header("Authorization", f"Bearer {self.connection.token}")
         req.add_header("Accept", "application/json")
         if data is not None:

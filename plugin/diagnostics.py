@@ -43,7 +43,8 @@ def report(session, launcher, settings) -> str:
         f"Python {platform.python_version()} ({sys.executable})",
         f"OS: {platform.platform()}",
         "",
-        f"backend venv: {settings.backend_venv()} (tileprompt {'found' if settings.backend_executable().is_file() else 'MISSING: run scripts/setup'})",
+        f"backend venv: {settings.backend_venv()} (tileprompt "
+        f"{'found' if settings.backend_executable().is_file() else 'MISSING: run scripts/setup'})",
         f"state file: {settings.state_file()}",
         f"cache: {settings.cache_dir()}",
     ]
@@ -73,6 +74,13 @@ def report(session, launcher, settings) -> str:
         lines.append("models: " + ", ".join(
             f"{m.get('id')} ({m.get('modality')}, {'trained' if m.get('trained') else 'untrained'})"
             for m in session.models))
-    log = launcher.log_file if launcher is not None and launcher.log_file else settings.cache_dir() / "logs" / "backend.log"
+    log = launcher.log_file if launcher is not None and launcher.log_file else \
+        settings.cache_dir() / "logs" / "backend.log"
     lines += ["", f"--- last {LOG_LINES} lines of {log} ---", tail(log, LOG_LINES) or "(empty)"]
+    # The service's own rotating log sits beside its state file (<TILEPROMPT_HOME>/logs/server.log).
+    state_file = Path(connection.state_file) if connection is not None and connection.state_file else \
+        settings.state_file()
+    server_log = state_file.parent / "logs" / "server.log"
+    if server_log.is_file():
+        lines += ["", f"--- last {LOG_LINES} lines of {server_log} ---", tail(server_log, LOG_LINES)]
     return _redact("\n".join(lines))

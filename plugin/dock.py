@@ -8,8 +8,6 @@ buttons. Building parameters raises :class:`ParameterError` with a message for t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -727,11 +725,10 @@ class TilePromptDock(QgsDockWidget):
 
     # ------------------------------------------------------------------------------------------------ search
     def _search_parameters(self, query: Query) -> SearchParameters:
-        export_extent = None
-        if self.layer_source is not None and self.layer_source.needs_export and not query.is_text:
-            export_extent = None  # the layer (or, for web tiles, the map extent) - see _layer_extent
+        # A layer without a file is exported whole (web tiles: the map extent, see _layer_extent): the index
+        # covers the scene, the query selects in it.
         return SearchParameters(
-            raster=self.raster_input(export_extent), query=query, model=self.current_model(),
+            raster=self.raster_input(), query=query, model=self.current_model(),
             tile_px=self.tile_spin.value() or None, overlap_px=self.overlap_spin.value(), k=self.k_spin.value(),
             fuse=Fuse(self.fuse_combo.currentData()), heatmap=self.heatmap_check.isChecked())
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess  # nosec B404: starts the user's own backend executable, never through a shell
+# Starts the user's own backend executable, with an argument list, never through a shell.
+import subprocess  # nosec B404
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ class BackendLauncher(QObject):
                                f"{' '.join(self.command(executable, port, state_file))}\n".encode())
         self._log_handle.flush()
         try:
-            self.process = subprocess.Popen(  # nosec B603: argument list, no shell
+            self.process = subprocess.Popen(  # nosec B603
                 self.command(executable, port, state_file),
                 stdin=subprocess.DEVNULL, stdout=self._log_handle, stderr=subprocess.STDOUT,
                 env=env if env is not None else backend_environment(),

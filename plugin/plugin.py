@@ -18,7 +18,7 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QApplication, QFileDialog
 
-from .client import BackendError, BackendUnavailable, Connection
+from .client import BackendUnavailable, Connection
 from .diagnostics import report
 from .dock import TilePromptDock
 from .i18n import Translator, tr
@@ -326,11 +326,9 @@ class TilePromptPlugin:
             params = replace(params, raster=raster)
             out = params.output or new_output(self.settings.cache_dir() / "results", raster.layer_name + "_tiles")
             request = params.classify_request(out, model.get("tile_px"))
-            client_ok = self.session.client()
-        except (ValueError, BackendError) as exc:
+        except ValueError as exc:
             self._message(str(exc), Qgis.MessageLevel.Critical)
             return None
-        del client_ok
         ProjectState().set_dock_state(params.to_state())
         classes = [line.split("|")[0].strip() for line in params.prompts.splitlines() if line.strip()]
         title = tr("TilePrompt: classify {layer}").format(layer=raster.layer_name)
@@ -381,8 +379,7 @@ class TilePromptPlugin:
             out = new_output(results, stem)
             heatmap = new_output(results, stem + "_heat", ".tif") if params.heatmap else None
             plan = plan_search(params, self.session, out, heatmap)
-            self.session.client()
-        except (ValueError, BackendError) as exc:
+        except ValueError as exc:
             self._message(str(exc), Qgis.MessageLevel.Critical)
             return None
         what = tr("text search") if params.query.is_text else tr("similar tiles")

@@ -10,7 +10,6 @@ import signal
 import time
 import urllib.request
 
-import pytest
 from qgis.core import (Qgis, QgsCategorizedSymbolRenderer, QgsGraduatedSymbolRenderer, QgsPointXY, QgsProject,
                        QgsRasterLayer, QgsSingleBandPseudoColorRenderer, QgsVectorLayer)
 from qgis.gui import QgsMapMouseEvent
@@ -187,6 +186,7 @@ def test_start_stop_and_backend_down(plugin, eo_box, backend_home, qgis_iface, i
     assert "backend 0." in plugin.dock.backend_label.text() and plugin.launcher.running
     diagnostics = plugin.copy_diagnostics()
     assert "device: cpu" in diagnostics and "started by this QGIS" in diagnostics
+    assert "logs/server.log ---" in diagnostics  # the service's own log tail too
 
     os.kill(plugin.launcher.process.pid, signal.SIGKILL)  # the backend dies
     plugin.launcher.process.wait(10)
