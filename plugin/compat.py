@@ -23,6 +23,12 @@ from qgis.core import (
 )
 
 
+try:  # Qt6 moved QAction to QtGui; PyQt5 has it in QtWidgets
+    from qgis.PyQt.QtGui import QAction  # noqa: F401
+except ImportError:
+    from qgis.PyQt.QtWidgets import QAction  # noqa: F401
+
+
 def _first(*candidates):
     """The first ``(owner, "Dotted.path")`` that resolves; AttributeError when none does."""
     for owner, path in candidates:

@@ -16,9 +16,10 @@ from dataclasses import replace
 from qgis.core import Qgis, QgsApplication, QgsProject
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction, QApplication, QFileDialog
+from qgis.PyQt.QtWidgets import QApplication, QFileDialog
 
 from .client import BackendUnavailable, Connection
+from .compat import QAction
 from .diagnostics import report
 from .dock import TilePromptDock
 from .i18n import Translator, tr
