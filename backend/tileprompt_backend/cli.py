@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     c.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
     c.add_argument("--index", help="embedding index to reuse and fill (default: the cache's, per model + tile)")
-    c.add_argument("--no-index", action="store_true", help="neither reuse nor store tile embeddings")
+    c.add_argument("--no-cache", action="store_true", help="neither reuse nor store tile and prompt embeddings")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_classify)
 
@@ -148,7 +148,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
             threshold=args.threshold, band_map=args.band_map.split(",") if args.band_map else None,
             level=args.level, batch_size=args.batch_size, runner=args.runner, device=args.device,
-            progress=progress, index=args.index, use_index=not args.no_index)
+            progress=progress, index=args.index, cache=not args.no_cache)
     finally:
         if bar is not None:
             bar.close()

@@ -54,7 +54,7 @@ def test_index_format_and_reuse(dates, s2_model, tmp_path):
     idx = tmp_path / "idx"
     first = _build([dates[0]], s2_model, idx)
     assert (first.scenes, first.tiles, first.computed, first.reused, first.skipped_nodata) == (1, 64, 64, 0, 17)
-    assert first.search_method == "faiss-flat-ip" and first.index == idx.resolve()
+    assert first.search_method == "numpy-exact" and first.index == idx.resolve()
 
     again = _build([dates[0]], s2_model, idx)
     assert (again.computed, again.reused, again.tiles) == (0, 64, 64)  # nothing computed the second time
@@ -153,14 +153,14 @@ def _features(path, layer="tiles"):
 
 def test_classify_reuses_an_index_and_skips_the_image_encoder(dates, s2_model, tmp_path, monkeypatch):
     plain = classify(dates[0], PROMPTS, tmp_path / "plain.gpkg", model=s2_model, tile_px=TILE, runner="torch",
-                     use_index=False)
+                     cache=False)
     assert not plain.run["embeddings_reused"] and plain.run["embeddings_index"] is None
     aoi = "POLYGON((74.99 30.62, 75.0 30.62, 75.0 30.63, 74.99 30.63, 74.99 30.62))"
     with open_raster(dates[0]) as src:  # an AOI inside the scene, whatever its exact position
         l, b, r, t = src.info.bounds
     aoi = shapely.box(l + 0.2 * (r - l), b + 0.3 * (t - b), l + 0.6 * (r - l), b + 0.7 * (t - b)).wkt
     plain_aoi = classify(dates[0], PROMPTS, tmp_path / "plain-aoi.gpkg", model=s2_model, tile_px=TILE,
-                         runner="torch", aoi=aoi, use_index=False)
+                         runner="torch", aoi=aoi, cache=False)
     idx = tmp_path / "idx"
     _build([dates[0]], s2_model, idx)
 
@@ -188,7 +188,10 @@ def test_classify_fills_the_default_index_and_reuses_it(dates, s2_model, tmp_pat
     monkeypatch.setattr(CLASSIFY_MODULE, "make_runner", lambda *a, **k: pytest.fail("the image encoder ran"))
     second = classify(dates[1], "water; built-up area", tmp_path / "second.gpkg", model=s2_model, tile_px=TILE)
     assert second.run["embeddings_reused"] and second.run["embeddings_index"] == first.run["embeddings_index"]
+    # the same prompts again: their sentences are cached too, so no model loads at all
+    monkeypatch.setattr(CLASSIFY_MODULE, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     third = classify(dates[1], PROMPTS, tmp_path / "third.gpkg", model=s2_model, tile_px=TILE)
+    assert third.run["text_cached"] == "30 of 30 sentences"  # 3 classes x the 10 templates of the bundled set
     assert _features(tmp_path / "third.gpkg") == _features(tmp_path / "first.gpkg")
     # the default index is an ordinary index: search reads it
     assert build_index([dates[1]], model=s2_model, tile_px=TILE).computed == 0
@@ -231,7 +234,7 @@ def test_cli_index(dates, s2_model, tmp_path, capsys):
                "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0 and "indexed 2 scene(s), 128 tiles" in out and "128 computed, 0 reused" in out
-    assert "search: faiss-flat-ip" in out
+    assert "search: numpy-exact" in out
     lst = tmp_path / "scenes.txt"
     lst.write_text(f"# my archive\n{dates[0]}\n\n{dates[1]}\n")
     rc = main(["index", "--scene-list", str(lst), "--model", s2_model, "--tile", str(TILE), "--index", str(idx),

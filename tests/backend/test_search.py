@@ -137,7 +137,7 @@ def test_like_geometry_in_another_crs_outputs_and_heatmap(eo_index, eolearn_date
     wgs84 = reproject_geometry(shapely.box(x0, y1, x1, y0), "EPSG:32633", "EPSG:4326")
     out, heat = tmp_path / "hits.gpkg", tmp_path / "sim.tif"
     r = search(eo_index, like=[wgs84.wkt], like_crs="EPSG:4326", scene=eolearn_dates[0], k=20, out=out, heatmap=heat)
-    assert r.query_tiles == [6, 7] and r.hits == 20 and r.search_method == "faiss-flat-ip"
+    assert r.query_tiles == [6, 7] and r.hits == 20 and r.search_method == "numpy-exact"
     assert r.scene == str(__import__("pathlib").Path(eolearn_dates[0]).resolve())
 
     layer_crs, schema, feats = _layer(out)
@@ -154,7 +154,7 @@ def test_like_geometry_in_another_crs_outputs_and_heatmap(eo_index, eolearn_date
                 rasterio.windows.Window(p["col_off"], p["row_off"], EO_TILE, EO_TILE), ds.transform))
         assert geom.equals_exact(expected.normalize(), 1e-6) or geom.normalize().equals_exact(expected.normalize(), 1e-6)
     run = read_run_table(out)[0]
-    assert run["kind"] == "search" and run["search_method"] == "faiss-flat-ip" and run["tile_ids"] == [6, 7]
+    assert run["kind"] == "search" and run["search_method"] == "numpy-exact" and run["tile_ids"] == [6, 7]
 
     # query vector = re-normalised mean of the query tiles' normalised embeddings; similarity = cosine to it
     view = load_view(IndexStore.open(eo_index))
@@ -295,12 +295,14 @@ def test_exact_methods_agree():
     x = _clustered(5000)
     q = _clustered(20, seed=2)
     auto = VectorIndex(x)
-    assert auto.method == "flat" and auto.description == "faiss-flat-ip"
-    s1, i1 = auto.search(q, 25)
-    s2, i2 = numpy_topk(x, q, 25)
+    assert auto.method == "numpy" and auto.description == "numpy-exact"
+    flat = VectorIndex(x, method="flat")
+    assert flat.description == "faiss-flat-ip"
+    s1, i1 = flat.search(q, 25)
+    s2, i2 = auto.search(q, 25)
     np.testing.assert_allclose(s1, s2, atol=1e-5)
     assert (i1 == i2).mean() > 0.99  # ties aside
-    assert vectors_mod.choose_method(1_000_000) == "flat" and vectors_mod.choose_method(1_000_001) == "ivf"
+    assert vectors_mod.choose_method(1_000_000) == "numpy" and vectors_mod.choose_method(1_000_001) == "ivf"
     assert vectors_mod.ivf_lists(4_000_000) == 8000
 
 
@@ -349,7 +351,7 @@ def test_cli_search_and_huge_k_is_clamped(eo_index, eolearn_dates, tmp_path, cap
     rc = main(["search", str(eo_index), "--tile-ids", "6,7", "--scene", eolearn_dates[0], "-k", "5000",
                "--fuse", "max", "--out", str(out), "--heatmap", str(heat)])
     text = capsys.readouterr().out
-    assert rc == 0 and "123 similar tiles to 2 query tile(s)" in text and "faiss-flat-ip" in text
+    assert rc == 0 and "123 similar tiles to 2 query tile(s)" in text and "numpy-exact" in text
     assert out.is_file() and heat.is_file()
     rc = main(["search", str(eo_index), "--text", "river with sand banks", "-k", "3", "--out", str(out)])
     assert rc == 0 and "3 similar tiles to the text" in capsys.readouterr().out

@@ -49,17 +49,18 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              threshold: float = 0.5, band_map: Sequence[str] | None = None, level: str | None = None,
              batch_size: int = 32, runner: str = "auto", device: str = "auto",
              progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-             index: str | Path | None = None, use_index: bool = True) -> ClassifyResult:
+             index: str | Path | None = None, cache: bool = True) -> ClassifyResult:
     """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
 
-    Embeddings come from an index when the raster (same files, band map, level) is complete in it for this
-    model, tile size and stride: ``index`` (a folder), else the default cache index of the model + tile +
-    stride. Then the image encoder never runs and only the prompts are encoded. A run that computed every tile
-    of the grid (no area of interest) stores its embeddings there for the next run. ``use_index=False`` does
-    neither. Scores are computed from float16-rounded embeddings either way (the index stores float16), so a
-    result is the same with or without the index.
+    Tile embeddings come from an index when the raster (same files, band map, level) is complete in it for
+    this model, tile size and stride: ``index`` (a folder), else the default cache index of the model + tile +
+    stride. Then the image encoder never runs (nor loads) and only the prompts are encoded. A run that
+    computed every tile of the grid (no area of interest) stores its embeddings there for the next run.
+    Prompt sentences are cached per model too (``index.textcache``): sentences seen before cost no text
+    tower. ``cache=False`` does none of this. Scores are computed from float16-rounded tile embeddings either
+    way (the index stores float16), so a result is the same with or without the index.
     """
     started, t0 = _now(), time.perf_counter()
     out = check_output_path(out)
@@ -76,12 +77,22 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         grid = make_grid(info, tile_px or card.input.tile_px, stride, aoi=aoi, aoi_crs=aoi_crs)
         if not len(grid):
             raise ValueError("no tiles to classify in the area of interest")
-        from ..index.reuse import cached_embeddings, store_embeddings  # the index package imports the engine
+        from ..index.build import required_bands  # the index package imports the engine: import here
+        from ..index.reuse import cached_embeddings, store_embeddings
+        from ..index.textcache import CachedTextEncoder
 
-        cached = cached_embeddings(card, info, band_map, level, grid, index) if use_index else None
-        loaded = load_model(card, device=device)
-        check_bands(info, loaded.required_bands(info), card.id)
-        head = zero_shot_head(loaded.encode_text, classes, template_list)
+        cached = cached_embeddings(card, info, band_map, level, grid, index) if cache else None
+        check_bands(info, required_bands(card, info), card.id)
+        loaded = load_model(card, device=device) if cached is None else None
+
+        def model_for_text():
+            nonlocal loaded
+            if loaded is None:
+                loaded = load_model(card, device=device)
+            return loaded
+
+        encode_text = CachedTextEncoder(card, model_for_text) if cache else loaded.encode_text
+        head = zero_shot_head(encode_text, classes, template_list)
 
         stats = EmbedStats()
         features = []
@@ -94,7 +105,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
             run_name, run_device = run_engine.name, run_engine.device
             batches = embed_tiles(source, grid.tiles, loaded, run_engine, batch_size=batch_size,
                                   progress=progress, cancel=cancel, stats=stats)
-        keep = use_index and cached is None and grid.aoi is None  # a full grid: worth storing
+        keep = cache and cached is None and grid.aoi is None  # a full grid: worth storing
         kept_tiles, kept_emb = [], []
         for tiles, emb in batches:
             # the index keeps float16: round here too, so scores never depend on where embeddings came from
@@ -129,11 +140,13 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "device": run_device,
         "embeddings_index": (str(cached.store.root) if cached is not None else str(stored) if stored else None),
         "embeddings_reused": cached is not None,
+        "text_cached": (f"{encode_text.hits} of {encode_text.hits + encode_text.misses} sentences"
+                        if cache else None),
         "raster": str(Path(raster).resolve()),
         "raster_layout": info.layout,
         "raster_level": info.level,
         "raster_bands": list(info.bands),
-        "bands_used": list(loaded.required_bands(info)),
+        "bands_used": list(required_bands(card, info)),
         "prompts": [{"class": c.name, "phrases": list(c.phrases), "column": c.column} for c in classes],
         "templates": template_list,
         "templates_source": str(templates or card.templates),

@@ -114,7 +114,8 @@ def _tile_params(card, tile_px: int | None, stride: int | None) -> tuple[int, in
 def search_method_for(n: int) -> str:
     """The method a search over ``n`` vectors will use (IVF's nprobe is tuned when it is first built)."""
     method = choose_method(n)
-    return {"flat": "faiss-flat-ip", "numpy": "numpy-exact"}.get(method, f"faiss-ivf{ivf_lists(n)}-ip")
+    return {"flat": "faiss-flat-ip", "numpy": "numpy-exact", "hnsw": "faiss-hnsw32-ip"}.get(
+        method, f"faiss-ivf{ivf_lists(n)}-ip")
 
 
 def build_index(rasters: Sequence[Any], model: str | None = None, tile_px: int | None = None,
