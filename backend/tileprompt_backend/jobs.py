@@ -613,7 +613,7 @@ def run_classify(req: ClassifyRequest, ctx: JobContext):
                     stride=req.stride, aoi=req.aoi, aoi_crs=req.aoi_crs, multi_label=req.multi_label,
                     threshold=req.threshold, band_map=req.band_map, level=req.level, batch_size=req.batch_size,
                     runner=req.runner, device=ctx.device, progress=ctx.progress, cancel=ctx.cancel,
-                    index=req.index, use_index=req.use_index)
+                    index=req.index, cache=req.cache)
 
 
 def _raster_arg(r: RasterInput):

@@ -44,8 +44,8 @@ class ClassifyRequest(RasterInput, TileParams):
     out: str = Field(..., min_length=1, description="output GeoPackage path")
     index: str | None = Field(None, description="embedding index to reuse and fill (default: the cache's, "
                                                 "per model + tile + stride)")
-    use_index: bool = Field(True, description="reuse embeddings of an indexed raster (only the prompts are "
-                                              "encoded) and store a full grid's embeddings for the next run")
+    cache: bool = Field(True, description="reuse the tile embeddings of an indexed raster and cached prompt "
+                                          "embeddings; store a full grid's embeddings for the next run")
 
 
 class IndexRequest(TileParams):

