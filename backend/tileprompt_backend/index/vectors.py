@@ -4,7 +4,7 @@
 
 - exact, for N <= :data:`EXACT_MAX` (1,000,000) vectors: :data:`EXACT_METHOD`, ``numpy`` (blocked matmul +
   argpartition) by default. Measured on the 2-core CPU machine (benchmarks/bench_search.py, docs/index.md), it
-  answers 2-3x faster than FAISS ``IndexFlatIP`` per query and 2.5-6x faster for batches of 100, with the same
+  answers 2-3x faster than FAISS ``IndexFlatIP`` per query and 3-8x faster for batches of 100, with the same
   (exact) results; ``flat`` (FAISS ``IndexFlatIP``) is one setting away;
 - ``ivf`` beyond: FAISS ``IndexIVFFlat`` (inner product) with ``nlist = 4 * sqrt(N)`` lists, k-means trained on a
   seeded sample of at most :data:`TRAIN_PER_LIST` vectors per list; ``nprobe`` is the smallest power of two whose
