@@ -28,7 +28,8 @@ import numpy as np
 from ..engine.embed import Cancelled, EmbedStats, embed_tiles
 from ..models import DEFAULT_MODEL, load_model, make_runner, resolve_card
 from ..models.downloads import ensure_weights
-from ..models.loading import LoadedModel
+from ..models.loading import DEVICES, LoadedModel
+from ..models.runners import BACKENDS
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
 from .store import IndexStore, ModelKey, SceneRecord, default_index_dir, model_key, scene_fingerprint, scene_key
@@ -137,6 +138,10 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
     inputs = raster_inputs(rasters)
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
+    if runner not in BACKENDS:
+        raise ValueError(f"unknown runner backend {runner!r} (valid: {', '.join(BACKENDS)})")
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r} (valid: {', '.join(DEVICES)})")
     card = ensure_weights(resolve_card(model or DEFAULT_MODEL))
     tile, step = _tile_params(card, tile_px, stride)
     mk = _model_key_or_fail(card, tile, step)

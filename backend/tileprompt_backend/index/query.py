@@ -83,7 +83,7 @@ class IndexView:
         # copied into memory (float16), not kept memory-mapped: a long-lived process must not fault on a file
         # that another process replaces
         self.x16 = np.concatenate([np.asarray(store.embeddings(s)) for s in self.scenes])
-        self.tile_ids = [store.tile_ids(s) for s in self.scenes]
+        self.tile_ids = store.all_tile_ids(self.scenes)
         self._pos = [{int(t): i for i, t in enumerate(ids)} for ids in self.tile_ids]
         sizes = np.array([s.tiles for s in self.scenes], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])

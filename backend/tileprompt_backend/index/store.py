@@ -471,6 +471,21 @@ class IndexStore:
             raise ValueError(f"index {self.root}: scene {scene.name} lists {len(ids)} tiles, expected {scene.tiles}")
         return ids
 
+    def all_tile_ids(self, scenes: Sequence[SceneRecord]) -> list[np.ndarray]:
+        """:meth:`tile_ids` of many scenes in one query (an archive has thousands)."""
+        by_scene: dict[int, list[int]] = {s.scene_id: [] for s in scenes}
+        with self._connect() as con:
+            for scene_id, tile_id in con.execute("SELECT scene_id, tile_id FROM tiles ORDER BY scene_id, vec"):
+                if scene_id in by_scene:
+                    by_scene[scene_id].append(tile_id)
+        out = []
+        for s in scenes:
+            ids = np.asarray(by_scene[s.scene_id], dtype=np.int64)
+            if len(ids) != s.tiles:
+                raise ValueError(f"index {self.root}: scene {s.name} lists {len(ids)} tiles, expected {s.tiles}")
+            out.append(ids)
+        return out
+
     def tile_rows(self, scene: SceneRecord, tile_ids: Sequence[int]) -> dict[int, tuple]:
         """{tile id: (row, col, col_off, row_off, width, height, WKB polygon)} for some tiles of a scene."""
         out: dict[int, tuple] = {}
