@@ -240,8 +240,8 @@ def check_tile_ids(view: IndexView, scene_pos: int, tile_ids: Sequence[int]) -> 
 def rank(view: IndexView, queries: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k global rows for (M, D) queries, max-fused over the M queries, ``exclude`` rows left out.
 
-    Returns (rows, similarities, index of the query that gave each similarity), best first. Exact for the
-    flat index: a candidate of the fused top k is within the top k + |exclude| of the query giving its max.
+    Returns (rows, similarities, index of the query that gave each similarity), best first. Exact with exact
+    search: a candidate of the fused top k is within the top k + |exclude| of the query giving its max.
     """
     exclude = np.unique(np.asarray(exclude, dtype=np.int64))
     kk = min(view.n, k + len(exclude))
@@ -311,7 +311,7 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
 
     view = load_view(store)
     step(1)
-    scene_rec = store.find_scene(scene) if scene is not None else (
+    scene_rec = store.find_scene(scene, view.scenes) if scene is not None else (
         view.scenes[0] if len(view.scenes) == 1 else None)
     if scene_rec is None and (like is not None or tile_ids is not None):
         raise ValueError(f"index {store.root} holds {len(view.scenes)} scenes: name the scene the query "

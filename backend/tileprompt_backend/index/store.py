@@ -512,9 +512,12 @@ class IndexStore:
                              f"expected float16 ({scene.tiles}, {self.embed_dim}); re-index it")
         return emb
 
-    def find_scene(self, name: str) -> SceneRecord:
-        """A scene by raster path (as given or resolved), file name, key or numeric id; ValueError if none or many."""
-        scenes = self.scenes()
+    def find_scene(self, name: str, scenes: Sequence[SceneRecord] | None = None) -> SceneRecord:
+        """A scene by raster path (as given or resolved), file name, key or numeric id; ValueError if none or many.
+
+        ``scenes``: look among these (a loaded snapshot of the catalog) instead of the catalog now.
+        """
+        scenes = self.scenes() if scenes is None else list(scenes)
         if not scenes:
             raise ValueError(f"index {self.root} holds no complete scenes")
         text = str(name).strip()
