@@ -233,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .engine import Cancelled
+    from .errors import Cancelled
 
     args = build_parser().parse_args(argv)
     try:

@@ -12,16 +12,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from rasterio.windows import Window
 
+from ..errors import Cancelled
 from ..sentinel2.bands import FILLABLE_BANDS
 from ..tiling import MAX_NODATA_FRACTION, Tile, nodata_fraction
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 READ_AHEAD_BATCHES = 2
-
-
-class Cancelled(Exception):
-    """The caller asked to stop; nothing was written."""
 
 
 @dataclass
@@ -86,20 +83,24 @@ def _read_ahead(batches: Iterator, stop: threading.Event) -> Iterator:
     q: queue.Queue = queue.Queue(maxsize=READ_AHEAD_BATCHES)
     done = object()
 
+    def put(item) -> bool:
+        """Hand an item over unless the consumer has stopped; never block past a stop."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for item in batches:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as e:  # hand reader errors to the consumer, which re-raises them
-            q.put(e)
+            put(e)
 
     worker = threading.Thread(target=produce, name="tileprompt-reader", daemon=True)
     worker.start()
