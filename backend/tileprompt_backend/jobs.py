@@ -20,10 +20,9 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .schemas import ClassifyRequest, IndexRequest, JobStatus, RasterInput, SearchRequest
 
@@ -32,16 +31,11 @@ log = logging.getLogger(__name__)
 Request = ClassifyRequest | IndexRequest | SearchRequest
 #: Finished jobs kept for GET /v1/jobs; older finished ones are forgotten first.
 MAX_FINISHED_JOBS = 500
-#: Loaded models kept in memory by the worker (least recently used go first).
-MAX_CACHED_MODELS = 2
 #: A request whose grid would exceed this many tiles is refused before any work (a typo such as tile_px=1).
 MAX_GRID_TILES = 1_000_000
 #: Up to this many rasters of an index request are opened (headers only) on submit; beyond, only found.
 MAX_RASTERS_OPENED = 32
 FINAL_STATES = ("succeeded", "failed", "cancelled")
-#: The modules that load models for jobs; the worker's model cache stands in for their loaders.
-ENGINE_MODULES = ("tileprompt_backend.engine.classify", "tileprompt_backend.index.build",
-                  "tileprompt_backend.index.query")
 
 
 class ShuttingDown(RuntimeError):
@@ -242,97 +236,6 @@ def _check_request(request: Request) -> Request:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loaded models, kept by the worker across jobs
-
-
-class ModelCache:
-    """Models loaded by the worker, keyed by card hash + card folder + device (+ image size), and their runners.
-
-    The engine loads its model itself (``load_model`` / ``make_runner``); :meth:`installed` points the engine
-    modules at this cache for the length of a job, so a second job with the same model reuses the towers
-    (and the ONNX session) instead of loading them again. Only the worker thread runs engine code.
-    """
-
-    def __init__(self, max_models: int = MAX_CACHED_MODELS):
-        self.max_models = max_models
-        self._models: OrderedDict[tuple, Any] = OrderedDict()
-        self._runners: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
-        self.loads = 0  # models actually built (tests and logs: cache misses)
-
-    def load_model(self, card, device: str = "auto", image_size: int | None = None):
-        from .models import load_model, resolve_card
-        from .models.loading import resolve_device
-
-        if not hasattr(card, "card_hash"):
-            card = resolve_card(card)
-        key = (card.card_hash(), str(card.path), resolve_device(device), image_size)
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-        model = load_model(card, device=device, image_size=image_size)
-        with self._lock:
-            self.loads += 1
-            self._models[key] = model
-            while len(self._models) > self.max_models:
-                _, old = self._models.popitem(last=False)
-                self._runners = {k: v for k, v in self._runners.items() if k[0] != id(old)}
-        log.info("loaded model %s on %s (%d in memory)", card.id, model.device, len(self._models))
-        return model
-
-    def make_runner(self, model, backend: str = "auto", device: str | None = None):
-        from .models import make_runner
-
-        key = (id(model), backend, device)
-        with self._lock:
-            if key in self._runners:
-                return self._runners[key]
-        runner = make_runner(model, backend=backend, device=device)
-        with self._lock:
-            if any(m is model for m in self._models.values()):
-                self._runners[key] = runner
-        return runner
-
-    def loaded(self) -> list[str]:
-        """Ids of the models in memory, most recently used last."""
-        with self._lock:
-            return [m.card.id for m in self._models.values()]
-
-    def providers(self) -> list[str]:
-        """ONNX Runtime providers that the cached runners' sessions actually got."""
-        with self._lock:
-            return list(dict.fromkeys(p for r in self._runners.values() for p in getattr(r, "providers", [])))
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        """Point every loaded engine/index module's ``load_model`` / ``make_runner`` at this cache, then restore."""
-        import importlib
-
-        from . import models
-
-        for name in ENGINE_MODULES:  # loaded first, so that a module a job is about to import is covered too
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                log.warning("cannot import %s; its jobs will fail", name, exc_info=True)
-        originals = {"load_model": models.load_model, "make_runner": models.make_runner}
-        swapped = []
-        for name, module in list(sys.modules.items()):
-            if module is None or not name.startswith(("tileprompt_backend.engine", "tileprompt_backend.index")):
-                continue
-            for attr, original in originals.items():
-                if getattr(module, attr, None) is original:
-                    setattr(module, attr, getattr(self, attr))
-                    swapped.append((module, attr, original))
-        try:
-            yield
-        finally:
-            for module, attr, original in swapped:
-                setattr(module, attr, original)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Jobs
 
 
@@ -382,10 +285,9 @@ class JobQueue:
     """A FIFO of jobs run by one worker thread; thread-safe for any number of client threads."""
 
     def __init__(self, device: str = "auto", handlers: dict[str, Handler] | None = None,
-                 models: ModelCache | None = None, max_finished: int = MAX_FINISHED_JOBS):
+                 max_finished: int = MAX_FINISHED_JOBS):
         self.device = device
         self.handlers = dict(HANDLERS if handlers is None else handlers)
-        self.models = models or ModelCache()
         self.max_finished = max_finished
         self.model_dirs: dict[str, str] = {}  # card folders used since start that list_models does not show
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -465,6 +367,22 @@ class JobQueue:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _model_cache():
+        """The process-wide model cache, or None before any job has imported the models package (and torch)."""
+        # getattr: another thread may be importing the module right now (it is in sys.modules half-initialised)
+        return getattr(sys.modules.get("tileprompt_backend.models.cache"), "shared_models", None)
+
+    def loaded_models(self) -> list[str]:
+        """Ids of the models kept in memory between jobs."""
+        cache = self._model_cache()
+        return cache.loaded() if cache is not None else []
+
+    def runner_providers(self) -> list[str]:
+        """ONNX Runtime providers the kept runners' sessions actually got."""
+        cache = self._model_cache()
+        return cache.providers() if cache is not None else []
+
     def start(self) -> None:
         with self._lock:
             if self._worker is not None:
@@ -516,8 +434,7 @@ class JobQueue:
         try:
             if job.cancel.is_set():
                 raise Cancelled("cancelled before it started")
-            with self.models.installed():
-                result = summarise(self.handlers[job.request.kind](job.request, ctx))
+            result = summarise(self.handlers[job.request.kind](job.request, ctx))
             state = "succeeded"
         except Cancelled:
             state = "cancelled"

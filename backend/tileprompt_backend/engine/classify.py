@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__
-from ..models import DEFAULT_MODEL, load_model, make_runner, resolve_card
+from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
 from ..outputs import check_output_path, write_tiles_gpkg
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
@@ -83,12 +83,12 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
 
         cached = cached_embeddings(card, info, band_map, level, grid, index) if cache else None
         check_bands(info, required_bands(card, info), card.id)
-        loaded = load_model(card, device=device) if cached is None else None
+        loaded = cached_model(card, device=device) if cached is None else None
 
         def model_for_text():
             nonlocal loaded
             if loaded is None:
-                loaded = load_model(card, device=device)
+                loaded = cached_model(card, device=device)
             return loaded
 
         encode_text = CachedTextEncoder(card, model_for_text) if cache else loaded.encode_text
@@ -101,7 +101,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
             run_name, run_device = f"index ({cached.runner})", "none"
             batches = cached.batches(grid.tiles, batch_size, stats, progress, cancel)
         else:
-            run_engine = make_runner(loaded, backend=runner)
+            run_engine = cached_runner(loaded, backend=runner)
             run_name, run_device = run_engine.name, run_engine.device
             batches = embed_tiles(source, grid.tiles, loaded, run_engine, batch_size=batch_size,
                                   progress=progress, cancel=cancel, stats=stats)

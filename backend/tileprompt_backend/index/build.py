@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..engine.embed import Cancelled, EmbedStats, embed_tiles
-from ..models import DEFAULT_MODEL, load_model, make_runner, resolve_card
+from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
 from ..models.downloads import ensure_weights
 from ..models.loading import DEVICES, LoadedModel
 from ..models.runners import BACKENDS
@@ -170,8 +170,8 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
     computed = 0
     records = {k: complete[k] for k in planned if k in complete}
     if todo:
-        loaded = load_model(card, device=device)
-        run_engine = make_runner(loaded, backend=runner)
+        loaded = cached_model(card, device=device)
+        run_engine = cached_runner(loaded, backend=runner)
         total, done_before = sum(p.grid_tiles for p in todo), 0
         for p in todo:
             def scene_progress(done: int, _total: int, base=done_before) -> None:

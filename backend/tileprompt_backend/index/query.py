@@ -146,9 +146,6 @@ def load_view(store: IndexStore) -> IndexView:
 
 # --- text side ---------------------------------------------------------------------------------------------------
 
-_text_models: OrderedDict[str, Any] = OrderedDict()
-_text_lock = threading.Lock()
-
 
 def index_card(store: IndexStore):
     """The model card an index was built with, checked against the card hash and weights it recorded."""
@@ -177,7 +174,7 @@ def index_card(store: IndexStore):
 def text_vector(store: IndexStore, text: str, device: str = "auto") -> np.ndarray:
     """A description -> a unit query vector, with the card's templates (the classification head's recipe)."""
     from ..engine.prompts import MAX_PHRASE_CHARS, load_templates
-    from ..models import load_model
+    from ..models import cached_model
 
     phrases = tuple(dict.fromkeys(p.strip() for p in str(text or "").split("|") if p.strip()))
     if not phrases:
@@ -187,15 +184,7 @@ def text_vector(store: IndexStore, text: str, device: str = "auto") -> np.ndarra
             raise ValueError(f"search text is too long ({len(p)} characters, at most {MAX_PHRASE_CHARS})")
     card = index_card(store)
     templates = load_templates(card.templates)
-    cache_key = f"{card.card_hash()}|{store.meta.get('weights_hash')}|{device}"
-    with _text_lock:
-        loaded = _text_models.get(cache_key)
-        if loaded is None:
-            loaded = load_model(card, device=device)
-            _text_models[cache_key] = loaded
-            while len(_text_models) > 1:
-                _text_models.popitem(last=False)
-        return class_embedding(loaded.encode_text, phrases, templates)
+    return class_embedding(cached_model(card, device=device).encode_text, phrases, templates)
 
 
 # --- queries -----------------------------------------------------------------------------------------------------

@@ -131,19 +131,10 @@ def file_sha256_cached(path: Path) -> str:
     return digest
 
 
-def weight_paths(card) -> list[Path] | None:
-    """The files a card's weights come from (card files and open_clip tags); None when any is not there yet."""
-    from ..models.downloads import tag_weights_path
-    from ..models.registry import get_family
-
-    family = get_family(card.family)
-    paths = [card.file(f) for f in family.weight_files(card)]
-    paths += [tag_weights_path(name, tag) for name, tag in family.pretrained_tags(card)]
-    return None if any(not p.is_file() for p in paths) else paths
-
-
 def weights_hash(card) -> str | None:
     """Content hash of the card's weight files; seeded cards (no files) hash their seeds and library versions."""
+    from ..models.downloads import weight_paths
+
     paths = weight_paths(card)
     if paths is None:
         return None

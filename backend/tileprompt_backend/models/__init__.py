@@ -4,6 +4,7 @@ See docs/models.md for the card fields, families, weight sources and runner meas
 """
 
 from .card import InputSpec, ModelCard, card_from_dict, read_card, write_card
+from .cache import ModelCache, cached_model, cached_runner, shared_models
 from .checkpoints import ssl4eo_checkpoint_filter
 from .fetch import fetch
 from .loading import LoadedModel, load_model
@@ -16,7 +17,8 @@ from .tiny import write_tiny, write_untrained
 DEFAULT_MODEL = "clip-vit-b32-openai"
 
 __all__ = [
-    "DEFAULT_MODEL", "Family", "InputSpec", "LoadedModel", "ModelCard", "Runner", "card_from_dict",
+    "DEFAULT_MODEL", "Family", "InputSpec", "LoadedModel", "ModelCache", "ModelCard", "Runner", "cached_model",
+    "cached_runner", "card_from_dict", "shared_models",
     "check_onnx_parity", "export_onnx", "fetch", "list_families", "list_models", "load_model", "make_runner",
     "read_card", "register_family", "resolve_card", "ssl4eo_checkpoint_filter", "write_card", "write_tiny",
     "write_untrained",

@@ -143,6 +143,16 @@ def tag_weights_path(model_name: str, tag: str) -> Path:
     return cache_dir() / "open_clip" / _tag_candidates(model_name, tag)[0]
 
 
+def weight_paths(card) -> list[Path] | None:
+    """The files a card's weights come from (card files and open_clip tags); None when any is not there yet."""
+    from .registry import get_family
+
+    family = get_family(card.family)
+    paths = [card.file(f) for f in family.weight_files(card)]
+    paths += [tag_weights_path(name, tag) for name, tag in family.pretrained_tags(card)]
+    return None if any(not p.is_file() for p in paths) else paths
+
+
 def download_tag(model_name: str, tag: str, transport: Transport | None = None) -> Path:
     """Download an open_clip tag's weights into the cache (once); returns the safetensors path."""
     name, candidates = _tag_candidates(model_name, tag)

@@ -45,9 +45,9 @@ jobs = APIRouter(tags=["jobs"])
 def health(request: Request, queue: Queue) -> Health:
     import torch
 
-    providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.models.providers()))
+    providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
     return Health(version=__version__, device=queue.device, torch=torch.__version__, onnx_providers=providers,
-                  loaded_models=queue.models.loaded(), queue_length=queue.queue_length, running_job=queue.running_job)
+                  loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job)
 
 
 @models.get("/models", response_model=list[ModelInfo], summary="Model cards found, plus model folders used")
