@@ -413,3 +413,22 @@ def test_open_clip_tag_download_prefers_safetensors_then_converts_pickles(tmp_pa
     assert urls == [hub + "open_clip_model.safetensors", hub + "open_clip_pytorch_model.bin"]
     assert set(read_weights(path)) == set(state)
     assert download_tag("ViT-B-32", "openai", transport=transport) == path and len(urls) == 2  # cached
+
+
+@pytest.mark.parametrize("family", ["clip", "aligned-s2"])
+def test_trimmed_text_encoding_equals_open_clip(tiny_models, family):
+    """Running the text tower over the longest sentence only must not change any embedding."""
+    import torch
+
+    from tileprompt_backend.models.loading import encode_text_trimmed
+
+    model = load_model(str(tiny_models[family]), device="cpu")
+    texts = ["a", "a photo of a flooded field.", "solar farm seen from above"]  # tiny towers read 16 tokens
+    tokens = model._tokenizer(texts)
+    with torch.inference_mode():
+        full = model._text.encode_text(tokens)
+        trimmed = encode_text_trimmed(model._text, tokens)
+    assert (tokens != 0).sum(1).max() < tokens.shape[1]  # the test really trims something
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(model.encode_text(texts), torch.nn.functional.normalize(full, dim=-1).numpy(),
+                               atol=1e-5)

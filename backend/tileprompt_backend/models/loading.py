@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
+import torch.nn.functional as F
 
 from ..sentinel2.bands import FILLABLE_BANDS, RGB_BANDS
 from ..sentinel2.composite import rgb_composite, scale_reflectance
@@ -87,7 +89,7 @@ class LoadedModel:
         with torch.inference_mode():
             for i in range(0, len(texts), _TEXT_BATCH):
                 tokens = self._tokenizer(texts[i:i + _TEXT_BATCH]).to(self.device)
-                out.append(self._text.encode_text(tokens, normalize=True).float().cpu())
+                out.append(F.normalize(encode_text_trimmed(self._text, tokens).float(), dim=-1).cpu())
         return torch.cat(out).numpy()
 
     def probe_batch(self, n: int = 4, seed: int = 0) -> np.ndarray:
@@ -102,6 +104,28 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.card.id!r}, device={self.device!r}, image_size={self.image_size})"
+
+
+def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``encode_text`` (unnormalised), run only over the longest sentence's tokens, not all 77.
+
+    Exact for CLIP text towers: the attention mask is causal, so no position before the end-of-text token sees
+    the padding after it, and the pooled feature is read at the end-of-text token. About 6-7x faster for
+    prompt-length sentences. Other text towers (HF, SigLIP-style pooling) take open_clip's own path.
+    """
+    causal = isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None
+    if not causal or model.text_pool_type != "argmax":
+        return model.encode_text(tokens)
+    length = int((tokens != 0).sum(dim=1).max().clamp(min=1))  # 0 pads; every sentence ends with its EOT
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]  # EOT has the highest token id
+    projection = model.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
 
 
 def resolve_device(device: str) -> str:
