@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--band-map", help="comma-separated band names of a multiband file, in file order")
     c.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
     c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--runner", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
+    c.add_argument("--runner", default="auto", choices=["auto", "torch", "torch-bf16", "onnx", "onnx-int8"])
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     c.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
     c.add_argument("--index", help="embedding index to reuse and fill (default: the cache's, per model + tile)")
@@ -114,7 +114,7 @@ def _add_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
     p.add_argument("--index", help="index folder (default: the cache's index for model + tile + stride)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--runner", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
+    p.add_argument("--runner", default="auto", choices=["auto", "torch", "torch-bf16", "onnx", "onnx-int8"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

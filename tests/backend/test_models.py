@@ -25,7 +25,8 @@ from tileprompt_backend.models import (
 )
 from tileprompt_backend.models.downloads import download_tag, missing_weights, tag_weights_path
 from tileprompt_backend.models.onnx_export import int8_cosine, onnx_file
-from tileprompt_backend.models.runners import AUTO_MIN_COSINE
+from tileprompt_backend.models.runners import AUTO_MIN_COSINE, cpu_has_bf16
+from tileprompt_backend.paths import cache_dir
 from tileprompt_backend.models.tiny import TINY_TIMM_KWARGS
 from tileprompt_backend.models.weights import read_weights, write_weights
 from tileprompt_backend.sentinel2.bands import BANDS
@@ -208,7 +209,10 @@ def test_int8_and_auto_runners(models, family):
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         auto = make_runner(m)
         recorded = int8_cosine(onnx_file(m, int8=True))
-        assert auto.name == ("onnxruntime-cpu-int8" if recorded >= AUTO_MIN_COSINE else "torch-cpu-fp32")
+        allowed = {"onnxruntime-cpu-int8"} if recorded >= AUTO_MIN_COSINE else set()
+        if cpu_has_bf16():  # measured against int8; chosen only if it keeps the cosine
+            allowed |= {"torch-cpu-bf16", "torch-cpu-fp32"}
+        assert auto.name in (allowed or {"torch-cpu-fp32"})
         assert auto.device == "cpu"
 
 
@@ -432,3 +436,27 @@ def test_trimmed_text_encoding_equals_open_clip(tiny_models, family):
     torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(model.encode_text(texts), torch.nn.functional.normalize(full, dim=-1).numpy(),
                                atol=1e-5)
+
+
+def test_auto_on_cpu_records_a_measured_choice(tiny_models):
+    """auto picks among the candidates that keep the cosine, by measured speed, and records why."""
+    import json as _json
+
+    model = load_model(str(tiny_models["aligned-s2"]), device="cpu")
+    runner = make_runner(model, "auto")
+    assert runner.name in {"onnxruntime-cpu-int8", "torch-cpu-bf16", "torch-cpu-fp32"}
+    records = list((cache_dir() / "onnx").glob(f"{model.card.card_hash()}-*-auto.json"))
+    if cpu_has_bf16() and records:
+        saved = _json.loads(records[0].read_text())
+        assert saved["choice"] == runner.name
+        assert saved["choice"] == max(saved["tiles_per_s"], key=saved["tiles_per_s"].get)
+    assert make_runner(model, "auto").name == runner.name  # the recorded choice is reused
+
+
+def test_torch_bf16_runner_stays_close_to_fp32(tiny_models):
+    model = load_model(str(tiny_models["clip"]), device="cpu")
+    x = model.probe_batch(4)
+    bf16, fp32 = make_runner(model, "torch-bf16"), make_runner(model, "torch")
+    assert (bf16.name, fp32.name) == ("torch-cpu-bf16", "torch-cpu-fp32")
+    cos = (bf16(x) * fp32(x)).sum(1)
+    assert cos.min() > 0.99

@@ -3,13 +3,19 @@
 ``auto`` picks, per device (measurements in docs/models.md):
 - CUDA (model loaded on a GPU): torch with bf16 autocast.
 - CPU model, but onnxruntime-gpu with a working CUDA: ONNX Runtime CUDA fp32.
-- CPU: ONNX Runtime int8 (2.8x eager fp32 on ViT-B/32, 1.4x on ViT-S/16) when its recorded cosine to eager fp32
-  on a probe batch is at least :data:`AUTO_MIN_COSINE`; else eager torch fp32, which is as fast as ONNX Runtime
-  fp32 on these ViTs (timm's and open_clip's attention use PyTorch's fused kernels) and needs no export.
+- CPU: the faster of the candidates that keep a cosine of at least :data:`AUTO_MIN_COSINE` to eager fp32 on a
+  probe batch: ONNX Runtime int8 (3.0x eager fp32 on ViT-B/32, 1.5x on ViT-S/16) and, on CPUs with native bf16
+  (AVX512-BF16 / AMX), torch bf16 autocast (2.7x on ViT-S/16, but 0.6x on open_clip's ViT-B/32). The choice is
+  measured once per model, size and CPU and recorded beside the ONNX export. No candidate: eager torch fp32,
+  which is as fast as ONNX Runtime fp32 on these ViTs and needs no export.
 """
 
 from __future__ import annotations
 
+import json
+import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from .loading import LoadedModel
-from .onnx_export import INPUT, int8_cosine, onnx_file, ort_session
+from .onnx_export import INPUT, _eager, int8_cosine, min_cosine, onnx_file, ort_session
 
-BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+BACKENDS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
 #: The int8 tower must keep this cosine to eager fp32 for ``auto`` to choose it.
 AUTO_MIN_COSINE = 0.998
 
@@ -50,18 +56,19 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    """Eager torch where the model lives: fp32 on the CPU, bf16 autocast on CUDA (outputs back in fp32)."""
+    """Eager torch where the model lives: bf16 autocast on CUDA, fp32 on the CPU unless ``bf16`` (outputs in fp32)."""
 
-    def __init__(self, model: LoadedModel):
+    def __init__(self, model: LoadedModel, bf16: bool | None = None):
         super().__init__(model.embed_dim)
         self._tower = model.image_tower
         self.device = model.device
-        self.name = "torch-cuda-bf16" if self.device == "cuda" else "torch-cpu-fp32"
+        self.bf16 = self.device == "cuda" if bf16 is None else bf16
+        self.name = f"torch-{self.device}-{'bf16' if self.bf16 else 'fp32'}"
         self.providers = []
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(x).to(self.device)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+        with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
             y = self._tower(t)
         # bf16 keeps ~3 significant digits: re-normalise in fp32 so rows are unit vectors to fp32 precision.
         return F.normalize(y.float(), dim=-1).cpu().numpy()
@@ -82,6 +89,75 @@ class OrtRunner(Runner):
         return self._session.run(None, {INPUT: x})[0].astype(np.float32, copy=False)
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix units (AVX512-BF16 or AMX): without them bf16 on the CPU is emulated and slow."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu helpers, hence getattr
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def _throughput(runner: Runner, x: np.ndarray, repeats: int = 2) -> float:
+    runner(x)  # warm-up: first calls allocate and pick kernels
+    best = min(_timed(runner, x) for _ in range(repeats))
+    return len(x) / best
+
+
+def _timed(runner: Runner, x: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    runner(x)
+    return time.perf_counter() - t0
+
+
+def _auto_cpu(model: LoadedModel) -> Runner:
+    """The fastest CPU runner that stays within :data:`AUTO_MIN_COSINE` of eager fp32 (see the module doc)."""
+    dim = model.embed_dim
+    int8 = onnx_file(model, int8=True)
+    fp32 = "torch-cpu-fp32"
+    candidates: dict[str, Callable[[], Runner]] = {fp32: lambda: TorchRunner(model)}
+    if int8_cosine(int8) >= AUTO_MIN_COSINE:
+        candidates["onnxruntime-cpu-int8"] = lambda: OrtRunner(int8, dim, "int8")
+    if cpu_has_bf16():
+        candidates["torch-cpu-bf16"] = lambda: TorchRunner(model, bf16=True)
+    if "torch-cpu-bf16" not in candidates:  # int8 (checked, faster on every ViT measured) or the fp32 reference
+        return candidates.get("onnxruntime-cpu-int8", candidates[fp32])()
+    record = int8.with_name(int8.name.replace("-int8.onnx", "-auto.json"))
+    cpu = _cpu_name()
+    choice = None
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        choice = saved.get("choice") if saved.get("cpu") == cpu else None
+    if choice not in candidates:
+        choice, figures = _measure(model, {k: v for k, v in candidates.items() if k != fp32})
+        tmp = record.with_name(f".{record.name}.tmp")
+        tmp.write_text(json.dumps({"cpu": cpu, "choice": choice, **figures}, indent=1) + "\n")
+        tmp.replace(record)
+    return candidates[choice]()
+
+
+def _cpu_name() -> str:
+    """The CPU model, so a measured choice is redone on other hardware (a copied cache, a moved venv)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _measure(model: LoadedModel, candidates: dict) -> tuple[str, dict]:
+    """Tiles/s of each candidate on a probe batch; bf16 must also keep the cosine. Returns (choice, figures)."""
+    x = model.probe_batch(8, seed=3)
+    reference = _eager(model, x)
+    speed, cosine = {}, {}
+    for name, make in candidates.items():
+        runner = make()
+        cosine[name] = min_cosine(runner(x), reference)
+        if cosine[name] >= AUTO_MIN_COSINE:
+            speed[name] = _throughput(runner, x)
+    choice = max(speed, key=speed.get) if speed else "torch-cpu-fp32"  # nothing kept the cosine: the reference
+    return choice, {"tiles_per_s": speed, "min_cosine": cosine, "probe": "8 smooth synthetic tiles, seed 3"}
+
+
 def _ort_cuda_installed() -> bool:
     import onnxruntime as ort
 
@@ -89,7 +165,7 @@ def _ort_cuda_installed() -> bool:
 
 
 def make_runner(model: LoadedModel, backend: str = "auto", device: str | None = None) -> Runner:
-    """A runner for ``model``'s image tower: ``torch``, ``onnx`` (fp32), ``onnx-int8`` or ``auto`` (module doc).
+    """A runner for ``model``'s image tower: ``torch``, ``torch-bf16``, ``onnx`` (fp32), ``onnx-int8`` or ``auto``.
 
     ``device`` defaults to the model's; ONNX runners ask for CUDA when it is "cuda" and report what they got.
     """
@@ -99,11 +175,11 @@ def make_runner(model: LoadedModel, backend: str = "auto", device: str | None = 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown runner device {device!r} (valid: cpu, cuda)")
     dim = model.embed_dim
-    if backend == "torch":
+    if backend in ("torch", "torch-bf16"):
         if device != model.device:
             raise ValueError(f"the torch runner runs where the model is ({model.device}); "
                              f"load the model with device={device!r}")
-        return TorchRunner(model)
+        return TorchRunner(model, bf16=True if backend == "torch-bf16" else None)
     if backend == "onnx":
         return OrtRunner(onnx_file(model), dim, "fp32", want_cuda=device == "cuda")
     if backend == "onnx-int8":
@@ -114,7 +190,6 @@ def make_runner(model: LoadedModel, backend: str = "auto", device: str | None = 
         runner = OrtRunner(onnx_file(model), dim, "fp32", want_cuda=True)
         if runner.device == "cuda":
             return runner
-    int8 = onnx_file(model, int8=True)
-    if int8_cosine(int8) >= AUTO_MIN_COSINE:
-        return OrtRunner(int8, dim, "int8")
-    return TorchRunner(model) if model.device == "cpu" else OrtRunner(onnx_file(model), dim, "fp32")
+    if model.device == "cpu":
+        return _auto_cpu(model)
+    return OrtRunner(onnx_file(model), dim, "fp32")
