@@ -96,16 +96,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _cpu_flags() -> list[str]:
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
     try:
@@ -136,9 +126,11 @@ def machine_info(args) -> dict:
     import timm
     import torch
 
+    from tileprompt_backend.models.runners import cpu_name
+
     return {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_name(),
         "cpu_flags": _cpu_flags(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),

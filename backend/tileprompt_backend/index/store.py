@@ -96,20 +96,14 @@ def _sha(obj: Any, n: int = 16) -> str:
 
 # --- keys ------------------------------------------------------------------------------------------------------
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _memo_file() -> Path:
     return cache_dir() / "index" / "weights-sha256.json"
 
 
 def file_sha256_cached(path: Path) -> str:
     """sha256 of a weight file, remembered per (path, size, mtime) so big checkpoints are hashed once."""
+    from ..models.downloads import file_sha256
+
     st = path.stat()
     memo_key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     memo_path = _memo_file()
@@ -119,7 +113,7 @@ def file_sha256_cached(path: Path) -> str:
         memo = {}
     if memo_key in memo:
         return memo[memo_key]
-    digest = _file_sha256(path)
+    digest = file_sha256(path)
     memo[memo_key] = digest
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def download(url: str, dest: Path, sha256: str | None = None, convert: str = "sa
     try:
         (transport or urllib_transport)(url, part)
         if sha256:
-            digest = _sha256(part)
+            digest = file_sha256(part)
             if not digest.startswith(sha256.lower()):
                 raise ValueError(f"checksum mismatch for {url}: expected sha256 {sha256}..., got {digest[:16]}...")
         try:
@@ -85,7 +85,8 @@ def download(url: str, dest: Path, sha256: str | None = None, convert: str = "sa
         part.unlink(missing_ok=True)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
