@@ -13,6 +13,8 @@ from typing import Sequence
 
 from . import __version__
 
+#: Runner backends (models.runners.BACKENDS; repeated here so `tileprompt --help` starts without torch).
+RUNNERS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
 
@@ -28,18 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", required=True,
                    help='classes separated by ";", synonyms after "|": "forest | woodland; water; farmland"')
     c.add_argument("--templates", help="templates file, one per line with {} for the class (default: the card's)")
-    c.add_argument("--model", help="model id or model directory (default: clip-vit-b32-openai)")
-    c.add_argument("--tile", type=int, help="tile size in pixels (default: the model card's)")
-    c.add_argument("--stride", type=int, help="distance between tiles in pixels (default: the tile size)")
+    _add_encoder_arguments(c, band_map_help="comma-separated band names of a multiband file, in file order")
     c.add_argument("--aoi", help="area of interest as WKT or GeoJSON (text or a file path)")
     c.add_argument("--aoi-crs", default=None, help="CRS of --aoi, e.g. EPSG:4326 (default: the raster's CRS)")
     c.add_argument("--multi-label", action="store_true", help="one sigmoid per class instead of a softmax")
     c.add_argument("--threshold", type=float, default=0.5, help="multi-label threshold (default: 0.5)")
-    c.add_argument("--band-map", help="comma-separated band names of a multiband file, in file order")
-    c.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--runner", default="auto", choices=["auto", "torch", "torch-bf16", "onnx", "onnx-int8"])
-    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     c.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
     c.add_argument("--index", help="embedding index to reuse and fill (default: the cache's, per model + tile)")
     c.add_argument("--no-cache", action="store_true", help="neither reuse nor store tile and prompt embeddings")
@@ -102,20 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_encoder_arguments(p: argparse.ArgumentParser, band_map_help: str) -> None:
+    """Model, tile grid, band reading and runner options: the same for classify and index."""
+    p.add_argument("--model", help="model id or model directory (default: clip-vit-b32-openai)")
+    p.add_argument("--tile", type=int, help="tile size in pixels (default: the model card's)")
+    p.add_argument("--stride", type=int, help="distance between tiles in pixels (default: the tile size)")
+    p.add_argument("--band-map", help=band_map_help)
+    p.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--runner", default="auto", choices=list(RUNNERS))
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
 def _add_index_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``tileprompt index`` (also ``python -m tileprompt_backend.index.build`` under torchrun)."""
     p.add_argument("rasters", nargs="*", metavar="RASTER",
                    help="GeoTIFF/COG, folder of per-band files or SAFE IMG_DATA folder (any number)")
     p.add_argument("--scene-list", help="a text file with one raster per line (for archives; added to RASTER...)")
-    p.add_argument("--model", help="model id or model directory (default: clip-vit-b32-openai)")
-    p.add_argument("--tile", type=int, help="tile size in pixels (default: the model card's)")
-    p.add_argument("--stride", type=int, help="distance between tiles in pixels (default: the tile size)")
-    p.add_argument("--band-map", help="comma-separated band names of multiband files, in file order (all rasters)")
-    p.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
+    _add_encoder_arguments(p, band_map_help="comma-separated band names of multiband files, in file order (all rasters)")
     p.add_argument("--index", help="index folder (default: the cache's index for model + tile + stride)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--runner", default="auto", choices=["auto", "torch", "torch-bf16", "onnx", "onnx-int8"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -142,3 +142,10 @@ def test_models_tiny_and_list(tmp_path, monkeypatch):
     r = run_cli("models", "list")
     assert r.returncode == 0, r.stderr
     assert "UNTRAINED" in r.stdout and "clip-vit-b32-openai" in r.stdout
+
+
+def test_cli_runner_choices_match_the_runners():
+    from tileprompt_backend.cli import RUNNERS
+    from tileprompt_backend.models.runners import BACKENDS
+
+    assert RUNNERS == BACKENDS
