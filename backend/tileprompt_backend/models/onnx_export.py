@@ -35,7 +35,8 @@ def _cpu_tower(model: LoadedModel) -> torch.nn.Module:
     return model.image_tower if model.device == "cpu" else copy.deepcopy(model.image_tower).cpu()
 
 
-def _eager(model: LoadedModel, x: np.ndarray) -> np.ndarray:
+def eager_embeddings(model: LoadedModel, x: np.ndarray) -> np.ndarray:
+    """The reference embeddings: the image tower in eager fp32 on the CPU."""
     with torch.inference_mode():
         return _cpu_tower(model)(torch.from_numpy(x)).numpy()
 
@@ -81,7 +82,7 @@ def check_onnx_parity(model: LoadedModel, onnx_path: Path, atol: float = 1e-4) -
     """Max abs difference between ONNX Runtime (CPU, fp32) and eager torch on a probe batch; ValueError if > atol."""
     x = model.probe_batch(3, seed=1)
     got = ort_session(Path(onnx_path)).run(None, {INPUT: x})[0]
-    diff = float(np.abs(got - _eager(model, x)).max())
+    diff = float(np.abs(got - eager_embeddings(model, x)).max())
     if not diff <= atol:
         raise ValueError(f"ONNX export {onnx_path} differs from torch by {diff:.3g} (> {atol:g})")
     return diff
@@ -149,7 +150,7 @@ def onnx_file(model: LoadedModel, int8: bool = False) -> Path:
     if not (q.is_file() and record.is_file()):
         quantize_int8(fp32, q)
         x = model.probe_batch(8, seed=2)
-        cos = min_cosine(ort_session(q).run(None, {INPUT: x})[0], _eager(model, x))
+        cos = min_cosine(ort_session(q).run(None, {INPUT: x})[0], eager_embeddings(model, x))
         record.write_text(json.dumps({"min_cosine": cos, "probe": "8 smooth synthetic tiles, seed 2"}) + "\n")
     return q
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .loading import LoadedModel
-from .onnx_export import INPUT, _eager, int8_cosine, min_cosine, onnx_file, ort_session
+from .onnx_export import INPUT, eager_embeddings, int8_cosine, min_cosine, onnx_file, ort_session
 
 BACKENDS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
 #: The int8 tower must keep this cosine to eager fp32 for ``auto`` to choose it.
@@ -148,7 +148,7 @@ def _measure(model: LoadedModel, candidates: dict) -> tuple[str, dict]:
     """Tiles/s of each candidate on a probe batch; bf16 must also keep the cosine. Returns (choice, figures)."""
     # the engine's batch size: a batch of 8 ranked int8 first on ViT-S/16 at 128 px where bf16 wins at 32
     x = model.probe_batch(32, seed=3)
-    reference = _eager(model, x)
+    reference = eager_embeddings(model, x)
     speed, cosine = {}, {}
     for name, make in candidates.items():
         runner = make()
