@@ -17,6 +17,13 @@ from . import __version__
 RUNNERS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
+#: Commands with their own parsers (``python -m tileprompt_backend.training.<module>`` under torchrun too).
+DELEGATED = {
+    "prepare-data": ("tileprompt_backend.training.prepare",
+                     "write a training dataset (BigEarthNet, class folders, your rasters + polygons) as shards"),
+    "train": ("tileprompt_backend.training.command",
+              "train models: patch (PAINT), align (Mind the Modality Gap); `tileprompt train --help`"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     mf = msub.add_parser("fetch", help="download the real weights of a model (needs internet)")
     mf.add_argument("name")
     mf.set_defaults(func=cmd_models_fetch)
+
+    # Training commands parse their own options (tileprompt_backend.training.command); listed here for --help.
+    for name, (_, text) in DELEGATED.items():
+        d = sub.add_parser(name, help=text, add_help=False)
+        d.add_argument("args", nargs=argparse.REMAINDER)
 
     s = sub.add_parser("serve", help="run the local HTTP service the QGIS plugin talks to",
                        description="Serve the /v1 API on the loopback interface with a fresh bearer token; the "
@@ -235,6 +247,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import Cancelled
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        if argv[0] == "train":
+            return module.train_main(argv[1:])
+        return module.main(argv[1:], prog=f"tileprompt {argv[0]}")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -19,7 +19,6 @@ the same raster (same band map and level) is dropped when the new one commits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,7 @@ import numpy as np
 from affine import Affine
 
 from .. import __version__
+from ..models.identity import file_sha256_cached, short_sha, weights_hash  # noqa: F401 (re-exported)
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -90,58 +90,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _sha(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+_sha = short_sha
 
 
 # --- keys ------------------------------------------------------------------------------------------------------
-
-def _memo_file() -> Path:
-    return cache_dir() / "index" / "weights-sha256.json"
-
-
-def file_sha256_cached(path: Path) -> str:
-    """sha256 of a weight file, remembered per (path, size, mtime) so big checkpoints are hashed once."""
-    from ..models.downloads import file_sha256
-
-    st = path.stat()
-    memo_key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    memo_path = _memo_file()
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if memo_key in memo:
-        return memo[memo_key]
-    digest = file_sha256(path)
-    memo[memo_key] = digest
-    try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=0))
-        tmp.replace(memo_path)
-    except OSError:
-        pass  # a read-only cache only costs re-hashing next time
-    return digest
-
-
-def weights_hash(card) -> str | None:
-    """Content hash of the card's weight files; seeded cards (no files) hash their seeds and library versions."""
-    from ..models.downloads import weight_paths
-
-    paths = weight_paths(card)
-    if paths is None:
-        return None
-    if paths:
-        return _sha(sorted((p.name, file_sha256_cached(p)) for p in paths))
-    import open_clip
-    import timm
-    import torch
-
-    from ..models.weights import SEEDS
-
-    return _sha({"seeds": SEEDS, "versions": [torch.__version__, timm.__version__, open_clip.__version__]})
-
 
 @dataclass(frozen=True)
 class ModelKey:

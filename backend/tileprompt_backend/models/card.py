@@ -54,6 +54,9 @@ class ModelCard:
     # where weight files named by the card can be downloaded from: {file: {"url", "sha256" (hex or prefix), "convert"}}
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # the embedding space the card's towers live in: "<teacher id>@<weights hash>"; a teacher and the students
+    # aligned to it share one (None: the card's own, see models.identity.space_of)
+    space: str | None = None
     path: Path | None = None  # the card's directory; None for cards not on disk
 
     # --- derived ---
@@ -70,6 +73,8 @@ class ModelCard:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
+        if d["space"] is None:
+            d.pop("space")  # cards without one keep their JSON (and card hash) as before
         d["input"]["bands"] = list(self.input.bands)
         return d
 
@@ -127,8 +132,11 @@ def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
         weights=data.get("weights"),
         sources={str(k): dict(v) for k, v in data.get("sources", {}).items()},
         provenance=dict(data.get("provenance", {})),
+        space=data.get("space"),
         path=path,
     )
+    if card.space is not None and (not isinstance(card.space, str) or not card.space.strip()):
+        raise ValueError(f"model card {where}: space must be a non-empty string, got {card.space!r}")
     if card.input.image_size <= 0 or card.input.tile_px <= 0:
         raise ValueError(f"model card {where}: image_size and tile_px must be positive")
     return card
