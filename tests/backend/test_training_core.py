@@ -3,6 +3,7 @@ the loop's resume and interrupt, and atomic card writing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,7 +23,7 @@ from tileprompt_backend.training.checkpoints import latest_checkpoint, list_chec
 from tileprompt_backend.training.data.samples import Sample
 from tileprompt_backend.training.distributed import Dist
 from tileprompt_backend.training.inputs import model_input
-from tileprompt_backend.training.loop import LoopConfig, Trainer, cosine_with_warmup
+from tileprompt_backend.training.loop import LoopConfig, Trainer, cosine_with_warmup, make_optimizer
 from tileprompt_backend.training.losses import alignment_loss, classification_loss, zero_shot_logits
 from tileprompt_backend.training.metrics import (chance_recall, cross_modal_recall, mean_average_precision,
                                                   recall_at_k, top1_accuracy)
@@ -36,6 +37,25 @@ def test_cosine_with_warmup_closed_form():
     assert cosine_with_warmup(8, 4, 12) == pytest.approx(0.5)  # half way through the cosine
     assert cosine_with_warmup(12, 4, 12) == pytest.approx(0.0)
     assert cosine_with_warmup(6, 4, 12) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 8)))
+
+
+def test_cosine_floor_and_optimizers():
+    # CMID's schedule ends at min_lr: floor = min_lr / lr
+    assert cosine_with_warmup(12, 4, 12, floor=0.1) == pytest.approx(0.1)
+    assert cosine_with_warmup(8, 4, 12, floor=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine_with_warmup(1, 4, 12, floor=0.1) == 0.5  # warm-up unchanged
+    module = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    module.no_weight_decay = lambda: {"0.weight"}
+    cfg = LoopConfig(total_steps=3, lr=0.1, weight_decay=0.02, warmup_steps=1, optimizer="adan", decay_filter=True)
+    opt = make_optimizer(module, cfg, torch.device("cpu"))
+    from timm.optim import Adan
+    assert isinstance(opt, Adan) and opt.defaults["betas"] == (0.98, 0.92, 0.99)
+    # every parameter is a bias, a norm or listed: nothing decays
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0] and len(opt.param_groups[0]["params"]) == 4
+    plain = make_optimizer(module, dataclasses.replace(cfg, optimizer="adamw", decay_filter=False), torch.device("cpu"))
+    assert isinstance(plain, torch.optim.AdamW) and plain.param_groups[0]["weight_decay"] == 0.02
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        make_optimizer(module, dataclasses.replace(cfg, optimizer="sgd"), torch.device("cpu"))
 
 
 def test_zero_shot_logits_and_classification_losses_by_hand():
@@ -173,7 +193,7 @@ def test_checkpoints_atomic_keep_and_weights_only(tmp_path):
 
 
 def _linear_run(run_dir: Path, total: int, interrupt_at: int | None = None, resume: bool = True,
-                key: str = "a") -> tuple[nn.Module, int]:
+                key: str = "a", seen: list[int] | None = None) -> tuple[nn.Module, int]:
     torch.manual_seed(0)
     module = nn.Linear(4, 2)
     cfg = LoopConfig(total_steps=total, lr=0.1, weight_decay=0.01, warmup_steps=2, log_every=1, checkpoint_every=100)
@@ -191,12 +211,14 @@ def _linear_run(run_dir: Path, total: int, interrupt_at: int | None = None, resu
             raise KeyboardInterrupt
         return F.mse_loss(model(x), x[:, :2]), {}
 
-    trainer.fit(batches(), loss_fn, steps_per_epoch=3)
+    trainer.fit(batches(), loss_fn, steps_per_epoch=3, after_step=None if seen is None else seen.append)
     return module, start
 
 
 def test_resume_after_interrupt_continues_at_the_same_step(tmp_path):
-    straight, _ = _linear_run(tmp_path / "a", 7)
+    seen: list[int] = []
+    straight, _ = _linear_run(tmp_path / "a", 7, seen=seen)
+    assert seen == list(range(1, 8))  # after_step runs after every optimizer step
     with pytest.raises(KeyboardInterrupt):
         _linear_run(tmp_path / "b", 7, interrupt_at=4)
     assert latest_checkpoint(tmp_path / "b").name == "step-00000004"

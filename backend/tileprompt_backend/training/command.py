@@ -54,8 +54,12 @@ def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, lr: float, weight_decay: float,
-                      warmup: int, grad_clip: float = 1.0, paper: str = "paper") -> None:
-    """The options every training has; the defaults given are the method's published recipe."""
+                      warmup: int | None, grad_clip: float = 1.0, paper: str = "paper") -> None:
+    """The options every training has; the defaults given are the method's published recipe.
+
+    ``warmup=None``: the method derives the warm-up from its own option (CMID: ``--warmup-epochs``) unless
+    ``--warmup-steps`` is given.
+    """
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="model card folder to write at the end")
     g.add_argument("--run-dir", help="checkpoints, metrics log and plots (default: OUT.run beside --out); "
@@ -85,11 +89,12 @@ def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, 
     o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs); the "
                                                  "schedule is fitted to the shorter run")
     o.add_argument("--limit", type=int, help="use only the first N samples of each split (smoke runs)")
-    o.add_argument("--lr", type=float, default=lr, help=f"peak learning rate, AdamW (default and {paper}: {lr:g})")
+    o.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default and {paper}: {lr:g})")
     o.add_argument("--weight-decay", type=float, default=weight_decay,
-                   help=f"AdamW weight decay (default and {paper}: {weight_decay:g})")
+                   help=f"weight decay (default and {paper}: {weight_decay:g})")
     o.add_argument("--warmup-steps", type=int, default=warmup,
-                   help=f"linear warm-up steps before the cosine decay (default and {paper}: {warmup})")
+                   help=f"linear warm-up steps before the cosine decay (default and {paper}: {warmup})"
+                   if warmup is not None else "linear warm-up steps before the cosine decay (default: see below)")
     o.add_argument("--grad-clip", type=float, default=grad_clip,
                    help=f"clip the gradient norm to this (0: off; default and {paper}: {grad_clip:g})")
     o.add_argument("--shuffle-buffer", type=int, default=1000,

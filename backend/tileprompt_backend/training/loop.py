@@ -1,9 +1,10 @@
-"""The training loop every method shares: AdamW, cosine schedule with linear warm-up, gradient clipping,
+"""The training loop every method shares: AdamW or Adan, cosine schedule with linear warm-up, gradient clipping,
 bf16 autocast on CUDA, DDP, progress and metrics log, checkpoints every N steps, resume, and Ctrl-C.
 
-A method supplies the trainable module and ``loss_fn(model, batch) -> (loss, metrics)``; the loop owns
-everything else. The schedule is the Mind the Modality Gap / PAINT one (method notes §2.7):
-lr = base x (step + 1) / warmup during warm-up, then base x 0.5 x (1 + cos(pi x e / E)) over the rest.
+A method supplies the trainable module and ``loss_fn(model, batch) -> (loss, metrics)`` (and optionally
+``after_step(step)``, e.g. an EMA teacher update); the loop owns everything else. The schedule is the Mind the
+Modality Gap / PAINT one (method notes §2.7): lr = base x (step + 1) / warmup during warm-up, then
+base x 0.5 x (1 + cos(pi x e / E)) over the rest; ``min_lr`` raises the floor of the cosine (CMID decays to 1e-6).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .runlog import RunLog
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp32")
+OPTIMIZERS = ("adamw", "adan")
 
 
 @dataclass
@@ -42,18 +44,46 @@ class LoopConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     compile: bool = False
+    optimizer: str = "adamw"  # "adamw" (torch) | "adan" (timm; CMID)
+    decay_filter: bool = False  # no weight decay on biases, norms and the module's no_weight_decay() (timm's rule)
+    min_lr: float = 0.0  # the cosine ends here instead of 0
+    broadcast_buffers: bool = True  # DDP copies rank 0's buffers every forward; off when ranks update them alike
 
 
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    """The learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up, then cosine to 0.
+def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up, then cosine to ``floor``.
 
-    Warm-up: (step + 1) / warmup for step < warmup; then 0.5 (1 + cos(pi (step - warmup) / (total - warmup))).
-    This is the reference's ``cosine_lr`` (MindTheModalityGap ``utils.py``, PAINT ``src/utils.py``).
+    Warm-up: (step + 1) / warmup for step < warmup; then floor + (1 - floor) 0.5 (1 + cos(pi (step - warmup) /
+    (total - warmup))). With floor 0 this is the reference's ``cosine_lr`` (MindTheModalityGap ``utils.py``, PAINT
+    ``src/utils.py``); CMID's ends at min_lr, i.e. floor = min_lr / lr.
     """
     if step < warmup:
         return (step + 1) / warmup
     rest = max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, rest) / rest))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, rest) / rest))
+
+
+def make_optimizer(module: nn.Module, config: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (torch) or Adan (timm, CMID's optimiser: betas 0.98/0.92/0.99, eps 1e-8) over the trainable parameters.
+
+    ``decay_filter`` leaves biases, 1-D parameters (norms) and the names in ``module.no_weight_decay()`` out of
+    weight decay, as timm's ``filter_bias_and_bn`` does (the CMID reference trains so).
+    """
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {config.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")
+    if config.decay_filter:
+        from timm.optim import param_groups_weight_decay
+
+        skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
+        groups = [g for g in param_groups_weight_decay(module, config.weight_decay, no_weight_decay_list=skip)
+                  if g["params"]]
+    else:
+        groups = [{"params": [p for p in module.parameters() if p.requires_grad]}]
+    if config.optimizer == "adan":
+        from timm.optim import Adan
+
+        return Adan(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -93,10 +123,10 @@ class Trainer:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: the module has no trainable parameters")
-        fused = d.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+        self.optimizer = make_optimizer(module, config, d.device)
+        floor = config.min_lr / config.lr if config.lr > 0 else 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: cosine_with_warmup(s, config.warmup_steps, config.total_steps))
+            self.optimizer, lambda s: cosine_with_warmup(s, config.warmup_steps, config.total_steps, floor))
         self.params = params
         self.step = 0
 
@@ -139,8 +169,12 @@ class Trainer:
                                keep=self.config.keep_checkpoints)
 
     # --- training -----------------------------------------------------------------------------------------------
-    def fit(self, batches: Iterator[list[Any]], loss_fn: LossFn, steps_per_epoch: int) -> LoopResult:
-        """Run optimizer steps ``self.step`` .. ``total_steps`` over ``batches`` (one per step, this rank's part)."""
+    def fit(self, batches: Iterator[list[Any]], loss_fn: LossFn, steps_per_epoch: int,
+            after_step: Callable[[int], None] | None = None) -> LoopResult:
+        """Run optimizer steps ``self.step`` .. ``total_steps`` over ``batches`` (one per step, this rank's part).
+
+        ``after_step(step)`` runs after each optimizer step (``step`` = steps done), before logging and saving.
+        """
         resumed_from = self.step
         total = self.config.total_steps
         if self.step >= total:
@@ -148,7 +182,8 @@ class Trainer:
         model: nn.Module = self.module
         if self.d.distributed:
             device_ids = [self.d.device.index] if self.d.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                        broadcast_buffers=self.config.broadcast_buffers)
         if self.config.compile:
             model = torch.compile(model)
         self.module.train()
@@ -168,6 +203,8 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
+                if after_step is not None:
+                    after_step(self.step)
                 epoch = (self.step - 1) // steps_per_epoch
                 if self.step % self.config.log_every == 0 or self.step == total:
                     values = {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
