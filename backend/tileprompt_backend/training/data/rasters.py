@@ -111,7 +111,8 @@ def tile_shares(info, tiles: Sequence[Tile], polygons: Polygons, classes: list[s
     return out
 
 
-def _slug(path: str) -> str:
+def raster_slug(path: str) -> str:
+    """A sample-key prefix for a raster: its name (letters, digits, '-', '_') and a hash of its full path."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).name).strip("_")[:40] or "raster"
     return f"{name}-{hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:6]}"
 
@@ -147,7 +148,7 @@ def iter_raster_tiles(rasters: Sequence[str | Path], tile_px: int, *, polygons: 
     for plan in plans:
         with open_raster(plan.raster, band_map=band_map, level=level) as src:
             info = src.info
-            slug = _slug(plan.raster)
+            slug = raster_slug(plan.raster)
             where = {t.id: i for i, t in enumerate(plan.tiles)}
             for tile, raw in read_tile_rows(src, plan.tiles, info.bands):
                 if nodata_fraction(raw, info.nodata) > MAX_NODATA_FRACTION:

@@ -35,7 +35,8 @@ def split_mode(n_files: int, world: int, limit: int | None) -> str:
     return "shard" if n_files >= world > 1 and limit is None else "sample"
 
 
-def _rng(*parts: int) -> np.random.Generator:
+def stream_rng(*parts: int) -> np.random.Generator:
+    """A generator seeded by a tuple of integers (seed, epoch, ...): the same on every rank and worker."""
     return np.random.default_rng([int(p) & 0xFFFFFFFF for p in parts])
 
 
@@ -61,16 +62,16 @@ def rank_stream(spec: DatasetSpec, split: str, *, epoch: int, rank: int, world: 
     mode = split_mode(len(files), world, limit)
     if mode == "shard":
         if shuffle:
-            files = [files[i] for i in _rng(seed, epoch, 1).permutation(len(files))]
+            files = [files[i] for i in stream_rng(seed, epoch, 1).permutation(len(files))]
         raw: Iterator[dict] = iter_raw(files[rank::world])
         if shuffle:
-            raw = buffer_shuffle(raw, buffer, _rng(seed, epoch, 2, rank))
+            raw = buffer_shuffle(raw, buffer, stream_rng(seed, epoch, 2, rank))
         return raw
     raw = iter_raw(files)
     if limit is not None:
         raw = itertools.islice(raw, limit)
     if shuffle:
-        raw = buffer_shuffle(raw, buffer, _rng(seed, epoch, 2))
+        raw = buffer_shuffle(raw, buffer, stream_rng(seed, epoch, 2))
     if world > 1:
         raw = (r for i, r in enumerate(raw) if i % world == rank)
     return raw
@@ -83,7 +84,7 @@ def split_size(spec: DatasetSpec, split: str, limit: int | None = None) -> int:
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """The augmentation generator of one sample in one epoch: the same on any rank and worker."""
-    return _rng(seed, epoch, zlib.crc32(key.encode()))
+    return stream_rng(seed, epoch, zlib.crc32(key.encode()))
 
 
 Transform = Callable[[Sample, np.random.Generator], Any]
