@@ -22,7 +22,7 @@ import torch
 from .. import __version__
 from ..models.card import CARD_FILE, ModelCard, card_from_dict, read_card, write_card
 from ..models.identity import weights_hash
-from ..models.weights import write_weights
+from ..models.weights import read_weights, write_weights
 
 #: ``provenance.software`` of every card a training run writes (how --overwrite knows a card is ours).
 TRAINER = "tileprompt training"
@@ -92,3 +92,22 @@ def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Ma
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return read_card(out)
+
+
+def text_tower_of(card: ModelCard) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """An ``aligned-s2`` ``text_tower`` entry for the text tower of ``card`` (a clip or aligned-s2 card), and the
+    tensors to write as ``text_tower.safetensors`` when that tower comes from a file rather than an open_clip tag.
+    """
+    if card.family == "aligned-s2":
+        spec = dict(card.text_tower)
+        if not spec.get("weights"):
+            return spec, None
+        return dict(spec, weights="text_tower.safetensors"), read_weights(card.file(spec["weights"]))
+    spec = ({"open_clip_config": card.image_tower["open_clip_config"]} if card.image_tower.get("open_clip_config")
+            else {"arch": card.image_tower["arch"]})
+    if card.pretrained:
+        return dict(spec, pretrained=card.pretrained), None
+    if not card.weights:
+        raise ValueError(f"model {card.id!r} names no weights: its text tower would be random")
+    text = {k: v for k, v in read_weights(card.file(card.weights)).items() if not k.startswith("visual.")}
+    return dict(spec, weights="text_tower.safetensors"), text
