@@ -23,6 +23,14 @@ BAND_GSD: dict[str, int] = {
 RGB_BANDS: tuple[str, str, str] = ("B04", "B03", "B02")
 #: Bands that may be zero-filled when a product lacks them (L2A has no B10).
 FILLABLE_BANDS: frozenset[str] = frozenset({"B10"})
+#: Per-band mean and standard deviation of L1C DN over 50k SSL4EO-S12 samples (Wang et al. 2022; method notes
+#: §2.11). CMID standardises its reconstruction targets with them so every band weighs alike in the loss.
+SSL4EO_L1C_MEAN: dict[str, float] = dict(zip(BANDS, (
+    1605.57504906, 1390.78157673, 1314.8729939, 1363.52445545, 1549.44374991, 2091.74883118, 2371.7172463,
+    2299.90463006, 2560.29504086, 830.06605044, 22.10351321, 2177.07172323, 1524.06546312)))
+SSL4EO_L1C_STD: dict[str, float] = dict(zip(BANDS, (
+    786.78685367, 850.34818441, 875.06484736, 1138.84957046, 1122.17775652, 1161.59187054, 1274.39184232,
+    1248.42891965, 1345.52684884, 577.31607053, 51.15431158, 1336.09932639, 1136.53823676)))
 
 _BAND_RE = re.compile(r"^B0*(\d{1,2})(A?)$", re.IGNORECASE)
 

@@ -25,7 +25,10 @@ EXIT_ERROR = 2
 EXIT_CANCELLED = 130
 
 #: ``tileprompt train METHOD``: the module that implements it (``main(argv, prog)``) and one line of help.
-METHODS: dict[str, tuple[str, str]] = {}
+METHODS: dict[str, tuple[str, str]] = {
+    "cmid": ("tileprompt_backend.training.cmid",
+             "CMID: self-supervised pre-training of a Sentinel-2 ViT (MIM + global MoCo + local distillation)"),
+}
 
 
 def train_main(argv: Sequence[str]) -> int:
