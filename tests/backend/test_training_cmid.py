@@ -377,6 +377,21 @@ def test_refuses_bad_input_before_any_work(ssl4eo, text_card, tmp_path, capsys):
     assert not (tmp_path / "card").exists()
 
 
+def test_trains_from_shards_with_avg_pooling_and_a_multi_label_probe(text_card, tmp_path):
+    data = synthetic_dataset(tmp_path / "shards", n=20, task="none", size=48)
+    probe_data = synthetic_dataset(tmp_path / "ml", n=24, task="multi-label", n_classes=3, size=48)
+    out = tmp_path / "card"
+    assert _train("--data", str(data), *TINY, "--max-steps", "2", "--global-pool", "avg", "--probe-data",
+                  str(probe_data), "--text-tower", str(text_card), "--out", str(out)) == 0
+    card = read_card(out)
+    assert card.image_tower["timm_kwargs"] == {**TINY_TIMM_KWARGS, "global_pool": "avg", "fc_norm": False}
+    assert card.provenance["data"]["kind"] == "shards" and card.provenance["data"]["samples"] == 16
+    assert card.provenance["probes"]["final"]["backbone"]["metric"] == "mAP"
+    backbone = load_model(out, device="cpu").image_tower.backbone
+    assert backbone.global_pool == "avg" and set(read_weights(out / "backbone.safetensors")) == set(
+        backbone.state_dict())
+
+
 def test_resume_after_interrupt_continues_to_the_same_weights(ssl4eo, text_card, tmp_path, monkeypatch):
     common = ["--rasters", str(ssl4eo), *TINY, "--max-steps", "4", "--checkpoint-every", "100",
               "--text-tower", str(text_card)]
