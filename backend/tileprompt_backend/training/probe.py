@@ -118,5 +118,6 @@ def probe(train: Features, test: Features, task: str, n_classes: int, k: int = D
     """Both probes; the metric is accuracy for multi-class tasks, mAP for multi-label ones."""
     if task not in ("multi-class", "multi-label"):
         raise ValueError(f"probing needs a labelled dataset (task {task!r})")
-    return {"knn": knn_score(train, test, task, n_classes, k), "linear": linear_probe_score(train, test, task, n_classes),
+    return {"knn": knn_score(train, test, task, n_classes, k),
+            "linear": linear_probe_score(train, test, task, n_classes),
             "metric": "accuracy" if task == "multi-class" else "mAP", "train": len(train.x), "test": len(test.x)}

@@ -22,7 +22,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ...models import load_model, resolve_card
@@ -66,8 +65,9 @@ def student_card_data(arch: str, timm_kwargs: dict[str, Any], bands: Sequence[st
     with a tiny seeded text tower that nothing uses, so that no text weights are needed to pre-train."""
     return {
         "id": "cmid-student", "family": "aligned-s2", "title": "CMID student at initialisation", "trained": False,
-        "input": {"modality": "s2", "level": "any", "bands": list(bands), "scale": {"divide": 10000.0, "clip": [0.0, 1.0]},
-                  "image_size": image_size, "tile_px": tile_px, "gsd_m": 10.0},
+        "input": {"modality": "s2", "level": "any", "bands": list(bands),
+                  "scale": {"divide": 10000.0, "clip": [0.0, 1.0]}, "image_size": image_size, "tile_px": tile_px,
+                  "gsd_m": 10.0},
         "image_tower": {"arch": arch, "in_chans": len(bands), "proj_dim": TINY_OPEN_CLIP["embed_dim"],
                         "timm_kwargs": timm_kwargs},
         "text_tower": {"open_clip_config": TINY_OPEN_CLIP}, "embed_dim": TINY_OPEN_CLIP["embed_dim"],
@@ -282,7 +282,8 @@ def run(args: argparse.Namespace):
     planned = max(1, round(args.epochs * steps_per_epoch))
     total = min(planned, args.max_steps) if args.max_steps else planned
     fraction = total / planned  # --max-steps shortens every schedule alike
-    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch * fraction)
+    warmup = (args.warmup_steps if args.warmup_steps is not None
+              else round(args.warmup_epochs * steps_per_epoch * fraction))
     temp_warmup = round(args.teacher_temperature_epochs * steps_per_epoch * fraction)
     if config.global_weight and config.queue_size > 2 * n_samples:
         log.warning("the MoCo queue (%d keys) is longer than two keys per training tile (%d tiles): keys of the "
