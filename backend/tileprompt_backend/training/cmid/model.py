@@ -80,6 +80,11 @@ def check_vit(vit: nn.Module, where: str) -> None:
                          f"{', '.join(missing)}); CMID here trains timm ViTs (vit_*, deit_* ...)")
 
 
+def pick(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(N, L, D) tokens at (N, P) indices -> (N, P, D)."""
+    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
 def mlp(dims: list[int], act: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -220,23 +225,22 @@ class CMIDNet(nn.Module):
             self.enqueue(torch.cat([k_b, k_a]))
 
         if cfg.local_weight:
-            grid = self.grid(views.shape[-2:])
-            centres = cell_centres(crops.transpose(0, 1).reshape(2 * n, -1), grid)
+            centres = cell_centres(crops.transpose(0, 1).reshape(2 * n, -1), self.grid(views.shape[-2:]))
             c_a, c_b = centres[:n], centres[n:]
-            s_local = self.student.local_head(tokens)  # (2n, L, K)
+            pairs = min(cfg.local_pairs, c_a.shape[1])
+            # student A with teacher B, and student B with teacher A; the heads are per feature, so only the
+            # matched features are projected (the reference also projects after matching)
+            i_ab, j_ab = match_positions(c_a, c_b, pairs)
+            i_ba, j_ba = match_positions(c_b, c_a, pairs)
+            s_local = self.student.local_head(torch.cat([pick(tokens[:n], i_ab), pick(tokens[n:], i_ba)]))
             with torch.no_grad():
-                t_local = self.teacher.local_head(t_tokens)
-            terms, teacher_means = [], []
-            for s, t, c_s, c_t in ((s_local[:n], t_local[n:], c_a, c_b), (s_local[n:], t_local[:n], c_b, c_a)):
-                i_s, i_t = match_positions(c_s, c_t, min(cfg.local_pairs, c_s.shape[1]))
-                s_m = s.gather(1, i_s[..., None].expand(-1, -1, s.shape[-1]))
-                t_m = t.gather(1, i_t[..., None].expand(-1, -1, t.shape[-1]))
-                terms.append(local_distillation_loss(s_m, t_m, self.center, cfg.student_temperature,
-                                                     teacher_temperature))
-                teacher_means.append(t_m.float().mean(dim=(0, 1)))
+                t_local = self.teacher.local_head(torch.cat([pick(t_tokens[n:], j_ab), pick(t_tokens[:n], j_ba)]))
+            terms = [local_distillation_loss(s_local[i * n:(i + 1) * n], t_local[i * n:(i + 1) * n], self.center,
+                                             cfg.student_temperature, teacher_temperature) for i in range(2)]
             parts["local"] = (terms[0] + terms[1]) / 2
             loss = loss + cfg.local_weight * parts["local"]
-            self.update_center(torch.stack(teacher_means))
+            self.update_center(torch.stack([t_local[:n].float().mean(dim=(0, 1)),
+                                            t_local[n:].float().mean(dim=(0, 1))]))
         return loss, {k: v.detach() for k, v in parts.items()}
 
     def grid(self, size) -> tuple[int, int]:
