@@ -307,6 +307,19 @@ def test_network_step_teacher_ema_and_branch_switches():
         CMIDNet(_tiny_vit(), 13, CMIDConfig(mim_weight=0, global_weight=0, local_weight=0))
 
 
+def test_bf16_autocast_step_keeps_losses_in_float32():
+    """The GPU path's precision (bf16 autocast) on the CPU: losses and prototype logits stay float32."""
+    net = CMIDNet(_tiny_vit(), 13, SMALL_CONFIG).train()
+    x, mask, crops = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = net(x, mask, crops, 0.04)
+        logits = net.student.local_head(torch.randn(2, 3, 32))
+    assert loss.dtype == torch.float32 and logits.dtype == torch.float32
+    assert all(torch.isfinite(v) for v in parts.values())
+    loss.backward()
+    assert net.mask_token.grad is not None and net.queue.dtype == torch.float32
+
+
 def test_reconstruction_is_a_per_patch_linear_map():
     net = CMIDNet(_tiny_vit(), 13, CMIDConfig(global_weight=0, local_weight=0))
     tokens = torch.zeros(1, 16, 32)

@@ -16,6 +16,7 @@ patch tokens with ``global_pool="avg"``), so the exported backbone pools exactly
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -80,6 +81,11 @@ def check_vit(vit: nn.Module, where: str) -> None:
                          f"{', '.join(missing)}); CMID here trains timm ViTs (vit_*, deit_* ...)")
 
 
+def full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``x``'s device: losses and the logits before them run in float32 under bf16 training."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def pick(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(N, L, D) tokens at (N, P) indices -> (N, P, D)."""
     return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
@@ -106,7 +112,9 @@ class LocalHead(nn.Module):
         nn.init.kaiming_uniform_(self.prototypes, a=5 ** 0.5)  # as the reference's Conv1d initialises its weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+        z = self.mlp(x)
+        with full_precision(z):  # cosines divided by temperatures of 0.04-0.1: bf16 rounding would show
+            return F.normalize(z.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T
 
 
 class Encoder(nn.Module):
@@ -199,9 +207,10 @@ class CMIDNet(nn.Module):
         if cfg.mim_weight:
             target = (views - self.target_mean.view(1, -1, 1, 1)) / self.target_std.view(1, -1, 1, 1)
             rec = self.reconstruct(tokens, views.shape[-2:])
-            terms = [mim_loss(rec[i * n:(i + 1) * n], target[i * n:(i + 1) * n], pix[i * n:(i + 1) * n],
-                              cfg.focal_alpha, cfg.focal_gamma, cfg.fft_weight, cfg.fft_alpha, cfg.fft_unmask_weight)
-                     for i in range(2)]
+            with full_precision(rec):
+                terms = [mim_loss(rec[i * n:(i + 1) * n], target[i * n:(i + 1) * n], pix[i * n:(i + 1) * n],
+                                  cfg.focal_alpha, cfg.focal_gamma, cfg.fft_weight, cfg.fft_alpha,
+                                  cfg.fft_unmask_weight) for i in range(2)]
             spatial = (terms[0][0] + terms[1][0]) / 2
             freq = (terms[0][1] + terms[1][1]) / 2
             parts.update(mim=spatial + freq, mim_spatial=spatial.detach(), mim_freq=freq.detach())
@@ -219,8 +228,9 @@ class CMIDNet(nn.Module):
             q_a, q_b = q[:n], q[n:]
             k_a, k_b = k[:n], k[n:]
             queue = self.queue.clone()
-            parts["global"] = (moco_infonce(q_a, k_b, queue, cfg.moco_temperature)
-                               + moco_infonce(q_b, k_a, queue, cfg.moco_temperature)) / 2
+            with full_precision(q):
+                parts["global"] = (moco_infonce(q_a, k_b, queue, cfg.moco_temperature)
+                                   + moco_infonce(q_b, k_a, queue, cfg.moco_temperature)) / 2
             loss = loss + cfg.global_weight * parts["global"]
             self.enqueue(torch.cat([k_b, k_a]))
 
@@ -235,8 +245,10 @@ class CMIDNet(nn.Module):
             s_local = self.student.local_head(torch.cat([pick(tokens[:n], i_ab), pick(tokens[n:], i_ba)]))
             with torch.no_grad():
                 t_local = self.teacher.local_head(torch.cat([pick(t_tokens[n:], j_ab), pick(t_tokens[:n], j_ba)]))
-            terms = [local_distillation_loss(s_local[i * n:(i + 1) * n], t_local[i * n:(i + 1) * n], self.center,
-                                             cfg.student_temperature, teacher_temperature) for i in range(2)]
+            with full_precision(s_local):
+                terms = [local_distillation_loss(s_local[i * n:(i + 1) * n], t_local[i * n:(i + 1) * n],
+                                                 self.center, cfg.student_temperature, teacher_temperature)
+                         for i in range(2)]
             parts["local"] = (terms[0] + terms[1]) / 2
             loss = loss + cfg.local_weight * parts["local"]
             self.update_center(torch.stack([t_local[:n].float().mean(dim=(0, 1)),
