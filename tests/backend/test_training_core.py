@@ -21,7 +21,7 @@ from tileprompt_backend.training.augment import ColorAug, Crop, apply_crop, colo
 from tileprompt_backend.training.cards import TRAINER, write_trained_card
 from tileprompt_backend.training.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from tileprompt_backend.training.data.samples import Sample
-from tileprompt_backend.training.distributed import Dist
+from tileprompt_backend.training.distributed import Dist, on_main
 from tileprompt_backend.training.inputs import model_input
 from tileprompt_backend.training.loop import LoopConfig, Trainer, cosine_with_warmup, make_optimizer
 from tileprompt_backend.training.losses import alignment_loss, classification_loss, zero_shot_logits
@@ -232,6 +232,16 @@ def test_resume_after_interrupt_continues_at_the_same_step(tmp_path):
         _linear_run(tmp_path / "b", 7, key="b")
     _, start = _linear_run(tmp_path / "b", 7, resume=False, key="b")
     assert start == 0
+
+
+def test_on_main_hands_rank_0s_result_or_error_to_every_rank():
+    assert on_main(Dist(), lambda: {"a": 1}) == {"a": 1}
+
+    def fail():
+        raise FileNotFoundError("no such scene")
+
+    with pytest.raises(ValueError, match="no such scene"):
+        on_main(Dist(), fail)
 
 
 def test_non_finite_loss_is_a_clear_error(tmp_path):

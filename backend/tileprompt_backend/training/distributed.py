@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,21 @@ def broadcast_object(d: Dist, obj: Any = None) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(d: Dist, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 only, its result handed to every rank; a ValueError (or a missing file) raised there
+    is raised on every rank with the same message, so no rank is left waiting in a collective that never comes."""
+    result, error = None, None
+    if d.main:
+        try:
+            result = fn()
+        except (ValueError, FileNotFoundError) as e:
+            error = str(e)
+    result, error = broadcast_object(d, (result, error))
+    if error is not None:
+        raise ValueError(error)
+    return result
 
 
 def gather_objects(d: Dist, obj: Any) -> list[Any]:
