@@ -36,7 +36,7 @@ from ..command import add_run_arguments, default_run_dir, parser_for, positive, 
 from ..data.scenes import DEFAULT_OPEN_SCENES, SceneStream, find_scenes
 from ..data.shards import open_dataset
 from ..data.stream import TrainStream, batches, split_size
-from ..distributed import Dist, barrier, broadcast_object, init_distributed, seed_everything
+from ..distributed import Dist, barrier, init_distributed, on_main, seed_everything
 from ..loop import LoopConfig, Trainer
 from ..probe import DEFAULT_K, band_statistics, dataset_features, probe
 from ..runlog import append_event, json_safe
@@ -96,8 +96,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     i.add_argument("--rasters", nargs="+", metavar="PATH",
                    help="rasters, product folders (SAFE, band-file folders) or folders searched for them; tiles "
                         "are cut on the fly, mostly-nodata tiles skipped")
-    i.add_argument("--tile", type=int, default=120, help="--rasters: tile size in pixels (default: 120, "
-                                                          "BigEarthNet's 1.2 km)")
+    i.add_argument("--tile", type=int, default=120,
+                   help="tile size in pixels of --rasters (default: 120, BigEarthNet's 1.2 km); also the card's "
+                        "default tile for --data without a manifest")
     i.add_argument("--stride", type=int, help="--rasters: pixels between tiles (default: the tile size)")
     i.add_argument("--band-map", help="--rasters: band names of multiband files without descriptions, in order")
     i.add_argument("--level", choices=["L1C", "L2A"], help="--rasters: processing level when it cannot be detected")
@@ -231,15 +232,18 @@ def run(args: argparse.Namespace):
 
     d = init_distributed(args.device)
     seed_everything(args.seed)
-    if d.main:
-        text_card = ensure_weights(text_card)  # first use downloads now, not after hours of training
     init_dir = run_dir / STUDENT_INIT
     tile_px = args.tile if args.rasters else int((spec.manifest.get("tile_sizes") or [[args.tile]])[0][0])
-    if d.main:
+
+    def prepare():
+        text = ensure_weights(text_card)  # first use downloads now, not after hours of training
         init_dir.mkdir(parents=True, exist_ok=True)
         write_card(card_from_dict(student_card_data(args.arch, timm_kwargs, bands, args.image_size, tile_px),
                                   init_dir), init_dir)
-    barrier(d)
+        load_model(init_dir, device="cpu")  # an arch or timm argument that cannot build fails here, on every rank
+        return text
+
+    text_card = on_main(d, prepare)
     student = load_model(init_dir, device="cpu")
     backbone = student.image_tower.backbone
     grid = (args.image_size // backbone.patch_embed.patch_size[0],) * 2
@@ -262,9 +266,8 @@ def run(args: argparse.Namespace):
                    "manifest": spec.manifest.get("created"), "samples": n_samples}
         scenes = None
     else:
-        found = broadcast_object(d, find_scenes(args.rasters, tile_px, args.stride, student.required_bands,
-                                                args.band_map.split(",") if args.band_map else None, args.level)
-                                 if d.main else None)
+        found = on_main(d, lambda: find_scenes(args.rasters, tile_px, args.stride, student.required_bands,
+                                               args.band_map.split(",") if args.band_map else None, args.level))
         for skipped in found.skipped[:10]:
             log.warning("skipped %s", skipped)
         scenes = found.scenes
