@@ -12,8 +12,9 @@ Steps (one entry of ``STEPS`` each; other trainings add theirs):
   losses, backward, optimizer, EMA. The batch is real: Major-TOM 120 px tiles made into views by the command's own
   ``ViewMaker`` (crop, flips, spectral augmentation, masks, the card's preprocessing). The same step is timed with
   each branch switched off (lambda = 0 removes its modules), so a branch's cost is the full step minus the step
-  without it; the rest (both backbones, mean fill, optimizer, EMA) is the shared part. The view pipeline's
-  samples/s per DataLoader worker is measured on its own (it runs in workers, beside the step).
+  without it; the rest (both backbones, augmentation, mean fill, optimizer, EMA) is the shared part. The view
+  pipeline's samples/s per DataLoader worker (crops, preprocessing, masks, drawing the augmentation) is measured on
+  its own (it runs in workers, beside the step).
 
 Method: one warm-up step per variant, then ``--rounds`` rounds in which every variant runs one step, the order
 rotating each round (load from other jobs on the shared machine hits all variants alike); medians per variant;
@@ -116,7 +117,7 @@ def bench_cmid(args: argparse.Namespace, device: str) -> dict:
     t0 = T()
     items = [maker(s, sample_rng(0, 0, s.key)) for s in samples]
     view_s = (T() - t0) / len(items)
-    batch = [torch.stack([it[k] for it in items]).to(device) for k in ("x", "mask", "crops")]
+    x, mask, crops = (torch.stack([it[k] for it in items]).to(device) for k in ("x", "mask", "crops"))
 
     precision = resolve_precision("auto", torch.device(device))
     mean, std = reconstruction_stats(student.card)
@@ -135,8 +136,10 @@ def bench_cmid(args: argparse.Namespace, device: str) -> dict:
     def step(name: str):
         def run():
             net, opt = nets[name], optimizers[name]
+            views = x.clone()
+            views[:, 1] = maker.augment(views[:, 1], items)  # in the step, as the command does
             with autocast(torch.device(device), precision):
-                loss, _ = net(*batch, 0.04)
+                loss, _ = net(views, mask, crops, 0.04)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

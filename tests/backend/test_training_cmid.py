@@ -33,7 +33,7 @@ from tileprompt_backend.training.cmid import losses as L
 from tileprompt_backend.training.cmid.geometry import cell_centres, crop_row, match_positions
 from tileprompt_backend.training.cmid.masking import block_mask, mean_fill, pixel_mask
 from tileprompt_backend.training.cmid.model import CMIDConfig, CMIDNet, vit_tokens
-from tileprompt_backend.training.cmid.views import SpectralAug, ViewMaker, spectral_augment
+from tileprompt_backend.training.cmid.views import SpectralAug, ViewMaker, apply_spectral, draw_spectral, gaussian_blur
 from tileprompt_backend.training.data.samples import Sample
 from tileprompt_backend.training.data.scenes import SceneStream, find_scenes, share
 from tileprompt_backend.training.data.stream import batches
@@ -237,21 +237,36 @@ def test_match_positions_keeps_the_closest_pairs():
 
 # --- views ---------------------------------------------------------------------------------------------------------
 
-def test_spectral_augment_per_band_gains_and_determinism():
+def _spectral(x: torch.Tensor, seed: int, aug: SpectralAug, **kw) -> torch.Tensor:
+    params = draw_spectral(np.random.default_rng(seed), aug, x.shape[0], x.shape[-1])
+    return apply_spectral(x[None], {k: v[None] for k, v in params.items()}, **kw)[0]
+
+
+def test_spectral_augmentation_per_band_gains_blur_noise_and_determinism():
     x = torch.full((13, 8, 8), 0.2)
     only_brightness = SpectralAug(p_jitter=1.0, brightness=0.4, contrast=0.0, band_spread=0.1, p_blur=0.0,
                                   p_noise=0.0)
-    out = spectral_augment(x, np.random.default_rng(1), only_brightness)
+    out = _spectral(x, 1, only_brightness)
     gains = out[:, 0, 0] / 0.2
     assert torch.all((gains > 0.6 * 0.9 - 1e-6) & (gains < 1.4 * 1.1 + 1e-6)) and gains.std() > 0  # per band
     assert torch.allclose(out, out[:, :1, :1].expand_as(out))  # a gain per band, the same over the tile
-    torch.testing.assert_close(out, spectral_augment(x, np.random.default_rng(1), only_brightness))
-    noisy = spectral_augment(x, np.random.default_rng(2), SpectralAug(p_jitter=0, p_blur=0, p_noise=1.0))
+    torch.testing.assert_close(out, _spectral(x, 1, only_brightness))
+    noisy = _spectral(x, 2, SpectralAug(p_jitter=0, p_blur=0, p_noise=1.0))
     assert 0.005 < float((noisy - x).std()) < 0.05 and noisy.min() >= 0
     mean, std = torch.full((13,), 0.1), torch.full((13,), 0.5)  # a card that normalises: augmented in its units
-    norm = (x - 0.1) / 0.5
-    same = spectral_augment(norm, np.random.default_rng(1), only_brightness, mean, std)
+    same = _spectral((x - 0.1) / 0.5, 1, only_brightness, mean=mean, std=std)
     torch.testing.assert_close(same * 0.5 + 0.1, out)
+    # the batched separable blur is torchvision's Gaussian blur, image by image (sigma 0: untouched)
+    from torchvision.transforms.v2 import functional as TF
+
+    imgs = torch.rand(3, 2, 16, 16)
+    sigmas = torch.tensor([0.0, 0.7, 1.5])
+    got = gaussian_blur(imgs, sigmas)
+    torch.testing.assert_close(got[0], imgs[0])
+    for i in (1, 2):
+        k = 2 * math.ceil(3 * float(sigmas[2])) + 1
+        ref = TF.gaussian_blur(imgs[i], kernel_size=[k, k], sigma=[float(sigmas[i])] * 2)
+        torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=1e-4)
 
 
 def test_view_maker_is_deterministic_and_uses_the_cards_preprocessing(tiny_models):
@@ -263,13 +278,14 @@ def test_view_maker_is_deterministic_and_uses_the_cards_preprocessing(tiny_model
     item = maker(sample, np.random.default_rng(7))
     again = maker(sample, np.random.default_rng(7))
     assert all(torch.equal(item[k], again[k]) for k in item)
+    second = maker.augment(item["x"][1:], [item])[0]  # what the training process does to the second view
+    assert second.shape == item["x"][1].shape and not torch.equal(second, item["x"][1])
     assert item["x"].shape == (2, 13, 32, 32) and item["mask"].shape == (2, 4, 4) and item["crops"].shape == (2, 6)
     assert int(item["mask"][0].sum()) == 4 * 2  # 2 of 4 blocks of 2 x 2 tokens
     top, left, h, w, hf, vf = item["crops"][0].tolist()
     view_a = apply_crop(image, Crop(int(top), int(left), int(h), int(w), bool(hf), bool(vf)))
     torch.testing.assert_close(item["x"][0], model_input(model, [view_a], [sample.info()])[0])  # view A: geometry only
     assert 0.5 * 48 * 48 - 1 <= h * w <= 48 * 48
-    assert not torch.equal(item["x"][1], item["x"][0])
 
 
 # --- the network ---------------------------------------------------------------------------------------------------

@@ -329,6 +329,7 @@ def run(args: argparse.Namespace):
     def loss_fn(model, batch):
         x, mask, crops = (torch.stack([item[k] for item in batch]).to(d.device, non_blocking=True)
                           for k in ("x", "mask", "crops"))
+        x[:, 1] = views.augment(x[:, 1], batch)
         tau = teacher_temperature(trainer.step, temp_warmup, args.teacher_temperature_start, args.teacher_temperature)
         return model(x, mask, crops, tau)
 

@@ -1,11 +1,13 @@
-"""CMID's two views of a tile (method notes §4.1), made in DataLoader workers from each sample's own generator.
+"""CMID's two views of a tile (method notes §4.1), drawn in DataLoader workers from each sample's own generator.
 
 Both views are random resized crops with flips of the raw tile (geometry recorded for the local branch), turned
 into model input by the card's own preprocessing (``inputs.model_input``: band selection, scaling, resize). The
 second view is then augmented spectrally, in the card's scaled units (reflectance for the aligned-s2 cards):
 brightness and contrast with a factor per band around a shared one, Gaussian blur and Gaussian noise. The
 reference's RGB-only tricks (hue, saturation, solarize, grayscale) have no multispectral meaning and are left out.
-Each view gets its own block mask (both are masked, as in the reference since Aug 2023).
+Each view gets its own block mask (both are masked, as in the reference since Aug 2023). Workers draw the
+augmentation's parameters; the training process applies them to the whole batch on its device
+(``ViewMaker.augment``), which is most of the per-sample work and nearly free on a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..augment import apply_crop, random_resized_crop, with_flips
 from ..data.samples import Sample
@@ -40,40 +43,81 @@ class SpectralAug:
     noise_std: tuple[float, float] = (math.sqrt(10.0) / 255.0, math.sqrt(50.0) / 255.0)
 
 
-def spectral_augment(x: torch.Tensor, rng: np.random.Generator, aug: SpectralAug = SpectralAug(),
-                     mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
-                     clip: tuple[float, float] | None = (0.0, 1.0)) -> torch.Tensor:
-    """Augment one (C, S, S) model input in its scaled units (``mean``/``std``: the card's normalisation,
-    undone first and redone last; ``clip``: the card's value range, kept)."""
-    c, size = x.shape[0], x.shape[-1]
-    u = x * std.view(-1, 1, 1) + mean.view(-1, 1, 1) if mean is not None and std is not None else x.clone()
-    if rng.random() < aug.p_jitter:
-        for op in rng.permutation(2):
-            strength = aug.brightness if op == 0 else aug.contrast
-            factor = rng.uniform(1 - strength, 1 + strength) * (1 + rng.uniform(-aug.band_spread, aug.band_spread, c))
-            factor = torch.from_numpy(factor.astype(np.float32)).view(-1, 1, 1)
-            if op == 0:
-                u = u * factor
-            else:
-                centre = u.mean(dim=(1, 2), keepdim=True)
-                u = centre + factor * (u - centre)
-            if clip is not None:
-                u = u.clamp(*clip)
-    if rng.random() < aug.p_blur:
-        from torchvision.transforms.v2 import functional as TF
+def draw_spectral(rng: np.random.Generator, aug: SpectralAug, channels: int, size: int) -> dict[str, torch.Tensor]:
+    """One view's augmentation parameters, drawn from the sample's generator (identity where a step is skipped).
 
-        sigma = float(rng.uniform(*aug.blur_sigma)) * size / REFERENCE_SIZE
-        kernel = 2 * math.ceil(3 * sigma) + 1
-        if kernel > 1:
-            u = TF.gaussian_blur(u[None], kernel_size=[kernel, kernel], sigma=[sigma, sigma])[0]
+    ``gain``/``contrast`` (C,): brightness and contrast factors per band (a shared draw times a per-band one),
+    applied in random order (``contrast_first``); ``sigma``: blur in pixels of the ``size`` px input (0: none);
+    ``noise_std`` (0: none) and ``noise_seed`` of the additive Gaussian noise.
+    """
+    factors = {0: np.ones(channels), 1: np.ones(channels)}
+    contrast_first = False
+    if rng.random() < aug.p_jitter:
+        order = rng.permutation(2)
+        contrast_first = bool(order[0] == 1)
+        for op in order:
+            strength = aug.brightness if op == 0 else aug.contrast
+            factors[int(op)] = rng.uniform(1 - strength, 1 + strength) * (
+                1 + rng.uniform(-aug.band_spread, aug.band_spread, channels))
+    sigma = float(rng.uniform(*aug.blur_sigma)) * size / REFERENCE_SIZE if rng.random() < aug.p_blur else 0.0
+    noise_std, noise_seed = 0.0, 0
     if rng.random() < aug.p_noise:
-        noise_std = float(rng.uniform(*aug.noise_std))
-        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        u = u + noise_std * torch.randn(u.shape, generator=g)
-        if clip is not None:
-            u = u.clamp(*clip)
-    if mean is not None and std is not None:
-        u = (u - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+        noise_std, noise_seed = float(rng.uniform(*aug.noise_std)), int(rng.integers(2**62))
+    return {"gain": torch.tensor(factors[0], dtype=torch.float32),
+            "contrast": torch.tensor(factors[1], dtype=torch.float32),
+            "contrast_first": torch.tensor(contrast_first), "sigma": torch.tensor(sigma, dtype=torch.float32),
+            "noise_std": torch.tensor(noise_std, dtype=torch.float32),
+            "noise_seed": torch.tensor(noise_seed, dtype=torch.int64)}
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images blurred with a Gaussian of ``sigma`` (N,) px each (0: unchanged): separable, reflect
+    padding, taps to 3 sigma (torchvision's kernel shape)."""
+    radius = int(math.ceil(3 * float(sigma.max()))) if len(sigma) else 0
+    if radius == 0:
+        return x
+    n, c, h, w = x.shape
+    radius = min(radius, h - 1, w - 1)
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    s = sigma.to(x.device, x.dtype).clamp_min(1e-6)[:, None]
+    kernel = torch.softmax(-(taps[None, :] ** 2) / (2 * s ** 2), dim=1)  # (N, k), sums to 1; sigma 0: a delta
+    kernel = kernel.repeat_interleave(c, dim=0)  # one kernel per image and band
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+def apply_spectral(x: torch.Tensor, params: dict[str, torch.Tensor], mean: torch.Tensor | None = None,
+                   std: torch.Tensor | None = None, clip: tuple[float, float] | None = (0.0, 1.0)) -> torch.Tensor:
+    """Augment a batch of (N, C, S, S) model inputs with :func:`draw_spectral` parameters (stacked per key), on
+    whatever device ``x`` is; in the card's scaled units (``mean``/``std`` undone first and redone last, values kept
+    in ``clip``)."""
+    dev = x.device
+    p = {k: v.to(dev) for k, v in params.items()}
+    u = x * std.to(dev).view(1, -1, 1, 1) + mean.to(dev).view(1, -1, 1, 1) if mean is not None else x
+
+    def keep(v):
+        return v.clamp(*clip) if clip is not None else v
+
+    def brighten(v):
+        return keep(v * p["gain"][:, :, None, None])
+
+    def contrast(v):
+        centre = v.mean(dim=(2, 3), keepdim=True)
+        return keep(centre + p["contrast"][:, :, None, None] * (v - centre))
+
+    u = torch.where(p["contrast_first"].view(-1, 1, 1, 1), brighten(contrast(u)), contrast(brighten(u)))
+    u = gaussian_blur(u, p["sigma"])
+    noisy = torch.nonzero(p["noise_std"] > 0).flatten().tolist()
+    if noisy:
+        noise = torch.zeros_like(u)
+        for i in noisy:
+            g = torch.Generator(device=dev).manual_seed(int(p["noise_seed"][i]))
+            noise[i] = torch.randn(u.shape[1:], generator=g, device=dev, dtype=u.dtype) * p["noise_std"][i]
+        u = keep(u + noise)
+    if mean is not None:
+        u = (u - mean.to(dev).view(1, -1, 1, 1)) / std.to(dev).view(1, -1, 1, 1)
     return u
 
 
@@ -102,11 +146,18 @@ class ViewMaker:
                             self.p_vflip) for _ in range(2)]
         info = sample.info()
         x = model_input(self.model, [apply_crop(image, c) for c in crops], [info, info])
+        masks = np.stack([block_mask(rng, self.grid, self.mask_block, self.mask_ratio) for _ in range(2)])
+        aug = draw_spectral(rng, self.aug, x.shape[1], x.shape[-1])
+        return {"x": x, "mask": torch.from_numpy(masks),
+                "crops": torch.tensor([crop_row(c) for c in crops], dtype=torch.float32),
+                **{f"aug_{k}": v for k, v in aug.items()}}
+
+    def augment(self, x: torch.Tensor, batch: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The second views of a batch, ``x`` (N, C, S, S) on any device, augmented with their items' parameters
+        (in the training process: on the GPU there, where it costs nothing beside the step)."""
+        params = {k[4:]: torch.stack([item[k] for item in batch]) for k in batch[0] if k.startswith("aug_")}
         inp = self.model.card.input
         mean = torch.tensor(self.model.mean, dtype=torch.float32) if self.model.mean is not None else None
         std = torch.tensor(self.model.std, dtype=torch.float32) if self.model.std is not None else None
         clip = tuple(inp.scale["clip"]) if inp.scale.get("clip") is not None else None
-        x[1] = spectral_augment(x[1], rng, self.aug, mean, std, clip)
-        masks = np.stack([block_mask(rng, self.grid, self.mask_block, self.mask_ratio) for _ in range(2)])
-        return {"x": x, "mask": torch.from_numpy(masks),
-                "crops": torch.tensor([crop_row(c) for c in crops], dtype=torch.float32)}
+        return apply_spectral(x, params, mean, std, clip)
