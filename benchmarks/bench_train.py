@@ -106,7 +106,7 @@ def bench_cmid(args: argparse.Namespace, device: str) -> dict:
         student = load_model(folder, device="cpu")
     patch = student.image_tower.backbone.patch_embed.patch_size[0]
     grid = (size // patch, size // patch)
-    maker = ViewMaker(student, grid, mask_block=32 // patch)
+    maker = ViewMaker(student, grid, mask_block=32 // patch, augment_in_worker=device == "cpu")
     scenes = find_scenes([CELL], tile).scenes
     samples = []
     for s in interleave_scenes(scenes, tile, None, student.required_bands, 1):

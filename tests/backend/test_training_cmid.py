@@ -274,12 +274,17 @@ def test_view_maker_is_deterministic_and_uses_the_cards_preprocessing(tiny_model
     rng = np.random.default_rng(0)
     image = rng.integers(0, 5000, (13, 48, 48)).astype(np.float32)
     sample = Sample("k1", image, BANDS, "L1C")
-    maker = ViewMaker(model, (4, 4), mask_block=2, mask_ratio=0.5, aug=SpectralAug(p_jitter=1.0))
+    maker = ViewMaker(model, (4, 4), mask_block=2, mask_ratio=0.5, aug=SpectralAug(p_jitter=1.0),
+                      augment_in_worker=False)
     item = maker(sample, np.random.default_rng(7))
     again = maker(sample, np.random.default_rng(7))
     assert all(torch.equal(item[k], again[k]) for k in item)
-    second = maker.augment(item["x"][1:], [item])[0]  # what the training process does to the second view
+    second = maker.augment(item["x"][1:], [item])[0]  # what the training process does to the second view (GPUs)
     assert second.shape == item["x"][1].shape and not torch.equal(second, item["x"][1])
+    in_worker = ViewMaker(model, (4, 4), mask_block=2, mask_ratio=0.5, aug=SpectralAug(p_jitter=1.0))
+    done = in_worker(sample, np.random.default_rng(7))  # CPUs: the worker augments, with the same result
+    torch.testing.assert_close(done["x"][1], second)
+    assert torch.equal(in_worker.augment(done["x"][1:], [done]), done["x"][1:])
     assert item["x"].shape == (2, 13, 32, 32) and item["mask"].shape == (2, 4, 4) and item["crops"].shape == (2, 6)
     assert int(item["mask"][0].sum()) == 4 * 2  # 2 of 4 blocks of 2 x 2 tokens
     top, left, h, w, hf, vf = item["crops"][0].tolist()

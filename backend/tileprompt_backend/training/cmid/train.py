@@ -257,7 +257,7 @@ def run(args: argparse.Namespace):
     flips = {"hv": (0.5, 0.5), "h": (0.5, 0.0), "none": (0.0, 0.0)}[args.flips]
     views = ViewMaker(student, grid, args.mask_block // patch, args.mask_ratio, crop_scale, p_hflip=flips[0],
                       p_vflip=flips[1], aug=SpectralAug(p_jitter=0.0, p_blur=0.0, p_noise=0.0)
-                      if args.no_spectral_aug else SpectralAug())
+                      if args.no_spectral_aug else SpectralAug(), augment_in_worker=d.device.type == "cpu")
 
     # data and schedule
     if spec is not None:

@@ -6,8 +6,8 @@ second view is then augmented spectrally, in the card's scaled units (reflectanc
 brightness and contrast with a factor per band around a shared one, Gaussian blur and Gaussian noise. The
 reference's RGB-only tricks (hue, saturation, solarize, grayscale) have no multispectral meaning and are left out.
 Each view gets its own block mask (both are masked, as in the reference since Aug 2023). Workers draw the
-augmentation's parameters; the training process applies them to the whole batch on its device
-(``ViewMaker.augment``), which is most of the per-sample work and nearly free on a GPU.
+augmentation's parameters; on GPUs the training process applies them to the whole batch on its device
+(``ViewMaker.augment``: most of the per-sample work, nearly free there), on CPUs the workers apply them.
 """
 
 from __future__ import annotations
@@ -46,27 +46,22 @@ class SpectralAug:
 def draw_spectral(rng: np.random.Generator, aug: SpectralAug, channels: int, size: int) -> dict[str, torch.Tensor]:
     """One view's augmentation parameters, drawn from the sample's generator (identity where a step is skipped).
 
-    ``gain``/``contrast`` (C,): brightness and contrast factors per band (a shared draw times a per-band one),
-    applied in random order (``contrast_first``); ``sigma``: blur in pixels of the ``size`` px input (0: none);
-    ``noise_std`` (0: none) and ``noise_seed`` of the additive Gaussian noise.
+    ``gain``/``contrast`` (C,): brightness and contrast factors per band (a shared draw times a per-band one);
+    ``sigma``: blur in pixels of the ``size`` px input (0: none); ``noise_std`` (0: none) and ``noise_seed`` of the
+    additive Gaussian noise.
     """
-    factors = {0: np.ones(channels), 1: np.ones(channels)}
-    contrast_first = False
+    gain, contrast = np.ones(channels), np.ones(channels)
     if rng.random() < aug.p_jitter:
-        order = rng.permutation(2)
-        contrast_first = bool(order[0] == 1)
-        for op in order:
-            strength = aug.brightness if op == 0 else aug.contrast
-            factors[int(op)] = rng.uniform(1 - strength, 1 + strength) * (
-                1 + rng.uniform(-aug.band_spread, aug.band_spread, channels))
+        gain = rng.uniform(1 - aug.brightness, 1 + aug.brightness) * (
+            1 + rng.uniform(-aug.band_spread, aug.band_spread, channels))
+        contrast = rng.uniform(1 - aug.contrast, 1 + aug.contrast) * (
+            1 + rng.uniform(-aug.band_spread, aug.band_spread, channels))
     sigma = float(rng.uniform(*aug.blur_sigma)) * size / REFERENCE_SIZE if rng.random() < aug.p_blur else 0.0
     noise_std, noise_seed = 0.0, 0
     if rng.random() < aug.p_noise:
         noise_std, noise_seed = float(rng.uniform(*aug.noise_std)), int(rng.integers(2**62))
-    return {"gain": torch.tensor(factors[0], dtype=torch.float32),
-            "contrast": torch.tensor(factors[1], dtype=torch.float32),
-            "contrast_first": torch.tensor(contrast_first), "sigma": torch.tensor(sigma, dtype=torch.float32),
-            "noise_std": torch.tensor(noise_std, dtype=torch.float32),
+    return {"gain": torch.tensor(gain, dtype=torch.float32), "contrast": torch.tensor(contrast, dtype=torch.float32),
+            "sigma": torch.tensor(sigma, dtype=torch.float32), "noise_std": torch.tensor(noise_std, dtype=torch.float32),
             "noise_seed": torch.tensor(noise_seed, dtype=torch.int64)}
 
 
@@ -100,14 +95,10 @@ def apply_spectral(x: torch.Tensor, params: dict[str, torch.Tensor], mean: torch
     def keep(v):
         return v.clamp(*clip) if clip is not None else v
 
-    def brighten(v):
-        return keep(v * p["gain"][:, :, None, None])
-
-    def contrast(v):
-        centre = v.mean(dim=(2, 3), keepdim=True)
-        return keep(centre + p["contrast"][:, :, None, None] * (v - centre))
-
-    u = torch.where(p["contrast_first"].view(-1, 1, 1, 1), brighten(contrast(u)), contrast(brighten(u)))
+    # brightness g and contrast c about each band's mean m: g (m + c (u - m)), the same in either order
+    gain, contrast = p["gain"][:, :, None, None], p["contrast"][:, :, None, None]
+    centre = u.mean(dim=(2, 3), keepdim=True)
+    u = keep(gain * (centre + contrast * (u - centre)))
     u = gaussian_blur(u, p["sigma"])
     noisy = torch.nonzero(p["noise_std"] > 0).flatten().tolist()
     if noisy:
@@ -138,6 +129,7 @@ class ViewMaker:
     p_hflip: float = 0.5
     p_vflip: float = 0.5
     aug: SpectralAug = SpectralAug()
+    augment_in_worker: bool = True  # False: the training process augments the batch on its device (GPUs)
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         image = np.asarray(sample.image)
@@ -147,15 +139,20 @@ class ViewMaker:
         info = sample.info()
         x = model_input(self.model, [apply_crop(image, c) for c in crops], [info, info])
         masks = np.stack([block_mask(rng, self.grid, self.mask_block, self.mask_ratio) for _ in range(2)])
-        aug = draw_spectral(rng, self.aug, x.shape[1], x.shape[-1])
-        return {"x": x, "mask": torch.from_numpy(masks),
+        item = {"x": x, "mask": torch.from_numpy(masks),
                 "crops": torch.tensor([crop_row(c) for c in crops], dtype=torch.float32),
-                **{f"aug_{k}": v for k, v in aug.items()}}
+                **{f"aug_{k}": v for k, v in draw_spectral(rng, self.aug, x.shape[1], x.shape[-1]).items()}}
+        if self.augment_in_worker:
+            x[1] = self.augment(x[1:], [item])[0]
+            item = {k: v for k, v in item.items() if not k.startswith("aug_")}
+        return item
 
     def augment(self, x: torch.Tensor, batch: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """The second views of a batch, ``x`` (N, C, S, S) on any device, augmented with their items' parameters
-        (in the training process: on the GPU there, where it costs nothing beside the step)."""
+        """The second views ``x`` (N, C, S, S) of a batch, on any device, augmented with their items' parameters;
+        unchanged when the workers augmented them already. On the CPU both places give the same result."""
         params = {k[4:]: torch.stack([item[k] for item in batch]) for k in batch[0] if k.startswith("aug_")}
+        if not params:
+            return x
         inp = self.model.card.input
         mean = torch.tensor(self.model.mean, dtype=torch.float32) if self.model.mean is not None else None
         std = torch.tensor(self.model.std, dtype=torch.float32) if self.model.std is not None else None
