@@ -2,7 +2,7 @@
 """CMID on the real samples, one command: pre-train a tiny ViT on every real tile, then compare its features with
 the same network at random init and with per-band statistics.
 
-    .venv/bin/python benchmarks/cmid_real_data.py [--steps 300] [--work /tmp/cmid-real]
+    .venv/bin/python benchmarks/cmid_real_data.py [--minutes 12 | --steps N] [--work /tmp/cmid-real]
                                                  [--out benchmarks/results/cmid-real-cpu.json]
 
 1. Inputs (../shared/data beside the checkout): every Sentinel-2 raster there (eo-box L1C scene, Major-TOM L2A
@@ -10,7 +10,8 @@ the same network at random init and with per-band statistics.
    ``train cmid --rasters``, plus the eo-learn five dates (a numpy cube) written as georeferenced GeoTIFFs first.
 2. ``tileprompt train cmid`` on 32 px tiles at 32 px input: a ViT of depth 4, width 64, 4 heads, 4 px patches
    (8 x 8 tokens), heads scaled down (projectors 256, 256 prototypes, queue 1024, 26 matched pairs = 20/49 of the
-   grid, 8 px mask blocks), Adan, batch 64, ``--steps`` steps with the paper's schedule shape. Loss curves -> PNG.
+   grid, 8 px mask blocks), Adan, batch 64, the paper's schedule shape over as many steps as fit ``--minutes``
+   (timed on 8 steps first; ``--steps`` fixes the count). Loss curves -> PNG.
 3. Linear probe and kNN (k = 10, cosine) on the eo-box OSM land-use tiles (``prepare-data rasters`` with the
    polygons at 32 px, spatial split by 4 x 4 blocks): fitted on train, scored on val + test, for the CMID
    backbone, the same network at its random init (the run's start), and per-band mean/std of the tile (26
@@ -143,7 +144,9 @@ def loss_plot(rows: list[dict], path: Path) -> str | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300, help="pre-training steps of 64 tiles (default: 300)")
+    p.add_argument("--minutes", type=float, default=12.0,
+                   help="pre-training budget: the step count is set from a short timed run (default: 12 minutes)")
+    p.add_argument("--steps", type=int, help="pre-training steps of 64 tiles (default: what fits --minutes)")
     p.add_argument("--work", type=Path, default=Path("/tmp/cmid-real"), help="scratch folder (replaced)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cmid-real-cpu.json")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the pre-training (default: 1)")
@@ -181,10 +184,25 @@ def main(argv=None) -> int:
     times["prepare_s"] = round(time.time() - t0, 1)
 
     out = args.work / "cmid"
-    train_argv = ["train", "cmid", "--rasters", str(DATA), str(args.work / "eolearn"), "--tile", str(TILE),
-                  "--image-size", str(TILE), "--timm-kwargs", json.dumps(TINY_VIT), *HEADS, "--batch-size", "64",
-                  "--max-steps", str(args.steps), "--log-every", "5", "--checkpoint-every", "100",
-                  "--workers", str(args.workers), "--text-tower", str(text), "--out", str(out)]
+
+    def train_argv(steps: int, folder: Path, log_every: int = 5) -> list[str]:
+        return ["train", "cmid", "--rasters", str(DATA), str(args.work / "eolearn"), "--tile", str(TILE),
+                "--image-size", str(TILE), "--timm-kwargs", json.dumps(TINY_VIT), *HEADS, "--batch-size", "64",
+                "--max-steps", str(steps), "--log-every", str(log_every), "--checkpoint-every", "100",
+                "--workers", str(args.workers), "--text-tower", str(text), "--out", str(folder), "--quiet"]
+
+    if args.steps is None:  # time a few steps (after start-up and the first steps) and fit the run to the budget
+        t0 = time.time()
+        if cli(train_argv(8, args.work / "calibration", log_every=4)):
+            return 1
+        rows = [r for r in read_metrics(args.work / "calibration.run") if r["kind"] == "train"]
+        step_s = 64 / rows[-1]["samples_per_s"]
+        start_s = time.time() - t0 - 8 * step_s
+        args.steps = max(10, int((args.minutes * 60 - start_s) / step_s))
+        times["calibration_s"] = round(time.time() - t0, 1)
+        print(f"calibration: {step_s:.2f} s/step, start-up {start_s:.0f} s -> {args.steps} steps in "
+              f"{args.minutes:g} min", flush=True)
+    train_argv = train_argv(args.steps, out)
     print("+ tileprompt " + " ".join(train_argv), flush=True)
     t0 = time.time()
     rc = cli(train_argv)
