@@ -175,7 +175,7 @@ class CMIDNet(nn.Module):
         return self
 
     def no_weight_decay(self) -> set[str]:
-        """Names left out of weight decay with --decay-filter: the mask token and the ViT's own (pos/cls tokens)."""
+        """Names the optimiser's decay filter leaves out of weight decay: the mask token and the ViT's own tokens."""
         own = getattr(self.student.backbone, "no_weight_decay", lambda: set())()
         return {"mask_token"} | {f"student.backbone.{n}" for n in own}
 
