@@ -43,7 +43,7 @@ from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query,
 from .prompts import PromptError, parse_prompts, prompts_to_request
 from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_graduated, \
     style_pseudocolor
-from .runs import new_output, plan_search, prepare_raster, raster_input_from_layer
+from .runs import plan_search, prepare_raster, raster_input_from_layer
 from .settings import ICON_PATH, Key
 
 LEVELS = [None, "L1C", "L2A"]
@@ -83,6 +83,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         self._requests: list = []
         self._outputs: dict = {}
         self._styles: dict = {}  # output parameter -> (layer name in the GeoPackage or None, styler)
+        self._to_load: dict = {}  # output file -> QgsProcessingContext.LayerDetails (from prepareAlgorithm)
         self._succeeded = False
 
     # --- QgsProcessingAlgorithm boilerplate --------------------------------------------------------------
@@ -155,13 +156,32 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         except ValueError as exc:
             raise QgsProcessingException(str(exc)) from None
 
-    def _output_path(self, parameters, name, context, stem, suffix=".gpkg") -> str:
+    def _destination(self, parameters, name, context) -> str:
+        """The file of destination parameter ``name``; remembers how QGIS is to load it (see _register_layers)."""
         path = self.parameterAsOutputLayer(parameters, name, context)
-        if not path:
-            return ""
-        if suffix == ".gpkg" and not path.lower().endswith(".gpkg"):
+        if path and context.willLoadLayerOnCompletion(path):
+            details = context.layerToLoadOnCompletionDetails(path)
+            copy = QgsProcessingContext.LayerDetails(details.name, details.project, details.outputName)
+            copy.layerTypeHint, copy.forceName = details.layerTypeHint, details.forceName
+            self._to_load[path] = copy
+        return path
+
+    def _register_layers(self, context) -> None:
+        """Register the outputs to load on ``context`` too.
+
+        The toolbox dialog runs prepareAlgorithm on its own context and processAlgorithm in a worker thread on a
+        temporary one, whose layers *replace* the dialog's when the run ends (QgsProcessingContext.
+        takeResultsFrom): registered only in prepareAlgorithm, the results were silently never loaded.
+        processing.run/runAndLoadResults use one context throughout, where this changes nothing."""
+        for path, details in self._to_load.items():
+            if not context.willLoadLayerOnCompletion(path):
+                context.addLayerToLoadOnCompletion(path, details)
+
+    def _output_path(self, parameters, name, context) -> str:
+        path = self._destination(parameters, name, context)
+        if not path.lower().endswith(".gpkg"):
             raise QgsProcessingException(tr("Save the result as a GeoPackage (.gpkg), not {path}").format(path=path))
-        return path or new_output(self.session.settings.cache_dir() / "results", stem, suffix)
+        return path
 
     def _connect(self):
         try:
@@ -171,6 +191,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
 
     # --- running ------------------------------------------------------------------------------------------
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (worker thread)
+        self._register_layers(context)
         last = {"text": ""}
 
         def report(index, count, status):
@@ -282,7 +303,7 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
             templates=self.parameterAsFile(parameters, self.TEMPLATES, context) or None, area=area, tile_px=tile,
             overlap_px=overlap, multi_label=self.parameterAsBoolean(parameters, self.MULTI_LABEL, context),
             threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context))
-        out = self._output_path(parameters, self.OUTPUT, context, raster.layer_name + "_tiles")
+        out = self._output_path(parameters, self.OUTPUT, context)
         model_tile = self.session.model_info(self.params.model).get("tile_px")
         self._connect()
         try:
@@ -320,7 +341,7 @@ class _SearchBase(TilePromptAlgorithm):
         self.addParameter(QgsProcessingParameterRasterDestination(
             self.HEATMAP, tr("Similarity heat map"), optional=True, createByDefault=False))
 
-    def _prepare_search(self, parameters, context, query: Query, stem: str):
+    def _prepare_search(self, parameters, context, query: Query):
         raster = self._raster_input(parameters, context)
         tile, overlap = self._tiles(parameters, context)
         fuse = Fuse.MEAN
@@ -329,8 +350,8 @@ class _SearchBase(TilePromptAlgorithm):
         self.params = SearchParameters(raster=raster, query=query, model=self._model(parameters, context),
                                        tile_px=tile, overlap_px=overlap,
                                        k=self.parameterAsInt(parameters, self.K, context), fuse=fuse)
-        out = self._output_path(parameters, self.OUTPUT, context, stem)
-        heatmap = self.parameterAsOutputLayer(parameters, self.HEATMAP, context) or None
+        out = self._output_path(parameters, self.OUTPUT, context)
+        heatmap = self._destination(parameters, self.HEATMAP, context) or None
         index_dir = self.parameterAsFile(parameters, self.INDEX, context) or None
         self._connect()
         try:
@@ -383,8 +404,7 @@ class FindSimilarAlgorithm(_SearchBase):
         if not wkts:
             raise QgsProcessingException(tr("The query layer has no (selected) features."))
         query = Query(wkts, compat.crs_to_string(source.sourceCrs()))
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        return self._prepare_search(parameters, context, query, (layer.name() if layer else "raster") + "_similar")
+        return self._prepare_search(parameters, context, query)
 
 
 class TextSearchAlgorithm(_SearchBase):
@@ -410,9 +430,7 @@ class TextSearchAlgorithm(_SearchBase):
         text = self.parameterAsString(parameters, self.TEXT, context).strip()
         if not text:
             raise QgsProcessingException(tr("Type a description to search for."))
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        return self._prepare_search(parameters, context, Query(text=text),
-                                    (layer.name() if layer else "raster") + "_text")
+        return self._prepare_search(parameters, context, Query(text=text))
 
 
 class BuildIndexAlgorithm(TilePromptAlgorithm):
