@@ -12,7 +12,6 @@ Errors are :class:`BackendError` (the server answered 4xx/5xx; ``detail`` is its
 from __future__ import annotations
 
 import json
-import os
 import socket
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ from qgis.PyQt.QtCore import QByteArray, QObject, QTimer, QUrl
 from qgis.PyQt.QtNetwork import QNetworkAccessManager, QNetworkProxy, QNetworkReply, QNetworkRequest
 
 from .i18n import tr
+from .processes import pid_alive
 
 API = "/v1"
 DEFAULT_TIMEOUT_S = 10.0
@@ -85,15 +85,7 @@ class Connection:
 
     def process_alive(self) -> bool | None:
         """Whether the state file's pid still runs (None when unknown, e.g. no pid or another user's process)."""
-        if not self.pid:
-            return None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, OSError):
-            return None
-        return True
+        return pid_alive(self.pid) if self.pid else None
 
 
 def error_message(status: int, body: bytes | str | None, what: str) -> str:

@@ -5,7 +5,6 @@ Made for pasting into an issue; the home folder is written as ``~``.
 
 from __future__ import annotations
 
-import configparser
 import json
 import platform
 import sys
@@ -16,18 +15,10 @@ from qgis.core import Qgis
 from qgis.PyQt.QtCore import PYQT_VERSION_STR, QT_VERSION_STR
 
 from .launcher import tail
+from .metadata import plugin_version
 from .settings import PLUGIN_DIR
 
 LOG_LINES = 40
-
-
-def plugin_version() -> str:
-    parser = configparser.ConfigParser()
-    try:
-        parser.read(PLUGIN_DIR / "metadata.txt", encoding="utf-8")
-        return parser["general"].get("version", "?")
-    except (configparser.Error, KeyError):
-        return "?"
 
 
 def _redact(text: str) -> str:

@@ -16,7 +16,7 @@ from qgis.core import QgsApplication, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from .client import BackendClient
-from .jobs import JobCancelled, JobOutcome, JobSucceeded, describe_status, fraction_done, run_jobs
+from .jobs import JobCancelled, JobFailed, JobOutcome, describe_status, fraction_done, run_jobs
 
 
 class JobTask(QgsTask):
@@ -36,7 +36,8 @@ class JobTask(QgsTask):
 
     def run(self) -> bool:  # worker thread
         self.outcome = run_jobs(self.client, self.requests, self.isCanceled, self._report, self.poll_s)
-        return isinstance(self.outcome, JobSucceeded)
+        # A cancel the backend honoured is not a failure: returning False would make QGIS announce "Task failed".
+        return not isinstance(self.outcome, JobFailed)
 
     def _report(self, index: int, count: int, status: dict) -> None:
         self.setProgress(100.0 * fraction_done(index, count, status))

@@ -217,6 +217,7 @@ def isolated(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TILEPROMPT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # the installer's default folder
     QgsSettings().remove("TilePrompt")
     yield tmp_path
     QgsSettings().remove("TilePrompt")

@@ -171,15 +171,35 @@ def test_prompt_sets_bundled_and_per_project(dock):
         dock.save_prompt_set("Bad")
 
 
+def pick_model(dock, model_id):
+    """What a user's pick does: select, and emit activated (filling the list selects too, but is no choice)."""
+    index = dock.model_combo.findData(model_id)
+    dock.model_combo.setCurrentIndex(index)
+    dock.model_combo.activated.emit(index)
+
+
 def test_models_and_their_one_line_description(dock):
     assert dock.model_combo.count() == 2
-    dock.model_combo.setCurrentIndex(dock.model_combo.findData("tiny-aligned-s2"))
+    pick_model(dock, "tiny-aligned-s2")
     text = dock.model_label.text()
     assert "S2 · 13 bands (B01..B12) · 10 m/px · tile 32 px" in text and "untrained" in text
     assert Settings().get(Key.DEFAULT_MODEL) == "tiny-aligned-s2"
     assert "untrained" not in model_summary(MODELS[1]) and "R, G, B" in model_summary(MODELS[1])
     dock.set_models(MODELS)  # a refresh keeps the choice
     assert dock.current_model() == "tiny-aligned-s2"
+
+
+def test_the_documented_default_model_is_preselected_until_the_user_picks_one(qgis_iface, isolated):
+    """The trial: the first model of the list (alphabetical) was preselected and then remembered as if chosen."""
+    first = TilePromptDock(qgis_iface)
+    first.set_models(MODELS, backend_default="clip-vit-b32-openai")  # the backend's health names its default
+    assert first.current_model() == "clip-vit-b32-openai" and Settings().get(Key.DEFAULT_MODEL) == ""
+    pick_model(first, "tiny-aligned-s2")
+    second = TilePromptDock(qgis_iface)
+    second.set_models(MODELS, backend_default="clip-vit-b32-openai")
+    assert second.current_model() == "tiny-aligned-s2"  # the user's pick wins over the default
+    for dock in (first, second):
+        dock.deleteLater()
 
 
 def test_search_parameters(dock, sample_files):

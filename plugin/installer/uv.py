@@ -1,0 +1,149 @@
+"""uv, fetched as a wheel from the package index and unpacked by the plugin itself.
+
+Nothing from the plugin zip is executed (QGIS's "Install from ZIP" drops executable bits) and no pip is needed
+(QGIS's Python often has none): the plugin reads the index's simple page for ``uv`` (PEP 503), picks the wheel of
+the pinned version for this platform, checks its sha256 against the index, and unpacks the ``uv`` executable from
+the wheel's ``.data/scripts`` folder. Downloads go through a ``fetch(url) -> bytes`` the caller gives (in QGIS:
+QGIS's network access manager, so QGIS's proxy and authentication apply).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import platform
+import re
+import stat
+import zipfile
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Callable
+from urllib.parse import unquote, urljoin, urlsplit
+
+from .locations import MACOS, WINDOWS, executable_name
+
+UV_VERSION = "0.13.9"
+DEFAULT_INDEX = "https://pypi.org/simple"
+
+
+class BootstrapError(RuntimeError):
+    """uv could not be fetched or unpacked; the message says from where and why."""
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    filename: str
+    url: str
+    sha256: str | None
+
+
+class _Anchors(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[tuple[str, str]] = []  # (href, text)
+        self._href: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self._href = dict(attrs).get("href")
+
+    def handle_data(self, data):
+        if self._href is not None:
+            self.links.append((self._href, data.strip()))
+            self._href = None
+
+
+def parse_simple_page(html: str, page_url: str) -> list[WheelFile]:
+    """The files a PEP 503 project page lists, with absolute URLs and the sha256 of their ``#sha256=`` fragment."""
+    parser = _Anchors()
+    parser.feed(html)
+    files = []
+    for href, text in parser.links:
+        url = urljoin(page_url, href)
+        parts = urlsplit(url)
+        filename = text or unquote(parts.path.rsplit("/", 1)[-1])
+        match = re.search(r"sha256=([0-9a-fA-F]{64})", parts.fragment)
+        files.append(WheelFile(filename, url.split("#", 1)[0], match.group(1).lower() if match else None))
+    return files
+
+
+def platform_tags(system: str | None = None, machine: str | None = None,
+                  libc: tuple[str, str] | None = None) -> list[str]:
+    """The wheel platform tags of uv's wheels that run here, best first."""
+    system = system or platform.system()
+    machine = (machine or platform.machine()).lower()
+    arch = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    if system == WINDOWS:
+        return {"aarch64": ["win_arm64"], "x86": ["win32"], "i686": ["win32"]}.get(arch, ["win_amd64"])
+    if system == MACOS:
+        return ["macosx_11_0_arm64"] if arch == "aarch64" else ["macosx_10_12_x86_64"]
+    name, version = libc if libc is not None else platform.libc_ver()
+    if name != "glibc":
+        return [f"musllinux_1_1_{arch}"]
+    tags = [f"manylinux_2_17_{arch}", f"manylinux2014_{arch}"]
+    try:
+        if tuple(int(v) for v in version.split(".")[:2]) >= (2, 28):
+            tags.append(f"manylinux_2_28_{arch}")
+    except ValueError:
+        pass
+    return tags
+
+
+def pick_wheel(files: list[WheelFile], version: str, tags: list[str]) -> WheelFile:
+    """The wheel of uv ``version`` whose (possibly compressed) platform tag names one of ``tags``."""
+    prefix = f"uv-{version}-"
+    for tag in tags:
+        for file in files:
+            if file.filename.startswith(prefix) and file.filename.endswith(".whl") and \
+                    tag in file.filename[:-4].split("-")[-1].split("."):
+                return file
+    raise BootstrapError(f"the package index has no uv {version} wheel for this platform ({', '.join(tags)})")
+
+
+def read_url(url: str, fetch: Callable[[str], bytes]) -> bytes:
+    """``file://`` URLs and plain folders are read here (offline mirrors, tests); anything else through ``fetch``."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        path = Path(unquote(parts.path))
+        if os.name == "nt" and re.match(r"^/[A-Za-z]:", parts.path):
+            path = Path(unquote(parts.path[1:]))
+        try:
+            if path.is_dir():
+                path = path / "index.html"
+            return path.read_bytes()
+        except OSError as exc:
+            raise BootstrapError(f"cannot read {url}: {exc.strerror or exc}") from None
+    return fetch(url)
+
+
+def bootstrap(dest: Path, fetch: Callable[[str], bytes], index_url: str = "", version: str = UV_VERSION,
+              system: str | None = None, machine: str | None = None) -> Path:
+    """Fetch uv ``version`` from ``index_url`` into ``dest``; returns the executable. A complete earlier
+    bootstrap is reused. The executable appears under its final name only when unpacked completely."""
+    system = system or platform.system()
+    exe = Path(dest) / executable_name("uv", system)
+    if exe.is_file():
+        return exe
+    page = (index_url or DEFAULT_INDEX).rstrip("/") + "/uv/"
+    html = read_url(page, fetch).decode("utf-8", "replace")
+    wheel = pick_wheel(parse_simple_page(html, page), version, platform_tags(system, machine))
+    if not wheel.sha256:
+        raise BootstrapError(f"the package index gives no sha256 for {wheel.filename}; refusing to run it")
+    data = read_url(wheel.url, fetch)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != wheel.sha256:
+        raise BootstrapError(f"{wheel.filename}: sha256 {digest} does not match the index's {wheel.sha256}")
+    member = f"uv-{version}.data/scripts/{executable_name('uv', system)}"
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            content = archive.read(member)
+    except (zipfile.BadZipFile, KeyError):
+        raise BootstrapError(f"{wheel.filename} does not hold {member}") from None
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    partial = exe.with_name(exe.name + ".partial")
+    partial.write_bytes(content)
+    partial.chmod(partial.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    os.replace(partial, exe)
+    return exe
