@@ -897,6 +897,7 @@ class TilePromptDock(QgsDockWidget):
                        self.text_button, self.search_again_button):
             button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
+        self.set_indeterminate(False)
         if busy:
             self.progress.setValue(0)
         self.status_label.setText(text)
@@ -907,6 +908,10 @@ class TilePromptDock(QgsDockWidget):
 
     def set_progress(self, percent: float) -> None:
         self.progress.setValue(int(round(percent)))
+
+    def set_indeterminate(self, busy: bool) -> None:
+        """A moving bar while the job runs without a tile count yet (loading the model can take a minute)."""
+        self.progress.setRange(0, 0 if busy else 100)
 
     def set_status(self, text: str) -> None:
         self.status_label.setText(text)

@@ -481,6 +481,7 @@ class TilePromptPlugin:
                        self.settings.get(Key.POLL_INTERVAL_MS) / 1000.0)
         task.progressChanged.connect(lambda value: self.dock and self.dock.set_progress(value))
         task.statusChanged.connect(lambda text: self.dock and self.dock.set_status(text))
+        task.preparingChanged.connect(lambda preparing: self.dock and self.dock.set_indeterminate(preparing))
         self.dock.set_busy(True, tr("Starting {title}…").format(title=title))
         self.current_task = self.tasks.start(task)
         return task

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import subprocess  # nosec B404 - runs interpreters found on this machine, argument lists only
+# Runs the interpreters found on this machine and nvidia-smi, with argument lists, never through a shell.
+import subprocess  # nosec B404
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence

@@ -16,7 +16,8 @@ import os
 import queue
 import shutil
 import signal
-import subprocess  # nosec B404 - runs uv and the environment's own programs, argument lists only
+# Runs uv and the new environment's own programs, with argument lists, never through a shell.
+import subprocess  # nosec B404
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from qgis.PyQt.QtCore import pyqtSignal
 
 from ..i18n import tr
 from ..launcher import backend_environment
-from ..processes import no_window, pid_alive
+from ..processes import no_window, pid_alive, windows_tool
 from . import commands, record
 from .interpreters import find_python
 from .locations import Layout, env_resources, venv_python, venv_tileprompt
@@ -216,7 +217,7 @@ class InstallTask(QgsTask):
         kwargs = {"start_new_session": True} if os.name != "nt" else {
             "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | no_window().get("creationflags", 0)}
         try:
-            process = subprocess.Popen(  # nosec B603 - uv or the new environment's programs
+            process = subprocess.Popen(  # nosec B603
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 encoding="utf-8", errors="replace", env=env, cwd=str(self.plan.layout.root), **kwargs)
         except OSError as exc:
@@ -328,8 +329,8 @@ def _kill_tree(process: subprocess.Popen) -> None:
     if process.poll() is not None:
         return
     if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True,  # nosec B603 B607
-                       check=False, **no_window())
+        command = [windows_tool("taskkill.exe"), "/F", "/T", "/PID", str(process.pid)]
+        subprocess.run(command, capture_output=True, check=False, **no_window())
     else:
         try:
             os.killpg(process.pid, signal.SIGTERM)
