@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from qgis.core import Qgis, QgsApplication, QgsProject
 from qgis.PyQt.QtCore import Qt, QUrl
@@ -401,7 +402,8 @@ class TilePromptPlugin:
             sources=commands.PackageSources.from_text(settings.get(Key.INDEX_URL), settings.get(Key.EXTRA_INDEX_URLS),
                                                       settings.get(Key.FIND_LINKS), settings.get(Key.TORCH_BACKEND)),
             proxies=tuple(qgis_proxy_environment().items()),
-            qgis_prefixes=(QgsApplication.prefixPath(), QgsApplication.pkgDataPath()))
+            qgis_prefixes=(QgsApplication.prefixPath(), QgsApplication.pkgDataPath()),
+            cache=Path(settings.get(Key.INSTALL_CACHE)).expanduser() if settings.get(Key.INSTALL_CACHE) else None)
 
     def install_backend(self, *_args, fetch=None) -> InstallTask | None:
         """Install (or update, or repair) the backend in a QgsTask; the dock's installer panel follows it."""

@@ -102,11 +102,17 @@ def probe(command: Sequence[str], source: str = "system",
 def excluded(path: str, qgis_prefixes: Sequence[str] = (), system: str | None = None) -> bool:
     """QGIS's own interpreter (Windows, macOS) and the Store stub are never used."""
     system = system or platform.system()
-    norm = os.path.normcase(os.path.abspath(path))
-    if "windowsapps" in norm:
+
+    def norm(p: str) -> str:
+        p = p.replace("\\", "/").rstrip("/")
+        return p.lower() if system == WINDOWS else p
+
+    target = norm(path)
+    if system == WINDOWS and "/microsoft/windowsapps/" in target:
         return True
     if system in (WINDOWS, MACOS):
-        return any(prefix and norm.startswith(os.path.normcase(os.path.abspath(prefix))) for prefix in qgis_prefixes)
+        return any(prefix and (target == norm(prefix) or target.startswith(norm(prefix) + "/"))
+                   for prefix in qgis_prefixes)
     return False
 
 

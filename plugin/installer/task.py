@@ -66,6 +66,7 @@ class InstallPlan:
     sources: commands.PackageSources = commands.PackageSources()
     proxies: tuple = ()  # (name, value) pairs of proxy variables
     qgis_prefixes: tuple = ()
+    cache: Path | None = None  # uv's package cache; None = the folder's cache/ (keep it on the same disk)
     uv_version: str = UV_VERSION
 
 
@@ -151,8 +152,10 @@ class InstallTask(QgsTask):
         previous = record.read(layout)
         self._sweep(previous)
 
-        self._step("uv", 0, tr("Fetching uv {version} from the package index").format(version=plan.uv_version))
-        uv = bootstrap(layout.uv_dir(plan.uv_version), self.fetch, plan.sources.index_url, plan.uv_version)
+        self._step("uv", 0, tr("Fetching uv {version} from the package sources").format(version=plan.uv_version))
+        sources = plan.sources
+        uv = bootstrap(layout.uv_dir(plan.uv_version), self.fetch, sources.index_url, sources.extra_index_urls,
+                       sources.find_links, plan.uv_version)
         self._run([str(uv), "--version"], "uv")
         self._check_cancel()
 
@@ -212,8 +215,8 @@ class InstallTask(QgsTask):
     def _run(self, command: list, step: str, on_line: Callable[[str], None] | None = None) -> str:
         """Run ``command``, streaming its lines; returns its output. Cancel kills its process tree."""
         self._write("$ " + redact(" ".join(command)))
-        env = backend_environment(extra={**commands.uv_environment(
-            self.plan.layout.cache, self.plan.layout.pythons, dict(self.plan.proxies))})
+        env = backend_environment(extra=commands.uv_environment(
+            self.plan.cache or self.plan.layout.cache, self.plan.layout.pythons, dict(self.plan.proxies)))
         kwargs = {"start_new_session": True} if os.name != "nt" else {
             "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | no_window().get("creationflags", 0)}
         try:

@@ -1,10 +1,11 @@
-"""uv, fetched as a wheel from the package index and unpacked by the plugin itself.
+"""uv, fetched as a wheel from the package sources and unpacked by the plugin itself.
 
 Nothing from the plugin zip is executed (QGIS's "Install from ZIP" drops executable bits) and no pip is needed
-(QGIS's Python often has none): the plugin reads the index's simple page for ``uv`` (PEP 503), picks the wheel of
-the pinned version for this platform, checks its sha256 against the index, and unpacks the ``uv`` executable from
-the wheel's ``.data/scripts`` folder. Downloads go through a ``fetch(url) -> bytes`` the caller gives (in QGIS:
-QGIS's network access manager, so QGIS's proxy and authentication apply).
+(QGIS's Python often has none): the plugin looks for the pinned uv wheel of this platform where uv will look for
+packages (folders of wheels, the extra indexes, the index: PyPI by default), reading an index's simple page for
+``uv`` (PEP 503) and checking the wheel's sha256 against it, and unpacks the ``uv`` executable from the wheel's
+``.data/scripts`` folder. Downloads go through a ``fetch(url) -> bytes`` the caller gives (in QGIS: QGIS's network
+access manager, so QGIS's proxy and authentication apply).
 """
 
 from __future__ import annotations
@@ -118,23 +119,60 @@ def read_url(url: str, fetch: Callable[[str], bytes]) -> bytes:
     return fetch(url)
 
 
-def bootstrap(dest: Path, fetch: Callable[[str], bytes], index_url: str = "", version: str = UV_VERSION,
-              system: str | None = None, machine: str | None = None) -> Path:
-    """Fetch uv ``version`` from ``index_url`` into ``dest``; returns the executable. A complete earlier
-    bootstrap is reused. The executable appears under its final name only when unpacked completely."""
+def _local_folder(link: str) -> Path | None:
+    """A find-links entry that is a folder on this machine (a path, or a file:// URL)."""
+    parts = urlsplit(link)
+    if parts.scheme in ("http", "https"):
+        return None
+    path = Path(unquote(parts.path)) if parts.scheme == "file" else Path(link)  # "C:\\x" parses as scheme "c"
+    return path if path.is_dir() else None
+
+
+def find_wheel(version: str, tags: list[str], fetch: Callable[[str], bytes], index_url: str = "",
+               extra_index_urls: tuple = (), find_links: tuple = ()) -> tuple[WheelFile, bytes]:
+    """The uv wheel and its bytes, looked for where uv itself looks for packages: folders of wheels (find links)
+    first, then the extra indexes, then the index (PyPI by default). A wheel from an index or a web page must come
+    with a sha256 and match it; a local folder is the user's own copy and is taken as it is."""
+    tried = []
+    for link in find_links:
+        folder = _local_folder(link)
+        if folder is not None:
+            files = [WheelFile(p.name, p.as_uri(), None) for p in sorted(folder.glob(f"uv-{version}-*.whl"))]
+            try:
+                wheel = pick_wheel(files, version, tags)
+            except BootstrapError:
+                tried.append(str(folder))
+                continue
+            return wheel, (folder / wheel.filename).read_bytes()
+    pages = [(link.rstrip("/") + "/", link) for link in find_links if _local_folder(link) is None]
+    pages += [(url.rstrip("/") + "/uv/", url) for url in (*extra_index_urls, index_url or DEFAULT_INDEX)]
+    for page, source in pages:
+        try:
+            html = read_url(page, fetch).decode("utf-8", "replace")
+            wheel = pick_wheel(parse_simple_page(html, page), version, tags)
+        except BootstrapError:
+            tried.append(source)
+            continue
+        if not wheel.sha256:
+            raise BootstrapError(f"{source} gives no sha256 for {wheel.filename}; refusing to run it")
+        data = read_url(wheel.url, fetch)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != wheel.sha256:
+            raise BootstrapError(f"{wheel.filename}: sha256 {digest} does not match {source}'s {wheel.sha256}")
+        return wheel, data
+    raise BootstrapError(f"no uv {version} wheel for this platform ({', '.join(tags)}) in {', '.join(tried)}")
+
+
+def bootstrap(dest: Path, fetch: Callable[[str], bytes], index_url: str = "", extra_index_urls: tuple = (),
+              find_links: tuple = (), version: str = UV_VERSION, system: str | None = None,
+              machine: str | None = None) -> Path:
+    """Fetch uv ``version`` into ``dest``; returns the executable. A complete earlier bootstrap is reused. The
+    executable appears under its final name only when unpacked completely."""
     system = system or platform.system()
     exe = Path(dest) / executable_name("uv", system)
     if exe.is_file():
         return exe
-    page = (index_url or DEFAULT_INDEX).rstrip("/") + "/uv/"
-    html = read_url(page, fetch).decode("utf-8", "replace")
-    wheel = pick_wheel(parse_simple_page(html, page), version, platform_tags(system, machine))
-    if not wheel.sha256:
-        raise BootstrapError(f"the package index gives no sha256 for {wheel.filename}; refusing to run it")
-    data = read_url(wheel.url, fetch)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != wheel.sha256:
-        raise BootstrapError(f"{wheel.filename}: sha256 {digest} does not match the index's {wheel.sha256}")
+    wheel, data = find_wheel(version, platform_tags(system, machine), fetch, index_url, extra_index_urls, find_links)
     member = f"uv-{version}.data/scripts/{executable_name('uv', system)}"
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:

@@ -22,6 +22,7 @@ VALUES = {
     Key.EXTRA_INDEX_URLS: "https://a.example.org/simple https://b.example.org/simple",
     Key.FIND_LINKS: "/srv/wheels",
     Key.TORCH_BACKEND: "none",
+    Key.INSTALL_CACHE: "/srv/uv-cache",
 }
 
 
