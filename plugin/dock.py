@@ -82,7 +82,7 @@ from .sources import LayerSource, inspect_layer
 
 MAX_K = 10_000
 #: Characters a combo box shows at its minimum width (longer items are elided, and listed in full when open).
-COMBO_MIN_CHARS = 14
+COMBO_MIN_CHARS = 10
 LIGHT_COLORS = {"down": "#9e9e9e", "starting": "#f0ad00", "up": "#2e9d3a", "error": "#d9302c"}
 
 

@@ -30,6 +30,7 @@ from qgis.core import (
     QgsRendererRange,
     QgsSingleBandPseudoColorRenderer,
     QgsStyle,
+    QgsSymbol,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtGui import QColor
@@ -82,9 +83,12 @@ def centre_cell_expression(tile_px: int, stride_px: int) -> str:
 
 
 def _centre_cell_symbol(color: QColor, expression: str) -> QgsFillSymbol:
-    generator = QgsGeometryGeneratorSymbolLayer.create({"geometryModifier": expression, "SymbolType": "Fill"})
+    generator = QgsGeometryGeneratorSymbolLayer.create({})
+    generator.setSymbolType(QgsSymbol.SymbolType.Fill)
+    generator.setGeometryExpression(expression)
     generator.setSubSymbol(_fill_symbol(color, 1.0))
-    symbol = QgsFillSymbol([generator])
+    symbol = QgsFillSymbol()
+    symbol.changeSymbolLayer(0, generator)  # takes ownership (a QgsFillSymbol([generator]) left it to Python)
     symbol.setOpacity(0.55)
     return symbol
 

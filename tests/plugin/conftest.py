@@ -251,6 +251,22 @@ def plugin(plugin_package, qgis_iface, ui, docking, isolated, qgis_new_project):
     flush_deleted_objects()
 
 
+@pytest.fixture()
+def task_statuses():
+    """(task id, status) of every status change QGIS's task manager reports during a test (QGIS announces a
+    Terminated task as "Task failed")."""
+    from qgis.core import QgsApplication
+
+    manager, seen = QgsApplication.taskManager(), []
+
+    def record(task_id, status):
+        seen.append((task_id, status))
+
+    manager.statusChanged.connect(record)
+    yield seen
+    manager.statusChanged.disconnect(record)
+
+
 def wait_until(predicate, timeout=10.0, step=0.02):
     """Spin the Qt event loop until ``predicate()`` (tasks' finished() and network replies need it)."""
     import time

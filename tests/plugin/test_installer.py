@@ -314,22 +314,6 @@ def release_layout(plugin, monkeypatch, tmp_path):
     return locations.Layout(tmp_path / "backend")
 
 
-@pytest.fixture()
-def task_statuses():
-    """(task id, status) of every status change the task manager reports (QGIS announces 'Task failed' for
-    Terminated)."""
-    from qgis.core import QgsApplication
-
-    manager, seen = QgsApplication.taskManager(), []
-
-    def record_status(task_id, status):
-        seen.append((task_id, status))
-
-    manager.statusChanged.connect(record_status)
-    yield seen
-    manager.statusChanged.disconnect(record_status)
-
-
 def test_first_use_offers_the_installation(plugin, release_layout):
     panel = plugin.dock.install_panel
     assert panel.isVisibleTo(plugin.dock) and panel.action_button.text() == "Install backend"
