@@ -41,8 +41,8 @@ from .i18n import tr
 from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, run_jobs
 from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query, SearchParameters
 from .prompts import PromptError, parse_prompts, prompts_to_request
-from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_graduated, \
-    style_pseudocolor
+from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_class_map, \
+    style_graduated, style_pseudocolor
 from .runs import plan_search, prepare_raster, raster_input_from_layer
 from .settings import ICON_PATH, Key
 
@@ -236,6 +236,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
 class ClassifyAlgorithm(TilePromptAlgorithm):
     PROMPTS, TEMPLATES, EXTENT, AOI = "PROMPTS", "TEMPLATES", "EXTENT", "AOI"
     MULTI_LABEL, THRESHOLD, TILES, COUNTS = "MULTI_LABEL", "THRESHOLD", "TILES", "CLASS_COUNTS"
+    CLASS_MAP = "CLASS_MAP"
 
     def name(self):
         return "classify"
@@ -247,7 +248,9 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         return tr("Cuts the raster into tiles and gives every tile the class prompt it matches best (or, in "
                   "multi-label mode, every class whose score reaches the threshold). Prompts: one class per line, "
                   "synonyms after |. Needs a running TilePrompt backend (start it from the TilePrompt dock). "
-                  "Output: a GeoPackage layer 'tiles' with class, score, runner-up, margin and one score per class.")
+                  "Output: a GeoPackage layer 'tiles' with class, score, runner-up, margin and one score per class; "
+                  "optionally a class-map GeoTIFF (one pixel per tile: class index, score and per-class score "
+                  "bands, coloured like the layer).")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._add_raster_parameters()
@@ -265,6 +268,8 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         templates.setFlags(templates.flags() | compat.PARAM_FLAG_ADVANCED)
         self.addParameter(templates)
         self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Classified tiles")))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.CLASS_MAP, tr("Class map (GeoTIFF, one pixel per tile)"), optional=True, createByDefault=False))
         self.addOutput(QgsProcessingOutputNumber(self.TILES, tr("Number of tiles")))
         self.addOutput(QgsProcessingOutputString(self.COUNTS, tr("Tiles per class (JSON)")))
 
@@ -304,14 +309,18 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
             overlap_px=overlap, multi_label=self.parameterAsBoolean(parameters, self.MULTI_LABEL, context),
             threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context))
         out = self._output_path(parameters, self.OUTPUT, context)
+        class_map = self._destination(parameters, self.CLASS_MAP, context) or None
         model_tile = self.session.model_info(self.params.model).get("tile_px")
         self._connect()
         try:
-            self._requests = [self.params.classify_request(out, model_tile)]
+            self._requests = [self.params.classify_request(out, model_tile, class_map)]
         except ValueError as exc:
             raise QgsProcessingException(str(exc)) from None
         self._outputs = {self.OUTPUT: f"{out}|layername={TILES_LAYER}", self.OUTPUT + "_PATH": out}
         self._styles = {self.OUTPUT: (TILES_LAYER, _styler(style_categorized, self.class_order))}
+        if class_map:
+            self._outputs[self.CLASS_MAP] = self._outputs[self.CLASS_MAP + "_PATH"] = class_map
+            self._styles[self.CLASS_MAP] = (None, _styler(style_class_map))
         return True
 
     def finish(self, outcome, context, feedback):

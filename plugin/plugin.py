@@ -460,7 +460,7 @@ class TilePromptPlugin:
         self._message(message, Qgis.MessageLevel.Critical, 0)
 
     def copy_diagnostics(self) -> str:
-        text = report(self.session, self.launcher, self.settings)
+        text = report(self.session, self.launcher, self.settings, self.last_error)
         QApplication.clipboard().setText(text)
         self._message(tr("Diagnostics copied to the clipboard ({n} lines).").format(n=text.count("\n") + 1))
         return text

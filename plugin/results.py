@@ -209,11 +209,21 @@ def style_pseudocolor(layer: QgsRasterLayer, band: int = 1) -> None:
 
 
 def load_class_map(path: str, title: str) -> QgsRasterLayer:
-    """The class-map GeoTIFF; QGIS applies the QML the backend wrote beside it (class names and colours)."""
+    """The class-map GeoTIFF, styled by the QML the backend wrote beside it (class names, the vector colours)."""
     layer = QgsRasterLayer(path, title, "gdal")
     if not layer.isValid():
         raise ValueError(tr("Cannot open the class map {path}").format(path=path))
+    style_class_map(layer)
     return layer
+
+
+def style_class_map(layer: QgsRasterLayer) -> None:
+    """Apply the class map's QML (a paletted renderer on the class band); Processing loads layers without their
+    default style."""
+    qml = Path(layer.source()).with_suffix(".qml")
+    if qml.is_file():
+        layer.loadNamedStyle(str(qml))
+        layer.triggerRepaint()
 
 
 def result_group(project: QgsProject | None = None):

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--multi-label", action="store_true", help="one sigmoid per class instead of a softmax")
     c.add_argument("--threshold", type=float, default=0.5, help="multi-label threshold (default: 0.5)")
     c.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
+    c.add_argument("--class-map", metavar="TIF", help="also write a class-map GeoTIFF: one pixel per tile, class "
+                                                      "index and score bands, colours as the GeoPackage's (QML)")
     c.add_argument("--index", help="embedding index to reuse and fill (default: the cache's, per model + tile)")
     c.add_argument("--no-cache", action="store_true", help="neither reuse nor store tile and prompt embeddings")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -148,7 +150,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
             threshold=args.threshold, band_map=args.band_map.split(",") if args.band_map else None,
             level=args.level, batch_size=args.batch_size, runner=args.runner, device=args.device,
-            progress=progress, index=args.index, cache=not args.no_cache)
+            progress=progress, index=args.index, cache=not args.no_cache, class_map=args.class_map)
     finally:
         if bar is not None:
             bar.close()
@@ -162,7 +164,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     width = max(len(name) for name in result.counts)
     for name, n in sorted(result.counts.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<{width}}  {n:6d}  {100.0 * n / max(result.tiles, 1):5.1f} %")
-    print(f"wrote {result.out}")
+    print(f"wrote {result.out}" + (f" and {result.class_map}" if result.class_map else ""))
     return 0
 
 

@@ -42,6 +42,8 @@ class ClassifyRequest(RasterInput, TileParams):
     multi_label: bool = False
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     out: str = Field(..., min_length=1, description="output GeoPackage path")
+    class_map: str | None = Field(None, description="also write a class-map GeoTIFF here (.tif): one pixel per "
+                                                    "tile, class index and score bands, with a QML beside it")
     index: str | None = Field(None, description="embedding index to reuse and fill (default: the cache's, "
                                                 "per model + tile + stride)")
     cache: bool = Field(True, description="reuse the tile embeddings of an indexed raster and cached prompt "
@@ -109,6 +111,8 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
     device: str
+    device_name: str = Field("", description="the GPU's name when the device is cuda, else the CPU model")
+    default_model: str = Field("", description="the model a request without one gets")
     torch: str
     onnx_providers: list[str]
     loaded_models: list[str]

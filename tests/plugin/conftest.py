@@ -204,6 +204,8 @@ def sample_files(tmp_path_factory, qgis_app):
         "similar": write_similar_gpkg(folder / "similar.gpkg"),
         "heatmap": write_raster(folder / "heat.tif", bands=1, width=16, height=12, res=80.0,
                                 dtype=__import__("osgeo.gdal", fromlist=["gdal"]).GDT_Float32),
+        "classmap": write_raster(folder / "classmap.tif", bands=5, width=4, height=3, res=320.0,
+                                 dtype=__import__("osgeo.gdal", fromlist=["gdal"]).GDT_UInt16),
         "s2": write_raster(folder / "s2_sample.tif", descriptions=S2_BAND_NAMES),
         "plain": write_raster(folder / "plain.tif", bands=3),
     }

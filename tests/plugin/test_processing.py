@@ -76,6 +76,17 @@ def test_run_and_load_results_styles_the_layer(processing, plugin, fake_backend,
     assert [c.value() for c in layer.renderer().categories()] == ["forest", "water", "farmland"]
 
 
+def test_classify_also_writes_a_class_map(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    connect(plugin, fake_backend, isolated)
+    result = processing.runAndLoadResults("tileprompt:classify", {
+        "INPUT": scene, "PROMPTS": "forest\nwater\nfarmland", "OUTPUT": str(tmp_path / "c.gpkg"),
+        "CLASS_MAP": str(tmp_path / "c.tif")})
+    assert fake_backend.requests[-1]["class_map"] == str(tmp_path / "c.tif") == result["CLASS_MAP"]
+    assert any(lyr.source() == str(tmp_path / "c.tif") for lyr in QgsProject.instance().mapLayers().values())
+    processing.run("tileprompt:classify", {"INPUT": scene, "PROMPTS": "a\nb", "OUTPUT": str(tmp_path / "d.gpkg")})
+    assert "class_map" not in fake_backend.requests[-1]  # only when asked for
+
+
 def test_processing_finds_a_backend_started_elsewhere(processing, plugin, fake_backend, isolated, scene, tmp_path):
     fake_backend.write_state_file(isolated / "home" / "server.json")  # the default state file; the dock never attached
     assert plugin.session.connection is None

@@ -173,9 +173,36 @@ def test_diagnostics_are_copied_to_the_clipboard(ready):
 
     text = ready.copy_diagnostics()
     assert QApplication.clipboard().text() == text
-    for expected in ("plugin: 0.1.0", "QGIS: 3.", "Python 3.", "backend version: 0.0-fake", "device: cpu",
-                     "CPUExecutionProvider", "tiny-aligned-s2 (s2, untrained)", "--- last 40 lines"):
+    for expected in ("plugin: 0.1.0", "QGIS: 3.", "Python 3.", "backend version: 0.0-fake", "device: cpu (Fake CPU)",
+                     "CPUExecutionProvider", "tiny-aligned-s2 (s2, untrained)", "--- last 40 lines",
+                     "installer: folder ", "last error: -"):
         assert expected in text, expected
+
+
+def test_diagnostics_name_the_installation_its_log_and_the_last_error(ready, fake_backend, monkeypatch, tmp_path):
+    from tileprompt_plugin.plugin import settings as settings_module
+    from tileprompt_plugin.plugin.installer import locations, record
+
+    monkeypatch.setattr(settings_module, "PLUGIN_DIR", tmp_path / "release")  # as installed from the zip
+    layout = ready.settings.install_layout()
+    env = locations.venv_tileprompt(layout.env("20261128-101500"))
+    env.parent.mkdir(parents=True)
+    env.write_text("")
+    layout.logs.mkdir(parents=True)
+    log = layout.logs / "install-20261128-101500.log"
+    log.write_text("== Installing the backend and its packages\n$ uv pip install --index-url https://ana:pw@m/simple\n")
+    record.write(layout, record.Installation(
+        env="20261128-101500", version="0.1.0", source="x", compute="cuda", python="/usr/bin/python3.11",
+        python_version="3.11.2", torch="2.14.1+cu130", cuda=True, device="NVIDIA RTX A2000", installed="2026-11-28",
+        log=str(log)))
+    fake_backend.fail_with = "the raster has 3 bands; the model needs 13"
+    ready.dock.run_button.click()
+    assert wait_until(lambda: ready.current_task is None, 15)
+    text = ready.copy_diagnostics()
+    assert "installer: folder " in text and "; outdated" in text  # another source than this plugin's
+    assert "installed backend: 0.1.0 (cuda)" in text and "PyTorch 2.14.1+cu130 on NVIDIA RTX A2000" in text
+    assert "install-20261128-101500.log ---" in text and "https://***@m/simple" in text and "pw@" not in text
+    assert "last error: " in text and "the model needs 13" in text
 
 
 # --- what the trial in the real QGIS desktop found ----------------------------------------------------------------
@@ -270,3 +297,14 @@ def test_the_similarity_legend_tells_close_values_apart():
     assert labels[0] == "0.999912 - 0.999915" and labels[-1] == "0.999994 - 0.999999"
     assert all(any(r.lowerValue() <= v <= r.upperValue() for r in ranges) for v in values)
     assert quantile_ranges([0.5, 0.5, 0.5], 5) == [(0.5, 0.5)] and label_precision([0.1, 0.2]) == 3
+
+
+def test_classification_also_as_a_class_map_raster(ready, fake_backend):
+    ready.dock.class_map_check.setChecked(True)
+    ready.dock.run_button.click()
+    assert wait_until(lambda: ready.current_task is None and len(group_layers()) == 2, 15)
+    request = fake_backend.requests[-1]
+    assert request["class_map"] == request["out"][:-len(".gpkg")] + ".tif"
+    tiles, raster = group_layers()
+    assert isinstance(raster, QgsRasterLayer) and raster.source() == request["class_map"]
+    assert raster.name() == tiles.name() + " (raster)"

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__
+from ..classmap import write_class_map
 from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
 from ..outputs import check_output_path, write_tiles_gpkg
 from ..sentinel2 import open_raster
@@ -33,6 +34,7 @@ class ClassifyResult:
     encode_seconds: float
     runner: str
     run: dict = field(repr=False, default_factory=dict)
+    class_map: Path | None = None  # the class-map GeoTIFF, when asked for
 
     @property
     def tiles_per_second(self) -> float:
@@ -49,8 +51,10 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              threshold: float = 0.5, band_map: Sequence[str] | None = None, level: str | None = None,
              batch_size: int = 32, runner: str = "auto", device: str = "auto",
              progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-             index: str | Path | None = None, cache: bool = True) -> ClassifyResult:
-    """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
+             index: str | Path | None = None, cache: bool = True,
+             class_map: str | Path | None = None) -> ClassifyResult:
+    """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically),
+    and with ``class_map`` also the class-map GeoTIFF (``classmap.py``: one pixel per tile, class and scores).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
 
@@ -64,6 +68,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     """
     started, t0 = _now(), time.perf_counter()
     out = check_output_path(out)
+    if class_map is not None:
+        class_map = check_output_path(class_map, (".tif", ".tiff"))
     classes = parse_prompts(prompts)
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
@@ -96,6 +102,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
 
         stats = EmbedStats()
         features = []
+        cells: list[tuple[int, int]] = []  # (row, col) of each feature, for the class map
+        cell_scores = []
         counts = Counter({c.name: 0 for c in classes})
         if cached is not None:
             run_name, run_device = f"index ({cached.runner})", "none"
@@ -119,6 +127,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
                 props = _tile_attributes(tile, classes, s, i, multi_label)
                 counts[props["class"]] += 1
                 features.append((tile.polygon, props))
+                cells.append((tile.row, tile.col))
+            if class_map is not None:
+                cell_scores.append(np.asarray(s.scores, dtype=np.float32))
         stored = None
         if keep and features:
             stored = store_embeddings(loaded.card, info, band_map, level, grid, index, kept_tiles, kept_emb,
@@ -162,12 +173,18 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "skipped_outside": grid.skipped_outside,
         "skipped_nodata": stats.skipped_nodata,
         "counts": dict(counts),
+        "class_map": str(class_map) if class_map is not None else None,
     }
     write_tiles_gpkg(out, info.crs, _fields(classes, multi_label), features, run)
+    if class_map is not None:
+        rows, cols = np.asarray(cells, dtype=np.int64).reshape(-1, 2).T
+        write_class_map(class_map, info.crs, grid.transform, grid.tile_px, grid.stride, (grid.n_rows, grid.n_cols),
+                        rows, cols, np.concatenate(cell_scores), [c.name for c in classes],
+                        [c.column for c in classes], {"TILEPROMPT_RUN": run["run_id"], "TILEPROMPT_MODEL": card.id})
     seconds = time.perf_counter() - t0
     return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
-                          encode_seconds=stats.encode_seconds, runner=run_name, run=run)
+                          encode_seconds=stats.encode_seconds, runner=run_name, run=run, class_map=class_map)
 
 
 def _fields(classes, multi_label: bool) -> dict[str, str]:

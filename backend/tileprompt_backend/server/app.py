@@ -45,8 +45,12 @@ jobs = APIRouter(tags=["jobs"])
 def health(request: Request, queue: Queue) -> Health:
     import torch
 
+    from ..models import DEFAULT_MODEL
+    from ..models.runners import device_name
+
     providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
-    return Health(version=__version__, device=queue.device, torch=torch.__version__, onnx_providers=providers,
+    return Health(version=__version__, device=queue.device, device_name=device_name(queue.device),
+                  default_model=DEFAULT_MODEL, torch=torch.__version__, onnx_providers=providers,
                   loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job)
 
 
