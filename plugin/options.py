@@ -69,7 +69,8 @@ class BackendOptionsPage(QgsOptionsPageWidget):
 
         sources = QgsCollapsibleGroupBox(tr("Package sources (mirrors, offline installs)"), install)
         sources.setCollapsed(not any(self.settings.get(k) for k in (Key.INDEX_URL, Key.EXTRA_INDEX_URLS,
-                                                                   Key.FIND_LINKS, Key.TORCH_BACKEND)))
+                                                                   Key.FIND_LINKS, Key.TORCH_BACKEND,
+                                                                   Key.INDEX_STRATEGY)))
         sources_form = QFormLayout(sources)
         self.index_edit = QLineEdit(self.settings.get(Key.INDEX_URL), sources)
         self.index_edit.setPlaceholderText("https://pypi.org/simple")
@@ -91,6 +92,10 @@ class BackendOptionsPage(QgsOptionsPageWidget):
         sources_form.addRow(tr("Extra index URLs"), self.extra_edit)
         sources_form.addRow(tr("Find links"), self.links_edit)
         sources_form.addRow(tr("PyTorch from"), self.torch_combo)
+        self.best_match_check = QCheckBox(tr("take the newest version from any index (a partial mirror beside "
+                                             "PyPI)"), sources)
+        self.best_match_check.setChecked(self.settings.get(Key.INDEX_STRATEGY) == "unsafe-best-match")
+        sources_form.addRow(self.best_match_check)
         form.addRow(sources)
         self.status_label = QLabel(install)
         self.status_label.setWordWrap(True)
@@ -148,6 +153,7 @@ class BackendOptionsPage(QgsOptionsPageWidget):
         text = self.torch_combo.currentText().strip()
         index = self.torch_combo.findText(text)
         s.set(Key.TORCH_BACKEND, str(self.torch_combo.itemData(index) if index >= 0 else text))
+        s.set(Key.INDEX_STRATEGY, "unsafe-best-match" if self.best_match_check.isChecked() else "")
         s.set(Key.BACKEND_VENV, self.venv_widget.filePath().strip())
         s.set(Key.BACKEND_PORT, int(self.port_spin.value()))
         s.set(Key.START_TIMEOUT_S, int(self.timeout_spin.value()))

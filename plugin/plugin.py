@@ -399,8 +399,9 @@ class TilePromptPlugin:
             layout=settings.install_layout(), plugin_dir=PLUGIN_DIR, plugin_version=plugin_version(),
             source=self.source_stamp(), compute=settings.get(Key.INSTALL_COMPUTE),
             python=settings.get(Key.INSTALL_PYTHON),
-            sources=commands.PackageSources.from_text(settings.get(Key.INDEX_URL), settings.get(Key.EXTRA_INDEX_URLS),
-                                                      settings.get(Key.FIND_LINKS), settings.get(Key.TORCH_BACKEND)),
+            sources=commands.PackageSources.from_text(
+                settings.get(Key.INDEX_URL), settings.get(Key.EXTRA_INDEX_URLS), settings.get(Key.FIND_LINKS),
+                settings.get(Key.TORCH_BACKEND), settings.get(Key.INDEX_STRATEGY)),
             proxies=tuple(qgis_proxy_environment().items()),
             qgis_prefixes=(QgsApplication.prefixPath(), QgsApplication.pkgDataPath()),
             cache=Path(settings.get(Key.INSTALL_CACHE)).expanduser() if settings.get(Key.INSTALL_CACHE) else None)
@@ -442,6 +443,7 @@ class TilePromptPlugin:
                 self.stop_backend()  # it runs the replaced environment
             if outcome.replaced:
                 shutil.rmtree(self.settings.install_layout().env(outcome.replaced), ignore_errors=True)
+            panel.finished(tr("Backend {version} installed.").format(version=installation.version))
             self.refresh_install_state()
             self.start_backend()
         elif isinstance(outcome, InstallFailed):

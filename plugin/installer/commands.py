@@ -36,13 +36,14 @@ class PackageSources:
     extra_index_urls: tuple[str, ...] = field(default_factory=tuple)
     find_links: tuple[str, ...] = field(default_factory=tuple)
     torch_backend: str = ""  # "" = by compute (TORCH_BACKEND); "none" = from the indexes; else uv's value
+    index_strategy: str = ""  # "" = uv's first-index; "unsafe-best-match" for a partial mirror beside PyPI
 
     @classmethod
     def from_text(cls, index_url: str = "", extra_index_urls: str = "", find_links: str = "",
-                  torch_backend: str = "") -> PackageSources:
+                  torch_backend: str = "", index_strategy: str = "") -> PackageSources:
         """From the settings' text fields (lists separated by spaces or new lines)."""
         return cls(index_url.strip(), tuple(extra_index_urls.split()), tuple(find_links.split()),
-                   torch_backend.strip())
+                   torch_backend.strip(), index_strategy.strip())
 
 
 def torch_backend(compute: str, sources: PackageSources, system: str | None = None) -> str | None:
@@ -64,6 +65,10 @@ def index_arguments(sources: PackageSources) -> list[str]:
         args += ["--extra-index-url", url]
     for link in sources.find_links:
         args += ["--find-links", link]
+    if sources.index_strategy:
+        # uv takes a package from the first index that has it (no dependency confusion); a partial local
+        # mirror beside PyPI needs the best version of all indexes instead.
+        args += ["--index-strategy", sources.index_strategy]
     return args
 
 

@@ -116,11 +116,13 @@ class InstallTask(QgsTask):
         self.outcome = InstallCancelled(self.log_path)  # a task cancelled while queued never runs
         self._log = None
         self._lock: Path | None = None
+        self._started = time.monotonic()
 
     # --- worker thread --------------------------------------------------------------------------------------
     def run(self) -> bool:
         layout = self.plan.layout
         env = layout.env(self.stamp)
+        self._started = time.monotonic()
         try:
             layout.logs.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a", encoding="utf-8") as self._log:
@@ -261,7 +263,7 @@ class InstallTask(QgsTask):
         self._say(text)
 
     def _say(self, text: str) -> None:
-        self._write(f"== {text}")
+        self._write(f"== [{time.monotonic() - self._started:5.0f} s] {text}")
         self.phaseChanged.emit(text)
 
     def _write(self, line: str) -> None:
@@ -350,6 +352,7 @@ def _kill_tree(process: subprocess.Popen) -> None:
 
 def _cause(output: list[str]) -> str:
     """The lines that say why a uv command failed (its 'error:' and cause lines), else the last lines."""
-    marked = [line.strip() for line in output if line.strip().lower().startswith(("error", "caused by", "×", "╰─▶"))]
+    marked = [line.strip() for line in output
+              if line.strip().lower().startswith(("error", "cause:", "caused by", "×", "╰─▶"))]
     chosen = marked[-4:] if marked else [line.strip() for line in output if line.strip()][-3:]
     return " ".join(chosen)[:600] or "no output"

@@ -170,9 +170,11 @@ def test_cpu_installs_take_pytorchs_cpu_wheels_and_cuda_lets_uv_match_the_driver
     assert f"{tmp_path / 'backend'}[gpu]" in cuda and cuda[-2:] == ["--torch-backend", "auto"]
     mac = commands.install_packages(uvx, py, tmp_path, "cpu", commands.PackageSources(), "Darwin")
     assert "--torch-backend" not in mac  # macOS wheels on PyPI have no CUDA
-    mirror = commands.PackageSources.from_text("https://m/simple", "file:///a file:///b", "/w", "none")
+    mirror = commands.PackageSources.from_text("https://m/simple", "file:///a file:///b", "/w", "none",
+                                               "unsafe-best-match")
     local = commands.install_packages(uvx, py, tmp_path, "cpu", mirror, "Linux")
-    assert "--torch-backend" not in local
+    assert "--torch-backend" not in local and local[local.index("--index-strategy") + 1] == "unsafe-best-match"
+    assert "--index-strategy" not in cpu  # uv's own first-index rule unless asked
     assert local[local.index("--index-url") + 1] == "https://m/simple"
     assert [local[i + 1] for i, a in enumerate(local) if a == "--extra-index-url"] == ["file:///a", "file:///b"]
     assert local[local.index("--find-links") + 1] == "/w"

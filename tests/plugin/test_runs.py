@@ -308,3 +308,19 @@ def test_classification_also_as_a_class_map_raster(ready, fake_backend):
     tiles, raster = group_layers()
     assert isinstance(raster, QgsRasterLayer) and raster.source() == request["class_map"]
     assert raster.name() == tiles.name() + " (raster)"
+
+
+def test_a_backend_too_busy_to_answer_once_shows_as_up_again(plugin, fake_backend, isolated, qgis_iface):
+    """A health check that timed out (a heavy job on a loaded machine) stopped the checks for good: the dock said
+    "not answering" while the backend worked on."""
+    from conftest import connect
+    from tileprompt_plugin.plugin.settings import Key
+
+    plugin.settings.set(Key.REQUEST_TIMEOUT_S, 0.5)
+    connect(plugin, fake_backend, isolated)
+    fake_backend.answer_delay_s = 1.5
+    plugin.session.refresh_health()
+    assert wait_until(lambda: plugin.dock.backend_state == "error", 10)
+    assert plugin.session._timer.isActive()  # still checking
+    fake_backend.answer_delay_s = 0
+    assert wait_until(lambda: plugin.dock.backend_state == "up", 15)

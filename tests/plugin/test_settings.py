@@ -23,6 +23,7 @@ VALUES = {
     Key.FIND_LINKS: "/srv/wheels",
     Key.TORCH_BACKEND: "none",
     Key.INSTALL_CACHE: "/srv/uv-cache",
+    Key.INDEX_STRATEGY: "unsafe-best-match",
 }
 
 
