@@ -81,9 +81,10 @@ class InstallPanel(QWidget):
         self.log_toggle.setVisible(bool(self.log_view.toPlainText()))
         self.setVisible(needed)
 
-    def started(self) -> None:
+    def started(self, message: str = "") -> None:
         self.running = True
         self.setVisible(True)
+        self.message.setText(message)
         self.log_view.clear()
         self.action_button.setEnabled(False)
         self.cancel_button.setVisible(True)

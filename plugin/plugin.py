@@ -414,7 +414,8 @@ class TilePromptPlugin:
         kwargs = {"fetch": fetch} if fetch is not None else {}
         task = InstallTask(plan, self._install_done, **kwargs)
         panel = self.dock.install_panel
-        panel.started()
+        panel.started(tr("Installing the backend ({compute}) into {folder}. QGIS stays usable meanwhile.").format(
+            compute=plan.compute.upper(), folder=plan.layout.root))
         task.logLine.connect(lambda line: self.dock and self.dock.install_panel.log(line))
         task.phaseChanged.connect(lambda text: self.dock and self.dock.install_panel.set_phase(text))
         task.progressChanged.connect(lambda value: self.dock and self.dock.install_panel.set_progress(value))

@@ -49,12 +49,12 @@ class BackendSession(QObject):
 
         def first_health(data, error):
             self._on_health(data, error)
-            if error is None:
-                self.refresh_models()
-                self._timer.start()
             if on_result is not None:
                 on_result(error)
 
+        # Checked every few seconds from now on, answered or not: a backend too busy to answer the first check
+        # in time (a loaded machine) turns up when it answers.
+        self._timer.start()
         self._async.health(first_health)
 
     def disconnect(self) -> None:
@@ -76,6 +76,8 @@ class BackendSession(QObject):
         was_up = self.health is not None
         if error is None and isinstance(data, dict):
             self.health, self.error = data, ""
+            if not was_up:
+                self.refresh_models()
         else:
             self.health, self.error = None, str(error)
             if was_up:

@@ -193,6 +193,10 @@ def create_app(queue: JobQueue, token: str) -> FastAPI:
     async def lifespan(app: FastAPI):
         queue.start()
         log.info("worker started (device %s)", queue.device)
+        # Probe ONNX Runtime's providers now, before the state file says "ready": done lazily, the first health
+        # check (the plugin's, 10 s timeout) took 32 s on a loaded 2-core machine and the dock showed the new
+        # backend as not answering.
+        await anyio.to_thread.run_sync(lambda: _onnx_providers(app))
         yield
         await anyio.to_thread.run_sync(lambda: queue.shutdown(SHUTDOWN_WAIT))
 
