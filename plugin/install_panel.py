@@ -97,6 +97,8 @@ class InstallPanel(QWidget):
 
     def log(self, line: str) -> None:
         self.log_view.appendPlainText(line)
+        bar = self.log_view.verticalScrollBar()
+        bar.setValue(bar.maximum())  # follow the newest line
 
     def set_progress(self, percent: float) -> None:
         self.progress.setValue(int(round(percent)))

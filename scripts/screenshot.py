@@ -296,6 +296,21 @@ def write_profile(work: Path, plugin_cache: Path) -> Path:
     return root
 
 
+def stop_backend(state_file: Path) -> None:
+    """Stop the backend the plugin started in this run (its pid is in its state file)."""
+    try:
+        pid = int(json.loads(state_file.read_text())["pid"])
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
 def capture(path: Path, xenv: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     shot = path.with_name(path.stem + ".partial.png")
@@ -361,6 +376,7 @@ def main() -> int:
             sys.exit("the plugin did not produce a result layer; see " + str(work / "startup.log"))
         capture(Path(args.out), xenv)
     finally:
+        stop_backend(work / "home" / "server.json")  # QGIS killed does not unload the plugin, which would stop it
         for process in reversed(processes):
             if process.poll() is None:
                 try:
