@@ -56,6 +56,7 @@ from qgis.PyQt.QtWidgets import (
 from . import compat
 from .bands import validate_band_map
 from .i18n import tr
+from .install_panel import InstallPanel
 from .parameters import (
     Area,
     AreaMode,
@@ -75,7 +76,6 @@ from .prompts import (
     prompts_to_request,
     template_files,
 )
-from .install_panel import InstallPanel
 from .results import class_color
 from .settings import Key, ProjectState, Settings
 from .sources import LayerSource, inspect_layer

@@ -406,13 +406,12 @@ class TilePromptPlugin:
             qgis_prefixes=(QgsApplication.prefixPath(), QgsApplication.pkgDataPath()),
             cache=Path(settings.get(Key.INSTALL_CACHE)).expanduser() if settings.get(Key.INSTALL_CACHE) else None)
 
-    def install_backend(self, *_args, fetch=None) -> InstallTask | None:
+    def install_backend(self, *_args) -> InstallTask:
         """Install (or update, or repair) the backend in a QgsTask; the dock's installer panel follows it."""
         if self.install_task is not None:
             return self.install_task
         plan = self.install_plan()
-        kwargs = {"fetch": fetch} if fetch is not None else {}
-        task = InstallTask(plan, self._install_done, **kwargs)
+        task = InstallTask(plan, self._install_done)
         panel = self.dock.install_panel
         panel.started(tr("Installing the backend ({compute}) into {folder}. QGIS stays usable meanwhile.").format(
             compute=plan.compute.upper(), folder=plan.layout.root))
@@ -448,7 +447,7 @@ class TilePromptPlugin:
             self.refresh_install_state()
             self.start_backend()
         elif isinstance(outcome, InstallFailed):
-            text, action = self.install_status()
+            _text, action = self.install_status()
             message = tr("Installing the backend failed: {error}. Log: {log}").format(error=outcome.message,
                                                                                      log=outcome.log)
             panel.finished(message, action or tr("Retry"), keep_open=True)

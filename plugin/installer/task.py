@@ -20,6 +20,7 @@ import signal
 import subprocess  # nosec B404
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -42,7 +43,7 @@ from .uv import UV_VERSION, BootstrapError, bootstrap
 TORCH_PROBE = ("import json, torch; cuda = torch.cuda.is_available(); "
                "print(json.dumps({'torch': torch.__version__, 'cuda': cuda, "
                "'device': torch.cuda.get_device_name(0) if cuda else 'CPU'}))")
-CHECK_TIMEOUT_S = 300
+_NOTHING = object()  # no line arrived within the poll interval
 
 
 class InstallError(RuntimeError):
@@ -134,16 +135,22 @@ class InstallTask(QgsTask):
                     self._remove(env)
                     self.outcome = InstallCancelled(self.log_path)
                 except (InstallError, BootstrapError, OSError) as exc:
-                    message = redact(str(exc))
-                    self._write(f"ERROR: {message}")
-                    self._remove(env)
-                    self.outcome = InstallFailed(message, self.log_path)
+                    self._fail(env, str(exc))
+                except Exception as exc:  # noqa: BLE001 - any other surprise ends this installation, not QGIS
+                    self._write(traceback.format_exc().rstrip())
+                    self._fail(env, f"{type(exc).__name__}: {exc}")
                 finally:
                     self._release_lock()
         except OSError as exc:  # the log itself cannot be written: the folder is not usable
             self.outcome = InstallFailed(tr("cannot write to {folder}: {error}").format(
                 folder=layout.root, error=exc.strerror or exc), self.log_path)
         return not isinstance(self.outcome, InstallFailed)
+
+    def _fail(self, env: Path, message: str) -> None:
+        message = redact(message)
+        self._write(f"ERROR: {message}")
+        self._remove(env)
+        self.outcome = InstallFailed(message, self.log_path)
 
     def _install(self, env: Path) -> InstallSucceeded:
         plan, layout = self.plan, self.plan.layout
@@ -236,18 +243,18 @@ class InstallTask(QgsTask):
             try:
                 line = lines.get(timeout=0.2)
             except queue.Empty:
-                line = ""
-                if self.isCanceled():
-                    _kill_tree(process)
-                    reader.join(5)
-                    raise _Cancelled()
-                continue
-            if line is None:
+                line = _NOTHING
+            if self.isCanceled():
+                _kill_tree(process)
+                reader.join(5)
+                raise _Cancelled()
+            if line is None:  # the child closed its output
                 break
-            output.append(line)
-            self._write(line)
-            if on_line is not None:
-                on_line(line)
+            if line is not _NOTHING:
+                output.append(line)
+                self._write(line)
+                if on_line is not None:
+                    on_line(line)
         code = process.wait()
         if self.isCanceled():
             raise _Cancelled()
