@@ -39,9 +39,7 @@ class BackendOptionsPage(QgsOptionsPageWidget):
         self.setObjectName(PAGE_NAME)
         self.plugin = plugin
         self.settings = settings or Settings()
-        if detect:
-            python, gpu = find_python(), nvidia_gpu()
-        self.gpu = gpu
+        self._detect = detect  # on the first show: QGIS builds every page whenever its Options dialog opens
         layout = QVBoxLayout(self)
 
         install = QgsCollapsibleGroupBox(tr("Backend installation"), self)
@@ -53,19 +51,11 @@ class BackendOptionsPage(QgsOptionsPageWidget):
         form.addRow(tr("Folder"), self.folder_widget)
         self.python_widget = QgsFileWidget(install)
         self.python_widget.setStorageMode(QgsFileWidget.StorageMode.GetFile)
-        self.python_widget.lineEdit().setPlaceholderText(
-            tr("found: {path} (Python {version})").format(path=python.path, version=python.version_text)
-            if python else tr("none found: uv installs Python 3.11 into the folder"))
         self.python_widget.setFilePath(self.settings.get(Key.INSTALL_PYTHON))
         form.addRow(tr("Python"), self.python_widget)
         self.compute_combo = QComboBox(install)
-        self.compute_combo.addItem(tr("CPU"), "cpu")
-        if gpu:
-            self.compute_combo.addItem(tr("GPU (CUDA): {gpu}").format(gpu=gpu), "cuda")
-        elif self.settings.get(Key.INSTALL_COMPUTE) == "cuda":
-            self.compute_combo.addItem(tr("GPU (CUDA): no NVIDIA driver answers now"), "cuda")
-        self.compute_combo.setCurrentIndex(max(0, self.compute_combo.findData(self.settings.get(Key.INSTALL_COMPUTE))))
         form.addRow(tr("Compute"), self.compute_combo)
+        self.show_found(python, gpu)
 
         sources = QgsCollapsibleGroupBox(tr("Package sources (mirrors, offline installs)"), install)
         sources.setCollapsed(not any(self.settings.get(k) for k in (Key.INDEX_URL, Key.EXTRA_INDEX_URLS,
@@ -134,6 +124,26 @@ class BackendOptionsPage(QgsOptionsPageWidget):
         layout.addWidget(environment)
         layout.addStretch(1)
         self.refresh_status()
+
+    def show_found(self, python: Interpreter | None, gpu: str | None) -> None:
+        """The interpreter the installer would use, and the compute choices (CUDA only with an NVIDIA driver)."""
+        self.python_widget.lineEdit().setPlaceholderText(
+            tr("found: {path} (Python {version})").format(path=python.path, version=python.version_text)
+            if python else tr("none found: uv installs Python 3.11 into the folder"))
+        wanted = self.compute_combo.currentData() or self.settings.get(Key.INSTALL_COMPUTE)
+        self.compute_combo.clear()
+        self.compute_combo.addItem(tr("CPU"), "cpu")
+        if gpu:
+            self.compute_combo.addItem(tr("GPU (CUDA): {gpu}").format(gpu=gpu), "cuda")
+        elif wanted == "cuda":
+            self.compute_combo.addItem(tr("GPU (CUDA): no NVIDIA driver answers now"), "cuda")
+        self.compute_combo.setCurrentIndex(max(0, self.compute_combo.findData(wanted)))
+
+    def showEvent(self, event):  # noqa: N802 (Qt API)
+        if self._detect:
+            self._detect = False
+            self.show_found(find_python(), nvidia_gpu())
+        super().showEvent(event)
 
     def refresh_status(self) -> None:
         if self.plugin is None:

@@ -421,3 +421,20 @@ def test_the_settings_page_saves_the_installation_choices(plugin, isolated, tmp_
     assert "no NVIDIA driver answers now" in no_gpu.compute_combo.itemText(1)  # the saved choice stays visible
     page.deleteLater()
     no_gpu.deleteLater()
+
+
+def test_the_settings_page_looks_for_python_only_when_shown(plugin, isolated, monkeypatch):
+    """QGIS builds every Options page whenever its dialog opens, for whatever page the user wants."""
+    from tileprompt_plugin.plugin import options
+
+    calls = []
+    monkeypatch.setattr(options, "find_python", lambda: calls.append("python"))
+    monkeypatch.setattr(options, "nvidia_gpu", lambda: calls.append("gpu") or "NVIDIA T4 (driver 550)")
+    page = options.BackendOptionsPage(plugin)
+    assert calls == []
+    page.show()
+    assert calls == ["python", "gpu"] and "NVIDIA T4" in page.compute_combo.itemText(1)
+    page.hide()
+    page.show()
+    assert len(calls) == 2  # once
+    page.deleteLater()
