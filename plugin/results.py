@@ -42,7 +42,7 @@ from .settings import PLUGIN_DIR
 GROUP_NAME = "TilePrompt"
 TILES_LAYER = "tiles"
 SIMILAR_LAYER = "similar"
-#: Class colours by class index, shared with the backend's class-map GeoTIFF (its colour table and QML).
+#: Class colours by class index, shared with the backend's class-map GeoTIFF (its QML and metadata).
 PALETTE_FILE = PLUGIN_DIR / "resources" / "styles" / "palette.json"
 NAME_CHARS = 48
 GRADUATED_CLASSES = 5
@@ -156,15 +156,17 @@ def style_graduated(layer: QgsVectorLayer, field: str = "similarity", classes: i
     """Quantile classes of ``field`` from dark to bright (Viridis, brightest = most similar), labelled with as many
     decimals as it takes to tell the limits apart (the trial's legend read '1.000 - 1.000' five times)."""
     index = layer.fields().indexOf(field)
-    request = QgsFeatureRequest().setFlags(compat.NO_GEOMETRY).setSubsetOfAttributes([index])
-    values = [float(f.attribute(index)) for f in layer.getFeatures(request)
-              if index >= 0 and isinstance(f.attribute(index), (int, float))]
-    classes_ = quantile_ranges(values, classes)
-    digits = label_precision([v for pair in classes_ for v in pair])
+    values = []
+    if index >= 0:
+        request = QgsFeatureRequest().setFlags(compat.NO_GEOMETRY).setSubsetOfAttributes([index])
+        values = [float(f.attribute(index)) for f in layer.getFeatures(request)
+                  if isinstance(f.attribute(index), (int, float))]
+    limits = quantile_ranges(values, classes)
+    digits = label_precision([v for pair in limits for v in pair])
     ramp = _ramp("Viridis")
     ranges = []
-    for i, (lo, hi) in enumerate(classes_):
-        color = ramp.color(i / max(len(classes_) - 1, 1))
+    for i, (lo, hi) in enumerate(limits):
+        color = ramp.color(i / max(len(limits) - 1, 1))
         label = f"{lo:.{digits}f}" if lo == hi else f"{lo:.{digits}f} - {hi:.{digits}f}"
         ranges.append(QgsRendererRange(lo, hi, _fill_symbol(color, 0.7), label))
     layer.setRenderer(QgsGraduatedSymbolRenderer(field, ranges))
