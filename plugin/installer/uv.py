@@ -103,13 +103,17 @@ def pick_wheel(files: list[WheelFile], version: str, tags: list[str]) -> WheelFi
     raise BootstrapError(f"the package index has no uv {version} wheel for this platform ({', '.join(tags)})")
 
 
+def _file_path(url_path: str) -> Path:
+    """The local path of a ``file://`` URL's path part (``/C:/wheels`` is ``C:/wheels`` on Windows)."""
+    path = unquote(url_path)
+    return Path(path[1:] if os.name == "nt" and re.match(r"^/[A-Za-z]:", path) else path)
+
+
 def read_url(url: str, fetch: Callable[[str], bytes]) -> bytes:
     """``file://`` URLs and plain folders are read here (offline mirrors, tests); anything else through ``fetch``."""
     parts = urlsplit(url)
     if parts.scheme == "file":
-        path = Path(unquote(parts.path))
-        if os.name == "nt" and re.match(r"^/[A-Za-z]:", parts.path):
-            path = Path(unquote(parts.path[1:]))
+        path = _file_path(parts.path)
         try:
             if path.is_dir():
                 path = path / "index.html"
@@ -124,7 +128,7 @@ def _local_folder(link: str) -> Path | None:
     parts = urlsplit(link)
     if parts.scheme in ("http", "https"):
         return None
-    path = Path(unquote(parts.path)) if parts.scheme == "file" else Path(link)  # "C:\\x" parses as scheme "c"
+    path = _file_path(parts.path) if parts.scheme == "file" else Path(link)  # "C:\\x" parses as scheme "c"
     return path if path.is_dir() else None
 
 
@@ -140,8 +144,8 @@ def find_wheel(version: str, tags: list[str], fetch: Callable[[str], bytes], ind
             files = [WheelFile(p.name, p.as_uri(), None) for p in sorted(folder.glob(f"uv-{version}-*.whl"))]
             try:
                 wheel = pick_wheel(files, version, tags)
-            except BootstrapError:
-                tried.append(str(folder))
+            except BootstrapError as exc:
+                tried.append(f"{folder} ({exc})")
                 continue
             return wheel, (folder / wheel.filename).read_bytes()
     pages = [(link.rstrip("/") + "/", link) for link in find_links if _local_folder(link) is None]
@@ -150,8 +154,8 @@ def find_wheel(version: str, tags: list[str], fetch: Callable[[str], bytes], ind
         try:
             html = read_url(page, fetch).decode("utf-8", "replace")
             wheel = pick_wheel(parse_simple_page(html, page), version, tags)
-        except BootstrapError:
-            tried.append(source)
+        except BootstrapError as exc:
+            tried.append(f"{source} ({exc})")
             continue
         if not wheel.sha256:
             raise BootstrapError(f"{source} gives no sha256 for {wheel.filename}; refusing to run it")
@@ -160,7 +164,7 @@ def find_wheel(version: str, tags: list[str], fetch: Callable[[str], bytes], ind
         if digest != wheel.sha256:
             raise BootstrapError(f"{wheel.filename}: sha256 {digest} does not match {source}'s {wheel.sha256}")
         return wheel, data
-    raise BootstrapError(f"no uv {version} wheel for this platform ({', '.join(tags)}) in {', '.join(tried)}")
+    raise BootstrapError(f"uv {version} could not be fetched: {'; '.join(tried)}")
 
 
 def bootstrap(dest: Path, fetch: Callable[[str], bytes], index_url: str = "", extra_index_urls: tuple = (),
