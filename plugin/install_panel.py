@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import (
+    QCheckBox,
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
@@ -37,6 +38,11 @@ class InstallPanel(QWidget):
         self.message = QLabel(self)
         self.message.setWordWrap(True)
         layout.addWidget(self.message)
+        self.gpu_check = QCheckBox(self)
+        self.gpu_check.setToolTip(tr("PyTorch's CUDA build, for the NVIDIA driver found (several GB); without it, "
+                                     "PyTorch's CPU wheels"))
+        self.gpu_check.setVisible(False)
+        layout.addWidget(self.gpu_check)
         row = QHBoxLayout()
         self.action_button = QPushButton(tr("Install backend"), self)
         self.action_button.setObjectName("tilepromptInstallButton")
@@ -81,10 +87,17 @@ class InstallPanel(QWidget):
         self.log_toggle.setVisible(bool(self.log_view.toPlainText()))
         self.setVisible(needed)
 
+    def offer_gpu(self, gpu: str | None, chosen: bool) -> None:
+        """Offer the CUDA build when an NVIDIA driver answered (``gpu`` names the card), checked if ``chosen``."""
+        self.gpu_check.setText(tr("use the GPU (CUDA): {gpu}").format(gpu=gpu) if gpu else "")
+        self.gpu_check.setChecked(bool(gpu) and chosen)
+        self.gpu_check.setVisible(bool(gpu) and not self.running)
+
     def started(self, message: str = "") -> None:
         self.running = True
         self.setVisible(True)
         self.message.setText(message)
+        self.gpu_check.setVisible(False)
         self.log_view.clear()
         self.action_button.setEnabled(False)
         self.cancel_button.setVisible(True)

@@ -27,6 +27,7 @@ from .diagnostics import report
 from .dock import TilePromptDock
 from .i18n import Translator, tr
 from .installer import commands, record
+from .installer.interpreters import nvidia_gpu
 from .installer.proxy import qgis_proxy_environment
 from .installer.task import InstallCancelled, InstallFailed, InstallPlan, InstallSucceeded, InstallTask
 from .jobs import JobCancelled, JobFailed, JobSucceeded
@@ -82,6 +83,7 @@ class TilePromptPlugin:
         self._source_stamp = None
         self._dock_sized = False
         self._version_warned = ""
+        self._gpu: str | None = None  # the NVIDIA GPU found ("" none), once asked
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def _connect(self, signal, slot) -> None:
@@ -387,11 +389,17 @@ class TilePromptPlugin:
             device=installation.device, folder=layout.root), ""
 
     def refresh_install_state(self) -> None:
-        """Show the installer panel when there is something to install, repair or update."""
+        """Show the installer panel when there is something to install, repair or update, with the GPU (CUDA)
+        choice when an NVIDIA driver answers."""
         if self.dock is None or self.dock.install_panel.running:
             return
         text, action = self.install_status()
-        self.dock.install_panel.show_state(text, action, bool(action))
+        panel = self.dock.install_panel
+        panel.show_state(text, action, bool(action))
+        if action:
+            if self._gpu is None:
+                self._gpu = nvidia_gpu() or ""  # asked once per session
+            panel.offer_gpu(self._gpu, self.settings.get(Key.INSTALL_COMPUTE) == "cuda")
 
     def install_plan(self) -> InstallPlan:
         settings = self.settings
@@ -410,9 +418,11 @@ class TilePromptPlugin:
         """Install (or update, or repair) the backend in a QgsTask; the dock's installer panel follows it."""
         if self.install_task is not None:
             return self.install_task
+        panel = self.dock.install_panel
+        if panel.gpu_check.isVisibleTo(panel):  # the panel's choice is the settings' choice
+            self.settings.set(Key.INSTALL_COMPUTE, "cuda" if panel.gpu_check.isChecked() else "cpu")
         plan = self.install_plan()
         task = InstallTask(plan, self._install_done)
-        panel = self.dock.install_panel
         panel.started(tr("Installing the backend ({compute}) into {folder}. QGIS stays usable meanwhile.").format(
             compute=plan.compute.upper(), folder=plan.layout.root))
         task.logLine.connect(lambda line: self.dock and self.dock.install_panel.log(line))

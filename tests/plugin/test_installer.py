@@ -370,6 +370,26 @@ def test_a_failed_install_says_why_and_keeps_nothing(plugin, release_layout, mon
     assert "has no wheel" in panel.message.text()
 
 
+def test_with_an_nvidia_driver_the_dock_offers_the_cuda_build(plugin, release_layout, monkeypatch):
+    from tileprompt_plugin.plugin import plugin as plugin_module
+    from tileprompt_plugin.plugin.settings import Key
+
+    panel = plugin.dock.install_panel
+    assert not panel.gpu_check.isVisibleTo(panel)  # this machine has no NVIDIA driver
+    monkeypatch.setattr(plugin_module, "nvidia_gpu", lambda: "NVIDIA T4 (driver 550.54)")
+    monkeypatch.setenv("FAKE_UV", "fail")  # only the command line matters here
+    plugin._gpu = None
+    plugin.refresh_install_state()
+    assert panel.gpu_check.isVisibleTo(panel) and "NVIDIA T4" in panel.gpu_check.text()
+    assert not panel.gpu_check.isChecked()  # CPU unless chosen
+    panel.gpu_check.setChecked(True)
+    task = plugin.install_backend()
+    assert plugin.settings.get(Key.INSTALL_COMPUTE) == "cuda" and not panel.gpu_check.isVisibleTo(panel)
+    assert wait_until(lambda: plugin.install_task is None, 30)
+    log = Path(task.log_path).read_text()
+    assert "compute: cuda" in log and "--torch-backend auto" in log and "backend[gpu]" in log
+
+
 def test_an_older_or_broken_installation_is_offered_an_update_or_repair(plugin, release_layout):
     from tileprompt_plugin.plugin.metadata import plugin_version
 
