@@ -127,8 +127,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
                 props = _tile_attributes(tile, classes, s, i, multi_label)
                 counts[props["class"]] += 1
                 features.append((tile.polygon, props))
-                cells.append((tile.row, tile.col))
             if class_map is not None:
+                cells.extend((tile.row, tile.col) for tile in tiles)
                 cell_scores.append(np.asarray(s.scores, dtype=np.float32))
         stored = None
         if keep and features:
