@@ -458,3 +458,24 @@ def test_the_settings_page_looks_for_python_only_when_shown(plugin, isolated, mo
     page.show()
     assert len(calls) == 2  # once
     page.deleteLater()
+
+
+def test_an_update_switches_to_the_new_environment_and_starts_it(plugin, release_layout, fake_venv):
+    """What happens when an update succeeded: the backend this QGIS ran from the old environment is stopped,
+    the old environment deleted, the new one (already recorded by the task) started."""
+    import shutil
+
+    from tileprompt_plugin.plugin.installer.task import InstallSucceeded
+
+    old = make_env(release_layout, "20261101-090000")
+    new = release_layout.env("20261128-101500")
+    shutil.copytree(fake_venv, new)  # its bin/tileprompt is a stand-in for `tileprompt serve`
+    record.write(release_layout, installation(env=new.name, source=plugin.source_stamp()))
+    log = new / "install.log"
+    plugin.launcher.start(locations.venv_tileprompt(new), plugin.settings.state_file(), log)  # as if running
+    first = plugin.launcher.process.pid
+    plugin._install_done(InstallSucceeded(installation(env=new.name, source=plugin.source_stamp()), log,
+                                          replaced=old.name))
+    assert not old.exists() and new.is_dir()
+    assert wait_until(lambda: plugin.session.connected, 20) and plugin.launcher.process.pid != first
+    assert not plugin.dock.install_panel.isVisibleTo(plugin.dock)  # current now
