@@ -469,6 +469,14 @@ class TilePromptPlugin:
             self._message(tr("Backend installation cancelled."), Qgis.MessageLevel.Info, 4)
 
     def _on_backend_lost(self, message: str):
+        connection = self.session.connection
+        if connection is not None and connection.process_alive():
+            # Its process runs: busy (a heavy job on a loaded machine), not gone. The checks go on and the light
+            # turns green again when it answers; a sticky error would cry wolf.
+            self._message(tr("The backend is slow to answer ({reason}); still checking.").format(
+                reason=message.split("(", 1)[-1].split(")", 1)[0] if "(" in message else message),
+                Qgis.MessageLevel.Warning, 6)
+            return
         self._message(message, Qgis.MessageLevel.Critical, 0)
 
     def copy_diagnostics(self) -> str:

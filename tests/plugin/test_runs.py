@@ -322,5 +322,29 @@ def test_a_backend_too_busy_to_answer_once_shows_as_up_again(plugin, fake_backen
     plugin.session.refresh_health()
     assert wait_until(lambda: plugin.dock.backend_state == "error", 10)
     assert plugin.session._timer.isActive()  # still checking
+    from qgis.core import Qgis
+
+    # the fake backend's state file names no pid: nothing says it still runs, so it is an error
+    assert any("does not answer" in m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical))
     fake_backend.answer_delay_s = 0
     assert wait_until(lambda: plugin.dock.backend_state == "up", 15)
+
+
+def test_a_busy_backend_whose_process_runs_is_a_warning_not_an_error(plugin, fake_backend, isolated, qgis_iface):
+    import os
+
+    from qgis.core import Qgis
+
+    from tileprompt_plugin.plugin.settings import Key
+
+    plugin.settings.set(Key.REQUEST_TIMEOUT_S, 0.5)
+    state = fake_backend.write_state_file(isolated / "home" / "server.json", pid=os.getpid())  # a live process
+    plugin.attach_backend(state)
+    assert wait_until(lambda: plugin.session.connected, 10)
+    fake_backend.answer_delay_s = 1.5
+    plugin.session.refresh_health()
+    assert wait_until(lambda: plugin.dock.backend_state == "error", 10)
+    bar = qgis_iface.messageBar()
+    assert any("slow to answer" in m for m in bar.get_messages(Qgis.MessageLevel.Warning))
+    assert not any("does not answer" in m for m in bar.get_messages(Qgis.MessageLevel.Critical))
+    fake_backend.answer_delay_s = 0
