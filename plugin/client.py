@@ -38,7 +38,11 @@ class BackendError(Exception):
 
 
 class BackendUnavailable(BackendError):
-    """Nothing answered: not started, stopped, crashed, or too slow."""
+    """Nothing answered: not started, stopped, crashed, or too slow (``timed_out``: it did not answer in time)."""
+
+    def __init__(self, message: str, status: int | None = None, detail: str | None = None, timed_out: bool = False):
+        super().__init__(message, status, detail)
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,7 @@ class AsyncClient(QObject):
         reply.deleteLater()
         if status is None or (error != QNetworkReply.NetworkError.NoError and not status):
             reason = tr("no answer within {s:g} s").format(s=self.timeout) if timed_out else reply.errorString()
-            callback(None, BackendUnavailable(unavailable_message(self.connection, reason)))
+            callback(None, BackendUnavailable(unavailable_message(self.connection, reason), timed_out=timed_out))
             return
         if int(status) >= 400:
             callback(None, BackendError(error_message(int(status), body, what), int(status)))

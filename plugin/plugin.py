@@ -316,7 +316,7 @@ class TilePromptPlugin:
     def _on_attached(self, error, quiet: bool = False):
         if error is not None:
             if not quiet:
-                self._message(str(error), Qgis.MessageLevel.Critical, 0)
+                self._on_backend_lost(str(error), bool(getattr(error, "timed_out", False)))
             self._update_backend_panel()
             return
         self._message(tr("Connected to the backend: {what}").format(what=self.session.describe()),
@@ -468,9 +468,10 @@ class TilePromptPlugin:
                            keep_open=bool(action))
             self._message(tr("Backend installation cancelled."), Qgis.MessageLevel.Info, 4)
 
-    def _on_backend_lost(self, message: str):
+    def _on_backend_lost(self, message: str, timed_out: bool = False):
+        """The backend did not answer: an error, unless it only took too long and its process runs."""
         connection = self.session.connection
-        if connection is not None and connection.process_alive():
+        if timed_out and connection is not None and connection.process_alive():
             # Its process runs: busy (a heavy job on a loaded machine), not gone. The checks go on and the light
             # turns green again when it answers; a sticky error would cry wolf.
             self._message(tr("The backend is slow to answer ({reason}); still checking.").format(

@@ -20,7 +20,7 @@ class BackendSession(QObject):
     """Connection state; signals ``changed()`` whenever connection, health or models change."""
 
     changed = pyqtSignal()
-    lost = pyqtSignal(str)  # the backend stopped answering (message)
+    lost = pyqtSignal(str, bool)  # the backend stopped answering (message, whether it only did not answer in time)
 
     def __init__(self, settings: Settings | None = None, parent=None):
         super().__init__(parent)
@@ -83,7 +83,7 @@ class BackendSession(QObject):
             if was_up:
                 # Said once; polling goes on, so a backend that was only too busy to answer in time (a heavy job
                 # on a loaded machine) shows as up again when it answers.
-                self.lost.emit(self.error)
+                self.lost.emit(self.error, bool(getattr(error, "timed_out", False)))
         self.changed.emit()
 
     def refresh_models(self, on_result=None) -> None:
