@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 Request = ClassifyRequest | IndexRequest | SearchRequest
 #: Finished jobs kept for GET /v1/jobs; older finished ones are forgotten first.
 MAX_FINISHED_JOBS = 500
+#: Jobs waiting to run at most; one more is refused (HTTP 429) instead of queueing without bound.
+MAX_QUEUED_JOBS = 100
 #: A request whose grid would exceed this many tiles is refused before any work (a typo such as tile_px=1).
 MAX_GRID_TILES = 1_000_000
 #: Up to this many rasters of an index request are opened (headers only) on submit; beyond, only found.
@@ -40,6 +42,10 @@ FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 class ShuttingDown(RuntimeError):
     """The queue takes no new jobs: the service is stopping."""
+
+
+class QueueFull(RuntimeError):
+    """The queue holds :data:`MAX_QUEUED_JOBS` waiting jobs; the client should retry later."""
 
 
 class UnknownJob(KeyError):
@@ -285,10 +291,11 @@ class JobQueue:
     """A FIFO of jobs run by one worker thread; thread-safe for any number of client threads."""
 
     def __init__(self, device: str = "auto", handlers: dict[str, Handler] | None = None,
-                 max_finished: int = MAX_FINISHED_JOBS):
+                 max_finished: int = MAX_FINISHED_JOBS, max_queued: int = MAX_QUEUED_JOBS):
         self.device = device
         self.handlers = dict(HANDLERS if handlers is None else handlers)
         self.max_finished = max_finished
+        self.max_queued = max_queued
         self.model_dirs: dict[str, str] = {}  # card folders used since start that list_models does not show
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._pending: list[str] = []
@@ -304,6 +311,7 @@ class JobQueue:
         """Queue a job (after :func:`check_request` unless ``check`` is False); its status, state "queued"."""
         if self._closing:
             raise ShuttingDown("the service is shutting down and takes no new jobs")
+        self._check_room()
         if check:
             request = check_request(request)
         self._remember_model_dir(getattr(request, "model", None))
@@ -311,6 +319,7 @@ class JobQueue:
         with self._wake:
             if self._closing:
                 raise ShuttingDown("the service is shutting down and takes no new jobs")
+            self._check_room(locked=True)
             self._jobs[job.id] = job
             self._pending.append(job.id)
             self._forget_old()
@@ -318,6 +327,13 @@ class JobQueue:
             status = job.status()
         log.info("job %s %s queued (%d waiting)", job.id, request.kind, len(self._pending))
         return status
+
+    def _check_room(self, locked: bool = False) -> None:
+        """QueueFull when :attr:`max_queued` jobs are waiting (checked before and after the request's checks)."""
+        waiting = len(self._pending) if locked else self.queue_length
+        if waiting >= self.max_queued:
+            raise QueueFull(f"the job queue is full ({waiting} jobs waiting, at most {self.max_queued}); "
+                            "retry when some have finished, or cancel some")
 
     def get(self, job_id: str) -> JobStatus:
         with self._lock:
