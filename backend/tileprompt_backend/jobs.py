@@ -93,7 +93,7 @@ def _check_raster(r: RasterInput, open_it: bool = True):
     path = _existing(r.raster, "raster")
     if not open_it:
         return None
-    with open_raster(path, band_map=r.band_map, level=r.level) as source:
+    with open_raster(path, band_map=r.selected_band_map(), level=r.level) as source:
         return source.info
 
 
@@ -171,28 +171,36 @@ def check_request(request: Request) -> Request:
 
 def _check_request(request: Request) -> Request:
     from .models import DEFAULT_MODEL, resolve_card
-    from .outputs import check_output_path
+    from .outputs import guard_output
 
     updates: dict[str, Any] = {}
     if isinstance(request, ClassifyRequest):
-        from .engine.prompts import load_templates, parse_prompts
+        from .engine.classify import check_georeference
+        from .engine.prompts import load_templates
+        from .paths import templates_path
 
-        parse_prompts(request.prompts)
         out = _absolute(request.out, "out")
-        check_output_path(out)
         model = _model_arg(request.model)
         card = resolve_card(model or DEFAULT_MODEL)
-        if request.templates is not None:
-            load_templates(request.templates)
+        template_file = templates_path(request.templates or card.templates)
+        index = _absolute(request.index, "index") if request.index is not None else None
+        raster = _existing(request.raster, "raster")
+        guard_output(out, [raster, template_file], request.overwrite, layer=request.layer,
+                     input_dirs=[card.path, index])
+        load_templates(template_file)
         info = _check_raster(request)
+        guard_output(out, [raster, template_file, *info.files.values()], request.overwrite, layer=request.layer,
+                     input_dirs=[card.path, index])
+        check_georeference(info, request.pixel_space)
         _check_grid(info, request.tile_px or card.input.tile_px, request.stride, request.aoi, request.aoi_crs)
-        updates = {"raster": str(_absolute(request.raster, "raster")), "out": str(out), "model": model}
-        if request.index is not None:
-            index = _absolute(request.index, "index")
+        updates = {"raster": str(raster), "out": str(out), "model": model}
+        if index is not None:
             if index.exists() and not index.is_dir():
                 raise ValueError(f"index must be a folder, got a file: {index}")
             updates["index"] = str(index)
     elif isinstance(request, IndexRequest):
+        from .engine.classify import check_georeference
+
         model = _model_arg(request.model)
         card = resolve_card(model or DEFAULT_MODEL)
         rasters = []
@@ -200,6 +208,7 @@ def _check_request(request: Request) -> Request:
             try:
                 info = _check_raster(r, open_it=n < MAX_RASTERS_OPENED)
                 if info is not None:
+                    check_georeference(info, request.pixel_space)
                     _check_grid(info, request.tile_px or card.input.tile_px, request.stride)
             except ValueError as e:
                 raise ValueError(f"rasters[{n}]: {e}") from None
@@ -226,14 +235,13 @@ def _check_request(request: Request) -> Request:
         if request.tile_ids is not None and not request.tile_ids:
             raise ValueError("tile_ids is an empty list: give at least one tile id")
         _check_crs(request.like_crs, "like_crs")
+        from .index.store import IndexStore, guard_search_outputs
+
         out = _absolute(request.out, "out")
-        check_output_path(out)
+        heatmap = _absolute(request.heatmap, "heatmap") if request.heatmap is not None else None
+        guard_search_outputs(IndexStore.open(index), out, heatmap, request.overwrite, request.layer)
         updates = {"index": str(index), "out": str(out)}
-        if request.heatmap is not None:
-            heatmap = _absolute(request.heatmap, "heatmap")
-            check_output_path(heatmap, (".tif", ".tiff"))
-            if heatmap == out:
-                raise ValueError("the heat map and the GeoPackage need different paths")
+        if heatmap is not None:
             updates["heatmap"] = str(heatmap)
         _check_search_scene(request, index)
     else:  # pragma: no cover - the schema's discriminator admits only the three kinds
@@ -546,12 +554,13 @@ def run_classify(req: ClassifyRequest, ctx: JobContext):
                     stride=req.stride, aoi=req.aoi, aoi_crs=req.aoi_crs, multi_label=req.multi_label,
                     threshold=req.threshold, band_map=req.band_map, level=req.level, batch_size=req.batch_size,
                     runner=req.runner, device=ctx.device, progress=ctx.progress, cancel=ctx.cancel,
-                    index=req.index, cache=req.cache)
+                    index=req.index, cache=req.cache, date=req.date, overwrite=req.overwrite, layer=req.layer,
+                    pixel_space=req.pixel_space)
 
 
 def _raster_arg(r: RasterInput):
     """A raster for build_index: its path, or a dict when it carries a band map or a level."""
-    if r.band_map is None and r.level is None:
+    if r.band_map is None and r.level is None and r.date is None:
         return r.raster
     return r.model_dump(exclude_none=True)
 
@@ -561,7 +570,8 @@ def run_index(req: IndexRequest, ctx: JobContext):
 
     return build_index([_raster_arg(r) for r in req.rasters], model=req.model, tile_px=req.tile_px,
                        stride=req.stride, index=req.index, device=ctx.device, runner=req.runner,
-                       batch_size=req.batch_size, progress=ctx.progress, cancel=ctx.cancel)
+                       batch_size=req.batch_size, progress=ctx.progress, cancel=ctx.cancel,
+                       pixel_space=req.pixel_space)
 
 
 def run_search(req: SearchRequest, ctx: JobContext):
@@ -569,7 +579,7 @@ def run_search(req: SearchRequest, ctx: JobContext):
 
     return search(req.index, like=req.like, like_crs=req.like_crs, tile_ids=req.tile_ids, scene=req.scene,
                   text=req.text, fuse=req.fuse, k=req.k, out=req.out, heatmap=req.heatmap, progress=ctx.progress,
-                  cancel=ctx.cancel, device=ctx.device)
+                  cancel=ctx.cancel, device=ctx.device, overwrite=req.overwrite, layer=req.layer)
 
 
 HANDLERS: dict[str, Handler] = {"classify": run_classify, "index": run_index, "search": run_search}

@@ -10,7 +10,6 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from . import validation
-from .validation import MAX_K  # noqa: F401 - re-exported: the index's search reads it from here
 
 
 def _checked(check, **schema) -> Any:
@@ -78,6 +77,7 @@ class IndexRequest(TileParams):
     kind: Literal["index"] = "index"
     rasters: list[RasterInput] = Field(..., min_length=1, max_length=10_000)
     index: str | None = Field(None, description="index directory (default: the cache, keyed by inputs)")
+    pixel_space: bool = Field(False, description="index rasters without georeference in pixel coordinates")
 
 
 class SearchRequest(_Strict):
@@ -94,6 +94,8 @@ class SearchRequest(_Strict):
     out: str = Field(..., min_length=1, description="output GeoPackage path")
     heatmap: str | None = Field(None, description="optional float GeoTIFF of similarity on the raster grid")
     overwrite: bool = Field(False, description="replace existing outputs that TilePrompt did not write")
+    layer: str | None = Field(None, description="add the hits as this new layer of an existing result GeoPackage "
+                                                "TilePrompt wrote, instead of replacing the file")
 
 
 JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest], Field(discriminator="kind")]

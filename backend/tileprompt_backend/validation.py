@@ -86,7 +86,8 @@ def threshold(value: Any) -> float:
     return t
 
 
-def _no_control_characters(text: str, what: str) -> None:
+def plain_text(text: str, what: str) -> None:
+    """ValueError when ``text`` holds a control character other than tab and line breaks (NUL, escapes ...)."""
     for ch in text:
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs") and ch not in _ALLOWED_CONTROLS:
             raise ValueError(f"{what} contains a control character (U+{ord(ch):04X}); type plain text")
@@ -98,10 +99,10 @@ def prompts(value: Any) -> str:
         raise ValueError(f"prompts must be text, got {type(value).__name__}")
     if len(value) > MAX_PROMPTS_CHARS:
         raise ValueError(f"prompts are too long ({len(value)} characters, at most {MAX_PROMPTS_CHARS})")
-    _no_control_characters(value, "prompts")
+    plain_text(value, "prompts")
     from .engine.prompts import parse_prompts  # imports the engine package (torch): the CLI checks paths first
 
-    parse_prompts(value)
+    parse_prompts(value)  # control characters are refused there too, for callers that skip this function
     return value
 
 
@@ -115,7 +116,7 @@ def text(value: Any) -> str | None:
         raise ValueError("search text is empty: type a description, e.g. \"river with sand banks\"")
     if len(value) > MAX_TEXT_CHARS:
         raise ValueError(f"search text is too long ({len(value)} characters, at most {MAX_TEXT_CHARS})")
-    _no_control_characters(value, "search text")
+    plain_text(value, "search text")
     return value
 
 
@@ -157,7 +158,7 @@ def band_map(value: Any) -> list[str] | None:
         if not isinstance(raw, str):
             raise ValueError(f"band map entries must be band names, got {raw!r}")
         text_ = raw.strip()
-        _no_control_characters(text_, "band map")
+        plain_text(text_, "band map")
         if text_ == SKIP:
             names.append(SKIP)
         elif text_.upper() in ("R", "G", "B"):
@@ -222,7 +223,7 @@ def existing_path(value: Any, what: str) -> Path:
     """A file or folder that must exist (``~`` expanded)."""
     if not isinstance(value, (str, Path)) or not str(value).strip():
         raise ValueError(f"{what} is empty: give a path")
-    _no_control_characters(str(value), what)
+    plain_text(str(value), what)
     path = Path(value).expanduser()
     if not path.exists():
         raise ValueError(f"{what} not found: {path}")

@@ -24,7 +24,7 @@ def test_write_and_read_back(tmp_path):
         assert len(layer) == 3
         assert list(layer.schema["properties"]) == ["id", "class", "score"]
         assert layer.crs.to_epsg() == 32633
-    assert read_run_table(out) == [{"model": "m", "n": 3}]
+    assert read_run_table(out) == [{"model": "m", "n": 3, "layer": "tiles"}]
     assert not list(tmp_path.glob(".*partial*"))
 
 
@@ -36,7 +36,7 @@ def test_failure_leaves_no_file_and_keeps_the_old_one(tmp_path):
     write_tiles_gpkg(out, CRS.from_epsg(32633), FIELDS, _features(2), {"run": 1})
     with pytest.raises(RuntimeError):
         write_tiles_gpkg(out, CRS.from_epsg(32633), FIELDS, _features(5, fail_at=1), {"run": 2})
-    assert read_run_table(out) == [{"run": 1}]
+    assert read_run_table(out) == [{"run": 1, "layer": "tiles"}]
     assert [p.name for p in tmp_path.iterdir()] == ["r.gpkg"]
 
 

@@ -24,7 +24,7 @@ from tileprompt_backend.index.query import load_view, rank
 from tileprompt_backend.index.vectors import VectorIndex, numpy_topk
 from tileprompt_backend.models import load_model
 from tileprompt_backend.outputs import read_run_table
-from tileprompt_backend.schemas import MAX_K
+from tileprompt_backend.validation import MAX_K
 from tileprompt_backend.sentinel2 import BANDS
 from tileprompt_backend.tiling import reproject_geometry
 
@@ -312,15 +312,15 @@ def _bad_search_cases(eo_index, eolearn_dates, tmp_path):
     d0 = eolearn_dates[0]
     far = "POLYGON((10 10, 11 10, 11 11, 10 11, 10 10))"
     return {
-        "unknown index": ([str(tmp_path / "nope"), "--text", "forest"], "unknown index"),
+        "unknown index": ([str(tmp_path / "nope"), "--text", "forest"], "index not found"),
         "not an index": ([str(notindex), "--text", "forest"], "not a TilePrompt index"),
         "malformed WKT": ([str(eo_index), "--scene", d0, "--like", "POLYGON((1 2, 3"], "not valid WKT"),
         "outside the raster": ([str(eo_index), "--scene", d0, "--like", far, "--like-crs", "EPSG:4326"],
                                "does not overlap scene"),
         "empty text": ([str(eo_index), "--text", "  "], "search text is empty"),
-        "k zero": ([str(eo_index), "--text", "forest", "-k", "0"], "k must be a positive"),
-        "k negative": ([str(eo_index), "--text", "forest", "-k", "-3"], "k must be a positive"),
-        "k above the limit": ([str(eo_index), "--text", "forest", "-k", str(MAX_K + 1)], "k is too large"),
+        "k zero": ([str(eo_index), "--text", "forest", "-k", "0"], "k (number of results) must be between 1 and"),
+        "k negative": ([str(eo_index), "--text", "forest", "-k", "-3"], "must be between 1 and"),
+        "k above the limit": ([str(eo_index), "--text", "forest", "-k", str(MAX_K + 1)], f"and {MAX_K}, got"),
         "scene missing": ([str(eo_index), "--tile-ids", "1"], "name the scene"),
         "unknown scene": ([str(eo_index), "--tile-ids", "1", "--scene", "/no/such.tif"], "is not in index"),
         "tile id off the grid": ([str(eo_index), "--tile-ids", "30", "--scene", d0], "not on the grid"),

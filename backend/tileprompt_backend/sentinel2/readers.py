@@ -44,10 +44,12 @@ from .. import validation
 from ..errors import InputError
 from .bands import BANDS, EUROSAT_ORDER, FILLABLE_BANDS, L2A_BANDS, normalize_band_name, try_band_name
 
-__all__ = ["RGB_NAMES", "RasterInfo", "RasterSource", "describe_bands", "open_raster"]
+__all__ = ["PIXEL_SPACE", "RGB_NAMES", "RasterInfo", "RasterSource", "describe_bands", "open_raster"]
 
 #: Band names of a plain RGB raster.
 RGB_NAMES: tuple[str, str, str] = ("R", "G", "B")
+#: The grid of a raster without georeference, as QGIS draws it: x = column, y = -row (the image spans y -H..0).
+PIXEL_SPACE = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 #: File types recognised as per-band files inside a folder.
 BAND_FILE_SUFFIXES = frozenset({".tif", ".tiff", ".jp2"})
 #: Levels accepted by ``open_raster(level=...)``.
@@ -78,6 +80,7 @@ class RasterInfo:
     nodata: float
     layout: str
     files: dict[str, str] = field(default_factory=dict)
+    georeferenced: bool = True  # False: no CRS and no geotransform; ``transform`` is then PIXEL_SPACE
 
     @property
     def res(self) -> tuple[float, float]:
@@ -325,8 +328,8 @@ def _identify_bands(dataset, path: Path, band_map) -> tuple[str, str, dict[str, 
         if name:
             return "s2", "band-files", {name: 1}
     example = (["B04", "B03", "B02", "B08"] + [validation.SKIP] * dataset.count)[:dataset.count]
-    raise InputError(f"cannot tell which Sentinel-2 bands the {dataset.count} band(s) are (no band descriptions): "
-                     f"{path}", "band_map", validation.band_map_fixes(example))
+    raise InputError(f"cannot tell which Sentinel-2 bands the {dataset.count} band(s) are (no band descriptions), "
+                     f"so a band map must name them: {path}", "band_map", validation.band_map_fixes(example))
 
 
 def _parse_band_map(band_map, count: int, path: Path) -> dict[str, int]:
@@ -412,18 +415,20 @@ def _single_dataset_source(dataset, path: Path, kind: str, layout: str, mapping:
                            level: str | None) -> RasterSource:
     order = RGB_NAMES if kind == "rgb" else BANDS
     bands = tuple(b for b in order if b in mapping)
+    georeferenced = dataset.crs is not None or not dataset.transform.is_identity
     info = RasterInfo(
         path=str(path),
         kind=kind,
         level="unknown" if kind == "rgb" else _detect_level(path, bands, level),
         bands=bands,
         crs=dataset.crs,
-        transform=dataset.transform,
+        transform=dataset.transform if georeferenced else PIXEL_SPACE,
         width=dataset.width,
         height=dataset.height,
         nodata=_nodata(dataset),
         layout=layout,
         files={b: str(path) for b in bands},
+        georeferenced=georeferenced,
     )
     refs = {b: _BandRef(dataset, mapping[b]) for b in bands}
     return RasterSource(info, refs, [dataset])
