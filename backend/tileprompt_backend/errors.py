@@ -32,3 +32,6 @@ class InputError(ValueError):
 
 class ResourceError(OSError):
     """The machine refused a write (disk full, read-only or vanished folder); the message says which and where."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

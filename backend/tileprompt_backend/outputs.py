@@ -223,8 +223,10 @@ def _sidecars(tmp: Path) -> list[Path]:
     return [tmp.with_name(tmp.name + s) for s in ("-journal", "-wal", "-shm")]
 
 
-def _resource_error(exc: BaseException, path: Path) -> ResourceError | None:
+def resource_error(exc: BaseException, path: Path) -> ResourceError | None:
     """A clear one-line error for the machine refusing a write, or None for anything else."""
+    if isinstance(exc, ResourceError):
+        return exc
     text = str(exc)
     code = getattr(exc, "errno", None)
     folder = path.parent
@@ -258,7 +260,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except Exception as e:
-        clear = _resource_error(e, path)
+        clear = resource_error(e, path)
         if clear is not None:
             raise clear from None
         raise

@@ -38,7 +38,7 @@ import numpy as np
 from affine import Affine
 
 from .. import __version__
-from ..outputs import guard_output
+from ..outputs import guard_output, resource_error
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -422,6 +422,11 @@ class IndexStore:
         try:
             con.execute("PRAGMA synchronous=FULL")
             yield con
+        except (sqlite3.Error, OSError) as e:  # a full disk or read-only folder: say so, not SQLite's words
+            clear = resource_error(e, self.catalog_path)
+            if clear is not None:
+                raise clear from None
+            raise
         finally:
             con.close()
 
@@ -433,7 +438,10 @@ class IndexStore:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                try:
+                    con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (a full disk does that)
                 raise
             con.execute("COMMIT")
 
@@ -558,8 +566,8 @@ class IndexStore:
         record.tiles = len(tiles)
         record.completed = _now()
         tmp = self._tmp_dir(record.key)
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             with open(tmp / EMBEDDINGS_FILE, "wb") as f:
                 np.save(f, emb)
                 f.flush()
@@ -570,6 +578,11 @@ class IndexStore:
             rows = [(int(t.id), int(t.row), int(t.col), int(t.window.col_off), int(t.window.row_off),
                      int(t.window.width), int(t.window.height), i, t.polygon.wkb) for i, t in enumerate(tiles)]
             return self._commit(tmp, record, rows)
+        except OSError as e:
+            clear = resource_error(e, self.root / SCENES_DIR / record.key)
+            if clear is not None:
+                raise clear from None
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
