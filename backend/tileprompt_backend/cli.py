@@ -312,11 +312,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  device=args.device)
 
 
+def _attach_band_maps(argv: Sequence[str]) -> list[str]:
+    """``--band-map -,-,B04`` as ``--band-map=-,-,B04``: argparse would take a value starting with the skip token
+    ``-`` for an option."""
+    out, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--band-map" and rest and rest[0].startswith(validation.SKIP):
+            arg = f"--band-map={rest.pop(0)}"
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import Cancelled, InputError
 
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_attach_band_maps(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # --help, --version, or a bad argument (already printed)
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     try:
