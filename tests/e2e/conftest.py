@@ -51,8 +51,9 @@ def backend_home(tmp_path_factory):
     env = dict(os.environ, TILEPROMPT_HOME=str(home), TILEPROMPT_CACHE=str(home / "cache"))
     for name in ("PYTHONPATH", "PYTHONHOME", "QT_QPA_PLATFORM"):
         env.pop(name, None)
-    subprocess.run([str(exe), "models", "tiny", "aligned-s2", "--out", str(home / "models" / "tiny-s2")],
-                   env=env, check=True, capture_output=True, timeout=120)
+    for family, folder in (("aligned-s2", "tiny-s2"), ("clip", "tiny-clip")):  # clip: plain RGB pictures
+        subprocess.run([str(exe), "models", "tiny", family, "--out", str(home / "models" / folder)],
+                       env=env, check=True, capture_output=True, timeout=120)
     return home, env
 
 
