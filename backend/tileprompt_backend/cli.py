@@ -186,10 +186,10 @@ def precheck(args: argparse.Namespace) -> None:
         if args.scene_list:
             validation.existing_path(args.scene_list, "scene list")
     elif command == "search":
-        from .index.store import IndexStore, guard_search_outputs
+        index = validation.existing_path(args.index, "index")
+        from .index.store import IndexStore, guard_search_outputs  # numpy and SQLite, not the ML stack
 
-        guard_search_outputs(IndexStore.open(validation.existing_path(args.index, "index")), args.out, args.heatmap,
-                             args.overwrite, args.layer)
+        guard_search_outputs(IndexStore.open(index), args.out, args.heatmap, args.overwrite, args.layer)
 
 
 def _warn(warnings: Sequence[str]) -> None:
