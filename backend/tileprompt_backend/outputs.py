@@ -171,11 +171,13 @@ def _tiff_tagged(path: Path) -> bool:
 # --- writing ------------------------------------------------------------------------------------------------
 
 
-def _host() -> str:
+def host_name() -> str:
+    """This machine's name, letters and digits only (it names temporaries, so writers on a shared folder differ)."""
     return re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (a pid we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -187,7 +189,7 @@ def _pid_alive(pid: int) -> bool:
 
 def partial_path(path: Path) -> Path:
     """The temporary name a write to ``path`` uses: hidden, and naming its host and process."""
-    return path.with_name(f".{path.stem}.{_host()}-{os.getpid()}.partial{path.suffix}")
+    return path.with_name(f".{path.stem}.{host_name()}-{os.getpid()}.partial{path.suffix}")
 
 
 def sweep_partials(folder: str | Path) -> list[Path]:
@@ -197,7 +199,7 @@ def sweep_partials(folder: str | Path) -> list[Path]:
     is older than :data:`STALE_PARTIAL_SECONDS` (a writer on another host). Returns what was removed.
     """
     removed = []
-    host = _host()
+    host = host_name()
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
@@ -210,7 +212,7 @@ def sweep_partials(folder: str | Path) -> list[Path]:
             age = time.time() - p.stat().st_mtime
         except OSError:
             continue
-        if (m.group("host") == host and not _pid_alive(int(m.group("pid")))) or age > STALE_PARTIAL_SECONDS:
+        if (m.group("host") == host and not pid_alive(int(m.group("pid")))) or age > STALE_PARTIAL_SECONDS:
             try:
                 p.unlink()
                 removed.append(p)

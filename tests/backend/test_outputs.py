@@ -120,7 +120,7 @@ def test_new_layer_keeps_the_file_and_its_runs(tmp_path):
 
 def test_dead_writers_partials_are_swept(tmp_path):
     dead = 2 ** 22 + 12345  # above pid_max's default: no such process
-    host = outputs._host()
+    host = outputs.host_name()
     left = [tmp_path / f".r.{host}-{dead}.partial.gpkg", tmp_path / f".r.{host}-{dead}.partial.gpkg-journal",
             tmp_path / f".h.{host}-{dead}.partial.tif"]
     alive = tmp_path / f".other.{host}-{os.getpid()}.partial.gpkg"  # a live writer: kept

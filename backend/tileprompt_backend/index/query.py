@@ -29,7 +29,7 @@ import shapely
 from .. import __version__, validation
 from ..engine.embed import Cancelled
 from ..engine.head import class_embedding, l2_normalize
-from ..outputs import WRITER_TAG, guard_output, write_tiles_gpkg
+from ..outputs import WRITER_TAG, write_tiles_gpkg
 from ..tiling import make_grid, reproject_geometry
 from . import vectors
 from .heatmap import write_heatmap

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import time
 import uuid
@@ -38,7 +37,7 @@ import numpy as np
 from affine import Affine
 
 from .. import __version__
-from ..outputs import guard_output, resource_error
+from ..outputs import guard_output, host_name, pid_alive, resource_error
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -318,20 +317,6 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0
-    return True
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"
-
-
 # --- the store -------------------------------------------------------------------------------------------------
 
 class IndexStore:
@@ -536,7 +521,7 @@ class IndexStore:
             return
         with self._write_lock() as con:
             keys = {r[0] for r in con.execute("SELECT key FROM scenes")}
-            host = _host()
+            host = host_name()
             for p in scenes_dir.iterdir():
                 if p.name.startswith(".tmp-"):
                     parts = p.name.split("-")
@@ -545,7 +530,7 @@ class IndexStore:
                     except (IndexError, ValueError):
                         p_host, pid = "", -1
                     age = time.time() - p.stat().st_mtime
-                    if (p_host == host and not _pid_alive(pid)) or age > STALE_TMP_SECONDS:
+                    if (p_host == host and not pid_alive(pid)) or age > STALE_TMP_SECONDS:
                         shutil.rmtree(p, ignore_errors=True)
                 elif p.name.startswith(".trash-"):
                     shutil.rmtree(p, ignore_errors=True)
@@ -610,7 +595,7 @@ class IndexStore:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _tmp_dir(self, key: str) -> Path:
-        return self.root / SCENES_DIR / f".tmp-{key}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return self.root / SCENES_DIR / f".tmp-{key}-{host_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def _commit(self, folder: Path, record: SceneRecord, rows: Sequence[tuple]) -> SceneRecord:
         """Rename a finished scene folder into place and write its tile rows and then its scene row, atomically.
