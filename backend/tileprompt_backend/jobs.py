@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ResourceError
 from .schemas import ClassifyRequest, IndexRequest, JobStatus, RasterInput, SearchRequest
 
 log = logging.getLogger(__name__)
@@ -462,7 +463,7 @@ class JobQueue:
             state = "succeeded"
         except Cancelled:
             state = "cancelled"
-        except ValueError as e:
+        except (ValueError, ResourceError) as e:  # a bad input, or the machine refused a write: the message says it
             error = _one_line(str(e)) or type(e).__name__
             log.info("job %s failed: %s", job.id, error)
         except Exception as e:  # noqa: BLE001 - any failure ends this job, never the worker
