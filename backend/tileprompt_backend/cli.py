@@ -139,7 +139,8 @@ def _add_encoder_arguments(p: argparse.ArgumentParser, band_map_help: str) -> No
     p.add_argument("--band-map", type=_checked(validation.band_map),
                    help=band_map_help + '; "-" skips a band; names repeat in a stack of several dates '
                                         "(B04,B03,B02,B08,B04,B03,B02,B08 is two dates)")
-    p.add_argument("--date", type=int, metavar="N", help="the date to read from a multi-date band map (1 = first)")
+    p.add_argument("--date", type=_checked(validation.date), metavar="N",
+                   help="the date to read from a multi-date band map (1 = first)")
     p.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
     p.add_argument("--pixel-space", action="store_true",
                    help="accept a raster without georeference: tiles in pixel coordinates (x = column, y = -row, "
@@ -325,7 +326,7 @@ def _attach_band_maps(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import Cancelled, InputError
+    from .errors import Cancelled  # an InputError's str() is its CLI wording
 
     try:
         args = build_parser().parse_args(_attach_band_maps(sys.argv[1:] if argv is None else argv))
@@ -333,9 +334,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     try:
         return args.func(args)
-    except InputError as e:
-        print(f"tileprompt: error: {e.message('cli')}", file=sys.stderr)
-        return EXIT_ERROR
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
         print(f"tileprompt: error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -186,8 +186,6 @@ def _check_request(request: Request) -> Request:
         template_file = templates_path(request.templates or card.templates)
         index = _absolute(request.index, "index") if request.index is not None else None
         raster = _existing(request.raster, "raster")
-        guard_output(out, [raster, template_file], request.overwrite, layer=request.layer,
-                     input_dirs=[card.path, index])
         load_templates(template_file)
         info = _check_raster(request)
         guard_output(out, [raster, template_file, *info.files.values()], request.overwrite, layer=request.layer,

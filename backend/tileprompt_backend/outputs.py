@@ -130,9 +130,14 @@ def written_by_tileprompt(path: str | Path) -> bool:
     return False
 
 
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A read-only SQLite connection (a URI, percent-encoded: names with ? or # stay names)."""
+    return sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+
+
 def _sqlite_tables(path: Path) -> set[str]:
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        con = _read_only(path)
     except sqlite3.Error:
         return set()
     try:
@@ -146,7 +151,7 @@ def _sqlite_tables(path: Path) -> set[str]:
 def gpkg_layers(path: str | Path) -> list[str]:
     """Feature and attribute tables a GeoPackage lists in gpkg_contents (empty for anything else)."""
     try:
-        con = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=5)
+        con = _read_only(path)
     except sqlite3.Error:
         return []
     try:

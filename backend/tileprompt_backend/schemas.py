@@ -27,7 +27,8 @@ class RasterInput(_Strict):
     band_map: Annotated[list[str] | None, AfterValidator(validation.band_map)] = Field(
         None, description='band names of a multiband file, in file order; "-" skips a band; names repeat in a '
                           "stack of several dates")
-    date: int | None = Field(None, ge=1, description="the date to read from a multi-date band map (1 = first)")
+    date: Annotated[int | None, *_checked(validation.date, minimum=1, maximum=validation.MAX_DATES)] = Field(
+        None, description="the date to read from a multi-date band map (1 = first)")
     level: Literal["L1C", "L2A"] | None = None
 
     @model_validator(mode="after")

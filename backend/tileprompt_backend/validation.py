@@ -27,6 +27,8 @@ MAX_PROMPTS_CHARS = 20_000
 MAX_TEXT_CHARS = 2_000
 #: The band-map entry for a band to ignore.
 SKIP = "-"
+#: Most dates a band map may describe (a stack of 64 dates x 13 bands is already an unusual file).
+MAX_DATES = 64
 #: Prompt separators and line breaks are allowed; every other control character is refused.
 _ALLOWED_CONTROLS = {"\n", "\r", "\t"}
 
@@ -174,6 +176,11 @@ def band_map(value: Any) -> list[str] | None:
     if all(n == SKIP for n in names):
         raise InputError("band map skips every band", "band_map", band_map_fixes(["B04", "B03", "B02", SKIP]))
     return names
+
+
+def date(value: Any) -> int | None:
+    """The date to read from a multi-date band map, 1..MAX_DATES (``select_date`` checks it against the map)."""
+    return None if value is None else _bounded(value, "date", 1, MAX_DATES)
 
 
 def dates_in(names: Sequence[str]) -> int:

@@ -88,15 +88,13 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     classes = parse_prompts(prompts)
     card = resolve_card(model or DEFAULT_MODEL)
     template_file = templates_path(templates or card.templates)
-    inputs = [raster, template_file]
-    model_dirs = [card.path, index]
-    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=model_dirs)
     template_list = load_templates(template_file)
     warnings: list[str] = []
 
     with open_raster(raster, band_map=band_map, level=level) as source:
         info = source.info
-        guard_output(out, [*inputs, *info.files.values()], overwrite, layer=layer, input_dirs=model_dirs)
+        out = guard_output(out, [raster, template_file, *info.files.values()], overwrite, layer=layer,
+                           input_dirs=[card.path, index])
         note = check_georeference(info, pixel_space)
         if note:
             warnings.append(note)
