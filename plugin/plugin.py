@@ -392,7 +392,7 @@ class TilePromptPlugin:
         return answer == QMessageBox.StandardButton.Yes
 
     def _warn(self, outcome: JobSucceeded) -> None:
-        """The backend's warnings about a finished job (pixel space, a changed raster) as one message."""
+        """The backend's warnings about a finished job (pixel space, a changed raster), one message each."""
         for text in job_warnings(outcome.statuses):
             self._message(text, Qgis.MessageLevel.Warning, 0)
 
