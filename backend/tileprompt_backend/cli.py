@@ -36,7 +36,7 @@ def _checked(check):
 def _add_output_arguments(p: argparse.ArgumentParser, layer_what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output that TilePrompt did not write (inputs are never replaced)")
-    p.add_argument("--layer", metavar="NAME",
+    p.add_argument("--layer", metavar="NAME", type=_checked(validation.layer),
                    help=f"add the {layer_what} as layer NAME of an existing result GeoPackage TilePrompt wrote, "
                         "instead of replacing the file")
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from . import validation
 from .errors import InputError, ResourceError
 
 RUNS_TABLE = "tileprompt_runs"
@@ -81,8 +82,7 @@ def guard_output(path: str | Path, inputs: Iterable[str | Path | None] = (), ove
         if folder is not None and Path(folder).expanduser().resolve() in target.parents:
             raise InputError(f"the {what} {path} lies inside {Path(folder)}, which this job reads", "output_is_input",
                              {k: "choose a path outside it" for k in OVERWRITE_FIXES})
-    if layer is not None:
-        _check_layer_name(layer)
+    layer = validation.layer(layer)
     if not path.exists():
         return path
     ours = written_by_tileprompt(path)
@@ -102,13 +102,6 @@ def guard_output(path: str | Path, inputs: Iterable[str | Path | None] = (), ove
         raise InputError(f"the {what} {path} exists and was not written by TilePrompt", "output_exists",
                          OVERWRITE_FIXES)
     return path
-
-
-def _check_layer_name(layer: str) -> None:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", layer or "") or layer.lower().startswith(("gpkg_", "rtree_")) \
-            or layer == RUNS_TABLE or layer.startswith("sqlite_"):
-        raise ValueError(f"layer name {layer!r} is not usable: letters, digits and _ (at most 63, not starting with a "
-                         f"digit), not {RUNS_TABLE!r} and not a GeoPackage system name")
 
 
 def written_by_tileprompt(path: str | Path) -> bool:

@@ -64,8 +64,9 @@ class ClassifyRequest(RasterInput, TileParams):
     threshold: Annotated[float, *_checked(validation.threshold, exclusiveMinimum=0, exclusiveMaximum=1)] = 0.5
     out: str = Field(..., min_length=1, description="output GeoPackage path")
     overwrite: bool = Field(False, description="replace an existing output that TilePrompt did not write")
-    layer: str | None = Field(None, description="add the tiles as this new layer of an existing result GeoPackage "
-                                                "TilePrompt wrote, instead of replacing the file")
+    layer: Annotated[str | None, AfterValidator(validation.layer)] = Field(
+        None, description="add the tiles as this new layer of an existing result GeoPackage TilePrompt wrote, "
+                          "instead of replacing the file")
     pixel_space: bool = Field(False, description="classify a raster without georeference in pixel coordinates "
                                                  "(x = column, y = -row, as QGIS draws it)")
     index: str | None = Field(None, description="embedding index to reuse and fill (default: the cache's, "
@@ -95,8 +96,9 @@ class SearchRequest(_Strict):
     out: str = Field(..., min_length=1, description="output GeoPackage path")
     heatmap: str | None = Field(None, description="optional float GeoTIFF of similarity on the raster grid")
     overwrite: bool = Field(False, description="replace existing outputs that TilePrompt did not write")
-    layer: str | None = Field(None, description="add the hits as this new layer of an existing result GeoPackage "
-                                                "TilePrompt wrote, instead of replacing the file")
+    layer: Annotated[str | None, AfterValidator(validation.layer)] = Field(
+        None, description="add the hits as this new layer of an existing result GeoPackage TilePrompt wrote, "
+                          "instead of replacing the file")
 
 
 JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest], Field(discriminator="kind")]

@@ -10,6 +10,7 @@ a new parameter joins.
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
@@ -221,6 +222,17 @@ def select_date(names: list[str] | None, date: Any = None) -> list[str] | None:
         seen[n] = seen.get(n, 0) + 1
         out.append(n if seen[n] == d else SKIP)
     return out
+
+
+def layer(value: Any) -> str | None:
+    """A GeoPackage layer name for ``--layer``: letters, digits and _, at most 63, not a system table."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", value) \
+            or value.lower().startswith(("gpkg_", "rtree_", "sqlite_")) or value == "tileprompt_runs":
+        raise ValueError(f"layer name {value!r} is not usable: letters, digits and _ (at most 63, not starting "
+                         "with a digit), not tileprompt_runs and not a GeoPackage system name")
+    return value
 
 
 # --- paths --------------------------------------------------------------------------------------------------

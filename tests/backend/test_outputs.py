@@ -101,7 +101,7 @@ def test_guard_refuses_inputs_and_foreign_files(tmp_path):
     assert guard_output(ours) == ours  # ours: replaced without asking
     with pytest.raises(InputError, match="already has a layer 'tiles'"):
         guard_output(ours, layer="tiles")
-    with pytest.raises(ValueError, match="layer name 'gpkg_x' is not usable"):
+    with pytest.raises(ValueError, match="layer name 'gpkg_x' is not usable"):  # validation.layer
         guard_output(ours, layer="gpkg_x")
 
 
