@@ -3,10 +3,8 @@ progress, the installation record, and the QgsTask with a stand-in for uv (cance
 The real installation (real uv, real packages, the backend started and used) is tests/e2e/test_installer.py."""
 
 import hashlib
-import json
 import subprocess
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
