@@ -395,6 +395,8 @@ def test_refuses_bad_input_before_any_work(ssl4eo, text_card, tmp_path, capsys):
         ([*out], "--data .* or --rasters"),
         ([*out, "--rasters", str(tmp_path / "missing")], "not found"),
         ([*out, "--rasters", str(ssl4eo), "--crop-scale", "0.5"], "--crop-scale must be two numbers"),
+        ([*out, "--rasters", str(ssl4eo), "--tile", "0"], "tile size must be between 1 and 4096 pixels"),
+        ([*out, "--rasters", str(ssl4eo), "--band-map", "B04,red"], "unknown band name 'red'"),
         ([*out, "--rasters", str(ssl4eo), "--mask-ratio", "2"], "--mask-ratio must be in"),
         ([*out, "--rasters", str(ssl4eo), *TINY, "--mask-block", "12"], "not a whole number of 8 px patches"),
         ([*out, "--rasters", str(ssl4eo), "--text-tower", "no-such-model"], "no-such-model"),

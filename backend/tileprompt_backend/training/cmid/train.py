@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ... import validation
 from ...models import load_model, resolve_card
 from ...models.aligned_s2 import DEFAULT_ARCH
 from ...models.card import card_from_dict, write_card
@@ -100,7 +101,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="tile size in pixels of --rasters (default: 120, BigEarthNet's 1.2 km); also the card's "
                         "default tile for --data without a manifest")
     i.add_argument("--stride", type=int, help="--rasters: pixels between tiles (default: the tile size)")
-    i.add_argument("--band-map", help="--rasters: band names of multiband files without descriptions, in order")
+    i.add_argument("--band-map", help="--rasters: band names of multiband files without descriptions, in file "
+                                       "order ('-' skips a band)")
     i.add_argument("--level", choices=["L1C", "L2A"], help="--rasters: processing level when it cannot be detected")
     i.add_argument("--open-scenes", type=int, default=DEFAULT_OPEN_SCENES,
                    help=f"--rasters: scenes each reader takes strips from in turn (default: {DEFAULT_OPEN_SCENES})")
@@ -192,8 +194,11 @@ def method_config(args: argparse.Namespace) -> CMIDConfig:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    validation.tile_px(args.tile)  # the same limits and words as classify and index
+    validation.stride(args.stride)
+    args.band_map = validation.band_map(args.band_map)
     positive(args, "batch-size", "epochs", "max-steps", "limit", "lr", "image-size", "log-every", "checkpoint-every",
-             "tile", "stride", "open-scenes", "mask-block", "global-hidden", "global-dim", "queue-size",
+             "open-scenes", "mask-block", "global-hidden", "global-dim", "queue-size",
              "local-hidden", "local-layers", "local-bottleneck", "prototypes", "local-pairs", "moco-temperature",
              "student-temperature", "teacher-temperature", "teacher-temperature-start", "probe-k")
     if bool(args.data) == bool(args.rasters):
@@ -267,7 +272,7 @@ def run(args: argparse.Namespace):
         scenes = None
     else:
         found = on_main(d, lambda: find_scenes(args.rasters, tile_px, args.stride, student.required_bands,
-                                               args.band_map.split(",") if args.band_map else None, args.level))
+                                               args.band_map, args.level))
         for skipped in found.skipped[:10]:
             log.warning("skipped %s", skipped)
         scenes = found.scenes
