@@ -17,8 +17,10 @@ Steps (one entry of ``STEPS`` each; other trainings add theirs):
   its own (it runs in workers, beside the step).
 
 Method: one warm-up step per variant, then ``--rounds`` rounds in which every variant runs one step, the order
-rotating each round (load from other jobs on the shared machine hits all variants alike); medians per variant;
-the load average is recorded before and after. CPU: fp32, all cores; CUDA: bf16 autocast (as the command's
+rotating each round (load from other jobs on the shared machine hits all variants alike); medians per variant of
+wall seconds (samples/s) and, on CPUs, of this process's CPU seconds (the cost split: wall seconds on a loaded
+2-core machine swing several-fold between rounds, CPU seconds hardly); the load average is recorded before and
+after. CPU: fp32, all cores; CUDA: bf16 autocast (as the command's
 ``--precision auto``). Nothing is asserted: the figures are evidence.
 """
 
@@ -65,21 +67,25 @@ def machine(device: str) -> dict:
     return info
 
 
-def interleaved(steps: dict, rounds: int, sync) -> dict[str, list[float]]:
-    """Seconds per call of each ``steps[name]()``, rounds interleaved with a rotating order, after one warm-up."""
+def interleaved(steps: dict, rounds: int, sync) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds per call of each ``steps[name]()``, rounds interleaved with a rotating order, after one
+    warm-up. CPU seconds (this process, all its threads) hardly move with other jobs' load on a shared machine,
+    where wall seconds can swing several-fold between rounds."""
     names = list(steps)
     for name in names:
         steps[name]()
     sync()
-    times: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
-            t0 = T()
+            t0, c0 = T(), time.process_time()
             steps[name]()
             sync()
-            times[name].append(T() - t0)
-    return times
+            wall[name].append(T() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 # --- CMID ----------------------------------------------------------------------------------------------------------
@@ -151,23 +157,29 @@ def bench_cmid(args: argparse.Namespace, device: str) -> dict:
             torch.cuda.synchronize()
 
     load_before = os.getloadavg()
-    times = interleaved({name: step(name) for name in variants}, args.rounds, sync)
+    times, cpu_times = interleaved({name: step(name) for name in variants}, args.rounds, sync)
     load_after = os.getloadavg()
     med = {name: statistics.median(t) for name, t in times.items()}
-    split = {"mim": med["full"] - med["no_mim"], "global": med["full"] - med["no_global"],
-             "local": med["full"] - med["no_local"]}
-    split["shared"] = med["full"] - sum(split.values())
+    cpu_med = {name: statistics.median(t) for name, t in cpu_times.items()}
+    # the split: CPU seconds on the CPU (robust to other jobs' load), wall seconds on a GPU (the host waits there)
+    basis = cpu_med if device == "cpu" else med
+    split = {"mim": basis["full"] - basis["no_mim"], "global": basis["full"] - basis["no_global"],
+             "local": basis["full"] - basis["no_local"]}
+    split["shared"] = basis["full"] - sum(split.values())
     trainable = sum(p.numel() for p in nets["full"].parameters() if p.requires_grad)
     result = {
         "model": f"timm vit_small_patch16_224, 13 bands, {size} px ({grid[0]} x {grid[1]} tokens)", "batch": args.batch,
         "precision": precision, "rounds": args.rounds, "config": asdict(base), "trainable_params": trainable,
         "seconds_per_step": {k: round(v, 4) for k, v in med.items()},
+        "cpu_seconds_per_step": {k: round(v, 4) for k, v in cpu_med.items()},
         "samples_per_s": round(args.batch / med["full"], 3),
+        "cost_split_basis": "cpu_seconds_per_step" if device == "cpu" else "seconds_per_step",
         "cost_split_seconds": {k: round(v, 4) for k, v in split.items()},
-        "cost_split_share": {k: round(v / med["full"], 3) for k, v in split.items()},
+        "cost_split_share": {k: round(v / basis["full"], 3) for k, v in split.items()},
         "view_pipeline": {"seconds_per_sample": round(view_s, 4), "samples_per_s_per_worker": round(1 / view_s, 2),
                           "input": f"Major-TOM 199U_1099R, {tile} px tiles -> two {size} px views"},
         "per_round_seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "per_round_cpu_seconds": {k: [round(x, 4) for x in v] for k, v in cpu_times.items()},
         "load_average": {"before": load_before, "after": load_after},
     }
     if device == "cuda":
@@ -205,7 +217,8 @@ def main(argv=None) -> int:
         print(f"== {name} on {device}, batch {args.batch}", flush=True)
         report[name] = STEPS[name](args, device)
         r = report[name]
-        print(json.dumps({k: r[k] for k in ("samples_per_s", "seconds_per_step", "cost_split_share",
+        print(json.dumps({k: r[k] for k in ("samples_per_s", "seconds_per_step", "cpu_seconds_per_step",
+                                            "cost_split_share",
                                             "view_pipeline", "load_average")}, indent=1))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
