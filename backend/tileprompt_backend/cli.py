@@ -104,6 +104,9 @@ def _add_encoder_arguments(p: argparse.ArgumentParser, band_map_help: str) -> No
     p.add_argument("--stride", type=int, help="distance between tiles in pixels (default: the tile size)")
     p.add_argument("--band-map", help=band_map_help)
     p.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
+    p.add_argument("--offset", default="auto", type=_offset_arg, metavar="auto|none|N",
+                   help="Sentinel-2 processing-baseline offset to subtract (baseline 04.00+, 2022 on): auto = from "
+                        "the product's metadata XML or _Nxxxx_ name (default), none, or N DN for every band")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--runner", default="auto", choices=list(RUNNERS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -117,6 +120,16 @@ def _add_index_arguments(p: argparse.ArgumentParser) -> None:
     _add_encoder_arguments(p, band_map_help="comma-separated band names of multiband files, in file order (all rasters)")
     p.add_argument("--index", help="index folder (default: the cache's index for model + tile + stride)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _offset_arg(value: str) -> str | float:
+    """--offset as the readers take it; a bad value is argparse's usage error."""
+    from .sentinel2.offset import parse_offset_mode
+
+    try:
+        return parse_offset_mode(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _read_aoi(value: str | None) -> str | None:
@@ -147,7 +160,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             args.raster, args.prompts, args.out, model=args.model, templates=args.templates, tile_px=args.tile,
             stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
             threshold=args.threshold, band_map=args.band_map.split(",") if args.band_map else None,
-            level=args.level, batch_size=args.batch_size, runner=args.runner, device=args.device,
+            level=args.level, offset=args.offset, batch_size=args.batch_size, runner=args.runner, device=args.device,
             progress=progress, index=args.index, cache=not args.no_cache)
     finally:
         if bar is not None:

@@ -87,7 +87,7 @@ def _check_raster(r: RasterInput, open_it: bool = True):
     path = _existing(r.raster, "raster")
     if not open_it:
         return None
-    with open_raster(path, band_map=r.band_map, level=r.level) as source:
+    with open_raster(path, band_map=r.band_map, level=r.level, offset=r.offset) as source:
         return source.info
 
 
@@ -528,14 +528,15 @@ def run_classify(req: ClassifyRequest, ctx: JobContext):
 
     return classify(req.raster, req.prompts, req.out, model=req.model, templates=req.templates, tile_px=req.tile_px,
                     stride=req.stride, aoi=req.aoi, aoi_crs=req.aoi_crs, multi_label=req.multi_label,
-                    threshold=req.threshold, band_map=req.band_map, level=req.level, batch_size=req.batch_size,
+                    threshold=req.threshold, band_map=req.band_map, level=req.level, offset=req.offset,
+                    batch_size=req.batch_size,
                     runner=req.runner, device=ctx.device, progress=ctx.progress, cancel=ctx.cancel,
                     index=req.index, cache=req.cache)
 
 
 def _raster_arg(r: RasterInput):
-    """A raster for build_index: its path, or a dict when it carries a band map or a level."""
-    if r.band_map is None and r.level is None:
+    """A raster for build_index: its path, or a dict when it carries a band map, a level or an offset."""
+    if r.band_map is None and r.level is None and r.offset == "auto":
         return r.raster
     return r.model_dump(exclude_none=True)
 

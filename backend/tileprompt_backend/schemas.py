@@ -17,10 +17,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: What the Sentinel-2 processing-baseline offset option takes: "auto", "none" or a number of DN.
+OffsetMode = Union[Literal["auto", "none"], Annotated[float, Field(ge=0, le=10_000)]]
+
+
 class RasterInput(_Strict):
     raster: str = Field(..., min_length=1, description="GeoTIFF/COG, folder of band files, or SAFE IMG_DATA folder")
     band_map: list[str] | None = Field(None, description="band names of a multiband file, in file order")
     level: Literal["L1C", "L2A"] | None = None
+    offset: OffsetMode = Field("auto", description="Sentinel-2 processing-baseline offset to subtract: auto (from "
+                                                   "the product's metadata or name), none, or a number of DN")
 
 
 class TileParams(_Strict):

@@ -47,12 +47,14 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              templates: str | Path | None = None, tile_px: int | None = None, stride: int | None = None,
              aoi: str | dict | None = None, aoi_crs: str | None = None, multi_label: bool = False,
              threshold: float = 0.5, band_map: Sequence[str] | None = None, level: str | None = None,
-             batch_size: int = 32, runner: str = "auto", device: str = "auto",
-             progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+             offset: str | float | None = "auto", batch_size: int = 32, runner: str = "auto",
+             device: str = "auto", progress: ProgressFn | None = None, cancel: CancelFn | None = None,
              index: str | Path | None = None, cache: bool = True) -> ClassifyResult:
     """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
+    ``offset`` ("auto", "none" or DN) is the Sentinel-2 processing-baseline offset reads subtract; the run
+    metadata records what was applied and why.
 
     Tile embeddings come from an index when the raster (same files, band map, level) is complete in it for
     this model, tile size and stride: ``index`` (a folder), else the default cache index of the model + tile +
@@ -72,7 +74,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     card = resolve_card(model or DEFAULT_MODEL)
     template_list = load_templates(templates or card.templates)
 
-    with open_raster(raster, band_map=band_map, level=level) as source:
+    with open_raster(raster, band_map=band_map, level=level, offset=offset) as source:
         info = source.info
         grid = make_grid(info, tile_px or card.input.tile_px, stride, aoi=aoi, aoi_crs=aoi_crs)
         if not len(grid):
@@ -146,6 +148,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "raster_layout": info.layout,
         "raster_level": info.level,
         "raster_bands": list(info.bands),
+        "offset": info.offset.to_json(),
         "bands_used": list(required_bands(card, info)),
         "prompts": [{"class": c.name, "phrases": list(c.phrases), "column": c.column} for c in classes],
         "templates": template_list,

@@ -61,30 +61,35 @@ class _Planned:
     raster: str
     band_map: list[str] | None
     level: str | None
+    offset: str | float | None
     key: str
     fingerprint: dict[str, Any]
     grid_tiles: int
 
 
-def raster_inputs(rasters: Sequence[Any]) -> list[tuple[str, list[str] | None, str | None]]:
-    """(raster, band_map, level) for each item: a path, a dict or a ``schemas.RasterInput``."""
+RASTER_FIELDS = ("raster", "band_map", "level", "offset")
+
+
+def raster_inputs(rasters: Sequence[Any]) -> list[tuple[str, list[str] | None, str | None, str | float | None]]:
+    """(raster, band_map, level, offset) for each item: a path, a dict or a ``schemas.RasterInput``."""
     if isinstance(rasters, (str, os.PathLike, dict)) or not rasters:
         rasters = [rasters] if rasters else []
     out = []
     for item in rasters:
         if isinstance(item, (str, os.PathLike)):
-            out.append((os.fspath(item), None, None))
+            out.append((os.fspath(item), None, None, None))
             continue
         d = item.model_dump() if hasattr(item, "model_dump") else dict(item) if isinstance(item, dict) else None
         if d is None or not d.get("raster"):
-            raise ValueError(f"a raster to index must be a path or {{'raster': path, 'band_map', 'level'}}, got {item!r}")
-        unknown = set(d) - {"raster", "band_map", "level"}
+            raise ValueError(f"a raster to index must be a path or {{'raster': path, 'band_map', 'level', 'offset'}}, "
+                             f"got {item!r}")
+        unknown = set(d) - set(RASTER_FIELDS)
         if unknown:
-            raise ValueError(f"unknown raster field(s) {sorted(unknown)} (valid: raster, band_map, level)")
+            raise ValueError(f"unknown raster field(s) {sorted(unknown)} (valid: {', '.join(RASTER_FIELDS)})")
         band_map = d.get("band_map")
         if isinstance(band_map, str):
             band_map = [b.strip() for b in band_map.split(",")]
-        out.append((os.fspath(d["raster"]), list(band_map) if band_map else None, d.get("level")))
+        out.append((os.fspath(d["raster"]), list(band_map) if band_map else None, d.get("level"), d.get("offset")))
     if not out:
         raise ValueError("no rasters to index")
     return out
@@ -151,14 +156,14 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
 
     # 1. validate every raster and key it (cheap: opens headers only)
     planned: dict[str, _Planned] = {}
-    for raster, band_map, level in inputs:
-        with open_raster(raster, band_map=band_map, level=level) as source:
+    for raster, band_map, level, offset in inputs:
+        with open_raster(raster, band_map=band_map, level=level, offset=offset) as source:
             info = source.info
             required_bands(card, info)  # a raster the model cannot read fails here, before any work
             grid = make_grid(info, tile, step)
             fp = scene_fingerprint(info, band_map, level)
             key = scene_key(fp, mk)
-            planned.setdefault(key, _Planned(raster, band_map, level, key, fp, len(grid)))
+            planned.setdefault(key, _Planned(raster, band_map, level, offset, key, fp, len(grid)))
 
     complete = {s.key: s for s in store.scenes()}
     if also_in is not None:
@@ -196,7 +201,7 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
 def embed_scene(store: IndexStore, p: _Planned, tile: int, step: int, loaded, run_engine, batch_size: int,
                 progress: ProgressFn | None, cancel: CancelFn | None) -> tuple[SceneRecord, int]:
     """Embed one scene's usable tiles and commit them; returns (committed record, tiles encoded)."""
-    with open_raster(p.raster, band_map=p.band_map, level=p.level) as source:
+    with open_raster(p.raster, band_map=p.band_map, level=p.level, offset=p.offset) as source:
         info = source.info
         fp = scene_fingerprint(info, p.band_map, p.level)
         if fp != p.fingerprint:
@@ -230,7 +235,7 @@ def _inputs_from_args(args: argparse.Namespace) -> list[dict]:
     if not rasters:
         raise ValueError("no rasters to index: give RASTER... or --scene-list FILE")
     band_map = args.band_map.split(",") if args.band_map else None
-    return [{"raster": r, "band_map": band_map, "level": args.level} for r in rasters]
+    return [{"raster": r, "band_map": band_map, "level": args.level, "offset": args.offset} for r in rasters]
 
 
 def _print_result(r: IndexResult, world: int = 1) -> None:
