@@ -74,19 +74,29 @@ class SearchRequest(_Strict):
     heatmap: str | None = Field(None, description="optional float GeoTIFF of similarity on the raster grid")
 
 
-JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest], Field(discriminator="kind")]
+class FetchRequest(_Strict):
+    kind: Literal["fetch"] = "fetch"
+    model: str = Field(..., min_length=1, description="model id (or model directory) whose weights to download")
+
+
+JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest, FetchRequest], Field(discriminator="kind")]
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class JobStatus(BaseModel):
     id: str
-    kind: Literal["classify", "index", "search"]
+    kind: Literal["classify", "index", "search", "fetch"]
     state: JobState
     done: int = 0  # tiles processed
     total: int = 0  # tiles to process (0 while unknown)
     rate: float | None = None  # tiles per second
-    eta_seconds: float | None = None
+    eta_seconds: float | None = None  # of the tiles, or of the download while stage is "downloading weights"
+    # what the job is doing now: "downloading weights", "checking weights", "converting weights", "loading the
+    # model" (its model's weights are being fetched), then "processing tiles"; None while queued
+    stage: str | None = None
+    bytes_done: int = 0  # of the current download stage
+    bytes_total: int | None = None  # None while unknown
     created: str
     started: str | None = None
     finished: str | None = None
@@ -107,13 +117,26 @@ class ModelInfo(BaseModel):
     image_size: int
     embed_dim: int
     trained: bool
-    description: str
+    description: str  # one line: modality, bands, GSD, tile, untrained warning
+    summary: str = ""  # one line: what the model is and is good at
+    license: str = "unknown"
+    license_url: str | None = None
+    downloaded: bool = True  # every weight file is on this machine
+    weights: str = "downloaded"  # "downloaded", "605 MB to download", "to download (size unknown)"
+    download_bytes: int | None = None  # still to download (None when unknown)
+    downloadable: bool = False  # POST /v1/models/{id}/fetch can get what is missing
     path: str | None = None  # the card's folder
+
+
+class ModelChoiceInfo(BaseModel):
+    model: str  # the card chosen for the raster
+    reason: str  # why, in one line
 
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
+    default_model: str  # the card used when neither a model nor a raster says which
     device: str
     torch: str
     onnx_providers: list[str]

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__
-from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
+from ..models import cached_model, cached_runner, choose_model, resolve_card
 from ..outputs import check_output_path, write_tiles_gpkg
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
@@ -33,6 +33,8 @@ class ClassifyResult:
     encode_seconds: float
     runner: str
     run: dict = field(repr=False, default_factory=dict)
+    model: str = ""  # the card used
+    model_reason: str | None = None  # why, when no model was named (the layer's default)
 
     @property
     def tiles_per_second(self) -> float:
@@ -53,6 +55,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
+    ``model`` None picks the best card for the raster (``models.choose_model``); the result says which and why.
     ``offset`` ("auto", "none" or DN) is the Sentinel-2 processing-baseline offset reads subtract; the run
     metadata records what was applied and why.
 
@@ -71,11 +74,15 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    card = resolve_card(model or DEFAULT_MODEL)
-    template_list = load_templates(templates or card.templates)
+    card = resolve_card(model) if model else None
+    template_list = load_templates(templates or card.templates) if card is not None else None
 
     with open_raster(raster, band_map=band_map, level=level, offset=offset) as source:
         info = source.info
+        choice = choose_model(info) if card is None else None
+        if choice is not None:  # no model named: the best card for this layer
+            card = choice.card
+            template_list = load_templates(templates or card.templates)
         grid = make_grid(info, tile_px or card.input.tile_px, stride, aoi=aoi, aoi_crs=aoi_crs)
         if not len(grid):
             raise ValueError("no tiles to classify in the area of interest")
@@ -138,6 +145,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "model_title": card.title,
         "model_card_hash": card.card_hash(),
         "model_trained": card.trained,
+        "model_choice": choice.reason if choice is not None else "named by the user",
         "runner": run_name,
         "device": run_device,
         "embeddings_index": (str(cached.store.root) if cached is not None else str(stored) if stored else None),
@@ -170,7 +178,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     seconds = time.perf_counter() - t0
     return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
-                          encode_seconds=stats.encode_seconds, runner=run_name, run=run)
+                          encode_seconds=stats.encode_seconds, runner=run_name, run=run, model=card.id,
+                          model_reason=choice.reason if choice is not None else None)
 
 
 def _fields(classes, multi_label: bool) -> dict[str, str]:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..engine.embed import Cancelled, EmbedStats, embed_tiles
-from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
+from ..models import cached_model, cached_runner, choose_model, resolve_card
 from ..models.downloads import ensure_weights
 from ..models.loading import DEVICES, LoadedModel
 from ..models.runners import BACKENDS
@@ -54,6 +54,8 @@ class IndexResult:
     index_scenes: int = 0  # scenes in the whole index
     index_tiles: int = 0  # tiles in the whole index
     scene_keys: list[str] = field(default_factory=list)
+    model: str = ""  # the card used
+    model_reason: str | None = None  # why, when no model was named (the first raster's default)
 
 
 @dataclass
@@ -147,7 +149,8 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
         raise ValueError(f"unknown runner backend {runner!r} (valid: {', '.join(BACKENDS)})")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r} (valid: {', '.join(DEVICES)})")
-    card = ensure_weights(resolve_card(model or DEFAULT_MODEL))
+    card, choice = index_card(model, inputs)
+    card = ensure_weights(card)
     tile, step = _tile_params(card, tile_px, stride)
     mk = _model_key_or_fail(card, tile, step)
     root = Path(index).expanduser() if index is not None else default_index_dir(mk)
@@ -195,7 +198,18 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
         index=store.root, scenes=len(planned), tiles=sum(r.tiles for r in records.values()), computed=computed,
         reused=reused, skipped_nodata=sum(r.skipped_nodata for r in records.values()),
         seconds=time.perf_counter() - t0, search_method=search_method_for(index_tiles),
-        index_scenes=len(store.scenes()), index_tiles=index_tiles, scene_keys=list(planned))
+        index_scenes=len(store.scenes()), index_tiles=index_tiles, scene_keys=list(planned), model=card.id,
+        model_reason=choice.reason if choice is not None else None)
+
+
+def index_card(model: str | None, inputs: Sequence[tuple]) -> tuple[Any, Any]:
+    """(card, choice): the named model, or the best card for the first raster (``models.choose_model``)."""
+    if model:
+        return resolve_card(model), None
+    raster, band_map, level, offset = inputs[0]
+    with open_raster(raster, band_map=band_map, level=level, offset=offset) as source:
+        choice = choose_model(source.info)
+    return choice.card, choice
 
 
 def embed_scene(store: IndexStore, p: _Planned, tile: int, step: int, loaded, run_engine, batch_size: int,
@@ -240,6 +254,8 @@ def _inputs_from_args(args: argparse.Namespace) -> list[dict]:
 
 def _print_result(r: IndexResult, world: int = 1) -> None:
     ranks = f" on {world} ranks" if world > 1 else ""
+    if r.model_reason:
+        print(f"model {r.model_reason}")
     print(f"indexed {r.scenes} scene(s), {r.tiles} tiles in {r.seconds:.1f} s{ranks}: {r.computed} computed, "
           f"{r.reused} reused, {r.skipped_nodata} nodata tiles skipped")
     print(f"index {r.index}: {r.index_scenes} scene(s), {r.index_tiles} tiles; search: {r.search_method}")
@@ -250,22 +266,19 @@ def run(args: argparse.Namespace) -> int:
     inputs = _inputs_from_args(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _run_distributed(args, inputs)
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=0, unit="tile", desc="index", file=sys.stderr, dynamic_ncols=True)
+    from ..bars import StageBars, tile_bar
+    from ..models import download_hooks
 
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total, bar.n = total, done
-            bar.refresh()
-
+    progress, close = tile_bar("index", args.quiet)
+    bars = StageBars(args.quiet)
     try:
-        result = build_index(inputs, model=args.model, tile_px=args.tile, stride=args.stride, index=args.index,
-                             device=args.device, runner=args.runner, progress=progress, batch_size=args.batch_size)
+        with download_hooks(progress=bars):
+            result = build_index(inputs, model=args.model, tile_px=args.tile, stride=args.stride, index=args.index,
+                                 device=args.device, runner=args.runner, progress=progress,
+                                 batch_size=args.batch_size)
     finally:
-        if bar is not None:
-            bar.close()
+        bars.close()
+        close()
     _print_result(result)
     return 0
 
@@ -285,13 +298,13 @@ def _run_distributed(args: argparse.Namespace, inputs: list[dict]) -> int:
         setup: list[Any] = [None]
         if rank == 0:
             try:
-                card = ensure_weights(resolve_card(args.model or DEFAULT_MODEL))
+                card = ensure_weights(index_card(args.model, raster_inputs(inputs))[0])
                 tile, step = _tile_params(card, args.tile, args.stride)
                 mk = _model_key_or_fail(card, tile, step)
                 root = Path(args.index).expanduser() if args.index else default_index_dir(mk)
                 store = IndexStore.create_or_open(root, mk)
                 store.cleanup()
-                setup[0] = {"root": str(store.root), "run": uuid.uuid4().hex[:8]}
+                setup[0] = {"root": str(store.root), "run": uuid.uuid4().hex[:8], "model": str(card.path)}
             except (ValueError, OSError) as e:
                 setup[0] = {"error": str(e)}
         dist.broadcast_object_list(setup, src=0)
@@ -305,8 +318,8 @@ def _run_distributed(args: argparse.Namespace, inputs: list[dict]) -> int:
         outcome: dict[str, Any] = {"rank": rank}
         try:
             if mine:
-                r = _build(mine, args.model, args.tile, args.stride, shard, args.device, args.runner, None, None,
-                           args.batch_size, also_in=main)
+                r = _build(mine, setup[0]["model"], args.tile, args.stride, shard, args.device, args.runner, None,
+                           None, args.batch_size, also_in=main)
                 outcome.update(asdict(r), index=str(r.index))
             else:
                 outcome.update(scenes=0, tiles=0, computed=0, reused=0, skipped_nodata=0)

@@ -6,9 +6,13 @@ import shutil
 from pathlib import Path
 
 from .card import ModelCard
-from .downloads import Transport, download_dir, ensure_weights, missing_weights
+from .downloads import download_dir, ensure_weights, missing_weights, sidecar
 from .loading import load_model
+from .progress import report
 from .registry import get_family, list_models, resolve_card
+
+#: The stage a fetch reports while it builds the model once to check the downloaded weights fit it.
+LOADING = "loading the model"
 
 
 def downloadable(card: ModelCard) -> bool:
@@ -16,13 +20,13 @@ def downloadable(card: ModelCard) -> bool:
     return bool(card.sources) or bool(get_family(card.family).pretrained_tags(card))
 
 
-def fetch(name: str | Path, transport: Transport | None = None, models_dir: Path | None = None) -> ModelCard:
+def fetch(name: str | Path, models_dir: Path | None = None) -> ModelCard:
     """Download the weights of model ``name`` (a known id or a card folder) that are not here yet.
 
     Files a card names go into its folder (a bundled card is copied to ``models_dir``, default the user
     models folder, first); open_clip tags go into the shared cache. The model is then loaded once on the
     CPU, so a checkpoint that does not fit its card fails here, with the keys listed, and is removed.
-    Returns the card to use from now on.
+    Progress and cancel: :func:`~.progress.download_hooks`. Returns the card to use from now on.
     """
     card = resolve_card(name)
     if not downloadable(card):
@@ -32,14 +36,21 @@ def fetch(name: str | Path, transport: Transport | None = None, models_dir: Path
     target = download_dir(card, models_dir)
     new_folder = bool(files) and not target.exists()
     try:
-        card = ensure_weights(card, transport, models_dir)
+        card = ensure_weights(card, models_dir)
+        report(LOADING, 0, None)
         load_model(card, device="cpu")
     except ValueError:
         # What we just downloaded does not fit (or did not arrive): leave nothing that looks usable.
-        if new_folder:
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            for f in files:
-                (target / f).unlink(missing_ok=True)
+        remove_downloaded(target, files, new_folder)
         raise
     return card
+
+
+def remove_downloaded(target: Path, files: list[str], new_folder: bool) -> None:
+    """Undo a failed download into ``target``: the whole folder when we created it, else the files we wrote."""
+    if new_folder:
+        shutil.rmtree(target, ignore_errors=True)
+        return
+    for f in files:
+        (target / f).unlink(missing_ok=True)
+        sidecar(target / f).unlink(missing_ok=True)

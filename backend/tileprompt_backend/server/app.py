@@ -13,13 +13,23 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Body, Depends, FastAPI, Request, status
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..jobs import JobQueue, ShuttingDown, UnknownJob
-from ..schemas import ErrorBody, Health, JobRequest, JobStatus, ModelInfo
+from ..schemas import (
+    ErrorBody,
+    FetchRequest,
+    Health,
+    JobRequest,
+    JobStatus,
+    ModelChoiceInfo,
+    ModelInfo,
+    OffsetMode,
+    RasterInput,
+)
 from .deps import Queue, TokenGate, require_token
 
 log = logging.getLogger("tileprompt_backend.server")
@@ -45,8 +55,10 @@ jobs = APIRouter(tags=["jobs"])
 def health(request: Request, queue: Queue) -> Health:
     import torch
 
+    from ..models import DEFAULT_MODEL
+
     providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
-    return Health(version=__version__, device=queue.device, torch=torch.__version__, onnx_providers=providers,
+    return Health(version=__version__, default_model=DEFAULT_MODEL, device=queue.device, torch=torch.__version__, onnx_providers=providers,
                   loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job)
 
 
@@ -62,6 +74,34 @@ def list_models(queue: Queue) -> list[ModelInfo]:
             except ValueError:
                 continue  # the folder went away since; nothing to list
     return [model_info(c) for c in sorted(cards.values(), key=lambda c: (c.id, str(c.path)))]
+
+
+@models.get("/models/default", response_model=ModelChoiceInfo, responses=_bad_request,
+            summary="The model used for a raster when none is named, and why")
+def default_model(raster: Annotated[str, Query(min_length=1, description="raster path (absolute)")],
+                  band_map: Annotated[str | None, Query(description="band names of a multiband file, "
+                                                                    "comma-separated")] = None,
+                  level: Annotated[str | None, Query(pattern="^(L1C|L2A)$")] = None,
+                  offset: Annotated[str, Query(description="auto, none or DN")] = "auto") -> ModelChoiceInfo:
+    from ..jobs import check_raster_input
+    from ..models import choose_model
+
+    r = RasterInput(raster=raster, band_map=band_map.split(",") if band_map else None, level=level,
+                    offset=_offset_value(offset))
+    choice = choose_model(check_raster_input(r))
+    return ModelChoiceInfo(model=choice.card.id, reason=choice.reason)
+
+
+def _offset_value(text: str) -> OffsetMode:
+    from ..sentinel2.offset import parse_offset_mode
+
+    return parse_offset_mode(text)
+
+
+@models.post("/models/{model_id}/fetch", response_model=JobStatus, status_code=status.HTTP_201_CREATED,
+             responses=_bad_request, summary="Download a model's weights as a job (progress: stage, bytes_done)")
+def fetch_model(model_id: str, queue: Queue) -> JobStatus:
+    return queue.submit(FetchRequest(model=model_id))
 
 
 @jobs.post("/jobs", response_model=JobStatus, status_code=status.HTTP_201_CREATED, responses=_bad_request | {
@@ -87,10 +127,17 @@ def cancel_job(job_id: str, queue: Queue) -> JobStatus:
 
 
 def model_info(card) -> ModelInfo:
+    from ..models.downloads import weights_state
+    from ..models.fetch import downloadable
+
     inp = card.input
+    state = weights_state(card)
     return ModelInfo(id=card.id, title=card.title, family=card.family, modality=inp.modality, bands=list(inp.bands),
                      gsd_m=inp.gsd_m, tile_px=inp.tile_px, image_size=inp.image_size, embed_dim=card.embed_dim,
-                     trained=card.trained, description=card.describe(),
+                     trained=card.trained, description=card.describe(), summary=card.description or card.title,
+                     license=card.license, license_url=card.provenance.get("license_url"),
+                     downloaded=state.downloaded, weights=state.describe(),
+                     download_bytes=None if state.downloaded else state.bytes, downloadable=downloadable(card),
                      path=str(card.path) if card.path is not None else None)
 
 
