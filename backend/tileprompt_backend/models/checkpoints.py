@@ -90,7 +90,8 @@ def msclip_checkpoint_filter(state_dict: Mapping[str, torch.Tensor]) -> dict[str
             out[key] = value
             continue
         base = key[len(alias):]
-        if base not in out or out[base].shape != value.shape or not torch.equal(out[base], value):
+        same = base in out and (out[base] is value or (out[base].shape == value.shape and torch.equal(out[base], value)))
+        if not same:
             raise ValueError(f"checkpoint key {key} is not a copy of {_MSCLIP_MODEL}{base}: not an MS-CLIP checkpoint")
     return out
 

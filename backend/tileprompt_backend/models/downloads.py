@@ -379,10 +379,26 @@ def ensure_weights(card: ModelCard, models_dir: Path | None = None) -> ModelCard
         download_tag(model_name, tag)
     if not files:
         return card
-    card = card_copy_for_files(card, files, models_dir)
-    for f in files:
-        download(sources[f], card.file(f))
+    target = download_dir(card, models_dir)
+    new_folder = not target.exists()
+    try:
+        card = card_copy_for_files(card, files, models_dir)
+        for f in files:
+            download(sources[f], card.file(f))
+    except BaseException:  # refused, failed or cancelled: leave no card folder that looks complete
+        remove_downloaded(target, files, new_folder)
+        raise
     return card
+
+
+def remove_downloaded(target: Path, files: list[str], new_folder: bool) -> None:
+    """Undo downloads into ``target``: the whole folder when it was made for them, else the files written."""
+    if new_folder:
+        shutil.rmtree(target, ignore_errors=True)
+        return
+    for f in files:
+        (target / f).unlink(missing_ok=True)
+        sidecar(target / f).unlink(missing_ok=True)
 
 
 def card_copy_for_files(card: ModelCard, missing: list[str], models_dir: Path | None = None) -> ModelCard:

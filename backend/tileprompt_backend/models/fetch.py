@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from .card import ModelCard
-from .downloads import download_dir, ensure_weights, missing_weights, sidecar
+from .downloads import download_dir, ensure_weights, missing_weights, remove_downloaded
 from .loading import load_model
 from .progress import report
 from .registry import get_family, list_models, resolve_card
@@ -35,22 +34,13 @@ def fetch(name: str | Path, models_dir: Path | None = None) -> ModelCard:
     files, _ = missing_weights(card)
     target = download_dir(card, models_dir)
     new_folder = bool(files) and not target.exists()
+    card = ensure_weights(card, models_dir)  # removes what it wrote when a download fails or is cancelled
     try:
-        card = ensure_weights(card, models_dir)
         report(LOADING, 0, None)
         load_model(card, device="cpu")
     except ValueError:
-        # What we just downloaded does not fit (or did not arrive): leave nothing that looks usable.
+        # What we just downloaded does not fit the card: leave nothing that looks usable.
         remove_downloaded(target, files, new_folder)
         raise
     return card
 
-
-def remove_downloaded(target: Path, files: list[str], new_folder: bool) -> None:
-    """Undo a failed download into ``target``: the whole folder when we created it, else the files we wrote."""
-    if new_folder:
-        shutil.rmtree(target, ignore_errors=True)
-        return
-    for f in files:
-        (target / f).unlink(missing_ok=True)
-        sidecar(target / f).unlink(missing_ok=True)

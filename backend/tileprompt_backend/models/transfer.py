@@ -66,8 +66,7 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def http_download(url: str, folder: Path, expected_size: int | None = None, retries: int = RETRIES,
-                  backoff_s: float = BACKOFF_S, timeout_s: float = TIMEOUT_S) -> Path:
+def http_download(url: str, folder: Path, expected_size: int | None = None) -> Path:
     """Download ``url`` into ``folder``, continuing a ``.part`` left by an earlier try; returns the complete file.
 
     Reports ``DOWNLOADING`` progress (bytes) and honours cancel through :func:`~.downloads.report`. A file
@@ -81,7 +80,7 @@ def http_download(url: str, folder: Path, expected_size: int | None = None, retr
         while True:
             have = part.stat().st_size if part.exists() else 0
             try:
-                total = _fetch(url, part, have, expected_size, timeout_s)
+                total = _fetch(url, part, have, expected_size, TIMEOUT_S)
                 break
             except _Restart:
                 part.unlink(missing_ok=True)
@@ -92,12 +91,14 @@ def http_download(url: str, folder: Path, expected_size: int | None = None, retr
             except (urllib.error.URLError, HTTPException, OSError, TimeoutError) as e:
                 grown = (part.stat().st_size if part.exists() else 0) > have
                 failures = 0 if grown else failures + 1
-                if failures >= retries:
+                if failures >= RETRIES:
                     reason = getattr(e, "reason", e)
-                    raise ValueError(f"download of {url} failed after {retries} tries without progress ({reason}); "
+                    if part.exists() and not part.stat().st_size:
+                        part.unlink()
+                    raise ValueError(f"download of {url} failed after {RETRIES} tries without progress ({reason}); "
                                      f"the {part.stat().st_size if part.exists() else 0} bytes received are kept "
                                      "and the next try continues from there") from None
-                wait = backoff_s * 2 ** max(failures - 1, 0)
+                wait = BACKOFF_S * 2 ** max(failures - 1, 0)
                 log.warning("download of %s interrupted (%s); retrying in %.0f s", url, getattr(e, "reason", e), wait)
                 time.sleep(wait)
         size = part.stat().st_size
