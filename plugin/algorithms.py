@@ -39,7 +39,7 @@ from .bands import validate_band_map
 from .client import BackendError
 from .i18n import tr
 from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, run_jobs
-from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query, SearchParameters
+from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query, SearchParameters, parse_offset
 from .prompts import PromptError, parse_prompts, prompts_to_request
 from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_graduated, \
     style_pseudocolor
@@ -72,7 +72,7 @@ def _styler(style, *args) -> _Styler:
 class TilePromptAlgorithm(QgsProcessingAlgorithm):
     """Common parameters (raster, bands, model, tiles) and the job loop."""
 
-    INPUT, USE_PRODUCT, BAND_MAP, LEVEL = "INPUT", "USE_PRODUCT", "BAND_MAP", "LEVEL"
+    INPUT, USE_PRODUCT, BAND_MAP, LEVEL, OFFSET = "INPUT", "USE_PRODUCT", "BAND_MAP", "LEVEL", "OFFSET"
     MODEL, TILE, OVERLAP, RESOLUTION, OUTPUT = "MODEL", "TILE", "OVERLAP", "RESOLUTION", "OUTPUT"
 
     def __init__(self, session):
@@ -105,7 +105,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
     def _add_raster_parameters(self):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
         self.addParameter(QgsProcessingParameterString(
-            self.MODEL, tr("Model id (empty: the backend's default)"),
+            self.MODEL, tr("Model id (empty: the best model for the layer)"),
             defaultValue=self.session.settings.get(Key.DEFAULT_MODEL) or None, optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.TILE, tr("Tile size in pixels (0: the model's)"), compat.NUMBER_INTEGER, 0, False, 0, 4096))
@@ -118,6 +118,9 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
                 self.BAND_MAP, tr("Band names in file order, comma-separated (empty: detect)"), optional=True),
             QgsProcessingParameterEnum(self.LEVEL, tr("Sentinel-2 processing level"),
                                        [tr("detect"), "L1C", "L2A"], defaultValue=0),
+            QgsProcessingParameterString(
+                self.OFFSET, tr("Sentinel-2 baseline offset to subtract: auto (from the product's metadata or name), "
+                                "none, or DN (1000 for baseline 04.00+)"), defaultValue="auto", optional=True),
             QgsProcessingParameterNumber(
                 self.RESOLUTION, tr("Export resolution (m/px) for layers without a local file (0: the model's)"),
                 compat.NUMBER_DOUBLE, 0.0, False, 0.0),
@@ -148,7 +151,8 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         level = LEVELS[self.parameterAsEnum(parameters, self.LEVEL, context)]
         use_product = self.parameterAsBoolean(parameters, self.USE_PRODUCT, context)
         try:
-            raster = raster_input_from_layer(layer, use_product, band_map, level, export_extent)
+            offset = parse_offset(self.parameterAsString(parameters, self.OFFSET, context))
+            raster = raster_input_from_layer(layer, use_product, band_map, level, export_extent, offset)
             gsd = self.parameterAsDouble(parameters, self.RESOLUTION, context) or \
                 self.session.model_info(self._model(parameters, context)).get("gsd_m")
             return prepare_raster(raster, gsd, self.session.settings.cache_dir() / "exports", layer)

@@ -2,7 +2,8 @@
 
 The backend runs in its own venv (torch, rasterio ...), never in QGIS's Python. It is a child process with a
 cleaned environment (no PYTHONPATH/PYTHONHOME or QGIS's PROJ/GDAL paths, which would make the venv's own GDAL
-read QGIS's data files), its output goes to a log file, and it is ready when its state file appears (the server
+read QGIS's data files) plus the proxy QGIS is configured with (``proxy_environment``: model downloads go through
+it), its output goes to a log file, and it is ready when its state file appears (the server
 writes it once it accepts connections). Nothing here blocks the UI thread except ``stop()``, which waits at most
 a few seconds for the process to exit.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import urllib.parse
 # Starts the user's own backend executable, with an argument list, never through a shell.
 import subprocess  # nosec B404
 import time
@@ -35,6 +37,43 @@ def backend_environment(base: dict | None = None, extra: dict | None = None) -> 
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+#: Hosts the backend never reaches through a proxy: the loopback it serves on.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def proxy_environment(manager=None) -> dict:
+    """``http(s)_proxy`` and ``no_proxy`` for the backend's downloads, from the proxy QGIS uses (Settings >
+    Options > Network). Nothing when QGIS uses no proxy or the system's (the environment already has that one).
+
+    HTTP proxies work for every download; a SOCKS5 proxy is passed as ``socks5h://`` (huggingface_hub reaches it
+    when the backend venv has ``socksio``; plain-URL downloads need an HTTP proxy).
+    """
+    from qgis.core import QgsNetworkAccessManager
+    from qgis.PyQt.QtNetwork import QNetworkProxy
+
+    manager = manager or QgsNetworkAccessManager.instance()
+    proxy = manager.fallbackProxy()
+    kinds = {QNetworkProxy.ProxyType.HttpProxy: "http", QNetworkProxy.ProxyType.HttpCachingProxy: "http",
+             QNetworkProxy.ProxyType.Socks5Proxy: "socks5h"}
+    scheme = kinds.get(proxy.type())
+    if scheme is None or not proxy.hostName():
+        return {}
+    auth = ""
+    if proxy.user():
+        auth = urllib.parse.quote(proxy.user(), safe="") + (
+            ":" + urllib.parse.quote(proxy.password(), safe="") if proxy.password() else "") + "@"
+    host = f"[{proxy.hostName()}]" if ":" in proxy.hostName() else proxy.hostName()
+    url = f"{scheme}://{auth}{host}:{proxy.port()}"
+    excluded = []
+    for entry in list(manager.excludeList()) + list(manager.noProxyList()):
+        name = urllib.parse.urlparse(entry).hostname if "://" in entry else entry.strip().strip("/")
+        if name and name not in excluded:
+            excluded.append(name)
+    no_proxy = ",".join(dict.fromkeys([*LOOPBACK, *excluded]))
+    return {"http_proxy": url, "https_proxy": url, "HTTP_PROXY": url, "HTTPS_PROXY": url,
+            "no_proxy": no_proxy, "NO_PROXY": no_proxy}
 
 
 def tail(path: str | Path, lines: int = 40) -> str:

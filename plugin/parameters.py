@@ -44,6 +44,26 @@ class Extent:
         return f"POLYGON (({x0!r} {y0!r}, {x1!r} {y0!r}, {x1!r} {y1!r}, {x0!r} {y1!r}, {x0!r} {y0!r}))"
 
 
+#: What the offset option takes (backend: sentinel2/offset.py parse_offset_mode, the same rule and limit).
+OFFSET_MODES = ("auto", "none")
+MAX_OFFSET_DN = 10000.0
+
+
+def parse_offset(text) -> str | float:
+    """The Sentinel-2 baseline-offset option: "auto" (empty too), "none" or a number of DN in 0..10000."""
+    value = str(text if text is not None else "").strip().lower() or "auto"
+    if value in OFFSET_MODES:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"offset must be 'auto', 'none' or a number of DN (e.g. 1000), got {text!r}") from None
+    if not 0 <= number <= MAX_OFFSET_DN:
+        raise ValueError(f"offset must be 'auto', 'none' or a number of DN between 0 and {MAX_OFFSET_DN:g}, "
+                         f"got {text!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class RasterInput:
     """The layer a job reads, and how the backend gets at its pixels."""
@@ -55,11 +75,12 @@ class RasterInput:
     band_map: tuple[str, ...] | None = None  # band names in file order (multiband files only)
     level: str | None = None  # "L1C" / "L2A" when the user says so; None = detected by the backend
     export_extent: Extent | None = None  # EXPORT only: the part of the layer to export
+    offset: str | float = "auto"  # Sentinel-2 baseline offset: "auto" (from the product), "none" or DN
 
     def with_path(self, path: str, band_map: tuple[str, ...] | None = None) -> RasterInput:
         """The same input, now readable by path (after an export)."""
         return RasterInput(self.layer_id, self.layer_name, InputKind.FILE, path,
-                           band_map if band_map is not None else self.band_map, self.level, None)
+                           band_map if band_map is not None else self.band_map, self.level, None, self.offset)
 
     def request_fields(self) -> dict:
         if self.kind is InputKind.EXPORT:
@@ -69,6 +90,8 @@ class RasterInput:
             fields["band_map"] = list(self.band_map)
         if self.level:
             fields["level"] = self.level
+        if self.offset != "auto":
+            fields["offset"] = self.offset
         return fields
 
 
@@ -100,7 +123,7 @@ def _tile_fields(model: str | None, tile_px: int | None, overlap_px: int, model_
 class ClassifyParameters:
     raster: RasterInput
     prompts: str  # one class per line, synonyms after "|", no comments (prompts.prompts_to_request)
-    model: str | None = None  # None = the backend's default
+    model: str | None = None  # None = the best model for the layer, as the backend chooses it
     prompt_set: str = ""  # the saved set the prompts came from, if any ("bundled:land-cover")
     templates: str | None = None  # templates file; None = the model card's
     area: Area = field(default_factory=Area)

@@ -96,6 +96,13 @@ class BackendSession(QObject):
 
         self._async.models(done)
 
+    def default_model(self, raster_fields: dict, on_result) -> None:
+        """Ask which model the backend picks for a raster: ``on_result(choice dict or None, error or None)``."""
+        if self._async is None:
+            on_result(None, None)
+            return
+        self._async.default_model(raster_fields, on_result)
+
     def model_info(self, model_id: str | None) -> dict:
         if model_id:
             for model in self.models:

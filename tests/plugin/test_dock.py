@@ -172,7 +172,7 @@ def test_prompt_sets_bundled_and_per_project(dock):
 
 
 def test_models_and_their_one_line_description(dock):
-    assert dock.model_combo.count() == 2
+    assert dock.model_combo.count() == 3 and dock.automatic()  # "Automatic" first, then the two models
     dock.model_combo.setCurrentIndex(dock.model_combo.findData("tiny-aligned-s2"))
     text = dock.model_label.text()
     assert "S2 · 13 bands (B01..B12) · 10 m/px · tile 32 px" in text and "untrained" in text
