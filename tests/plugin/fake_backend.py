@@ -81,7 +81,8 @@ class FakeBackend:
     def _new_job(self, body: dict) -> dict:
         now = time.strftime("%Y-%m-%dT%H:%M:%S")
         job = {"id": uuid.uuid4().hex[:12], "kind": body.get("kind"), "state": "queued", "done": 0, "total": 0,
-               "rate": None, "eta_seconds": None, "stage": None, "bytes_done": 0, "bytes_total": None, "created": now, "started": None, "finished": None,
+               "rate": None, "eta_seconds": None, "stage": None, "bytes_done": 0, "bytes_total": None,
+               "created": now, "started": None, "finished": None,
                "result": None, "error": None, "request": body, "_polls": 0}
         self.jobs[job["id"]] = job
         return job

@@ -90,7 +90,8 @@ def msclip_checkpoint_filter(state_dict: Mapping[str, torch.Tensor]) -> dict[str
             out[key] = value
             continue
         base = key[len(alias):]
-        same = base in out and (out[base] is value or (out[base].shape == value.shape and torch.equal(out[base], value)))
+        copy = out.get(base)
+        same = copy is not None and (copy is value or (copy.shape == value.shape and torch.equal(copy, value)))
         if not same:
             raise ValueError(f"checkpoint key {key} is not a copy of {_MSCLIP_MODEL}{base}: not an MS-CLIP checkpoint")
     return out

@@ -2,7 +2,7 @@
 
     src = open_raster(path, band_map=None, level=None)
     src.info                      -> RasterInfo (grid = the finest band's grid, i.e. 10 m for S2 products)
-    src.read(window, bands)       -> float32 DN (baseline offset removed), shape (len(bands), window.height, window.width)
+    src.read(window, bands)       -> float32 DN, baseline offset removed, (len(bands), window.height, window.width)
     src.close() / context manager
 
 Layouts (see ../shared/data/README.md):

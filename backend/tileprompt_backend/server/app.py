@@ -58,7 +58,8 @@ def health(request: Request, queue: Queue) -> Health:
     from ..models import DEFAULT_MODEL
 
     providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
-    return Health(version=__version__, default_model=DEFAULT_MODEL, device=queue.device, torch=torch.__version__, onnx_providers=providers,
+    return Health(version=__version__, default_model=DEFAULT_MODEL, device=queue.device, torch=torch.__version__,
+                  onnx_providers=providers,
                   loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job)
 
 
