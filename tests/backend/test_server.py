@@ -622,7 +622,7 @@ def test_fuzz_the_schema_no_server_errors(server):
     auth = {"Authorization": f"Bearer {server.state['token']}"}
     schema = schemathesis.openapi.from_url(f"{server.base}/openapi.json", headers=auth)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 6
+    assert len(operations) == 8
     for operation in operations:
         label = f"{operation.method.upper()} {operation.path}"
         for mode, n in FUZZ_EXAMPLES.items():

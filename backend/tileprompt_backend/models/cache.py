@@ -34,6 +34,15 @@ class ModelCache:
         self._runners: dict[tuple, Runner] = {}
         self._lock = threading.RLock()  # held while loading, so two threads never build the same model twice
         self.loads = 0  # models actually built (cache misses)
+        # What loaded()/providers() report, replaced whole after every change: reading them never waits for a
+        # model load or an ONNX export (seconds to minutes) holding _lock, so /v1/health answers at once.
+        self._loaded: tuple[str, ...] = ()
+        self._providers: tuple[str, ...] = ()
+
+    def _publish(self) -> None:
+        """Refresh the snapshots (lock held)."""
+        self._loaded = tuple(m.card.id for m in self._models.values())
+        self._providers = tuple(dict.fromkeys(p for r in self._runners.values() for p in getattr(r, "providers", [])))
 
     def model(self, card: ModelCard | str | Path, device: str = "auto", image_size: int | None = None) -> LoadedModel:
         if not isinstance(card, ModelCard):
@@ -42,6 +51,7 @@ class ModelCache:
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
+                self._publish()
                 return self._models[key]
             model = load_model(card, device=device, image_size=image_size)
             self.loads += 1
@@ -49,6 +59,7 @@ class ModelCache:
             while len(self._models) > self.max_models:
                 _, old = self._models.popitem(last=False)
                 self._runners = {k: v for k, v in self._runners.items() if k[0] != id(old)}
+            self._publish()
         log.info("loaded model %s on %s (%d in memory)", card.id, model.device, len(self._models))
         return model
 
@@ -60,22 +71,22 @@ class ModelCache:
                 if not any(m is model for m in self._models.values()):
                     return runner  # a model from outside the cache: don't pin its runner
                 self._runners[key] = runner
+                self._publish()
             return self._runners[key]
 
     def loaded(self) -> list[str]:
-        """Ids of the models in memory, most recently used last."""
-        with self._lock:
-            return [m.card.id for m in self._models.values()]
+        """Ids of the models in memory, most recently used last (without waiting for a load in progress)."""
+        return list(self._loaded)
 
     def providers(self) -> list[str]:
-        """ONNX Runtime providers that the cached runners' sessions actually got."""
-        with self._lock:
-            return list(dict.fromkeys(p for r in self._runners.values() for p in getattr(r, "providers", [])))
+        """ONNX Runtime providers that the cached runners' sessions actually got (without waiting)."""
+        return list(self._providers)
 
     def clear(self) -> None:
         with self._lock:
             self._models.clear()
             self._runners.clear()
+            self._publish()
 
 
 def _files_stamp(card: ModelCard) -> tuple:
