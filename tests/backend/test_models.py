@@ -460,3 +460,33 @@ def test_torch_bf16_runner_stays_close_to_fp32(tiny_models):
     assert (bf16.name, fp32.name) == ("torch-cpu-bf16", "torch-cpu-fp32")
     cos = (bf16(x) * fp32(x)).sum(1)
     assert cos.min() > 0.99
+
+
+def test_the_model_cache_reports_without_waiting_for_a_load(tiny_models):
+    """/v1/health asks what is loaded while the worker may be loading a 1.7 GB model or exporting it to ONNX."""
+    import threading
+
+    from tileprompt_backend.models import ModelCache
+
+    cache = ModelCache()
+    model = cache.model(tiny_models["clip"], device="cpu")
+    cache.runner(model, backend="torch")
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_load():
+        with cache._lock:  # what a load or an export holds for its whole duration
+            holding.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=slow_load)
+    worker.start()
+    try:
+        assert holding.wait(5)
+        answers = []
+        reader = threading.Thread(target=lambda: answers.append((cache.loaded(), cache.providers())))
+        reader.start()
+        reader.join(2)
+        assert answers == [(["tiny-clip"], [])]
+    finally:
+        release.set()
+        worker.join()
