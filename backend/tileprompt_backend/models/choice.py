@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..defaults import DEFAULT_MODEL
 from ..sentinel2.bands import FILLABLE_BANDS, RGB_BANDS
 from .card import ModelCard
 from .downloads import weights_state
 from .registry import list_models, resolve_card
-
-#: The card used when there is no layer to choose for (and no card declares a preference).
-DEFAULT_MODEL = "clip-vit-b32-openai"
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ jobs = APIRouter(tags=["jobs"])
 def health(request: Request, queue: Queue) -> Health:
     import torch
 
-    from ..models import DEFAULT_MODEL
+    from ..defaults import DEFAULT_MODEL  # not ..models: health must answer without importing the ML stack
 
     providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
     return Health(version=__version__, default_model=DEFAULT_MODEL, device=queue.device, torch=torch.__version__,
