@@ -171,13 +171,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     progress, close = tile_bar("classify", args.quiet)
     bars = StageBars(args.quiet)
     try:
-        with download_hooks(progress=bars):
+        with download_hooks(progress=bars):  # a model not downloaded yet: bars for its download first
             result = classify(
-            args.raster, args.prompts, args.out, model=args.model, templates=args.templates, tile_px=args.tile,
-            stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
-            threshold=args.threshold, band_map=args.band_map.split(",") if args.band_map else None,
-            level=args.level, offset=args.offset, batch_size=args.batch_size, runner=args.runner, device=args.device,
-            progress=progress, index=args.index, cache=not args.no_cache)
+                args.raster, args.prompts, args.out, model=args.model, templates=args.templates, tile_px=args.tile,
+                stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
+                threshold=args.threshold, band_map=args.band_map.split(",") if args.band_map else None,
+                level=args.level, offset=args.offset, batch_size=args.batch_size, runner=args.runner,
+                device=args.device, progress=progress, index=args.index, cache=not args.no_cache)
     finally:
         bars.close()
         close()
@@ -266,9 +266,9 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from .bars import StageBars
     from .models import download_hooks, fetch, resolve_card
     from .models.downloads import weights_state
-    from .bars import StageBars
 
     card = resolve_card(args.name)
     state = weights_state(card)
@@ -278,9 +278,9 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     bars = StageBars(args.quiet)
     try:
         with download_hooks(progress=bars):
-            card = fetch(card.path if card.path is not None else args.name)
+            card = fetch(card.path)
     except KeyboardInterrupt:
-        bars.close()
+        bars.close()  # before the message, so it is not drawn over
         print("tileprompt: download interrupted; run the same command to continue where it stopped",
               file=sys.stderr)
         return EXIT_CANCELLED
@@ -322,8 +322,8 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
 def _checking_bar():
     """Progress bars for the long steps of export/import (hashing, converting)."""
-    from .models import download_hooks
     from .bars import StageBars
+    from .models import download_hooks
 
     return download_hooks(progress=StageBars())
 
