@@ -209,7 +209,7 @@ def test_offset_option_is_checked_and_recorded(ben_patch, tiny_models, tmp_path,
     assert exit_info.value.code == 2 and "offset must be 'auto', 'none' or a number" in capsys.readouterr().err
     out = tmp_path / "o.gpkg"
     assert main(["classify", str(ben_patch), "--prompts", "a; b", "--model", str(tiny_models["aligned-s2"]),
-                 "--offset", "1000", "--quiet", "--no-cache", "--out", str(out)]) == 0
+                 "--offset", "1000", "--quiet", "--no-cache", "--runner", "torch", "--out", str(out)]) == 0
     run = read_run_table(out)[0]
     assert run["offset"]["dn"]["B02"] == 1000.0 and run["offset"]["source"] == "--offset 1000"
 
@@ -229,7 +229,8 @@ def test_without_a_model_the_layers_default_is_used_and_shown(ben_patch, tiny_mo
         (card / "model.json").write_text(json.dumps(spec))
     monkeypatch.setenv("TILEPROMPT_RESOURCES", str(resources))
     out = tmp_path / "auto.gpkg"
-    assert main(["classify", str(ben_patch), "--prompts", "a; b", "--quiet", "--no-cache", "--out", str(out)]) == 0
+    assert main(["classify", str(ben_patch), "--prompts", "a; b", "--quiet", "--no-cache", "--runner", "torch",
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "model tiny-aligned-s2: best multispectral model that reads this Sentinel-2 L2A product's bands" in printed
     run = read_run_table(out)[0]

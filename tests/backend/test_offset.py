@@ -103,11 +103,11 @@ def test_run_metadata_records_the_offset(tmp_path, tiny_models):
     aoi = f"POLYGON(({left} {top - 1280}, {left + 1280} {top - 1280}, {left + 1280} {top}, {left} {top}, " \
           f"{left} {top - 1280}))"
     result = classify(cell, "water; forest", tmp_path / "out.gpkg", model=str(tiny_models["aligned-s2"]), aoi=aoi,
-                      tile_px=64, cache=False, device="cpu")
+                      tile_px=64, cache=False, device="cpu", runner="torch")
     assert result.run["offset"]["applied"] and result.run["offset"]["dn"]["B02"] == ESA_OFFSET_DN
     assert "N0400" in result.run["offset"]["source"]
     explicit = classify(cell, "water; forest", tmp_path / "none.gpkg", model=str(tiny_models["aligned-s2"]),
-                        aoi=aoi, tile_px=64, cache=False, device="cpu", offset="none")
+                        aoi=aoi, tile_px=64, cache=False, device="cpu", offset="none", runner="torch")
     assert explicit.run["offset"] == {"mode": "none", "applied": False, "dn": {}, "baseline": None,
                                       "source": "--offset none"}
 

