@@ -234,8 +234,10 @@ def test_automatic_model_shows_and_runs_the_backends_choice(ready, fake_backend)
     assert "Automatic: tiny-aligned-s2: best multispectral model" in dock.model_label.text()
     asked = [path for method, path in fake_backend.calls if path.startswith("/v1/models/default?")]
     assert asked and "raster=" in asked[-1]
-    dock.offset_combo.setEditText("none")
-    assert wait_until(lambda: "offset=none" in [p for m, p in fake_backend.calls][-1], 10)
+    dock.offset_combo.setEditText("none")  # the raster changed: the choice is asked for again
+    assert dock.auto_choice is None
+    assert wait_until(lambda: dock.auto_choice is not None, 10)
+    assert any("offset=none" in path for _method, path in fake_backend.calls)
     dock.run_button.click()
     assert wait_until(lambda: ready.current_task is None, 15)
     request = fake_backend.requests[-1]
