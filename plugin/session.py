@@ -30,6 +30,7 @@ class BackendSession(QObject):
         self.models: list[dict] = []
         self.error: str = ""
         self._async: AsyncClient | None = None
+        self._models_pending = False
         self._timer = QTimer(self)
         self._timer.setInterval(HEALTH_INTERVAL_MS)
         self._timer.timeout.connect(self.refresh_health)
@@ -65,6 +66,7 @@ class BackendSession(QObject):
             self._async = None
         had = self.connection is not None
         self.connection, self.health, self.models, self.error = None, None, [], ""
+        self._models_pending = False
         if had:
             self.changed.emit()
 
@@ -76,6 +78,8 @@ class BackendSession(QObject):
         was_up = self.health is not None
         if error is None and isinstance(data, dict):
             self.health, self.error = data, ""
+            if was_up and not self.models and not self._models_pending:
+                self.refresh_models()  # the first list timed out (a backend still importing its models): ask again
         else:
             self.health, self.error = None, str(error)
             if was_up:
@@ -86,8 +90,10 @@ class BackendSession(QObject):
     def refresh_models(self, on_result=None) -> None:
         if self._async is None:
             return
+        self._models_pending = True
 
         def done(data, error):
+            self._models_pending = False
             if error is None and isinstance(data, list):
                 self.models = [m for m in data if isinstance(m, dict)]
                 self.changed.emit()

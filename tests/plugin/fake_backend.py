@@ -52,6 +52,7 @@ class FakeBackend:
         self.hang = False
         self.answer_delay_s = 0.0
         self.models = [dict(m) for m in MODELS]
+        self.models_errors = 0  # the next N model lists fail (503), as a backend still importing may time out
         self.default_choice = {"model": "tiny-aligned-s2", "reason": "tiny-aligned-s2: best multispectral model "
                                                                    "that reads this product's bands"}
         self.lock = threading.Lock()
@@ -164,6 +165,9 @@ class FakeBackend:
                         self._send(200, {"status": "ok", "version": "0.0-fake", "device": "cpu", "torch": "2.x",
                                          "onnx_providers": ["CPUExecutionProvider"], "loaded_models": [],
                                          "queue_length": 0, "running_job": running[0] if running else None})
+                    elif self.path == "/v1/models" and backend.models_errors:
+                        backend.models_errors -= 1
+                        self._send(503, {"detail": "busy"})
                     elif self.path == "/v1/models":
                         self._send(200, backend.models)
                     elif self.path.startswith("/v1/models/default?"):

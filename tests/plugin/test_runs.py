@@ -245,3 +245,15 @@ def test_automatic_model_shows_and_runs_the_backends_choice(ready, fake_backend)
     dock.offset_combo.setEditText("lots")
     dock.run_button.click()
     assert ready.current_task is None and "offset must be 'auto', 'none' or a number" in dock.status_label.text()
+
+
+def test_a_model_list_that_failed_is_asked_for_again(plugin, fake_backend, isolated):
+    """A backend busy importing its models may not answer the first list in time: the next health check asks again."""
+    fake_backend.models_errors = 1
+    plugin.attach_backend(fake_backend.write_state_file(isolated / "home" / "server.json"))
+    assert wait_until(lambda: plugin.session.connected, 10)
+    assert wait_until(lambda: ("GET", "/v1/models") in fake_backend.calls and not plugin.session._models_pending, 10)
+    assert plugin.session.models == []
+    plugin.session.refresh_health()  # what the 5 s timer does
+    assert wait_until(lambda: len(plugin.session.models) == 2, 10)
+    assert plugin.dock.model_combo.count() == 3
