@@ -90,8 +90,9 @@ def raster_input_from_layer(layer: QgsRasterLayer, use_product: bool = True, ban
             export_extent = Extent(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum(),
                                    compat.crs_to_string(layer.crs()))
         return RasterInput(layer.id(), layer.name(), InputKind.EXPORT, "", band_map or detected, level, export_extent,
-                           offset)
+                           offset=offset)
     if source.product is not None and use_product:
         return RasterInput(layer.id(), layer.name(), InputKind.PRODUCT_FOLDER, str(source.product.folder), None, level,
-                           None, offset)
-    return RasterInput(layer.id(), layer.name(), InputKind.FILE, source.path, band_map or detected, level, None, offset)
+                           offset=offset)
+    return RasterInput(layer.id(), layer.name(), InputKind.FILE, source.path, band_map or detected, level,
+                       offset=offset)

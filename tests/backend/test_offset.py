@@ -11,13 +11,13 @@ from affine import Affine
 from rasterio.windows import Window
 
 from conftest import MAJOR_TOM, SSL4EO, _require
+from tileprompt_backend import validation
 from tileprompt_backend.sentinel2 import BANDS, open_raster
 from tileprompt_backend.sentinel2.offset import (
     ESA_OFFSET_DN,
     Offset,
     baseline_from_name,
     detect_offset,
-    parse_offset_mode,
     read_metadata_xml,
     subtract_offset,
 )
@@ -188,11 +188,11 @@ def test_explicit_modes_override_detection(tmp_path):
 
 
 def test_offset_mode_validation(tmp_path):
-    assert parse_offset_mode(None) == "auto" and parse_offset_mode(" NONE ") == "none"
-    assert parse_offset_mode("1000") == 1000.0 and parse_offset_mode(0) == 0.0
+    assert validation.offset(None) == "auto" and validation.offset(" NONE ") == "none"
+    assert validation.offset("1000") == 1000.0 and validation.offset(0) == 0.0
     for bad in ("-5", "abc", 20000, float("nan"), True, "1e9"):
         with pytest.raises(ValueError, match="offset must be"):
-            parse_offset_mode(bad)
+            validation.offset(bad)
     rgb = tmp_path / "rgb.tif"
     with rasterio.open(rgb, "w", driver="GTiff", width=8, height=8, count=3, dtype="uint8") as ds:
         ds.write(np.zeros((3, 8, 8), np.uint8))

@@ -118,7 +118,7 @@ def test_extent_wkt_is_a_closed_ring():
 def test_the_offset_option_follows_the_backends_rule():
     from tileprompt_plugin.plugin import parameters
 
-    tree = ast.parse((PLUGIN_DIR / "backend" / "tileprompt_backend" / "sentinel2" / "offset.py").read_text())
+    tree = ast.parse((PLUGIN_DIR / "backend" / "tileprompt_backend" / "validation.py").read_text())
     constants = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
                  for t in node.targets if isinstance(t, ast.Name) and t.id in ("MAX_OFFSET_DN", "OFFSET_MODES")}
     assert constants == {"MAX_OFFSET_DN": parameters.MAX_OFFSET_DN, "OFFSET_MODES": parameters.OFFSET_MODES}

@@ -33,16 +33,10 @@ class ModelCache:
         self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._runners: dict[tuple, Runner] = {}
         self._lock = threading.RLock()  # held while loading, so two threads never build the same model twice
+        # held only while the two dicts change or are read: /v1/health never waits for a model load (which can
+        # take longer than a client's timeout on a busy CPU)
+        self._state = threading.Lock()
         self.loads = 0  # models actually built (cache misses)
-        # What loaded()/providers() report, replaced whole after every change: reading them never waits for a
-        # model load or an ONNX export (seconds to minutes) holding _lock, so /v1/health answers at once.
-        self._loaded: tuple[str, ...] = ()
-        self._providers: tuple[str, ...] = ()
-
-    def _publish(self) -> None:
-        """Refresh the snapshots (lock held)."""
-        self._loaded = tuple(m.card.id for m in self._models.values())
-        self._providers = tuple(dict.fromkeys(p for r in self._runners.values() for p in getattr(r, "providers", [])))
 
     def model(self, card: ModelCard | str | Path, device: str = "auto", image_size: int | None = None) -> LoadedModel:
         if not isinstance(card, ModelCard):
@@ -50,16 +44,16 @@ class ModelCache:
         key = (card.card_hash(), str(card.path), _files_stamp(card), resolve_device(device), image_size)
         with self._lock:
             if key in self._models:
-                self._models.move_to_end(key)
-                self._publish()
+                with self._state:
+                    self._models.move_to_end(key)
                 return self._models[key]
             model = load_model(card, device=device, image_size=image_size)
             self.loads += 1
-            self._models[key] = model
-            while len(self._models) > self.max_models:
-                _, old = self._models.popitem(last=False)
-                self._runners = {k: v for k, v in self._runners.items() if k[0] != id(old)}
-            self._publish()
+            with self._state:
+                self._models[key] = model
+                while len(self._models) > self.max_models:
+                    _, old = self._models.popitem(last=False)
+                    self._runners = {k: v for k, v in self._runners.items() if k[0] != id(old)}
         log.info("loaded model %s on %s (%d in memory)", card.id, model.device, len(self._models))
         return model
 
@@ -70,23 +64,24 @@ class ModelCache:
                 runner = make_runner(model, backend=backend, device=device)
                 if not any(m is model for m in self._models.values()):
                     return runner  # a model from outside the cache: don't pin its runner
-                self._runners[key] = runner
-                self._publish()
+                with self._state:
+                    self._runners[key] = runner
             return self._runners[key]
 
     def loaded(self) -> list[str]:
-        """Ids of the models in memory, most recently used last (without waiting for a load in progress)."""
-        return list(self._loaded)
+        """Ids of the models in memory, most recently used last."""
+        with self._state:
+            return [m.card.id for m in self._models.values()]
 
     def providers(self) -> list[str]:
-        """ONNX Runtime providers that the cached runners' sessions actually got (without waiting)."""
-        return list(self._providers)
+        """ONNX Runtime providers that the cached runners' sessions actually got."""
+        with self._state:
+            return list(dict.fromkeys(p for r in self._runners.values() for p in getattr(r, "providers", [])))
 
     def clear(self) -> None:
-        with self._lock:
+        with self._lock, self._state:
             self._models.clear()
             self._runners.clear()
-            self._publish()
 
 
 def _files_stamp(card: ModelCard) -> tuple:

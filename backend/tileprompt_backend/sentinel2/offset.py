@@ -20,7 +20,6 @@ Metadata parsing is kept apart from reading: readers call :func:`subtract_offset
 from __future__ import annotations
 
 import json
-import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import validation
 from .bands import BANDS, try_band_name
 
 #: The first processing baseline whose products carry the offset.
@@ -38,9 +38,6 @@ OFFSET_BASELINE = (4, 0)
 ESA_OFFSET_DN = 1000.0
 #: Product-level metadata files of a SAFE product (the granule's MTD_TL.xml carries no offsets).
 METADATA_FILES = ("MTD_MSIL2A.xml", "MTD_MSIL1C.xml")
-#: Largest offset a user may give, in DN (the whole 0-1 reflectance range is 10000 DN).
-MAX_OFFSET_DN = 10000.0
-OFFSET_MODES = ("auto", "none")
 
 # "N0400" as a token of a product name: S2A_MSIL2A_20220706T085611_N0400_R007_T33NZA_20220706T153419
 _BASELINE_RE = re.compile(r"(?:^|_)N(\d{2})(\d{2})(?=_|$|\.)")
@@ -77,25 +74,6 @@ class Offset:
 
 
 NO_OFFSET = Offset()
-
-
-def parse_offset_mode(value: str | float | int | None) -> str | float:
-    """``"auto"`` (default), ``"none"`` or a number of DN in 0..10000; anything else is a ValueError."""
-    if value is None:
-        return "auto"
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in OFFSET_MODES:
-            return text
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"offset must be 'auto', 'none' or a number of DN (e.g. 1000), got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 <= value <= MAX_OFFSET_DN:
-        raise ValueError(f"offset must be 'auto', 'none' or a number of DN between 0 and {MAX_OFFSET_DN:g}, "
-                         f"got {value!r}")
-    return float(value)
 
 
 def baseline_from_name(text: str) -> tuple[int, int] | None:
@@ -183,7 +161,7 @@ def _for_bands(bands: Sequence[str], dn: float) -> dict[str, float]:
 
 def detect_offset(path: str | Path, bands: Sequence[str], mode: str | float | None = "auto") -> Offset:
     """What to subtract from the DN of each of ``bands`` of the Sentinel-2 product at ``path`` (see module doc)."""
-    mode = parse_offset_mode(mode)
+    mode = validation.offset(mode)
     path = Path(path)
     if mode == "none":
         return Offset({}, "--offset none", None, "none")
