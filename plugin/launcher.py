@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import urllib.parse
 # Starts the user's own backend executable, with an argument list, never through a shell.
 import subprocess  # nosec B404
 import time
@@ -22,6 +21,7 @@ from qgis.PyQt.QtCore import QObject, QTimer, pyqtSignal
 
 from .client import BackendUnavailable, Connection
 from .i18n import tr
+from .installer.proxy import qgis_proxy_environment
 
 #: Variables that point a Python or GDAL/PROJ at QGIS's own installation; the backend venv must not inherit them.
 SCRUBBED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "QGIS_PREFIX_PATH", "PROJ_LIB",
@@ -43,37 +43,21 @@ def backend_environment(base: dict | None = None, extra: dict | None = None) -> 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def proxy_environment(manager=None) -> dict:
-    """``http(s)_proxy`` and ``no_proxy`` for the backend's downloads, from the proxy QGIS uses (Settings >
-    Options > Network). Nothing when QGIS uses no proxy or the system's (the environment already has that one).
+def proxy_environment() -> dict:
+    """The proxy QGIS is configured with (Settings > Options > Network) for the backend's downloads:
+    :func:`~.installer.proxy.qgis_proxy_environment` (what uv gets too), in both spellings (urllib reads lower case
+    first), with the loopback never proxied. Nothing when QGIS uses no proxy or the system's (the environment
+    already has that one).
 
-    HTTP proxies work for every download; a SOCKS5 proxy is passed as ``socks5h://`` (huggingface_hub reaches it
-    when the backend venv has ``socksio``; plain-URL downloads need an HTTP proxy).
+    HTTP proxies work for every download; a SOCKS5 proxy (``ALL_PROXY``) reaches Hugging Face downloads when the
+    backend venv has ``socksio``; plain-URL downloads need an HTTP proxy.
     """
-    from qgis.core import QgsNetworkAccessManager
-    from qgis.PyQt.QtNetwork import QNetworkProxy
-
-    manager = manager or QgsNetworkAccessManager.instance()
-    proxy = manager.fallbackProxy()
-    kinds = {QNetworkProxy.ProxyType.HttpProxy: "http", QNetworkProxy.ProxyType.HttpCachingProxy: "http",
-             QNetworkProxy.ProxyType.Socks5Proxy: "socks5h"}
-    scheme = kinds.get(proxy.type())
-    if scheme is None or not proxy.hostName():
+    env = qgis_proxy_environment()
+    if not env:
         return {}
-    auth = ""
-    if proxy.user():
-        auth = urllib.parse.quote(proxy.user(), safe="") + (
-            ":" + urllib.parse.quote(proxy.password(), safe="") if proxy.password() else "") + "@"
-    host = f"[{proxy.hostName()}]" if ":" in proxy.hostName() else proxy.hostName()
-    url = f"{scheme}://{auth}{host}:{proxy.port()}"
-    excluded = []
-    for entry in list(manager.excludeList()) + list(manager.noProxyList()):
-        name = urllib.parse.urlparse(entry).hostname if "://" in entry else entry.strip().strip("/")
-        if name and name not in excluded:
-            excluded.append(name)
-    no_proxy = ",".join(dict.fromkeys([*LOOPBACK, *excluded]))
-    return {"http_proxy": url, "https_proxy": url, "HTTP_PROXY": url, "HTTPS_PROXY": url,
-            "no_proxy": no_proxy, "NO_PROXY": no_proxy}
+    excluded = [h for h in env.pop("NO_PROXY", "").split(",") if h]
+    env["NO_PROXY"] = ",".join(dict.fromkeys([*LOOPBACK, *excluded]))
+    return {**env, **{name.lower(): value for name, value in env.items()}}
 
 
 def tail(path: str | Path, lines: int = 40) -> str:

@@ -91,17 +91,18 @@ def test_start_without_a_backend_venv_explains(plugin, qgis_iface, isolated):
 
 
 def test_the_backend_gets_the_proxy_qgis_uses(plugin, fake_venv, monkeypatch):
-    from qgis.core import QgsNetworkAccessManager
-    from qgis.PyQt.QtNetwork import QNetworkProxy
+    from qgis.core import QgsSettings
 
     from tileprompt_plugin.plugin.launcher import proxy_environment
 
-    manager = QgsNetworkAccessManager.instance()
-    before = (manager.fallbackProxy(), manager.excludeList(), manager.noProxyList())
+    settings = QgsSettings()
+    keys = ("proxy/proxyEnabled", "proxy/proxyType", "proxy/proxyHost", "proxy/proxyPort", "proxy/proxyUser",
+            "proxy/proxyPassword", "proxy/noProxyUrls")
+    before = {k: settings.value(k) for k in keys if settings.contains(k)}
     assert proxy_environment() == {}  # no proxy configured: the environment is left as it is
-    manager.setFallbackProxyAndExcludes(
-        QNetworkProxy(QNetworkProxy.ProxyType.HttpProxy, "proxy.example", 3128, "ana", "p@ss:word"),
-        ["https://intranet.example/maps"], ["http://10.1.2.3/"])
+    for key, value in zip(keys, (True, "HttpProxy", "proxy.example", "3128", "ana", "p@ss:word",
+                                 ["https://intranet.example/maps", "10.1.2.3"])):
+        settings.setValue(key, value)
     try:
         env = proxy_environment()
         assert env["https_proxy"] == env["HTTP_PROXY"] == "http://ana:p%40ss%3Aword@proxy.example:3128"
@@ -112,4 +113,7 @@ def test_the_backend_gets_the_proxy_qgis_uses(plugin, fake_venv, monkeypatch):
         plugin.start_backend()
         assert started["env"]["https_proxy"] == env["https_proxy"] and "PYTHONPATH" not in started["env"]
     finally:
-        manager.setFallbackProxyAndExcludes(*before)
+        for key in keys:
+            settings.remove(key)
+        for key, value in before.items():
+            settings.setValue(key, value)

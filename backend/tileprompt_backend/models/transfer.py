@@ -33,6 +33,8 @@ BACKOFF_S = 1.0
 TIMEOUT_S = 60.0
 CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+#: What http_download opens: the publishers' web addresses, and local mirrors (file://).
+URL_SCHEMES = ("https", "http", "file")
 
 
 class _Restart(Exception):
@@ -72,6 +74,9 @@ def http_download(url: str, folder: Path, expected_size: int | None = None) -> P
     Reports ``DOWNLOADING`` progress (bytes) and honours cancel through :func:`~.downloads.report`. A file
     longer than ``expected_size`` or than the server's total is removed and refused.
     """
+    scheme = urlparse(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise ValueError(f"weights can be downloaded over {', '.join(URL_SCHEMES)}, not {scheme or 'no'} URLs: {url}")
     folder.mkdir(parents=True, exist_ok=True)
     part = part_path(url, folder)
     done_path = part.with_suffix("")
@@ -118,7 +123,7 @@ def _fetch(url: str, part: Path, have: int, expected_size: int | None, timeout_s
     if have == 0:
         log.warning("downloading %s", url)  # can take minutes: say so even when logging is not configured
     try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)  # noqa: S310 - card URLs: http(s)/file
+        response = urllib.request.urlopen(request, timeout=timeout_s)  # nosec B310 - scheme checked (URL_SCHEMES)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing after what we have: complete, or the file shrank
             total = _total_from_416(e)

@@ -51,8 +51,8 @@ def health(request: Request, queue: Queue) -> Health:
     from ..defaults import DEFAULT_MODEL  # not ..models: health must answer without importing the ML stack
 
     providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
-    return Health(version=__version__, default_model=DEFAULT_MODEL, device=queue.device, torch=torch.__version__,
-                  onnx_providers=providers,
+    return Health(version=__version__, device=queue.device, device_name=_device_name(request.app),
+                  default_model=DEFAULT_MODEL, torch=torch.__version__, onnx_providers=providers,
                   loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job)
 
 
@@ -143,6 +143,14 @@ def _onnx_providers(app: FastAPI) -> list[str]:
         if getattr(app.state, "onnx_providers", None) is None:
             app.state.onnx_providers = session_providers(app.state.queue.device)
         return list(app.state.onnx_providers)
+
+
+def _device_name(app: FastAPI) -> str:
+    if getattr(app.state, "device_name", None) is None:  # found once (at start): it imports the models package
+        from ..models.runners import device_name
+
+        app.state.device_name = device_name(app.state.queue.device)
+    return app.state.device_name
 
 
 def session_providers(device: str) -> list[str]:
@@ -247,6 +255,10 @@ def create_app(queue: JobQueue, token: str) -> FastAPI:
     async def lifespan(app: FastAPI):
         queue.start()
         log.info("worker started (device %s)", queue.device)
+        # Probe ONNX Runtime's providers now, before the state file says "ready": done lazily, the first health
+        # check (the plugin's, 10 s timeout) took 32 s on a loaded 2-core machine and the dock showed the new
+        # backend as not answering.
+        await anyio.to_thread.run_sync(lambda: (_onnx_providers(app), _device_name(app)))
         yield
         await anyio.to_thread.run_sync(lambda: queue.shutdown(SHUTDOWN_WAIT))
 
@@ -257,6 +269,7 @@ def create_app(queue: JobQueue, token: str) -> FastAPI:
     app.state.queue = queue
     app.state.token = token
     app.state.onnx_providers = None
+    app.state.device_name = None
     for router in (system, models, jobs):
         app.include_router(router, prefix=API_PREFIX, dependencies=[Depends(require_token)], responses=_errors)
 
