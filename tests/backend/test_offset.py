@@ -157,6 +157,10 @@ def test_broken_metadata_xml_is_a_clear_error(tmp_path):
         open_raster(root)
     with open_raster(root, offset="none") as src:  # the user's explicit choice needs no metadata
         assert not src.info.offset.applied
+    entities = '<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaa">]><d>&a;&a;</d>'
+    root, _ = _safe(tmp_path / "dtd", L2A_NAME, "L2A", entities)  # entity expansion is never attempted
+    with pytest.raises(ValueError, match="cannot read the product metadata"):
+        open_raster(root)
 
 
 # ------------------------------------------------------------------------------------------------ names and modes

@@ -102,6 +102,10 @@ def find_metadata_xml(path: Path) -> Path | None:
     return None
 
 
+#: A product's MTD XML is a few hundred kB; a larger file is not one.
+MAX_METADATA_BYTES = 16 << 20
+
+
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
@@ -113,7 +117,12 @@ def read_metadata_xml(xml_path: Path) -> tuple[tuple[int, int] | None, dict[str,
     ESA's band order, named by ``Spectral_Information`` when present); the values are negative in the file.
     """
     try:
-        root = ET.parse(xml_path).getroot()
+        with open(xml_path, "rb") as f:
+            data = f.read(MAX_METADATA_BYTES + 1)
+        if len(data) > MAX_METADATA_BYTES or b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+            raise ET.ParseError("too large, or has a document type or entities")
+        # ESA's metadata has no DTD; refusing one above leaves no entity for the parser to expand (bandit B314).
+        root = ET.fromstring(data)  # nosec B314
     except (ET.ParseError, OSError) as e:
         raise ValueError(f"cannot read the product metadata {xml_path} ({type(e).__name__})") from None
     baseline, band_names, raw = None, {}, {}
