@@ -23,6 +23,8 @@ DELEGATED = {
                      "write a training dataset (BigEarthNet, class folders, your rasters + polygons) as shards"),
     "train": ("tileprompt_backend.training.command",
               "train models: patch (PAINT), align (Mind the Modality Gap); `tileprompt train --help`"),
+    "evaluate": ("tileprompt_backend.training.evaluate",
+                 "zero-shot mAP/accuracy and RGB<->MS Recall@K of cards on a shard dataset"),
 }
 
 

@@ -22,6 +22,7 @@ import torch
 from .. import __version__
 from ..models.card import CARD_FILE, ModelCard, card_from_dict, read_card, write_card
 from ..models.identity import weights_hash
+from ..models.loading import load_model
 from ..models.weights import write_weights
 
 #: ``provenance.software`` of every card a training run writes (how --overwrite knows a card is ours).
@@ -61,7 +62,7 @@ def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Ma
     """Write a card folder atomically: ``tensors`` {file: state dict} as safetensors, ``copies`` {file: source}.
 
     ``own_space``: the card's ``space`` becomes ``"<id>@<hash of its weight files>"`` (a new teacher space).
-    The card is validated (and its weight files found) before it is moved into place.
+    The card is loaded once (strict key checks) before it is moved into place.
     """
     out = check_card_output(out, overwrite)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -82,6 +83,7 @@ def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Ma
             data["space"] = f"{card.id}@{w}"
             card = card_from_dict(data, tmp)
         write_card(card, tmp)  # model.json last: a folder without it is not a card
+        load_model(read_card(tmp), device="cpu")  # a card that does not load never reaches --out
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -25,7 +25,12 @@ EXIT_ERROR = 2
 EXIT_CANCELLED = 130
 
 #: ``tileprompt train METHOD``: the module that implements it (``main(argv, prog)``) and one line of help.
-METHODS: dict[str, tuple[str, str]] = {}
+METHODS: dict[str, tuple[str, str]] = {
+    "patch": ("tileprompt_backend.training.patch",
+              "PAINT: fine-tune CLIP's image tower on RGB composites, interpolate with the zero-shot weights"),
+    "align": ("tileprompt_backend.training.align",
+              "cross-modal alignment: distil a patched CLIP image tower into a 13-band Sentinel-2 ViT"),
+}
 
 
 def train_main(argv: Sequence[str]) -> int:
