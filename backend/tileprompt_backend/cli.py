@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("family", choices=["clip", "aligned-s2"])
     mt.add_argument("--out", required=True, help="directory to write the card into")
     mt.set_defaults(func=cmd_models_tiny)
+    mi = msub.add_parser("import", help="add a model from a local checkpoint file in a publisher's layout",
+                         description="Run the checkpoint importer SOURCE on FILE and add the card it writes to the "
+                                     "user models folder (`--list` shows the importers), e.g. `tileprompt models "
+                                     "import mtmg-patched patched_ViT-B-32.pt`.")
+    mi.add_argument("source", metavar="SOURCE", nargs="?", help="importer name")
+    mi.add_argument("file", metavar="FILE", nargs="?", help="checkpoint file")
+    mi.add_argument("--replace", action="store_true", help="replace a model of the same id in the models folder")
+    mi.add_argument("--list", action="store_true", help="list the checkpoint importers")
+    mi.set_defaults(func=cmd_models_import)
     mf = msub.add_parser("fetch", help="download the real weights of a model (needs internet)")
     mf.add_argument("name")
     mf.set_defaults(func=cmd_models_fetch)
@@ -228,6 +237,20 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
 
     card = write_tiny(args.family, Path(args.out))
     print(f"wrote untrained tiny {args.family} card {card.id!r} to {card.path}")
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from .models import import_checkpoint, list_importers
+
+    if args.list:
+        for importer in list_importers():
+            print(f"{importer.name:24s} {importer.description}")
+        return 0
+    if not args.source or args.file is None:
+        raise ValueError("give an importer name and a checkpoint FILE (`tileprompt models import --list` shows them)")
+    card = import_checkpoint(args.source, Path(args.file), replace=args.replace)
+    print(f"imported {card.id!r} into {card.path}")
     return 0
 
 
