@@ -39,7 +39,7 @@ from .bands import validate_band_map
 from .client import BackendError
 from .i18n import tr
 from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, run_jobs
-from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query, SearchParameters
+from .parameters import Area, AreaMode, ClassifyParameters, CrossModal, Extent, Fuse, Query, SearchParameters
 from .prompts import PromptError, parse_prompts, prompts_to_request
 from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_graduated, \
     style_pseudocolor
@@ -320,7 +320,7 @@ class _SearchBase(TilePromptAlgorithm):
         self.addParameter(QgsProcessingParameterRasterDestination(
             self.HEATMAP, tr("Similarity heat map"), optional=True, createByDefault=False))
 
-    def _prepare_search(self, parameters, context, query: Query, stem: str):
+    def _prepare_search(self, parameters, context, query: Query, stem: str, cross: CrossModal | None = None):
         raster = self._raster_input(parameters, context)
         tile, overlap = self._tiles(parameters, context)
         fuse = Fuse.MEAN
@@ -328,7 +328,7 @@ class _SearchBase(TilePromptAlgorithm):
             fuse = FUSES[self.parameterAsEnum(parameters, "FUSE", context)]
         self.params = SearchParameters(raster=raster, query=query, model=self._model(parameters, context),
                                        tile_px=tile, overlap_px=overlap,
-                                       k=self.parameterAsInt(parameters, self.K, context), fuse=fuse)
+                                       k=self.parameterAsInt(parameters, self.K, context), fuse=fuse, cross=cross)
         out = self._output_path(parameters, self.OUTPUT, context, stem)
         heatmap = self.parameterAsOutputLayer(parameters, self.HEATMAP, context) or None
         index_dir = self.parameterAsFile(parameters, self.INDEX, context) or None
@@ -353,7 +353,7 @@ class _SearchBase(TilePromptAlgorithm):
 
 
 class FindSimilarAlgorithm(_SearchBase):
-    QUERY, FUSE = "QUERY", "FUSE"
+    QUERY, FUSE, QUERY_RASTER, QUERY_MODEL = "QUERY", "FUSE", "QUERY_RASTER", "QUERY_MODEL"
 
     def name(self):
         return "findsimilar"
@@ -373,7 +373,31 @@ class FindSimilarAlgorithm(_SearchBase):
         self.addParameter(QgsProcessingParameterEnum(
             self.FUSE, tr("Several query tiles"), [tr("mean of the query tiles"), tr("best match of any query tile")],
             defaultValue=0))
+        for parameter in (
+                QgsProcessingParameterRasterLayer(self.QUERY_RASTER, tr("Cross-modal: the query polygons lie on this "
+                                                                        "layer (e.g. an RGB orthophoto)"),
+                                                  optional=True),
+                QgsProcessingParameterString(self.QUERY_MODEL, tr("Cross-modal: model of that layer (same embedding "
+                                                                  "space as the model above)"), optional=True)):
+            parameter.setFlags(parameter.flags() | compat.PARAM_FLAG_ADVANCED)
+            self.addParameter(parameter)
         self._add_search_outputs()
+
+    def _cross_modal(self, parameters, context) -> CrossModal | None:
+        layer = self.parameterAsRasterLayer(parameters, self.QUERY_RASTER, context)
+        model = self.parameterAsString(parameters, self.QUERY_MODEL, context).strip()
+        if layer is None:
+            if model:
+                raise QgsProcessingException(tr("A query model needs the layer the query polygons lie on."))
+            return None
+        if not model:
+            raise QgsProcessingException(tr("Name the model of the query layer (one of the same embedding space)."))
+        try:
+            raster = raster_input_from_layer(layer)
+            gsd = self.session.model_info(model).get("gsd_m")
+            return CrossModal(prepare_raster(raster, gsd, self.session.settings.cache_dir() / "exports", layer), model)
+        except ValueError as exc:
+            raise QgsProcessingException(str(exc)) from None
 
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802
         source = self.parameterAsSource(parameters, self.QUERY, context)
@@ -384,7 +408,8 @@ class FindSimilarAlgorithm(_SearchBase):
             raise QgsProcessingException(tr("The query layer has no (selected) features."))
         query = Query(wkts, compat.crs_to_string(source.sourceCrs()))
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        return self._prepare_search(parameters, context, query, (layer.name() if layer else "raster") + "_similar")
+        return self._prepare_search(parameters, context, query, (layer.name() if layer else "raster") + "_similar",
+                                    self._cross_modal(parameters, context))
 
 
 class TextSearchAlgorithm(_SearchBase):

@@ -143,6 +143,15 @@ class Query:
 
 
 @dataclass(frozen=True)
+class CrossModal:
+    """Query tiles taken from another raster and embedded by another model of the searched model's embedding space
+    (an RGB orthophoto region -> the Sentinel-2 tiles like it, and back)."""
+
+    raster: RasterInput
+    model: str
+
+
+@dataclass(frozen=True)
 class SearchParameters:
     raster: RasterInput
     query: Query
@@ -152,6 +161,7 @@ class SearchParameters:
     k: int = 20
     fuse: Fuse = Fuse.MEAN
     heatmap: bool = True
+    cross: CrossModal | None = None  # geometry queries only
 
     def index_request(self, index_dir: str | None = None, model_tile_px: int | None = None) -> dict:
         """Index the raster (None: into the backend's cache, keyed by model, tile and stride - the same index a
@@ -174,6 +184,9 @@ class SearchParameters:
             if self.query.crs:
                 request["like_crs"] = self.query.crs
             request["fuse"] = self.fuse.value
+            if self.cross is not None:  # the geometries lie on the query raster, embedded by its model
+                request["scene"] = self.cross.raster.path
+                request["query_model"] = self.cross.model
         if heatmap:
             request["heatmap"] = heatmap
         return request

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scene", metavar="RASTER",
                    help="the scene --like/--tile-ids refer to and the heat map covers (needed when the index "
                         "holds several)")
+    q.add_argument("--query-model", metavar="CARD",
+                   help="cross-modal search: embed the --like region of --scene (any raster, e.g. an RGB "
+                        "orthophoto) with this card, which must share the index card's embedding space")
+    q.add_argument("--query-tile", type=int, metavar="PX",
+                   help="tile size on --scene for --query-model (default: the index tiles' ground size)")
     q.add_argument("-k", type=int, default=50, help="number of results (default: 50)")
     q.add_argument("--fuse", choices=["mean", "max"], default="mean",
                    help="mean: one query from the mean of the query tiles; max: each tile queries, best kept")
@@ -211,7 +216,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     result = search(args.index, like=[_read_aoi(v) for v in args.like] if args.like else None,
                     like_crs=args.like_crs, tile_ids=_tile_ids(args.tile_ids) if args.tile_ids else None,
                     scene=args.scene, text=args.text, fuse=args.fuse, k=args.k, out=args.out,
-                    heatmap=args.heatmap, device=args.device)
+                    heatmap=args.heatmap, device=args.device, query_model=args.query_model,
+                    query_tile=args.query_tile)
     query = f"{len(result.query_tiles)} query tile(s)" if result.query_tiles else "the text"
     print(f"{result.hits} similar tiles to {query} in {result.seconds:.2f} s ({result.search_method})")
     print(f"wrote {result.out}" + (f" and {result.heatmap}" if result.heatmap else ""))

@@ -66,6 +66,11 @@ class SearchRequest(_Strict):
     k: int = Field(50, ge=1, le=MAX_K)
     out: str = Field(..., min_length=1, description="output GeoPackage path")
     heatmap: str | None = Field(None, description="optional float GeoTIFF of similarity on the raster grid")
+    query_model: str | None = Field(None, description="cross-modal search: the card that embeds the like region of "
+                                                      "the scene raster (any raster, e.g. an RGB orthophoto); it must "
+                                                      "share the index card's embedding space")
+    query_tile: int | None = Field(None, ge=1, le=4096, description="tile size on the scene raster for query_model "
+                                                                    "(default: the index tiles' ground size)")
 
 
 JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest], Field(discriminator="kind")]
@@ -103,6 +108,7 @@ class ModelInfo(BaseModel):
     trained: bool
     description: str
     path: str | None = None  # the card's folder
+    space: str | None = None  # embedding space (cards of one space can query each other); None: weights not here yet
 
 
 class Health(BaseModel):

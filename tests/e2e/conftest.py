@@ -57,6 +57,24 @@ def backend_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def cross_modal_models(backend_home, eo_box):
+    """(teacher id, student id): a tiny CLIP and a tiny 13-band student aligned to it for two steps on eo-box tiles,
+    made with the backend's own commands, so both share one embedding space."""
+    home, env = backend_home
+    exe = str(backend_executable())
+    kwargs = json.dumps({"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8})
+    for argv in (["models", "tiny", "clip", "--out", str(home / "models" / "tiny-clip")],
+                 ["prepare-data", "rasters", str(eo_box), "--tile", "128", "--out", str(home / "xm-data"), "--quiet"],
+                 ["train", "align", "--data", str(home / "xm-data"), "--teacher", str(home / "models" / "tiny-clip"),
+                  "--out", str(home / "models" / "tiny-aligned-xm"), "--student-timm-kwargs", kwargs, "--image-size",
+                  "32", "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--workers", "0", "--quiet",
+                  "--eval-batch-size", "64"]):
+        done = subprocess.run([exe, *argv], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+    return "tiny-clip", "tiny-aligned-xm"
+
+
+@pytest.fixture(scope="session")
 def real_backend(backend_home):
     """A running `tileprompt serve`; yields its state file path."""
     home, env = backend_home
