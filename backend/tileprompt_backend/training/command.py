@@ -73,7 +73,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, 
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: a GPU when torch sees one (torchrun: one GPU per process)")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help=f"auto: bf16 autocast on GPUs ({paper}: bf16), fp32 on CPUs")
+                   help=f"auto: bf16 autocast on GPUs ({paper}: bf16) and on CPUs with bf16 units "
+                        "(AVX512-BF16/AMX), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained module (the reference does)")
     g.add_argument("--seed", type=int, default=42, help=f"random seed (default and {paper}: 42)")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
