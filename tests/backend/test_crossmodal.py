@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+import torch
 from affine import Affine
 from rasterio.windows import Window
 
@@ -16,6 +17,15 @@ from tileprompt_backend.sentinel2 import RGB_BANDS, open_raster, rgb_composite
 from tileprompt_backend.tiling import make_grid
 
 QUERY = "POLYGON((335000 5818000, 336300 5818000, 336300 5819300, 335000 5819300, 335000 5818000))"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +61,7 @@ def test_rgb_query_on_the_same_scene_ranks_by_the_teachers_embedding(ms_index, a
 
         def emb(model, tiles):
             raw = np.stack([src.read(t.window, model.required_bands(src.info)) for t in tiles])
-            import torch
+
             with torch.inference_mode():
                 return model.image_tower(torch.from_numpy(model.preprocess(raw, src.info))).numpy()
 
