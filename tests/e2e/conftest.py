@@ -69,7 +69,8 @@ def cross_modal_models(backend_home, eo_box):
                   "--out", str(home / "models" / "tiny-aligned-xm"), "--student-timm-kwargs", kwargs, "--image-size",
                   "32", "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--workers", "0", "--quiet",
                   "--eval-batch-size", "64"]):
-        done = subprocess.run([exe, *argv], env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run([exe, *argv], env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                              timeout=300)  # one thread: tiny models, and a busy machine makes OpenMP waits costly
         assert done.returncode == 0, (argv, done.stderr[-2000:])
     return "tiny-clip", "tiny-aligned-xm"
 

@@ -52,7 +52,7 @@ from .heads import task_head, task_templates
 from .inputs import model_input
 from .loop import LoopConfig, Trainer, autocast
 from .losses import alignment_loss, zero_shot_logits
-from .patch import manifest_id, steps_for, targets_tensor
+from .patch import check_bands, manifest_id, steps_for, targets_tensor
 from .runlog import append_event, json_safe
 
 log = logging.getLogger(__name__)
@@ -299,6 +299,8 @@ def run(args: argparse.Namespace) -> ModelCard | None:
     init = prepare_student(teacher_card, args.student_from, args.student_arch, kwargs, args.image_size, tile_px,
                            run_dir / STUDENT_INIT, d)
     student = load_model(init.folder, device=d.device.type)
+    check_bands(spec, student)
+    check_bands(spec, teacher)
     labelled = spec.task in ("multi-label", "multi-class") and args.lam > 0
     templates = task_templates(spec, teacher, args.templates) if labelled else []
     head = task_head(teacher, spec.classes, templates, d.device) if labelled else None

@@ -151,6 +151,25 @@ def check_labelled(spec: DatasetSpec, what: str) -> None:
         raise ValueError(f"{what} {spec.root} has no labels (task {spec.task!r}): patching needs a labelled task")
     if len(spec.classes) < 2:
         raise ValueError(f"{what} {spec.root} has {len(spec.classes)} class: a zero-shot head needs at least 2")
+    counts = spec.manifest.get("splits", {}).get("train", {}).get("per_class")
+    if counts and sum(1 for n in counts.values() if n) < 2:
+        present = [c for c, n in counts.items() if n]
+        raise ValueError(f"the training split of {what} {spec.root} has samples of {len(present)} class(es) "
+                         f"({', '.join(present) or 'none'}): training against a zero-shot head needs at least 2")
+
+
+def check_bands(spec: DatasetSpec, model, split: str = "train") -> None:
+    """The first sample of ``split`` gives ``model`` every band it reads (before any training starts)."""
+    from .data.stream import eval_samples
+
+    first = next(eval_samples(spec, split, limit=1), None)
+    if first is None:
+        raise ValueError(f"the {split} split of {spec.root} holds no samples")
+    sample = first[1]
+    try:
+        take_bands(np.asarray(sample.image), sample.bands, tuple(model.required_bands(sample.info())), sample.key)
+    except ValueError as e:
+        raise ValueError(f"dataset {spec.root} cannot feed model {model.card.id!r}: {e}") from None
 
 
 def steps_for(spec: DatasetSpec, batch: int, epochs: float, max_steps: int | None, limit: int | None,
@@ -220,6 +239,7 @@ def run(args: argparse.Namespace) -> ModelCard | None:
     spe, total = steps_for(spec, args.batch_size, args.epochs, args.max_steps, args.limit, d.world)
     model = load_model(card, device=d.device.type)
     card = model.card  # the copy with downloaded weights, if a download happened
+    check_bands(spec, model)
     templates = task_templates(spec, model, args.templates)
     head = task_head(model, spec.classes, templates, d.device)
     supported_head = None
