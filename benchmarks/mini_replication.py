@@ -201,7 +201,8 @@ def main(argv=None) -> int:
     print("  alpha   val acc   test acc")
     for r in result["patching"]["rows"]:
         mark = "  <- chosen" if r["alpha"] == patch["alpha"] else ""
-        print(f"  {r['alpha']:4.1f}   {100 * r['patch_val']:6.2f}   {100 * r.get('patch_test', float('nan')):6.2f}{mark}")
+        test = 100 * r.get("patch_test", float("nan"))
+        print(f"  {r['alpha']:4.1f}   {100 * r['patch_val']:6.2f}   {test:6.2f}{mark}")
     print(f"student (MS) accuracy {100 * e['student_ms']:.2f} vs its teacher (RGB, patched) "
           f"{100 * e['teacher_rgb_patched']:.2f}; unpatched CLIP {100 * e['zero_shot_unpatched_clip']:.2f}")
     for key, label in (("recall_ms_to_rgb", "MS->RGB"), ("recall_rgb_to_ms", "RGB->MS"), ("recall_chance", "chance")):

@@ -18,7 +18,8 @@ from tileprompt_backend.models.identity import space_of, weights_hash
 from tileprompt_backend.sentinel2 import BANDS, L2A_BANDS, RGB_BANDS
 from tileprompt_backend.training.augment import ColorAug, Crop, apply_crop, color_augment, random_resized_crop
 from tileprompt_backend.training.cards import TRAINER, write_trained_card
-from tileprompt_backend.training.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from tileprompt_backend.training.checkpoints import (latest_checkpoint, list_checkpoints, load_checkpoint,
+                                                     save_checkpoint)
 from tileprompt_backend.training.data.samples import Sample
 from tileprompt_backend.training.distributed import Dist
 from tileprompt_backend.training.inputs import model_input

@@ -20,7 +20,7 @@ from tileprompt_backend.sentinel2 import BANDS, L2A_BANDS, open_raster
 from tileprompt_backend.training.data.bigearthnet import BEN5, BEN19, BEN43, iter_bigearthnet, target_from_43
 from tileprompt_backend.training.data.folders import EUROSAT_CLASSNAMES
 from tileprompt_backend.training.data.samples import Sample, take_bands
-from tileprompt_backend.training.data.shards import DatasetWriter, decode_sample, iter_raw, open_dataset
+from tileprompt_backend.training.data.shards import DatasetWriter, iter_raw, open_dataset
 from tileprompt_backend.training.data.splits import assign_groups, hash_split, parse_fractions, spatial_split
 from tileprompt_backend.training.data.stream import TrainStream, batches, eval_samples, rank_stream
 from tileprompt_backend.training.prepare import main as prepare_main

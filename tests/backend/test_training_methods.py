@@ -24,8 +24,6 @@ from tileprompt_backend.sentinel2 import BANDS, RGB_BANDS
 from tileprompt_backend.training.align import AlignTransform
 from tileprompt_backend.training.checkpoints import latest_checkpoint, load_checkpoint
 from tileprompt_backend.training.data.samples import Sample
-from tileprompt_backend.training.data.shards import open_dataset
-from tileprompt_backend.training.data.stream import eval_samples
 from tileprompt_backend.training.inputs import model_input
 from tileprompt_backend.training.patch import choose_alpha, paint_interpolate, parse_alphas
 

@@ -57,7 +57,8 @@ def _metres(crs) -> bool:
 
 
 def query_tile_px(scene: SceneRecord, index_tile_px: int, info, card, override: int | None = None) -> int:
-    """Query tile size in the query raster's pixels: ``override``, else the index tiles' ground size, else the card's."""
+    """Query tile size in the query raster's pixels: ``override``, else the index tiles' ground size, else the
+    card's own tile size."""
     if override is not None:
         if override < 1:
             raise ValueError(f"query tile size must be a positive number of pixels, got {override}")

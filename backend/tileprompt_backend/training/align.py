@@ -50,7 +50,7 @@ from .distributed import Dist, barrier, init_distributed, seed_everything
 from .evaluate import DEFAULT_EVAL_BATCH, classification_scores, embed_split, retrieval_report
 from .heads import task_head, task_templates
 from .inputs import model_input
-from .loop import LoopConfig, Trainer, autocast
+from .loop import LoopConfig, Trainer
 from .losses import alignment_loss, zero_shot_logits
 from .patch import check_bands, manifest_id, steps_for, targets_tensor
 from .runlog import append_event, json_safe
@@ -96,9 +96,11 @@ def student_card_data(teacher: ModelCard, card_id: str, title: str, arch: str, t
     text, _ = text_tower_spec(teacher)
     return {
         "id": card_id, "family": "aligned-s2", "title": title, "trained": False,
-        "input": {"modality": "s2", "level": "any", "bands": list(BANDS), "scale": {"divide": 10000.0, "clip": [0.0, 1.0]},
-                  "image_size": image_size, "tile_px": tile_px, "gsd_m": 10.0},
-        "image_tower": {"arch": arch, "in_chans": len(BANDS), "proj_dim": teacher.embed_dim, "timm_kwargs": timm_kwargs},
+        "input": {"modality": "s2", "level": "any", "bands": list(BANDS),
+                  "scale": {"divide": 10000.0, "clip": [0.0, 1.0]}, "image_size": image_size, "tile_px": tile_px,
+                  "gsd_m": 10.0},
+        "image_tower": {"arch": arch, "in_chans": len(BANDS), "proj_dim": teacher.embed_dim,
+                        "timm_kwargs": timm_kwargs},
         "text_tower": text, "embed_dim": teacher.embed_dim, "logit_scale": teacher.logit_scale,
         "templates": teacher.templates, "space": space_of(teacher),
     }

@@ -111,7 +111,8 @@ def _split_files(folder: Path) -> SplitInfo | None:
 
 
 def open_dataset(root: str | Path, *, image_key: str | None = None, target_key: str | None = None,
-                 task: str | None = None, bands: str | list[str] | None = None, level: str | None = None) -> DatasetSpec:
+                 task: str | None = None, bands: str | list[str] | None = None,
+                 level: str | None = None) -> DatasetSpec:
     """Open a shard dataset (ours or the reference's CLIP_benchmark layout); every problem is a ValueError.
 
     The keyword arguments say what a reference dataset without a manifest cannot: which member holds the image
