@@ -194,5 +194,8 @@ class Trainer:
             raise
         finally:
             runlog.close()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stops the DataLoader's workers now rather than when the process ends
         self.save()
         return LoopResult(self.step, resumed_from, last)
