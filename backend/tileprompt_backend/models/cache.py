@@ -62,15 +62,17 @@ class ModelCache:
                 self._runners[key] = runner
             return self._runners[key]
 
+    # loaded() and providers() answer the service's health check: they must not wait for the lock, which a first
+    # model load or runner creation (ONNX export, int8 probe: seconds to minutes) holds. Copying a dict's values is
+    # one C call under the GIL, so the snapshots are consistent without it.
     def loaded(self) -> list[str]:
         """Ids of the models in memory, most recently used last."""
-        with self._lock:
-            return [m.card.id for m in self._models.values()]
+        return [m.card.id for m in list(self._models.values())]
 
     def providers(self) -> list[str]:
         """ONNX Runtime providers that the cached runners' sessions actually got."""
-        with self._lock:
-            return list(dict.fromkeys(p for r in self._runners.values() for p in getattr(r, "providers", [])))
+        runners = list(self._runners.values())
+        return list(dict.fromkeys(p for r in runners for p in getattr(r, "providers", [])))
 
     def clear(self) -> None:
         with self._lock:
