@@ -246,7 +246,7 @@ def test_trained_card_written_atomically_with_its_own_space(tiny_models, tmp_pat
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "model.json").write_text(json.dumps(dict(data, provenance={})))
-    for out, overwrite, message in ((foreign, True, "not a model card written by a training run"),
+    for out, overwrite, message in ((foreign, True, "is not one TilePrompt wrote"),
                                     (tmp_path / "patched", False, "pass --overwrite")):
         with pytest.raises(ValueError, match=message):
             write_trained_card(out, data, {"model.safetensors": sd})

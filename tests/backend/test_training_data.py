@@ -108,7 +108,7 @@ def test_prepare_never_replaces_foreign_folders(ben_patch, tmp_path, capsys):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     assert prepare_main(["rasters", str(ben_patch), "--tile", "60", "--out", str(foreign), "--quiet"]) == 2
-    assert "not a dataset written by tileprompt" in capsys.readouterr().err
+    assert "is not one TilePrompt wrote" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
     ours = tmp_path / "ours"
     assert prepare_main(["rasters", str(ben_patch), "--tile", "60", "--out", str(ours), "--quiet"]) == 0

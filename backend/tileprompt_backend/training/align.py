@@ -271,10 +271,12 @@ def run(args: argparse.Namespace) -> ModelCard | None:
              "log-every", "checkpoint-every")
     if args.lam < 0:
         raise ValueError(f"--lambda must be non-negative, got {args.lam}")
-    out = check_card_output(args.out, args.overwrite)
-    run_dir = Path(args.run_dir).expanduser() if args.run_dir else default_run_dir(out)
     spec = open_dataset(args.data)
     teacher_card = resolve_card(args.teacher)
+    out = check_card_output(args.out, args.overwrite, [args.data, teacher_card.path, args.templates,
+                                                       args.student_from if args.student_from and
+                                                       Path(args.student_from).expanduser().exists() else None])
+    run_dir = Path(args.run_dir).expanduser() if args.run_dir else default_run_dir(out)
     if teacher_card.family != "clip":
         raise ValueError(f"--teacher {teacher_card.id!r} is a {teacher_card.family!r} card: the teacher is a CLIP "
                          "(clip family) image tower on RGB composites")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from ..models.card import CARD_FILE, ModelCard, card_from_dict, read_card, write
 from ..models.identity import weights_hash
 from ..models.loading import load_model
 from ..models.weights import write_weights
+from ..outputs import guard_folder_output
 
 #: ``provenance.software`` of every card a training run writes (how --overwrite knows a card is ours).
 TRAINER = "tileprompt training"
@@ -41,19 +42,10 @@ def _written_by_training(folder: Path) -> bool:
     return str(data.get("provenance", {}).get("software", "")).startswith(TRAINER)
 
 
-def check_card_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse, before any training, an ``--out`` that cannot or may not receive the card."""
-    out = Path(out).expanduser()
-    if not out.parent.is_dir():
-        raise ValueError(f"output folder does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise ValueError(f"output folder is not writable: {out.parent}")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or not _written_by_training(out):
-            raise ValueError(f"{out} exists and is not a model card written by a training run: choose another --out")
-        if not overwrite:
-            raise ValueError(f"model card {out} exists: pass --overwrite to replace it")
-    return out
+def check_card_output(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse, before any training, an ``--out`` that cannot or may not receive the card: an input of the run
+    (dataset, base or teacher card, student weights), or a folder a training run did not write."""
+    return guard_folder_output(out, _written_by_training, overwrite, inputs, "model card folder")
 
 
 def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Mapping[str, torch.Tensor]],

@@ -145,6 +145,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                        "(default for an aligned card: its teacher, when installed)")
     p.add_argument("--templates", help="prompt templates (default: the dataset's, else the card's)")
     p.add_argument("--out", required=True, help="report folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a report folder evaluate wrote at --out")
     p.add_argument("--limit", type=int, help="only the first N samples of the split")
     p.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -170,6 +171,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     """Run ``tileprompt evaluate``; returns the report on rank 0."""
     from ..models import load_model, resolve_card
     from ..models.identity import check_same_space
+    from ..outputs import guard_folder_output
     from .data.shards import open_dataset
     from .distributed import init_distributed
     from .heads import task_head, task_templates
@@ -177,15 +179,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     for name in ("limit", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    out = Path(args.out).expanduser()
-    if out.exists() and not (out / "report.json").is_file():
-        raise ValueError(f"{out} exists and is not an evaluation report folder: choose another --out")
-    if not out.parent.is_dir():
-        raise ValueError(f"output folder does not exist: {out.parent}")
     spec = open_dataset(args.data)
     spec.split(args.split)
     card = resolve_card(args.model)
     rgb_card = resolve_card(args.rgb_model) if args.rgb_model else _teacher_of(card)
+    out = guard_folder_output(args.out, lambda p: (p / "report.json").is_file(), args.overwrite,
+                              [args.data, card.path, rgb_card.path if rgb_card else None, args.templates],
+                              "report folder")
     if rgb_card is not None:
         if rgb_card.family != "clip":
             raise ValueError(f"--rgb-model {rgb_card.id!r} is not an RGB (clip) card")

@@ -222,14 +222,14 @@ def run(args: argparse.Namespace) -> ModelCard | None:
     alphas = parse_alphas(args.alphas)
     if args.alpha is not None and args.alpha not in alphas:
         alphas = tuple(sorted(set(alphas) | {args.alpha}))
-    out = check_card_output(args.out, args.overwrite)
-    run_dir = Path(args.run_dir).expanduser() if args.run_dir else default_run_dir(out)
     spec = open_dataset(args.data)
     check_labelled(spec, "dataset")
     supported = open_dataset(args.supported) if args.supported else None
     if supported is not None:
         check_labelled(supported, "supported dataset")
     card = resolve_card(args.model)
+    out = check_card_output(args.out, args.overwrite, [args.data, args.supported, card.path, args.templates])
+    run_dir = Path(args.run_dir).expanduser() if args.run_dir else default_run_dir(out)
     if card.family != "clip":
         raise ValueError(f"model {card.id!r} is a {card.family!r} card: patching fine-tunes a CLIP (clip family) "
                          "image tower")

@@ -410,18 +410,12 @@ class DatasetWriter:
         return manifest
 
 
-def check_dataset_output(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output folder we may not (re)write."""
-    if not out.parent.is_dir():
-        raise ValueError(f"output folder does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise ValueError(f"output folder is not writable: {out.parent}")
-    if out.exists() or out.is_symlink():
-        ours = (out / MANIFEST).is_file() and _is_ours(out / MANIFEST)
-        if not ours:
-            raise ValueError(f"{out} exists and is not a dataset written by tileprompt: choose another --out")
-        if not overwrite:
-            raise ValueError(f"dataset {out} exists: pass --overwrite to replace it")
+def check_dataset_output(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse, before any work, an output folder we may not (re)write: an input, or not a dataset we wrote."""
+    from ...outputs import guard_folder_output
+
+    return guard_folder_output(out, lambda p: (p / MANIFEST).is_file() and _is_ours(p / MANIFEST), overwrite,
+                               inputs, "dataset folder")
 
 
 def _is_ours(manifest: Path) -> bool:
