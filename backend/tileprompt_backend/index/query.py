@@ -300,7 +300,8 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
     query_tile = validation.tile_px(query_tile)
     k = validation.k(int(k) if isinstance(k, np.integer) else k)
     store = IndexStore.open(index)
-    out, heatmap = guard_search_outputs(store, out, heatmap, overwrite, layer)
+    out, heatmap = guard_search_outputs(store, out, heatmap, overwrite, layer,
+                                        query_raster=scene if query_model is not None else None)
     step(0)
 
     view = load_view(store)
