@@ -29,13 +29,7 @@ from tileprompt_backend.training.metrics import (chance_recall, cross_modal_reca
                                                   recall_at_k, top1_accuracy)
 from tileprompt_backend.training.runlog import read_metrics
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 
 # --- schedule and losses -------------------------------------------------------------------------------------------
@@ -173,7 +167,7 @@ def test_checkpoints_atomic_keep_and_weights_only(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, w, {"optimizer": {"lr": 0.1}, "note": "x"}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
-    (tmp_path / "checkpoints" / ".tmp-step-00000009-1").mkdir()  # an interrupted save
+    (tmp_path / "checkpoints" / ".step-00000009.host-1.partial").mkdir()  # an interrupted save
     (tmp_path / "checkpoints" / "step-00000010").mkdir()  # a folder without its files
     weights, state = load_checkpoint(latest_checkpoint(tmp_path))
     assert state["step"] == 3 and torch.equal(weights["a"], w["a"])
