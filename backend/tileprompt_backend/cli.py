@@ -27,6 +27,8 @@ DELEGATED = {
     "train": ("tileprompt_backend.training.command",
               "train models: patch (PAINT), align (Mind the Modality Gap), cmid (CMID pre-training); "
               "`tileprompt train --help`"),
+    "evaluate": ("tileprompt_backend.training.evaluate",
+                 "zero-shot mAP/accuracy and RGB<->MS Recall@K of cards on a shard dataset"),
 }
 
 
@@ -101,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scene", metavar="RASTER",
                    help="the scene --like/--tile-ids refer to and the heat map covers (needed when the index "
                         "holds several)")
+    q.add_argument("--query-model", metavar="CARD",
+                   help="cross-modal search: embed the --like region of --scene (any raster, e.g. an RGB "
+                        "orthophoto) with this card, which must share the index card's embedding space")
+    q.add_argument("--query-tile", type=_checked(validation.tile_px), metavar="PX",
+                   help="tile size on --scene for --query-model (default: the index tiles' ground size)")
     q.add_argument("-k", type=_checked(validation.k), default=50, help="number of results (default: 50)")
     q.add_argument("--fuse", choices=["mean", "max"], default="mean",
                    help="mean: one query from the mean of the query tiles; max: each tile queries, best kept")
@@ -230,7 +237,9 @@ def precheck(args: argparse.Namespace) -> None:
         index = validation.existing_path(args.index, "index")
         from .index.store import IndexStore, guard_search_outputs  # numpy and SQLite, not the ML stack
 
-        guard_search_outputs(IndexStore.open(index), args.out, args.heatmap, args.overwrite, args.layer)
+        query_raster = validation.existing_path(args.scene, "raster") if args.query_model and args.scene else None
+        guard_search_outputs(IndexStore.open(index), args.out, args.heatmap, args.overwrite, args.layer,
+                             query_raster=query_raster)
 
 
 def _warn(warnings: Sequence[str]) -> None:
@@ -302,7 +311,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     result = search(args.index, like=[_read_aoi(v) for v in args.like] if args.like else None,
                     like_crs=args.like_crs, tile_ids=tile_ids, scene=args.scene, text=args.text, fuse=args.fuse,
                     k=args.k, out=args.out, heatmap=args.heatmap, device=args.device, overwrite=args.overwrite,
-                    layer=args.layer)
+                    layer=args.layer, query_model=args.query_model, query_tile=args.query_tile)
     _warn(result.warnings)
     if args.quiet:
         return 0
@@ -437,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import Cancelled  # an InputError's str() is its CLI wording
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
+    if argv and argv[0] in DELEGATED:  # training commands parse their own options
         import importlib
 
         module = importlib.import_module(DELEGATED[argv[0]][0])

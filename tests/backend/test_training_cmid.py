@@ -5,7 +5,6 @@ loads into the models package and `tileprompt index` (and `train align` where th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -39,6 +38,8 @@ from tileprompt_backend.training.data.scenes import SceneStream, find_scenes, sh
 from tileprompt_backend.training.data.stream import batches
 from tileprompt_backend.training.inputs import model_input
 from tileprompt_backend.training.runlog import read_metrics
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 REPO = Path(__file__).resolve().parents[2]
 #: A tiny student and heads: 2-layer 32-wide ViT with 8 px patches at 32 px (4 x 4 tokens).
@@ -409,7 +410,10 @@ def test_refuses_bad_input_before_any_work(ssl4eo, text_card, tmp_path, capsys):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     assert _train("--out", str(foreign), "--rasters", str(ssl4eo), "--text-tower", str(text_card)) == 2
-    assert "not a model card written by a training run" in capsys.readouterr().err
+    assert "exists and is not one TilePrompt wrote" in capsys.readouterr().err
+    # an output inside an input would be read as a scene next time (and could replace it): refused
+    assert _train("--out", str(ssl4eo / "card"), "--rasters", str(ssl4eo), "--text-tower", str(text_card)) == 2
+    assert "lies inside an input of this job" in capsys.readouterr().err and not (ssl4eo / "card").exists()
     assert not (tmp_path / "card").exists()
 
 
@@ -512,13 +516,19 @@ def test_export_is_a_backbone_file_and_a_card_that_search_uses(cmid_card, ssl4eo
     assert hits.exists()
 
 
-def test_export_feeds_alignment(cmid_card, tmp_path):
-    if importlib.util.find_spec("tileprompt_backend.training.align") is None:
-        pytest.skip("train align is not on this branch yet (issue 10)")
+@pytest.mark.parametrize("start", ["card", "backbone file"])
+def test_export_feeds_alignment(cmid_card, tmp_path, start):
     out, data = cmid_card
     teacher = write_tiny("clip", tmp_path / "teacher").path
-    assert cli_main(["train", "align", "--data", str(data), "--teacher", str(teacher), "--student-from", str(out),
-                     "--image-size", "32", "--batch-size", "8", "--max-steps", "1", "--workers", "0", "--quiet",
-                     "--out", str(tmp_path / "aligned")]) == 0
+    # the backbone file alone: align reads arch and timm arguments from the backbone.json beside it (its own
+    # default, a full-size ViT-S, would not take these tiny weights)
+    student_from = out if start == "card" else out / "backbone.safetensors"
+    assert cli_main(["train", "align", "--data", str(data), "--teacher", str(teacher), "--student-from",
+                     str(student_from), "--image-size", "32", "--batch-size", "8", "--max-steps", "1", "--workers",
+                     "0", "--quiet", "--out", str(tmp_path / "aligned")]) == 0
     aligned = load_model(tmp_path / "aligned", device="cpu")
-    assert aligned.image_tower.backbone.state_dict()["cls_token"].shape == (1, 1, TINY_TIMM_KWARGS["embed_dim"])
+    backbone = aligned.image_tower.backbone.state_dict()
+    assert backbone["cls_token"].shape == (1, 1, TINY_TIMM_KWARGS["embed_dim"])
+    if start == "backbone file":  # the training's first step moved the weights; the shapes came from the file
+        exported = read_weights(out / "backbone.safetensors")
+        assert exported.keys() == backbone.keys()

@@ -19,7 +19,8 @@ from tileprompt_backend.models.identity import space_of, weights_hash
 from tileprompt_backend.sentinel2 import BANDS, L2A_BANDS, RGB_BANDS
 from tileprompt_backend.training.augment import ColorAug, Crop, apply_crop, color_augment, random_resized_crop
 from tileprompt_backend.training.cards import TRAINER, write_trained_card
-from tileprompt_backend.training.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from tileprompt_backend.training.checkpoints import (latest_checkpoint, list_checkpoints, load_checkpoint,
+                                                     save_checkpoint)
 from tileprompt_backend.training.data.samples import Sample
 from tileprompt_backend.training.distributed import Dist, on_main
 from tileprompt_backend.training.inputs import model_input
@@ -28,6 +29,9 @@ from tileprompt_backend.training.losses import alignment_loss, classification_lo
 from tileprompt_backend.training.metrics import (chance_recall, cross_modal_recall, mean_average_precision,
                                                   recall_at_k, top1_accuracy)
 from tileprompt_backend.training.runlog import read_metrics
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
+
 
 # --- schedule and losses -------------------------------------------------------------------------------------------
 
@@ -183,7 +187,7 @@ def test_checkpoints_atomic_keep_and_weights_only(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, w, {"optimizer": {"lr": 0.1}, "note": "x"}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
-    (tmp_path / "checkpoints" / ".tmp-step-00000009-1").mkdir()  # an interrupted save
+    (tmp_path / "checkpoints" / ".step-00000009.host-1.partial").mkdir()  # an interrupted save
     (tmp_path / "checkpoints" / "step-00000010").mkdir()  # a folder without its files
     weights, state = load_checkpoint(latest_checkpoint(tmp_path))
     assert state["step"] == 3 and torch.equal(weights["a"], w["a"])
@@ -268,7 +272,7 @@ def test_trained_card_written_atomically_with_its_own_space(tiny_models, tmp_pat
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "model.json").write_text(json.dumps(dict(data, provenance={})))
-    for out, overwrite, message in ((foreign, True, "not a model card written by a training run"),
+    for out, overwrite, message in ((foreign, True, "is not one TilePrompt wrote"),
                                     (tmp_path / "patched", False, "pass --overwrite")):
         with pytest.raises(ValueError, match=message):
             write_trained_card(out, data, {"model.safetensors": sd})

@@ -36,8 +36,8 @@ import numpy as np
 from affine import Affine
 
 from .. import __version__
-from ..models.identity import file_sha256_cached, short_sha, weights_hash  # noqa: F401 (re-exported)
-from ..outputs import guard_output, host_name, pid_alive, resource_error
+from ..models.identity import short_sha, weights_hash  # weights_hash: also imported from here by query, textcache
+from ..outputs import fsync_dir, guard_output, host_name, pid_alive, resource_error
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -243,19 +243,6 @@ def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders
     finally:
         os.close(fd)
 
@@ -608,18 +595,24 @@ class IndexStore:
 
 
 def guard_search_outputs(store: IndexStore, out: str | Path, heatmap: str | Path | None, overwrite: bool = False,
-                         layer: str | None = None) -> tuple[Path, Path | None]:
+                         layer: str | None = None, query_raster: str | Path | None = None) -> tuple[Path, Path | None]:
     """``outputs.guard_output`` for a search's GeoPackage and heat map: neither may be the index, any file in
-    it, nor any raster file it was built from (the heat map of a scene must not replace the scene)."""
+    it, nor any raster file it was built from (the heat map of a scene must not replace the scene), nor the
+    query raster of a cross-modal search (a file, or a folder of band files)."""
     inputs = []
     for s in store.scenes():
         inputs.append(s.raster)
         inputs.extend(f[0] for f in s.info.get("fingerprint", {}).get("files", []))
-    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=[store.root])
+    dirs = [store.root]
+    if query_raster is not None:
+        inputs.append(query_raster)
+        if Path(query_raster).expanduser().is_dir():
+            dirs.append(query_raster)
+    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=dirs)
     if heatmap is None:
         return out, None
     heatmap = guard_output(heatmap, inputs, overwrite, suffixes=(".tif", ".tiff"), what="heat map",
-                           input_dirs=[store.root])
+                           input_dirs=dirs)
     if heatmap.resolve() == out.resolve():
         raise ValueError("the heat map and the GeoPackage need different paths")
     return out, heatmap

@@ -56,11 +56,11 @@ class ModelCard:
     # where weight files named by the card can be downloaded from: {file: {"url", "sha256" (hex or prefix), "convert"}}
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None  # one line for model lists: what the model is and what it is good at
+    preference: int = 0  # > 0: may be chosen as the default for a layer it reads, the highest first (choice.py)
     # the embedding space the card's towers live in: "<teacher id>@<weights hash>"; a teacher and the students
     # aligned to it share one (None: the card's own, see models.identity.space_of)
     space: str | None = None
-    description: str | None = None  # one line for model lists: what the model is and what it is good at
-    preference: int = 0  # > 0: may be chosen as the default for a layer it reads, the highest first (choice.py)
     path: Path | None = None  # the card's directory; None for cards not on disk
 
     # --- derived ---
@@ -77,8 +77,6 @@ class ModelCard:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
-        if d["space"] is None:
-            d.pop("space")  # cards without one keep their JSON (and card hash) as before
         d["input"]["bands"] = list(self.input.bands)
         for key in _OPTIONAL:  # fields added later are written only when set
             if d[key] == ModelCard.__dataclass_fields__[key].default:
@@ -95,8 +93,8 @@ class ModelCard:
     def card_hash(self) -> str:
         """sha256 of the card's JSON (stable key order): identifies a model version in outputs and caches.
 
-        The one-line description and the default preference do not change what the model computes, so they are
-        left out: editing them keeps indexes and ONNX exports keyed by the hash.
+        The one-line description, the default preference and the embedding space's name do not change what the
+        model computes, so they are left out: editing them keeps indexes and ONNX exports keyed by the hash.
         """
         data = {k: v for k, v in self.to_json().items() if k not in _OPTIONAL}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -109,7 +107,7 @@ class ModelCard:
         return f"{self.title}: {what}, {inp.gsd_m:g} m GSD, tile {inp.tile_px} px, dim {self.embed_dim}{warn}"
 
 
-_OPTIONAL = ("description", "preference")
+_OPTIONAL = ("description", "preference", "space")
 
 
 def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:

@@ -10,9 +10,8 @@ patched CLIP its own (``"<id>@<weights hash>"``), an aligned student its teacher
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ import torch
 from .. import __version__
 from ..models.card import CARD_FILE, ModelCard, card_from_dict, read_card, write_card
 from ..models.identity import weights_hash
-from ..models.weights import read_weights, write_weights
+from ..models.loading import load_model
+from ..models.weights import write_weights
+from ..outputs import guard_folder_output, staged_folder
 
 #: ``provenance.software`` of every card a training run writes (how --overwrite knows a card is ours).
 TRAINER = "tileprompt training"
@@ -40,19 +41,10 @@ def _written_by_training(folder: Path) -> bool:
     return str(data.get("provenance", {}).get("software", "")).startswith(TRAINER)
 
 
-def check_card_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse, before any training, an ``--out`` that cannot or may not receive the card."""
-    out = Path(out).expanduser()
-    if not out.parent.is_dir():
-        raise ValueError(f"output folder does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise ValueError(f"output folder is not writable: {out.parent}")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or not _written_by_training(out):
-            raise ValueError(f"{out} exists and is not a model card written by a training run: choose another --out")
-        if not overwrite:
-            raise ValueError(f"model card {out} exists: pass --overwrite to replace it")
-    return out
+def check_card_output(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse, before any training, an ``--out`` that cannot or may not receive the card: an input of the run
+    (dataset, base or teacher card, student weights), or a folder a training run did not write."""
+    return guard_folder_output(out, _written_by_training, overwrite, inputs, "model card folder")
 
 
 def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Mapping[str, torch.Tensor]],
@@ -61,13 +53,10 @@ def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Ma
     """Write a card folder atomically: ``tensors`` {file: state dict} as safetensors, ``copies`` {file: source}.
 
     ``own_space``: the card's ``space`` becomes ``"<id>@<hash of its weight files>"`` (a new teacher space).
-    The card is validated (and its weight files found) before it is moved into place.
+    The card is loaded once (strict key checks) before it is moved into place.
     """
     out = check_card_output(out, overwrite)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         for name, sd in tensors.items():
             write_weights(sd, tmp / name)
         for name, src in (copies or {}).items():
@@ -82,32 +71,5 @@ def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Ma
             data["space"] = f"{card.id}@{w}"
             card = card_from_dict(data, tmp)
         write_card(card, tmp)  # model.json last: a folder without it is not a card
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        load_model(read_card(tmp), device="cpu")  # a card that does not load never reaches --out
     return read_card(out)
-
-
-def text_tower_of(card: ModelCard) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """An ``aligned-s2`` ``text_tower`` entry for the text tower of ``card`` (a clip or aligned-s2 card), and the
-    tensors to write as ``text_tower.safetensors`` when that tower comes from a file rather than an open_clip tag.
-    """
-    if card.family == "aligned-s2":
-        spec = dict(card.text_tower)
-        if not spec.get("weights"):
-            return spec, None
-        return dict(spec, weights="text_tower.safetensors"), read_weights(card.file(spec["weights"]))
-    spec = ({"open_clip_config": card.image_tower["open_clip_config"]} if card.image_tower.get("open_clip_config")
-            else {"arch": card.image_tower["arch"]})
-    if card.pretrained:
-        return dict(spec, pretrained=card.pretrained), None
-    if not card.weights:
-        raise ValueError(f"model {card.id!r} names no weights: its text tower would be random")
-    text = {k: v for k, v in read_weights(card.file(card.weights)).items() if not k.startswith("visual.")}
-    return dict(spec, weights="text_tower.safetensors"), text

@@ -222,9 +222,11 @@ class CMIDNet(nn.Module):
             t_pooled, t_tokens = self.teacher.features(views)
 
         if cfg.global_weight:
-            q = F.normalize(self.student.global_proj(pooled), dim=-1)
+            q = self.student.global_proj(pooled)
             with torch.no_grad():
-                k = F.normalize(self.teacher.global_proj(t_pooled), dim=-1)
+                k = self.teacher.global_proj(t_pooled)
+            with full_precision(q):  # unit keys in float32: the queue keeps them for many steps
+                q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
             q_a, q_b = q[:n], q[n:]
             k_a, k_b = k[:n], k[n:]
             queue = self.queue.clone()

@@ -32,7 +32,8 @@ from ...models.downloads import ensure_weights
 from ...models.identity import weights_hash
 from ...models.tiny import TINY_OPEN_CLIP
 from ...sentinel2.bands import BANDS, SSL4EO_L1C_MEAN, SSL4EO_L1C_STD, normalize_band_name
-from ..cards import check_card_output, now, text_tower_of, write_trained_card
+from ..align import BACKBONE_FORMAT, text_tower_spec
+from ..cards import check_card_output, now, write_trained_card
 from ..command import add_run_arguments, default_run_dir, parser_for, positive, run_command
 from ..data.scenes import DEFAULT_OPEN_SCENES, SceneStream, find_scenes
 from ..data.shards import open_dataset
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 STUDENT_INIT = "student_init"
 BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
-BACKBONE_FORMAT = "tileprompt-backbone"
 #: The paper's MillionAID schedule for Swin-B (its transformer): 200 epochs, 15 of warm-up, batch 256, lr 0.002.
 PAPER = {"batch": 256, "epochs": 200, "lr": 2e-3, "weight_decay": 0.02, "warmup_epochs": 15, "min_lr": 1e-6}
 #: Reference code: the local teacher temperature warms up over 50 epochs (of its 400).
@@ -225,11 +225,13 @@ def run(args: argparse.Namespace):
     if args.global_pool == "avg":
         timm_kwargs = dict(timm_kwargs, global_pool="avg", fc_norm=False)  # fc_norm off: the checkpoint keys stay
     bands = tuple(normalize_band_name(b) for b in args.bands.split(",") if b.strip())
-    out = check_card_output(args.out, args.overwrite)
-    run_dir = Path(args.run_dir).expanduser() if args.run_dir else default_run_dir(out)
     text_card = resolve_card(args.text_tower)
-    if text_card.family not in ("clip", "aligned-s2"):
-        raise ValueError(f"--text-tower {text_card.id!r} has no text tower to carry")
+    out = check_card_output(args.out, args.overwrite, [args.data, args.probe_data, text_card.path,
+                                                       *(args.rasters or [])])
+    run_dir = Path(args.run_dir).expanduser() if args.run_dir else default_run_dir(out)
+    if text_card.family != "clip":
+        raise ValueError(f"--text-tower {text_card.id!r} is a {text_card.family!r} card; the text tower comes from a "
+                         "clip card (as train align's teacher)")
     spec = open_dataset(args.data) if args.data else None
     probe_spec = open_dataset(args.probe_data) if args.probe_data else None
     if probe_spec is not None and probe_spec.task not in ("multi-class", "multi-label"):
@@ -401,7 +403,7 @@ def backbone_meta(card, arch: str, timm_kwargs: dict[str, Any]) -> dict[str, Any
 def export(out: Path, net: CMIDNet, student_card, text_card, args: argparse.Namespace, provenance: dict[str, Any]):
     """Write the aligned-s2 card (backbone + untrained projection + the text tower of ``text_card``) atomically."""
     arch, timm_kwargs = student_card.image_tower["arch"], dict(student_card.image_tower.get("timm_kwargs", {}))
-    text_spec, text_tensors = text_tower_of(text_card)
+    text_spec, text_tensors = text_tower_spec(text_card)
     data = student_card.to_json()
     data.update(
         id=args.id or out.name,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ... import __version__
+from ...outputs import guard_folder_output, partial_path, replace_folder
 from ...sentinel2.bands import BANDS, L2A_BANDS, normalize_band_name
 from ...sentinel2.readers import RGB_NAMES
 from .samples import TASKS, Sample, compact_dtype
@@ -111,7 +111,8 @@ def _split_files(folder: Path) -> SplitInfo | None:
 
 
 def open_dataset(root: str | Path, *, image_key: str | None = None, target_key: str | None = None,
-                 task: str | None = None, bands: str | list[str] | None = None, level: str | None = None) -> DatasetSpec:
+                 task: str | None = None, bands: str | list[str] | None = None,
+                 level: str | None = None) -> DatasetSpec:
     """Open a shard dataset (ours or the reference's CLIP_benchmark layout); every problem is a ValueError.
 
     The keyword arguments say what a reference dataset without a manifest cannot: which member holds the image
@@ -318,7 +319,7 @@ class DatasetWriter:
         self.classes, self.templates, self.task = list(classes), list(templates), task
         self.samples_per_shard = samples_per_shard
         self.info = dict(info or {})
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        self.tmp = partial_path(self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self._writers: dict[str, Any] = {}
@@ -405,22 +406,14 @@ class DatasetWriter:
             **self.info,
         }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _commit(self.tmp, self.out)
+        replace_folder(self.tmp, self.out)
         return manifest
 
 
-def check_dataset_output(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output folder we may not (re)write."""
-    if not out.parent.is_dir():
-        raise ValueError(f"output folder does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise ValueError(f"output folder is not writable: {out.parent}")
-    if out.exists() or out.is_symlink():
-        ours = (out / MANIFEST).is_file() and _is_ours(out / MANIFEST)
-        if not ours:
-            raise ValueError(f"{out} exists and is not a dataset written by tileprompt: choose another --out")
-        if not overwrite:
-            raise ValueError(f"dataset {out} exists: pass --overwrite to replace it")
+def check_dataset_output(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse, before any work, an output folder we may not (re)write: an input, or not a dataset we wrote."""
+    return guard_folder_output(out, lambda p: (p / MANIFEST).is_file() and _is_ours(p / MANIFEST), overwrite,
+                               inputs, "dataset folder")
 
 
 def _is_ours(manifest: Path) -> bool:
@@ -430,12 +423,3 @@ def _is_ours(manifest: Path) -> bool:
         return False
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (checked to be ours) is swapped out and removed."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
