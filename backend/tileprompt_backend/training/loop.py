@@ -2,8 +2,15 @@
 bf16 autocast on CUDA, DDP, progress and metrics log, checkpoints every N steps, resume, and Ctrl-C.
 
 A method supplies the trainable module and ``loss_fn(model, batch) -> (loss, metrics)``; the loop owns
-everything else. The schedule is the Mind the Modality Gap / PAINT one (method notes §2.7):
-lr = base x (step + 1) / warmup during warm-up, then base x 0.5 x (1 + cos(pi x e / E)) over the rest.
+everything else. Schedules (``LoopConfig.schedule``), all per optimizer step:
+
+- ``cosine`` (Mind the Modality Gap / PAINT, method notes §2.7): lr = base x (step + 1) / warmup during warm-up,
+  then base x 0.5 x (1 + cos(pi x e / E)) over the rest;
+- ``linear`` (HarMA's code, method notes §3.6): the same warm-up, then a linear decay to 0;
+- ``step`` (RDB §4.2): base x gamma ** floor(step / step_every), after the warm-up if any.
+
+Parameters named by ``no_decay`` (biases, norms, loss weights) get no weight decay; ``after_step(step)`` runs
+after every optimizer step (EMA teachers, validation).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from .runlog import RunLog
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULES = ("cosine", "linear", "step")
 
 
 @dataclass
@@ -42,6 +50,11 @@ class LoopConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     compile: bool = False
+    schedule: str = "cosine"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    step_every: int = 0  # "step" schedule: steps between decays
+    step_gamma: float = 1.0  # "step" schedule: factor per decay
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -54,6 +67,32 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     rest = max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, rest) / rest))
+
+
+def linear_with_warmup(step: int, warmup: int, total: int) -> float:
+    """The multiplier at step ``step``: (step + 1) / warmup during warm-up, then (total - step) / (total - warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    rest = max(1, total - warmup)
+    return max(0.0, (total - step) / rest)
+
+
+def step_decay(step: int, warmup: int, every: int, gamma: float) -> float:
+    """The multiplier at step ``step``: the warm-up, then ``gamma ** floor(step / every)``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return gamma ** (step // every) if every > 0 else 1.0
+
+
+def lr_multiplier(config: LoopConfig) -> Callable[[int], float]:
+    """The schedule of ``config`` as a function of the optimizer step."""
+    if config.schedule == "cosine":
+        return lambda s: cosine_with_warmup(s, config.warmup_steps, config.total_steps)
+    if config.schedule == "linear":
+        return lambda s: linear_with_warmup(s, config.warmup_steps, config.total_steps)
+    if config.schedule == "step":
+        return lambda s: step_decay(s, config.warmup_steps, config.step_every, config.step_gamma)
+    raise ValueError(f"unknown schedule {config.schedule!r} (valid: {', '.join(SCHEDULES)})")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -85,19 +124,25 @@ class Trainer:
     """Train ``module`` (all its parameters with requires_grad) for ``config.total_steps`` optimizer steps."""
 
     def __init__(self, module: nn.Module, config: LoopConfig, d: Dist, run_dir: Path, resume_key: dict[str, Any],
-                 samples_per_step: int, desc: str, quiet: bool = False):
+                 samples_per_step: int, desc: str, quiet: bool = False,
+                 no_decay: Callable[[str], bool] | None = None):
         self.module, self.config, self.d, self.run_dir = module, config, d, Path(run_dir)
         self.resume_key = resume_key
         self.samples_per_step, self.desc, self.quiet = samples_per_step, desc, quiet
         self.precision = resolve_precision(config.precision, d.device)
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("nothing to train: the module has no trainable parameters")
+        decay = [p for n, p in named if no_decay is None or not no_decay(n)]
+        plain = [p for n, p in named if no_decay is not None and no_decay(n)]
+        groups = [{"params": decay, "weight_decay": config.weight_decay}]
+        if plain:
+            groups.append({"params": plain, "weight_decay": 0.0})
         fused = d.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: cosine_with_warmup(s, config.warmup_steps, config.total_steps))
-        self.params = params
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+                                           fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(config))
+        self.params = [p for _, p in named]
         self.step = 0
 
     # --- resume -------------------------------------------------------------------------------------------------
@@ -139,8 +184,10 @@ class Trainer:
                                keep=self.config.keep_checkpoints)
 
     # --- training -----------------------------------------------------------------------------------------------
-    def fit(self, batches: Iterator[list[Any]], loss_fn: LossFn, steps_per_epoch: int) -> LoopResult:
-        """Run optimizer steps ``self.step`` .. ``total_steps`` over ``batches`` (one per step, this rank's part)."""
+    def fit(self, batches: Iterator[list[Any]], loss_fn: LossFn, steps_per_epoch: int,
+            after_step: Callable[[int], None] | None = None) -> LoopResult:
+        """Run optimizer steps ``self.step`` .. ``total_steps`` over ``batches`` (one per step, this rank's part);
+        ``after_step(step)`` runs after each one (every rank)."""
         resumed_from = self.step
         total = self.config.total_steps
         if self.step >= total:
@@ -168,6 +215,8 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
+                if after_step is not None:
+                    after_step(self.step)
                 epoch = (self.step - 1) // steps_per_epoch
                 if self.step % self.config.log_every == 0 or self.step == total:
                     values = {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
