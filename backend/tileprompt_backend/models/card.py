@@ -57,6 +57,9 @@ class ModelCard:
     # the embedding space the card's towers live in: "<teacher id>@<weights hash>"; a teacher and the students
     # aligned to it share one (None: the card's own, see models.identity.space_of)
     space: str | None = None
+    # retrieval adapters attached to a clip card's towers on load: {"method", "config", "weights"}
+    # (models/adapters; None: the plain model)
+    adapters: dict[str, Any] | None = None
     path: Path | None = None  # the card's directory; None for cards not on disk
 
     # --- derived ---
@@ -73,8 +76,9 @@ class ModelCard:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
-        if d["space"] is None:
-            d.pop("space")  # cards without one keep their JSON (and card hash) as before
+        for key in ("space", "adapters"):
+            if d[key] is None:
+                d.pop(key)  # cards without them keep their JSON (and card hash) as before
         d["input"]["bands"] = list(self.input.bands)
         return d
 
@@ -133,6 +137,7 @@ def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
         sources={str(k): dict(v) for k, v in data.get("sources", {}).items()},
         provenance=dict(data.get("provenance", {})),
         space=data.get("space"),
+        adapters=_adapters(data.get("adapters"), where),
         path=path,
     )
     if card.space is not None and (not isinstance(card.space, str) or not card.space.strip()):
@@ -140,6 +145,20 @@ def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
     if card.input.image_size <= 0 or card.input.tile_px <= 0:
         raise ValueError(f"model card {where}: image_size and tile_px must be positive")
     return card
+
+
+def _adapters(raw: Any, where: str) -> dict[str, Any] | None:
+    """The card's ``adapters`` field: its shape here; the method and its config are checked on load."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("method"), str) or not isinstance(raw.get("weights"), str):
+        raise ValueError(f"model card {where}: adapters must be an object with 'method' and 'weights' (and 'config')")
+    unknown = set(raw) - {"method", "config", "weights"}
+    if unknown:
+        raise ValueError(f"model card {where}: unknown adapters field(s) {sorted(unknown)}")
+    if not isinstance(raw.get("config", {}), dict):
+        raise ValueError(f"model card {where}: adapters.config must be an object")
+    return {"method": raw["method"], "config": dict(raw.get("config", {})), "weights": raw["weights"]}
 
 
 def read_card(directory: str | Path) -> ModelCard:
