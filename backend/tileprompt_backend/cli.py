@@ -22,7 +22,8 @@ DELEGATED = {
     "prepare-data": ("tileprompt_backend.training.prepare",
                      "write a training dataset (BigEarthNet, class folders, your rasters + polygons) as shards"),
     "train": ("tileprompt_backend.training.command",
-              "train models: patch (PAINT), align (Mind the Modality Gap); `tileprompt train --help`"),
+              "train models: patch (PAINT), align (Mind the Modality Gap), harma, rdb (retrieval adapters); "
+              "`tileprompt train --help`"),
 }
 
 

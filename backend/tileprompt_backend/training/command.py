@@ -25,7 +25,12 @@ EXIT_ERROR = 2
 EXIT_CANCELLED = 130
 
 #: ``tileprompt train METHOD``: the module that implements it (``main(argv, prog)``) and one line of help.
-METHODS: dict[str, tuple[str, str]] = {}
+METHODS: dict[str, tuple[str, str]] = {
+    "harma": ("tileprompt_backend.training.harma",
+              "HarMA: retrieval adapters (gated, shared across towers) on a frozen CLIP, from captioned images"),
+    "rdb": ("tileprompt_backend.training.rdb",
+            "RDB: asymmetric retrieval adapters (differential / hierarchical attention) with the dual-task loss"),
+}
 
 
 def train_main(argv: Sequence[str]) -> int:
@@ -54,8 +59,11 @@ def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, lr: float, weight_decay: float,
-                      warmup: int, grad_clip: float = 1.0, paper: str = "paper") -> None:
-    """The options every training has; the defaults given are the method's published recipe."""
+                      warmup: int | None, grad_clip: float = 1.0, paper: str = "paper") -> None:
+    """The options every training has; the defaults given are the method's published recipe.
+
+    ``warmup`` None: the method sizes its warm-up itself (e.g. a share of the run) unless ``--warmup-steps`` is
+    given."""
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="model card folder to write at the end")
     g.add_argument("--run-dir", help="checkpoints, metrics log and plots (default: OUT.run beside --out); "
@@ -89,7 +97,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, 
     o.add_argument("--weight-decay", type=float, default=weight_decay,
                    help=f"AdamW weight decay (default and {paper}: {weight_decay:g})")
     o.add_argument("--warmup-steps", type=int, default=warmup,
-                   help=f"linear warm-up steps before the cosine decay (default and {paper}: {warmup})")
+                   help=f"linear warm-up steps before the decay (default and {paper}: {warmup})" if warmup is not None
+                   else "linear warm-up steps before the decay (default: --warmup-fraction of the run)")
     o.add_argument("--grad-clip", type=float, default=grad_clip,
                    help=f"clip the gradient norm to this (0: off; default and {paper}: {grad_clip:g})")
     o.add_argument("--shuffle-buffer", type=int, default=1000,

@@ -1,4 +1,5 @@
-"""Evaluation metrics: zero-shot mAP (multi-label), top-1 accuracy (multi-class), cross-modal Recall@K.
+"""Evaluation metrics: zero-shot mAP (multi-label), top-1 accuracy (multi-class), cross-modal Recall@K, and
+image-text retrieval Recall@K with mean recall (HarMA / RDB protocol).
 
 Average precision is torchmetrics' (exact, no thresholds). Classes without a single positive sample have no
 defined AP and are left out of the macro mean, as the reference code's torchmetrics did (it returned NaN for
@@ -110,3 +111,41 @@ def cross_modal_recall(ms, rgb, ks: Sequence[int] = RECALL_KS) -> dict[str, dict
 def chance_recall(n: int, ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
     """Recall@K of a random ranking over a gallery of ``n``: K / n (capped at 1)."""
     return {int(k): min(1.0, k / n) if n else math.nan for k in ks}
+
+
+#: The cut-offs of image-text retrieval (RSICD / RSITMD tables: R@1, R@5, R@10 and their mean mR).
+RETRIEVAL_KS = (1, 5, 10)
+
+
+def image_text_recall(images, texts, text_image, ks: Sequence[int] = RETRIEVAL_KS) -> dict:
+    """Image->text and text->image Recall@K and mean recall of N images and their M captions (cosine).
+
+    ``text_image[j]`` is the index of caption j's image. Image->text: an image's rank is that of its best-ranked
+    caption, i.e. the number of captions strictly more similar to the image than its most similar own caption.
+    Text->image: a caption's rank is the number of images strictly more similar to it than its own image (ties
+    count in the positive's favour, as ``recall_at_k``). R@K = share of queries ranked below K;
+    ``mR`` = the mean of the six recalls (RDB Eq. 15, HarMA Eq. 9).
+    """
+    img = torch.nn.functional.normalize(_tensor(images, torch.float32), dim=-1)
+    txt = torch.nn.functional.normalize(_tensor(texts, torch.float32), dim=-1)
+    owner = _tensor(text_image, torch.long).reshape(-1)
+    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1] or len(owner) != len(txt):
+        raise ValueError(f"images {tuple(img.shape)}, texts {tuple(txt.shape)} and {len(owner)} caption owners "
+                         "do not fit together")
+    if len(img) == 0 or len(txt) == 0:
+        raise ValueError("no images or no captions: recall is undefined")
+    if int(owner.min()) < 0 or int(owner.max()) >= len(img):
+        raise ValueError("a caption names an image index outside the images")
+    if len(torch.unique(owner)) != len(img):
+        raise ValueError("every image needs at least one caption")
+    sims = img @ txt.T  # (N, M)
+    own = torch.zeros_like(sims, dtype=torch.bool)
+    own[owner, torch.arange(len(txt))] = True
+    best_own = sims.masked_fill(~own, float("-inf")).max(dim=1).values
+    i2t_rank = (sims > best_own[:, None]).sum(dim=1)
+    t2i_rank = (sims > sims[owner, torch.arange(len(txt))][None, :]).sum(dim=0)
+    out = {"i2t": {int(k): float((i2t_rank < k).float().mean()) for k in ks},
+           "t2i": {int(k): float((t2i_rank < k).float().mean()) for k in ks},
+           "images": len(img), "captions": len(txt)}
+    out["mR"] = float(np.mean(list(out["i2t"].values()) + list(out["t2i"].values())))
+    return out
