@@ -324,3 +324,15 @@ def test_resume_skips_to_the_same_batch_and_workers_keep_the_order(tmp_path):
     workers = batches(_stream(spec), workers=2)
     assert [next(workers) for _ in range(14)] == first
     assert all(len(b) == 4 for b in first)
+
+
+def test_unlabelled_samples_of_a_labelled_dataset_read_back_unlabelled(tmp_path):
+    from tileprompt_backend.training.data.samples import Sample
+    from tileprompt_backend.training.data.shards import DatasetWriter, decode_sample, iter_raw, open_dataset
+
+    image = np.zeros((3, 4, 4), np.uint8)
+    with DatasetWriter(tmp_path / "d", ["a", "b"], ["{c}"], "multi-class") as w:
+        w.add("train", Sample("s0", image, ("R", "G", "B"), "unknown", target=1))
+        w.add("train", Sample("s1", image, ("R", "G", "B"), "unknown", target=None))
+    spec = open_dataset(tmp_path / "d")
+    assert [decode_sample(r, spec).target for r in iter_raw(spec.split("train").files)] == [1, None]
