@@ -73,6 +73,6 @@ class DifferentialAttention(nn.Module):
         attn = maps[:, :, 0] - self.lam().to(maps.dtype) * maps[:, :, 1]
         v = self.v(x).view(b, n, self.heads, 2 * self.head_dim).transpose(1, 2)
         heads = attn @ v  # (B, heads, L, 2d)
-        if self.norm is not None:
-            heads = self.norm(heads) * (1 - self.lambda_init)
+        if self.norm is not None:  # in float32: the norm's weight is float32 (bf16 autocast would mix dtypes)
+            heads = (self.norm(heads.float()) * (1 - self.lambda_init)).to(heads.dtype)
         return self.out(heads.transpose(1, 2).reshape(b, n, dim))
