@@ -320,7 +320,9 @@ def test_resume_skips_to_the_same_batch_and_workers_keep_the_order(tmp_path):
     straight = batches(_stream(spec))
     first = [next(straight) for _ in range(14)]  # crosses the epoch boundary at 9
     resumed = batches(_stream(spec, start_step=6))
+    rng = torch.get_rng_state()
     assert [next(resumed) for _ in range(8)] == first[6:14]
+    assert torch.equal(torch.get_rng_state(), rng)  # starting the loader leaves torch's generator alone (dropout)
     workers = batches(_stream(spec), workers=2)
     assert [next(workers) for _ in range(14)] == first
     assert all(len(b) == 4 for b in first)
