@@ -253,7 +253,8 @@ class Selection:
         self.dir = Path(run_dir) / BEST
         self.d = d
         meta = self.dir / "best.json"
-        self.best: dict[str, Any] | None = json.loads(meta.read_text()) if meta.is_file() else None
+        found = json.loads(meta.read_text()) if d.main and meta.is_file() else None
+        self.best: dict[str, Any] | None = broadcast_object(d, found)  # rank 0's view, on every rank
 
     def clear(self) -> None:
         if self.d.main and self.dir.exists():
@@ -261,6 +262,7 @@ class Selection:
 
             shutil.rmtree(self.dir)
         self.best = None
+        barrier(self.d)
 
     def offer(self, step: int, scores: dict[str, Any], module: AdaptedClip) -> bool:
         """Keep ``module``'s weights if ``scores`` beat the best validation mR (ties keep the earlier step)."""
@@ -473,8 +475,8 @@ def run_retrieval(args: argparse.Namespace, build: Callable[[argparse.Namespace,
                       quiet=args.quiet, no_decay=method.no_decay)
     start = trainer.start(resume=not args.no_resume)
     selection = Selection(run_dir, d)
-    if start == 0:
-        selection.clear()
+    if selection.best is not None and selection.best["step"] > start:
+        selection.clear()  # chosen after the checkpoint we resume from (or by an earlier run): start over
     transform = CaptionTransform(base.input.modality == "rgb", dict(base.input.composite), args.augment,
                                  args.max_words)
     stream = TrainStream(spec=spec, split="train", batch=args.batch_size // d.world, steps_per_epoch=per_pass,
