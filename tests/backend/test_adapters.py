@@ -32,6 +32,15 @@ VARIANTS = [("harma", {}), ("harma", {"shared": "text"}), ("harma", {"shared": "
 CAPTIONS = ["a forest next to a river.", "water", "many buildings and some green trees are around a playground."]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny_clip(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return create_open_clip(TINY_OPEN_CLIP, quick_gelu=False).eval()

@@ -23,6 +23,15 @@ SIM = torch.tensor([[0.5, 0.6], [0.45, 0.6]])  # rows: images, columns: texts; p
 EYE = torch.eye(2, dtype=torch.bool)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_contrastive_is_clip_infonce_with_one_positive_and_averages_several():
     sim = torch.tensor([[1.0, 0.0], [0.5, 0.2]])
     lse = lambda *v: math.log(sum(math.exp(x) for x in v))  # noqa: E731
@@ -101,6 +110,34 @@ def test_image_text_recall_matches_brute_force():
     assert perfect["mR"] == 1.0
     with pytest.raises(ValueError, match="at least one caption"):
         image_text_recall(np.eye(3), np.eye(3)[:2], [0, 1])
+
+
+def test_image_text_recall_breaks_ties_at_random():
+    """Identical captions of different images tie exactly: R@K is the expectation over tie orders."""
+    img = np.eye(3, dtype=np.float32)
+    txt = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=np.float32)  # images 0 and 1 share one caption text
+    r = image_text_recall(img, txt, [0, 1, 2])
+    assert r["i2t"][1] == pytest.approx(2 / 3) and r["t2i"][1] == pytest.approx(2 / 3)  # a coin flip for 0 and 1
+    assert r["i2t"][5] == 1.0 and r["t2i"][5] == 1.0
+    # many duplicates: against the mean of rankings with ties put in random orders
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(12, 4))
+    templates = rng.normal(size=(4, 4))
+    owner = np.repeat(np.arange(12), 2)
+    txt = templates[rng.integers(0, 4, len(owner))]  # every caption is one of 4 texts
+    r = image_text_recall(img, txt, owner, ks=(1, 3))
+    sims = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+    sims = np.round(sims, 6)
+    hits = {"i2t": np.zeros(2), "t2i": np.zeros(2)}
+    for _ in range(400):
+        noise = rng.random(sims.shape)
+        order_t = np.lexsort((noise, -sims), axis=1)  # captions of each image, best first, ties in random order
+        order_i = np.lexsort((noise.T, -sims.T), axis=1)
+        for n, k in enumerate((1, 3)):
+            hits["i2t"][n] += np.mean([np.isin(order_t[i, :k], np.where(owner == i)[0]).any() for i in range(12)])
+            hits["t2i"][n] += np.mean([owner[j] in order_i[j, :k] for j in range(len(owner))])
+    for direction in ("i2t", "t2i"):
+        assert [r[direction][1], r[direction][3]] == pytest.approx(hits[direction] / 400, abs=0.03)
 
 
 def test_caption_cleaning_and_classes_from_file_names():

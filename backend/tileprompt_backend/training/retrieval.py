@@ -238,6 +238,38 @@ def retrieval_scores(emb: Embedded) -> dict[str, Any]:
     return image_text_recall(emb.images, emb.texts, emb.owners)
 
 
+def retrieval_report(model, spec: DatasetSpec, split: str, d: Dist, batch_size: int = DEFAULT_EVAL_BATCH,
+                     limit: int | None = None, precision: str = "auto") -> dict[str, Any] | None:
+    """The image-text retrieval section of an evaluation report (rank 0; None elsewhere): R@1/5/10 both ways,
+    mR, and chance (K / images: a random ranking, one image per caption, about one caption in K per image)."""
+    from .metrics import RETRIEVAL_KS, chance_recall
+
+    emb = embed_captioned(model, spec, split, d, batch_size, limit, precision)
+    if emb is None:
+        return None
+    scores = retrieval_scores(emb)
+    return {**scores, "split": split, "chance": chance_recall(len(emb.images), RETRIEVAL_KS),
+            "captions_source": spec.manifest.get("captions")}
+
+
+def retrieval_markdown(r: dict[str, Any], card: str) -> list[str]:
+    """The report's section: a table in the papers' layout (i2t R@1/5/10 | t2i R@1/5/10 | mR), in percent."""
+    src = r.get("captions_source") or {}
+    note = " Captions are **templated** from label names and shares, not written by people." \
+        if src.get("templated") else ""
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    ks = list(r["i2t"])
+    head = " | ".join(f"i2t R@{k}" for k in ks) + " | " + " | ".join(f"t2i R@{k}" for k in ks)
+    return ["## Image-text retrieval", "",
+            f"`{card}` on split `{r['split']}`: {r['images']} images, {r['captions']} captions; an image's rank is "
+            f"its best caption's.{note}", "",
+            f"| | {head} | mR |", "|---|" + "---|" * (2 * len(ks) + 1),
+            f"| `{card}` | " + " | ".join(pct(v) for v in (*r["i2t"].values(), *r["t2i"].values())) +
+            f" | {pct(r['mR'])} |",
+            "| chance | " + " | ".join(pct(v) for v in (*r["chance"].values(), *r["chance"].values())) +
+            f" | {pct(sum(r['chance'].values()) / len(ks))} |", ""]
+
+
 def format_recall(r: dict[str, Any]) -> str:
     """``i2t R@1/5/10 ... | t2i R@1/5/10 ... | mR ...`` in percent (the papers' column order, RDB Table 1)."""
     trip = lambda d: "/".join(f"{100 * v:.2f}" for v in d.values())  # noqa: E731

