@@ -16,14 +16,14 @@ from dataclasses import replace
 from qgis.core import Qgis, QgsApplication, QgsProject
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QApplication, QFileDialog
+from qgis.PyQt.QtWidgets import QApplication, QFileDialog, QMessageBox
 
 from .client import BackendUnavailable, Connection
 from .compat import QAction
 from .diagnostics import report
 from .dock import TilePromptDock
 from .i18n import Translator, tr
-from .jobs import JobCancelled, JobFailed, JobSucceeded
+from .jobs import JobCancelled, JobFailed, JobSucceeded, job_warnings
 from .launcher import BackendLauncher, backend_environment
 from .maptools import PolygonTool, RectangleTool, Sketches
 from .parameters import ClassifyParameters, SearchParameters
@@ -340,7 +340,13 @@ class TilePromptPlugin:
         if self.dock is None:
             return
         self.dock.set_busy(False)
+        if isinstance(outcome, JobFailed):
+            retry = self._agreed_retry(outcome, params, out)
+            if retry is not None:
+                self.run_classify(retry)
+                return
         if isinstance(outcome, JobSucceeded):
+            self._warn(outcome)
             try:
                 name = tr("{layer} · classes").format(layer=params.raster.layer_name)
                 layer = load_vector(out, TILES_LAYER, name)
@@ -359,10 +365,42 @@ class TilePromptPlugin:
         else:
             self._report_unsuccessful(outcome)
 
+    #: What the backend refuses until the user agrees: (question title, question, the parameter that agrees).
+    QUESTIONS = {
+        "output_exists": (tr("Replace the file?"), tr("{path} exists and was not written by TilePrompt. Replace it "
+                                                      "with the result?"), "overwrite"),
+        "no_georeference": (tr("Classify in pixel coordinates?"),
+                            tr("The raster has no georeference (no CRS, no geotransform). Classify it in pixel "
+                               "coordinates? The tiles will overlay the image in QGIS, but not a map."), "pixel_space"),
+    }
+
+    def _agreed_retry(self, outcome: JobFailed, params: ClassifyParameters, out: str) -> ClassifyParameters | None:
+        """Ask the question a refusal calls for; the parameters to run again with when the user agrees."""
+        question = self.QUESTIONS.get(outcome.code or "")
+        if question is None or getattr(params, question[2]):
+            return None
+        title, text, field = question
+        if not self.ask(title, text.format(path=out)):
+            return None
+        return replace(params, output=out, **{field: True})
+
+    def ask(self, title: str, text: str) -> bool:
+        """A yes/no question in front of the main window (tests replace this method)."""
+        answer = QMessageBox.question(self.iface.mainWindow(), title, text,
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                      QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _warn(self, outcome: JobSucceeded) -> None:
+        """The backend's warnings about a finished job (pixel space, a changed raster), one message each."""
+        for text in job_warnings(outcome.statuses):
+            self._message(text, Qgis.MessageLevel.Warning, 0)
+
     def _report_unsuccessful(self, outcome):
         if isinstance(outcome, JobFailed):
-            self.dock.set_status(outcome.message)
-            self._message(outcome.message, Qgis.MessageLevel.Critical, 0)
+            message = outcome.message_for("dock")
+            self.dock.set_status(message)
+            self._message(message, Qgis.MessageLevel.Critical, 0)
         elif isinstance(outcome, JobCancelled):
             self.dock.set_status(tr("Cancelled."))
             self.dock.progress.setValue(0)
@@ -409,6 +447,7 @@ class TilePromptPlugin:
             return
         add_to_group(layers)
         self._reveal(layer)
+        self._warn(outcome)
         self.dock.progress.setValue(100)
         self.dock.show_search_results(layer)
         self.dock.set_status(tr("{n} tiles found.").format(n=layer.featureCount()))

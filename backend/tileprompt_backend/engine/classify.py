@@ -12,14 +12,24 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, validation
+from ..errors import InputError
 from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
-from ..outputs import check_output_path, write_tiles_gpkg
+from ..outputs import guard_output, write_tiles_gpkg
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
 from .embed import CancelFn, EmbedStats, ProgressFn, check_bands, embed_tiles
 from .head import logits, score_tiles, zero_shot_head
+from ..paths import templates_path
 from .prompts import load_templates, parse_prompts
+
+#: The remedy for a raster without georeference, in each interface's words.
+PIXEL_SPACE_FIXES = {
+    "cli": "pass --pixel-space to classify it in pixel coordinates (x = column, y = -row, as QGIS draws it)",
+    "http": 'send "pixel_space": true to classify it in pixel coordinates (x = column, y = -row, as QGIS draws it)',
+    "processing": 'tick "Classify a raster without georeference in pixel coordinates"',
+    "dock": "confirm classifying it in pixel coordinates",
+}
 
 
 @dataclass
@@ -32,6 +42,7 @@ class ClassifyResult:
     seconds: float
     encode_seconds: float
     runner: str
+    warnings: list[str] = field(default_factory=list)  # what the user should know: pixel space, a re-embedded raster
     run: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -49,7 +60,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              threshold: float = 0.5, band_map: Sequence[str] | None = None, level: str | None = None,
              batch_size: int = 32, runner: str = "auto", device: str = "auto",
              progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-             index: str | Path | None = None, cache: bool = True) -> ClassifyResult:
+             index: str | Path | None = None, cache: bool = True, date: int | None = None,
+             overwrite: bool = False, layer: str | None = None, pixel_space: bool = False) -> ClassifyResult:
     """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
@@ -61,27 +73,43 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     Prompt sentences are cached per model too (``index.textcache``): sentences seen before cost no text
     tower. ``cache=False`` does none of this. Scores are computed from float16-rounded tile embeddings either
     way (the index stores float16), so a result is the same with or without the index.
+
+    ``band_map`` may skip bands (``-``) and, with ``date``, name a stack of several dates
+    (``validation.select_date``). ``out`` passes ``outputs.guard_output`` with every input of the run
+    (``overwrite`` replaces a file TilePrompt did not write; ``layer`` adds a layer to a result GeoPackage).
+    A raster without georeference is refused unless ``pixel_space``: then tiles are in QGIS's pixel
+    coordinates (x = column, y = -row) and the result carries a warning.
     """
     started, t0 = _now(), time.perf_counter()
-    out = check_output_path(out)
+    threshold = validation.threshold(threshold)
+    batch_size = validation.batch_size(batch_size)
+    tile_px, stride = validation.tile_px(tile_px), validation.stride(stride)
+    band_map = validation.select_date(validation.band_map(band_map), date)
     classes = parse_prompts(prompts)
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
     card = resolve_card(model or DEFAULT_MODEL)
-    template_list = load_templates(templates or card.templates)
+    template_file = templates_path(templates or card.templates)
+    template_list = load_templates(template_file)
+    warnings: list[str] = []
 
     with open_raster(raster, band_map=band_map, level=level) as source:
         info = source.info
+        out = guard_output(out, [raster, template_file, *info.files.values()], overwrite, layer=layer,
+                           input_dirs=[card.path, index])
+        note = check_georeference(info, pixel_space)
+        if note:
+            warnings.append(note)
         grid = make_grid(info, tile_px or card.input.tile_px, stride, aoi=aoi, aoi_crs=aoi_crs)
         if not len(grid):
             raise ValueError("no tiles to classify in the area of interest")
         from ..index.build import required_bands  # the index package imports the engine: import here
-        from ..index.reuse import cached_embeddings, store_embeddings
+        from ..index.reuse import cached_embeddings, changed_since_indexed, store_embeddings
         from ..index.textcache import CachedTextEncoder
 
         cached = cached_embeddings(card, info, band_map, level, grid, index) if cache else None
+        if cache and cached is None:
+            note = changed_since_indexed(card, info, band_map, level, grid, index)
+            if note:
+                warnings.append(note)
         check_bands(info, required_bands(card, info), card.id)
         loaded = cached_model(card, device=device) if cached is None else None
 
@@ -146,6 +174,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "raster_layout": info.layout,
         "raster_level": info.level,
         "raster_bands": list(info.bands),
+        "band_map": band_map,
+        "date": date,
+        "pixel_space": not info.georeferenced,
         "bands_used": list(required_bands(card, info)),
         "prompts": [{"class": c.name, "phrases": list(c.phrases), "column": c.column} for c in classes],
         "templates": template_list,
@@ -162,12 +193,25 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "skipped_outside": grid.skipped_outside,
         "skipped_nodata": stats.skipped_nodata,
         "counts": dict(counts),
+        "warnings": warnings,
     }
-    write_tiles_gpkg(out, info.crs, _fields(classes, multi_label), features, run)
+    write_tiles_gpkg(out, info.crs, _fields(classes, multi_label), features, run, layer=layer or "tiles",
+                     add_layer=layer is not None)
     seconds = time.perf_counter() - t0
     return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
-                          encode_seconds=stats.encode_seconds, runner=run_name, run=run)
+                          encode_seconds=stats.encode_seconds, runner=run_name, warnings=warnings, run=run)
+
+
+def check_georeference(info, pixel_space: bool) -> str | None:
+    """Refuse a raster without georeference unless ``pixel_space``; then the warning every interface shows."""
+    if info.georeferenced:
+        return None
+    if not pixel_space:
+        raise InputError(f"the raster has no georeference (no CRS, no geotransform): {info.path}", "no_georeference",
+                         PIXEL_SPACE_FIXES)
+    return ("the raster has no georeference: tiles are in pixel coordinates (x = column, y = -row) without a CRS; "
+            "they overlay the image in QGIS, not a map")
 
 
 def _fields(classes, multi_label: bool) -> dict[str, str]:

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import time
 import uuid
@@ -38,6 +37,7 @@ from affine import Affine
 
 from .. import __version__
 from ..models.identity import file_sha256_cached, short_sha, weights_hash  # noqa: F401 (re-exported)
+from ..outputs import guard_output, host_name, pid_alive, resource_error
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -269,20 +269,6 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0
-    return True
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"
-
-
 # --- the store -------------------------------------------------------------------------------------------------
 
 class IndexStore:
@@ -373,6 +359,11 @@ class IndexStore:
         try:
             con.execute("PRAGMA synchronous=FULL")
             yield con
+        except (sqlite3.Error, OSError) as e:  # a full disk or read-only folder: say so, not SQLite's words
+            clear = resource_error(e, self.catalog_path)
+            if clear is not None:
+                raise clear from None
+            raise
         finally:
             con.close()
 
@@ -384,7 +375,10 @@ class IndexStore:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                try:
+                    con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (a full disk does that)
                 raise
             con.execute("COMMIT")
 
@@ -479,7 +473,7 @@ class IndexStore:
             return
         with self._write_lock() as con:
             keys = {r[0] for r in con.execute("SELECT key FROM scenes")}
-            host = _host()
+            host = host_name()
             for p in scenes_dir.iterdir():
                 if p.name.startswith(".tmp-"):
                     parts = p.name.split("-")
@@ -488,7 +482,7 @@ class IndexStore:
                     except (IndexError, ValueError):
                         p_host, pid = "", -1
                     age = time.time() - p.stat().st_mtime
-                    if (p_host == host and not _pid_alive(pid)) or age > STALE_TMP_SECONDS:
+                    if (p_host == host and not pid_alive(pid)) or age > STALE_TMP_SECONDS:
                         shutil.rmtree(p, ignore_errors=True)
                 elif p.name.startswith(".trash-"):
                     shutil.rmtree(p, ignore_errors=True)
@@ -509,8 +503,8 @@ class IndexStore:
         record.tiles = len(tiles)
         record.completed = _now()
         tmp = self._tmp_dir(record.key)
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             with open(tmp / EMBEDDINGS_FILE, "wb") as f:
                 np.save(f, emb)
                 f.flush()
@@ -521,6 +515,11 @@ class IndexStore:
             rows = [(int(t.id), int(t.row), int(t.col), int(t.window.col_off), int(t.window.row_off),
                      int(t.window.width), int(t.window.height), i, t.polygon.wkb) for i, t in enumerate(tiles)]
             return self._commit(tmp, record, rows)
+        except OSError as e:
+            clear = resource_error(e, self.root / SCENES_DIR / record.key)
+            if clear is not None:
+                raise clear from None
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -548,7 +547,7 @@ class IndexStore:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _tmp_dir(self, key: str) -> Path:
-        return self.root / SCENES_DIR / f".tmp-{key}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return self.root / SCENES_DIR / f".tmp-{key}-{host_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def _commit(self, folder: Path, record: SceneRecord, rows: Sequence[tuple]) -> SceneRecord:
         """Rename a finished scene folder into place and write its tile rows and then its scene row, atomically.
@@ -597,3 +596,21 @@ class IndexStore:
         with self._connect() as con:
             keys = [r[0] for r in con.execute("SELECT key FROM scenes ORDER BY scene_id")]
         return _sha(keys)
+
+
+def guard_search_outputs(store: IndexStore, out: str | Path, heatmap: str | Path | None, overwrite: bool = False,
+                         layer: str | None = None) -> tuple[Path, Path | None]:
+    """``outputs.guard_output`` for a search's GeoPackage and heat map: neither may be the index, any file in
+    it, nor any raster file it was built from (the heat map of a scene must not replace the scene)."""
+    inputs = []
+    for s in store.scenes():
+        inputs.append(s.raster)
+        inputs.extend(f[0] for f in s.info.get("fingerprint", {}).get("files", []))
+    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=[store.root])
+    if heatmap is None:
+        return out, None
+    heatmap = guard_output(heatmap, inputs, overwrite, suffixes=(".tif", ".tiff"), what="heat map",
+                           input_dirs=[store.root])
+    if heatmap.resolve() == out.resolve():
+        raise ValueError("the heat map and the GeoPackage need different paths")
+    return out, heatmap
