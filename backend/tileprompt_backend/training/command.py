@@ -59,7 +59,7 @@ def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, lr: float, weight_decay: float,
-                      warmup: int | None, grad_clip: float = 1.0, paper: str = "paper") -> None:
+                      warmup: int | None, grad_clip: float = 1.0, paper: str = "paper", seed: int = 42) -> None:
     """The options every training has; the defaults given are the method's published recipe.
 
     ``warmup`` None: the method sizes its warm-up itself (e.g. a share of the run) unless ``--warmup-steps`` is
@@ -78,7 +78,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, 
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help=f"auto: bf16 autocast on GPUs ({paper}: bf16), fp32 on CPUs")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained module (the reference does)")
-    g.add_argument("--seed", type=int, default=42, help=f"random seed (default and {paper}: 42)")
+    g.add_argument("--seed", type=int, default=seed, help=f"random seed (default and {paper}: {seed})")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader processes decoding and augmenting samples per rank (0: none)")
     g.add_argument("--quiet", action="store_true", help="no progress bar (log lines still go to the metrics log)")

@@ -85,7 +85,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "negatives, as the contrastive term treats it (default); negative = the released code")
     h.add_argument("--warmup-fraction", type=float, default=0.1,
                    help="linear warm-up share of the run when --warmup-steps is not given (code: 0.1)")
-    add_run_arguments(p, batch=1024, epochs=50, lr=8e-5, weight_decay=0.04, warmup=None, grad_clip=0.0)
+    add_run_arguments(p, batch=1024, epochs=50, lr=8e-5, weight_decay=0.04, warmup=None, grad_clip=0.0,
+                      paper="recipe", seed=3407)  # the recipe: docs/training.md; the seed: the released code's
     return p
 
 

@@ -144,7 +144,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     s.add_argument("--decay-every", type=float, default=20,
                    help="epochs between learning-rate decays (paper: 20)")
     s.add_argument("--decay-factor", type=float, default=0.7, help="learning-rate factor per decay (paper: 0.7)")
-    add_run_arguments(p, batch=32, epochs=30, lr=2e-4, weight_decay=0.0, warmup=0, grad_clip=0.0)
+    add_run_arguments(p, batch=32, epochs=30, lr=2e-4, weight_decay=0.0, warmup=0, grad_clip=0.0,
+                      paper="recipe")  # the paper's where it says; docs/training.md for the rest
     return p
 
 
