@@ -19,7 +19,8 @@ typical length. Method: a warm-up step per case, then ``--rounds`` rounds in whi
 steps, the order rotating each round (load from other jobs on a shared machine hits all cases alike); samples/s =
 batch x steps / seconds, the median over rounds; the ratio is the median of per-round ratios to the first case.
 Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` of each case's steps; on the CPU the peak resident set
-of a separate process that runs only that case (minus the same process's resident set before the first step).
+of a separate process that runs only that case, its peak counter reset after the model is built (Linux
+``/proc/self/clear_refs``), minus its resident set before the first step: what the steps add to the model.
 Trainable parameters are counted per case. Load average (``uptime``) is recorded before and after. Results go to
 ``benchmarks/results/train-<device>.json``.
 """
@@ -30,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -199,24 +199,29 @@ CASES: list[Callable[[], Case]] = [
 ]
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def memory_of(index: int, args) -> dict:
-    """This process runs only case ``index``: resident set before its first step and the peak after two."""
+    """This process runs only case ``index``: its resident set before the first step and the peak during two steps
+    (the peak counter is reset first, so building the model does not count)."""
     with tempfile.TemporaryDirectory(prefix="issue-13-bench-mem-") as tmp:
         os.environ.setdefault("TILEPROMPT_CACHE", str(Path(tmp) / "cache"))
         setup = make_setup(args.device, args.batch_size, Path(tmp))
         case = CASES[index]()
         case.prepare(setup)
-        before = _rss_mb()
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak resident set) to the current RSS
+        before = _status_mb("VmRSS")
         if setup.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         case.step(0)
         case.step(1)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB on Linux
+        peak = _status_mb("VmHWM")
         out = {"rss_before_steps_mb": before, "peak_rss_mb": peak, "step_peak_mb": max(0.0, peak - before)}
         if setup.device.type == "cuda":
             out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
