@@ -13,9 +13,10 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__, validation
+from ..classmap import write_class_map
 from ..errors import InputError
 from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
-from ..outputs import guard_output, write_tiles_gpkg
+from ..outputs import WRITER_TAG, guard_output, write_tiles_gpkg
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
 from .embed import CancelFn, EmbedStats, ProgressFn, check_bands, embed_tiles
@@ -44,6 +45,7 @@ class ClassifyResult:
     runner: str
     warnings: list[str] = field(default_factory=list)  # what the user should know: pixel space, a re-embedded raster
     run: dict = field(repr=False, default_factory=dict)
+    class_map: Path | None = None  # the class-map GeoTIFF, when asked for
 
     @property
     def tiles_per_second(self) -> float:
@@ -61,8 +63,10 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              batch_size: int = 32, runner: str = "auto", device: str = "auto",
              progress: ProgressFn | None = None, cancel: CancelFn | None = None,
              index: str | Path | None = None, cache: bool = True, date: int | None = None,
-             overwrite: bool = False, layer: str | None = None, pixel_space: bool = False) -> ClassifyResult:
-    """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
+             overwrite: bool = False, layer: str | None = None, pixel_space: bool = False,
+             class_map: str | Path | None = None) -> ClassifyResult:
+    """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically),
+    and with ``class_map`` also the class-map GeoTIFF (``classmap.py``: one pixel per tile, class and scores).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
 
@@ -95,6 +99,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         info = source.info
         out = guard_output(out, [raster, template_file, *info.files.values()], overwrite, layer=layer,
                            input_dirs=[card.path, index])
+        if class_map is not None:
+            class_map = guard_output(class_map, [raster, template_file, *info.files.values()], overwrite,
+                                     suffixes=(".tif", ".tiff"), what="class map", input_dirs=[card.path, index])
         note = check_georeference(info, pixel_space)
         if note:
             warnings.append(note)
@@ -124,6 +131,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
 
         stats = EmbedStats()
         features = []
+        cells: list[tuple[int, int]] = []  # (row, col) of each feature, for the class map
+        cell_scores = []
         counts = Counter({c.name: 0 for c in classes})
         if cached is not None:
             run_name, run_device = f"index ({cached.runner})", "none"
@@ -147,6 +156,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
                 props = _tile_attributes(tile, classes, s, i, multi_label)
                 counts[props["class"]] += 1
                 features.append((tile.polygon, props))
+            if class_map is not None:
+                cells.extend((tile.row, tile.col) for tile in tiles)
+                cell_scores.append(np.asarray(s.scores, dtype=np.float32))
         stored = None
         if keep and features:
             stored = store_embeddings(loaded.card, info, band_map, level, grid, index, kept_tiles, kept_emb,
@@ -194,13 +206,20 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "skipped_nodata": stats.skipped_nodata,
         "counts": dict(counts),
         "warnings": warnings,
+        "class_map": str(class_map) if class_map is not None else None,
     }
     write_tiles_gpkg(out, info.crs, _fields(classes, multi_label), features, run, layer=layer or "tiles",
                      add_layer=layer is not None)
+    if class_map is not None:
+        rows, cols = np.asarray(cells, dtype=np.int64).reshape(-1, 2).T
+        write_class_map(class_map, info.crs, grid.transform, grid.tile_px, grid.stride, (grid.n_rows, grid.n_cols),
+                        rows, cols, np.concatenate(cell_scores), [c.name for c in classes],
+                        [c.column for c in classes], {WRITER_TAG: run["run_id"], "TILEPROMPT_MODEL": card.id})
     seconds = time.perf_counter() - t0
     return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
-                          encode_seconds=stats.encode_seconds, runner=run_name, warnings=warnings, run=run)
+                          encode_seconds=stats.encode_seconds, runner=run_name, warnings=warnings, run=run,
+                          class_map=class_map)
 
 
 def check_georeference(info, pixel_space: bool) -> str | None:
