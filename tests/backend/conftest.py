@@ -124,3 +124,15 @@ def tiny_disk(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models are all op overhead: one torch thread avoids OpenMP barrier waits on a busy 2-core machine
+    (measured 6x slower with 2 threads at load 10). Modules opt in with ``pytestmark``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

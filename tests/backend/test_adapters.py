@@ -32,13 +32,7 @@ VARIANTS = [("harma", {}), ("harma", {"shared": "text", "text_padding": "attend"
 CAPTIONS = ["a forest next to a river.", "water", "many buildings and some green trees are around a playground."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_clip(seed: int = 0) -> torch.nn.Module:

