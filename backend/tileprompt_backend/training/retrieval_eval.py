@@ -96,7 +96,7 @@ def retrieval_scores(emb: Embedded) -> dict[str, Any]:
     return image_text_recall(emb.images, emb.texts, emb.owners)
 
 
-def retrieval_report(model, spec: DatasetSpec, split: str, d: Dist, batch_size: int = DEFAULT_EVAL_BATCH,
+def text_retrieval_report(model, spec: DatasetSpec, split: str, d: Dist, batch_size: int = DEFAULT_EVAL_BATCH,
                      limit: int | None = None, precision: str = "auto") -> dict[str, Any] | None:
     """The image-text retrieval section of an evaluation report (rank 0; None elsewhere): R@1/5/10 both ways,
     mR, and chance (K / images: a random ranking, one image per caption, about one caption in K per image)."""
@@ -110,7 +110,7 @@ def retrieval_report(model, spec: DatasetSpec, split: str, d: Dist, batch_size: 
             "captions_source": spec.manifest.get("captions")}
 
 
-def retrieval_markdown(r: dict[str, Any], card: str) -> list[str]:
+def text_retrieval_markdown(r: dict[str, Any], card: str) -> list[str]:
     """The report's section: a table in the papers' layout (i2t R@1/5/10 | t2i R@1/5/10 | mR), in percent."""
     src = r.get("captions_source") or {}
     note = " Captions are **templated** from label names and shares, not written by people." \
