@@ -1,12 +1,26 @@
 """Training-step throughput: samples/s of one optimizer step of each training method, side by side.
 
-    .venv/bin/python benchmarks/bench_train.py                       # CPU, batch 8, ~5 min on 2 cores
+    .venv/bin/python benchmarks/bench_train.py --threads 1           # CPU, batch 8, every group
+    .venv/bin/python benchmarks/bench_train.py --group retrieval     # one group of cases
     .venv/bin/python benchmarks/bench_train.py --device cuda --batch-size 256   # one GPU
     .venv/bin/python benchmarks/bench_train.py --quick                # a smoke run: 1 round, 1 step
 
-Retrieval adapters on a frozen CLIP ViT-B/32 at 224 px (the papers' model), the same weights, batch and real tiles
-in every case, each a full training step of ``train harma`` / ``train rdb`` as the commands run it (caption drawn
-and cleaned, augmentation, the card's preprocessing, tokenisation, forward of both towers, loss, backward, AdamW):
+Cases come in groups that share a setup and are compared with each other; the first case of a group is its
+baseline. Each group's results go to ``benchmarks/results/train-<group>-<device>.json``.
+
+``align`` (Mind the Modality Gap, stage 2): a 13-band ViT-S/16 student (+ Linear(384 -> 512)) distilled from a
+CLIP ViT-B/32 image tower at 224 px, AdamW + grad clipping, the same weights, batch and real tiles in every case:
+
+- ``reference-style``: the released code's loop: two independent RandomResizedCrop draws (teacher and student see
+  different windows), the frozen teacher recomputed every step, bf16 autocast (the reference's ``amp_bfloat16``).
+- ``ours``: ``train align``'s default: one crop window for both views, teacher recomputed every step, precision
+  ``auto`` (fp32 on CPUs, bf16 autocast on GPUs).
+- ``ours, teacher cache``: ``train align --no-augment`` (teacher cache on): the teacher's embedding of each tile is
+  looked up, not recomputed.
+
+``retrieval``: adapters on a frozen CLIP ViT-B/32 at 224 px (the papers' model), each case a full training step of
+``train harma`` / ``train rdb`` as the commands run it (caption drawn and cleaned, augmentation, the card's
+preprocessing, tokenisation, forward of both towers, loss, backward, AdamW):
 
 - ``harma``: MGAs + MMS-Adapters shared across towers, contrastive + adaptive triplet, HarMA's augmentation;
 - ``rdb``: differential / hierarchical attention adapters with the shared layer, the full DTCL (cross-modal
@@ -15,14 +29,14 @@ and cleaned, augmentation, the card's preprocessing, tokenisation, forward of bo
 
 Models are untrained full-size cards (seeded random weights, no downloads; the speed of a step does not depend on
 the values). Tiles: 120 px, 13-band L1C, cut from the eo-box scene in ../shared/data, with templated captions of
-typical length. Method: a warm-up step per case, then ``--rounds`` rounds in which every case runs ``--steps``
-steps, the order rotating each round (load from other jobs on a shared machine hits all cases alike); samples/s =
-batch x steps / seconds, the median over rounds; the ratio is the median of per-round ratios to the first case.
-Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` of each case's steps; on the CPU the peak resident set
-of a separate process that runs only that case, its peak counter reset after the model is built (Linux
-``/proc/self/clear_refs``), minus its resident set before the first step: what the steps add to the model.
-Trainable parameters are counted per case. Load average (``uptime``) is recorded before and after. Results go to
-``benchmarks/results/train-<device>.json``.
+typical length, through each model's own preprocessing, as in training. Method: a warm-up step per case, then
+``--rounds`` rounds in which every case of the group runs ``--steps`` steps, the order rotating each round (load
+from other jobs on a shared machine hits all cases alike); samples/s = batch x steps / seconds, the median over
+rounds; the ratio is the median of per-round ratios to the group's first case. Peak memory: on a GPU
+``torch.cuda.max_memory_allocated`` of each case's steps; on the CPU the peak resident set of a separate process
+that runs only that case, its peak counter reset after the model is built (Linux ``/proc/self/clear_refs``), minus
+its resident set before the first step: what the steps add to the models. Trainable parameters are counted per
+case. Load average (``uptime``) is recorded before and after.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +67,10 @@ CAPTIONS = ["a satellite image of farm and forest.", "mostly farm with a little 
 
 @dataclass
 class Setup:
-    clip: Path  # an untrained ViT-B/32 clip card folder
-    samples: list  # training.data.samples.Sample, raw 120 px tiles with captions
+    """What the cases of a group share: cards written once, real tiles, device and batch size."""
+
+    cards: dict  # name -> card folder (untrained full-size cards)
+    samples: list  # training.data.samples.Sample, raw 120 px tiles with captions and a class
     device: torch.device
     batch: int
 
@@ -76,11 +93,11 @@ def real_tiles(n: int) -> list:
     return out
 
 
-def make_setup(device: str, batch: int, folder: Path) -> Setup:
+def make_setup(families: tuple[str, ...], device: str, batch: int, folder: Path) -> Setup:
     from tileprompt_backend.models import write_untrained
 
-    card = write_untrained("clip", folder / "clip")
-    return Setup(card.path, real_tiles(max(64, batch)), torch.device(device), batch)
+    cards = {f: write_untrained(f, folder / f).path for f in families}
+    return Setup(cards, real_tiles(max(64, batch)), torch.device(device), batch)
 
 
 class Case:
@@ -95,6 +112,88 @@ class Case:
     def step(self, i: int) -> None:
         raise NotImplementedError
 
+
+# --- align: one alignment step, ours against a reference-style loop --------------------------------------------
+
+def _optimizer(module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01,
+                             fused=next(module.parameters()).is_cuda)
+
+
+def _step(module, opt, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
+    opt.step()
+
+
+class AlignCase(Case):
+    def __init__(self, name: str, same_crop: bool, cache: bool, precision: str):
+        self.name, self.same_crop, self.cache, self.precision = name, same_crop, cache, precision
+
+    def prepare(self, s: Setup) -> None:
+        from tileprompt_backend.training.align import AlignTransform, FeatureTower
+        from tileprompt_backend.training.loop import resolve_precision
+
+        from tileprompt_backend.models import load_model
+
+        self.s = s
+        self.student = load_model(s.cards["aligned-s2"], device=s.device.type)
+        self.teacher = load_model(s.cards["clip"], device=s.device.type)
+        self.module = FeatureTower(self.student.image_tower).train()
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+        self.trainable = sum(p.numel() for p in self.module.parameters())
+        self.opt = _optimizer(self.module)
+        self.transform = AlignTransform(augment=not self.cache)
+        self.mode = resolve_precision(self.precision, s.device)
+        self.table = None
+        if self.cache:  # what TeacherCache holds: the teacher's features of every uncropped tile
+            from tileprompt_backend.training.inputs import model_input
+            with torch.inference_mode():
+                x = model_input(self.teacher, [t.image for t in s.samples], [t.info() for t in s.samples], s.device)
+                self.table = self.teacher.image_tower.features(x).float()
+
+    def _batch(self, i: int) -> list:
+        n = len(self.s.samples)
+        return [self.s.samples[(i * self.s.batch + j) % n] for j in range(self.s.batch)]
+
+    def step(self, i: int) -> None:
+        from tileprompt_backend.training.augment import apply_crop, random_resized_crop
+        from tileprompt_backend.training.inputs import model_input
+        from tileprompt_backend.training.loop import autocast
+        from tileprompt_backend.training.losses import alignment_loss
+
+        s = self.s
+        rng = np.random.default_rng(i)
+        batch = self._batch(i)
+        if self.same_crop:
+            views = [self.transform(t, rng) for t in batch]
+            student_views = teacher_views = views
+        else:  # the reference: each view draws its own window
+            student_views = [apply_crop(t.image, random_resized_crop(120, 120, rng)) for t in batch]
+            teacher_views = [apply_crop(t.image, random_resized_crop(120, 120, rng)) for t in batch]
+            student_views = [type(t)(t.key, v, t.bands, t.level) for t, v in zip(batch, student_views)]
+            teacher_views = [type(t)(t.key, v, t.bands, t.level) for t, v in zip(batch, teacher_views)]
+        with autocast(s.device, self.mode):
+            x = model_input(self.student, [v.image for v in student_views], [v.info() for v in student_views], s.device)
+            student = self.module(x)
+            if self.table is not None:
+                index = [(i * s.batch + j) % len(s.samples) for j in range(s.batch)]
+                teacher = self.table[index]
+            else:
+                with torch.no_grad():
+                    t = model_input(self.teacher, [v.image for v in teacher_views], [v.info() for v in teacher_views],
+                                    s.device)
+                    teacher = self.teacher.image_tower.features(t)
+            loss, _ = alignment_loss(student, teacher)
+        _step(self.module, self.opt, loss)
+        if s.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+
+# --- retrieval: HarMA, RDB and full fine-tuning -------------------------------------------------------------
 
 class RetrievalCase(Case):
     """One step of ``train harma`` / ``train rdb`` (their own transform, batch inputs, loss and loop settings)."""
@@ -111,7 +210,7 @@ class RetrievalCase(Case):
 
         module_ = {"harma": harma, "rdb": rdb}[self.method]
         self.s = s
-        self.model = load_model(s.clip, device=s.device.type)
+        self.model = load_model(s.cards["clip"], device=s.device.type)
         args = module_.build_parser("bench").parse_args(["--data", "-", "--out", "-", "--device", s.device.type])
         spec = SimpleNamespace(task="multi-class", classes=[f"c{i}" for i in range(8)], root=Path("-"))
         method = module_.build_method(args, spec, self.model, None)
@@ -157,7 +256,7 @@ class FullFineTuneCase(Case):
         from tileprompt_backend.training.retrieval import CaptionTransform
 
         self.s = s
-        self.model = load_model(s.clip, device=s.device.type)
+        self.model = load_model(s.cards["clip"], device=s.device.type)
         self.clip = self.model.text_model.train()
         for p in self.clip.parameters():
             p.requires_grad_(True)
@@ -191,12 +290,35 @@ class FullFineTuneCase(Case):
             torch.cuda.synchronize()
 
 
-#: The cases compared, the first being the baseline of the ratios.
-CASES: list[Callable[[], Case]] = [
-    lambda: RetrievalCase("harma: HarMA adapters, contrastive + adaptive triplet (train harma's step)", "harma"),
-    lambda: RetrievalCase("rdb: RDB adapters, DTCL with EMA teacher (train rdb's step)", "rdb"),
-    lambda: FullFineTuneCase(),
-]
+@dataclass
+class Group:
+    """Cases compared with each other on one setup; the first is the baseline of the ratios."""
+
+    what: str
+    families: tuple[str, ...]  # the untrained cards the setup writes
+    cases: list[Callable[[], Case]]
+
+
+GROUPS: dict[str, Group] = {
+    "align": Group(
+        "samples/s of one alignment training step (ViT-S/16 13-band student + Linear(384->512), ViT-B/32 teacher, "
+        "224 px, AdamW + clipping), same weights, batch and real tiles in every case",
+        ("aligned-s2", "clip"),
+        [lambda: AlignCase("align: reference-style (independent crops, teacher every step, bf16 autocast)",
+                           same_crop=False, cache=False, precision="bf16"),
+         lambda: AlignCase("align: ours (one crop, teacher every step, precision auto)", same_crop=True,
+                           cache=False, precision="auto"),
+         lambda: AlignCase("align: ours, teacher cache (--no-augment)", same_crop=True, cache=True,
+                           precision="auto")]),
+    "retrieval": Group(
+        "samples/s of one training step of HarMA / RDB adapters and of full fine-tuning on a frozen / trainable "
+        "CLIP ViT-B/32 at 224 px, same weights, batch and real tiles in every case",
+        ("clip",),
+        [lambda: RetrievalCase("harma: HarMA adapters, contrastive + adaptive triplet (train harma's step)",
+                               "harma"),
+         lambda: RetrievalCase("rdb: RDB adapters, DTCL with EMA teacher (train rdb's step)", "rdb"),
+         lambda: FullFineTuneCase()]),
+}
 
 
 def _status_mb(field: str) -> float:
@@ -207,13 +329,13 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_of(index: int, args) -> dict:
-    """This process runs only case ``index``: its resident set before the first step and the peak during two steps
+def memory_of(group: str, index: int, args) -> dict:
+    """This process runs only case ``index`` of ``group``: its resident set before the first step and the peak during two steps
     (the peak counter is reset first, so building the model does not count)."""
     with tempfile.TemporaryDirectory(prefix="issue-13-bench-mem-") as tmp:
         os.environ.setdefault("TILEPROMPT_CACHE", str(Path(tmp) / "cache"))
-        setup = make_setup(args.device, args.batch_size, Path(tmp))
-        case = CASES[index]()
+        setup = make_setup(GROUPS[group].families, args.device, args.batch_size, Path(tmp))
+        case = GROUPS[group].cases[index]()
         case.prepare(setup)
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak resident set) to the current RSS
         before = _status_mb("VmRSS")
@@ -228,12 +350,13 @@ def memory_of(index: int, args) -> dict:
         return out
 
 
-def run(args) -> dict:
+def run(group: str, args) -> dict:
+    g = GROUPS[group]
     load_before = list(os.getloadavg())
-    with tempfile.TemporaryDirectory(prefix="issue-13-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tileprompt-bench-train-") as tmp:
         os.environ.setdefault("TILEPROMPT_CACHE", str(Path(tmp) / "cache"))
-        setup = make_setup(args.device, args.batch_size, Path(tmp))
-        cases = [make() for make in CASES]
+        setup = make_setup(g.families, args.device, args.batch_size, Path(tmp))
+        cases = [make() for make in g.cases]
         for c in cases:
             c.prepare(setup)
             c.step(0)  # warm-up (allocations, oneDNN kernels)
@@ -250,22 +373,21 @@ def run(args) -> dict:
                 rates[c.name].append(got[c.name])
             for c in cases:
                 ratios[c.name].append(got[c.name] / got[cases[0].name])
-            print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{got[c.name]:.2f}" for c in cases) + " samples/s",
-                  flush=True)
+            print(f"{group} round {r + 1}/{args.rounds}: " + "  ".join(f"{got[c.name]:.2f}" for c in cases)
+                  + " samples/s", flush=True)
         trainable = {c.name: c.trainable for c in cases}
         del cases, setup
     memory = {}
     if not args.no_memory:
-        for i, make in enumerate(CASES):
-            cmd = [sys.executable, __file__, "--memory-case", str(i), "--device", args.device, "--batch-size",
-                   str(args.batch_size)]
+        for i, make in enumerate(g.cases):
+            cmd = [sys.executable, __file__, "--memory-case", f"{group}:{i}", "--device", args.device,
+                   "--batch-size", str(args.batch_size)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             memory[make().name] = json.loads(done.stdout.strip().splitlines()[-1])
     result = {
-        "what": "samples/s of one training step of HarMA / RDB adapters and of full fine-tuning on a frozen / "
-                "trainable CLIP ViT-B/32 at 224 px, same weights, batch and real tiles in every case",
+        "what": g.what, "group": group,
         "device": args.device, "batch": args.batch_size, "steps_per_round": args.steps, "rounds": args.rounds,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "platform": platform.platform(), "load_before": load_before, "load_after": list(os.getloadavg()),
@@ -280,6 +402,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--group", choices=[*GROUPS, "all"], default="all", help="which cases (default: every group)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=2, help="steps per case per round")
@@ -287,8 +410,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="1 round of 1 step")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-case peak memory processes")
-    p.add_argument("--memory-case", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--out", help="JSON output (default: benchmarks/results/train-<device>.json)")
+    p.add_argument("--memory-case", help=argparse.SUPPRESS)
+    p.add_argument("--out", help="JSON output folder (default: benchmarks/results)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 1, 1
@@ -301,21 +424,23 @@ def main(argv=None) -> int:
         print("--device cuda: torch sees no GPU", file=sys.stderr)
         return 2
     if args.memory_case is not None:
-        print(json.dumps(memory_of(args.memory_case, args)))
+        group, index = args.memory_case.split(":")
+        print(json.dumps(memory_of(group, int(index), args)))
         return 0
-    result = run(args)
-    print(f"\n{'case':78s} samples/s  x first  trainable    step peak MB")
-    for c in result["cases"]:
-        mem = c["memory"] or {}
-        peak = mem.get("cuda_max_allocated_mb", mem.get("step_peak_mb"))
-        print(f"{c['name']:78s} {c['samples_per_s_median']:9.2f}  {c['ratio_to_first_median']:7.2f}  "
-              f"{c['trainable_parameters']:11,d}  {'-' if peak is None else f'{peak:10.0f}'}")
-    print(f"(load {result['load_before']} -> {result['load_after']})")
-    if "gpu" in result:
-        print(result["gpu"])
-    out = Path(args.out or REPO / f"benchmarks/results/train-{args.device}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    for group in GROUPS if args.group == "all" else [args.group]:
+        result = run(group, args)
+        print(f"\n{'case':78s} samples/s  x first  trainable    step peak MB")
+        for c in result["cases"]:
+            mem = c["memory"] or {}
+            peak = mem.get("cuda_max_allocated_mb", mem.get("step_peak_mb"))
+            print(f"{c['name']:78s} {c['samples_per_s_median']:9.2f}  {c['ratio_to_first_median']:7.2f}  "
+                  f"{c['trainable_parameters']:11,d}  {'-' if peak is None else f'{peak:10.0f}'}")
+        print(f"(load {result['load_before']} -> {result['load_after']})")
+        if "gpu" in result:
+            print(result["gpu"])
+        out = Path(args.out or REPO / "benchmarks/results") / f"train-{group}-{args.device}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}\n")
     return 0
 
 

@@ -27,6 +27,8 @@ DELEGATED = {
     "train": ("tileprompt_backend.training.command",
               "train models: patch (PAINT), align (Mind the Modality Gap), harma, rdb (retrieval adapters); "
               "`tileprompt train --help`"),
+    "evaluate": ("tileprompt_backend.training.evaluate",
+                 "zero-shot mAP/accuracy, RGB<->MS Recall@K and image<->text Recall@K of cards on a shard dataset"),
 }
 
 
@@ -101,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scene", metavar="RASTER",
                    help="the scene --like/--tile-ids refer to and the heat map covers (needed when the index "
                         "holds several)")
+    q.add_argument("--query-model", metavar="CARD",
+                   help="cross-modal search: embed the --like region of --scene (any raster, e.g. an RGB "
+                        "orthophoto) with this card, which must share the index card's embedding space")
+    q.add_argument("--query-tile", type=_checked(validation.tile_px), metavar="PX",
+                   help="tile size on --scene for --query-model (default: the index tiles' ground size)")
     q.add_argument("-k", type=_checked(validation.k), default=50, help="number of results (default: 50)")
     q.add_argument("--fuse", choices=["mean", "max"], default="mean",
                    help="mean: one query from the mean of the query tiles; max: each tile queries, best kept")
@@ -121,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("family", choices=["clip", "aligned-s2"])
     mt.add_argument("--out", required=True, help="directory to write the card into")
     mt.set_defaults(func=cmd_models_tiny)
+    mi = msub.add_parser("import", help="add a model from a local checkpoint file in a publisher's layout",
+                         description="Run the checkpoint importer SOURCE on FILE and add the card it writes to the "
+                                     "user models folder (`--list` shows the importers), e.g. `tileprompt models "
+                                     "import mtmg-patched patched_ViT-B-32.pt`.")
+    mi.add_argument("source", metavar="SOURCE", nargs="?", help="importer name")
+    mi.add_argument("file", metavar="FILE", nargs="?", help="checkpoint file")
+    mi.add_argument("--replace", action="store_true", help="replace a model of the same id in the models folder")
+    mi.add_argument("--list", action="store_true", help="list the checkpoint importers")
+    mi.set_defaults(func=cmd_models_import)
     mf = msub.add_parser("fetch", help="download the real weights of a model (needs internet)")
     mf.add_argument("name")
     mf.set_defaults(func=cmd_models_fetch)
@@ -281,7 +297,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     result = search(args.index, like=[_read_aoi(v) for v in args.like] if args.like else None,
                     like_crs=args.like_crs, tile_ids=tile_ids, scene=args.scene, text=args.text, fuse=args.fuse,
                     k=args.k, out=args.out, heatmap=args.heatmap, device=args.device, overwrite=args.overwrite,
-                    layer=args.layer)
+                    layer=args.layer, query_model=args.query_model, query_tile=args.query_tile)
     _warn(result.warnings)
     if args.quiet:
         return 0
@@ -310,6 +326,20 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
 
     card = write_tiny(args.family, Path(args.out))
     print(f"wrote untrained tiny {args.family} card {card.id!r} to {card.path}")
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from .models import import_checkpoint, list_importers
+
+    if args.list:
+        for importer in list_importers():
+            print(f"{importer.name:24s} {importer.description}")
+        return 0
+    if not args.source or args.file is None:
+        raise ValueError("give an importer name and a checkpoint FILE (`tileprompt models import --list` shows them)")
+    card = import_checkpoint(args.source, Path(args.file), replace=args.replace)
+    print(f"imported {card.id!r} into {card.path}")
     return 0
 
 
@@ -344,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import Cancelled  # an InputError's str() is its CLI wording
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
+    if argv and argv[0] in DELEGATED:  # training commands parse their own options
         import importlib
 
         module = importlib.import_module(DELEGATED[argv[0]][0])

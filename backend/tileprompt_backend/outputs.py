@@ -104,6 +104,42 @@ def guard_output(path: str | Path, inputs: Iterable[str | Path | None] = (), ove
     return path
 
 
+def guard_folder_output(path: str | Path, ours, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
+                        what: str = "output folder") -> Path:
+    """The check of a *folder* output (a trained model card, a training dataset, an evaluation report).
+
+    Like :func:`guard_output`: in an existing writable folder, and never one of ``inputs`` nor inside or around one
+    (replacing a folder that holds an input would delete it) - whatever ``overwrite`` says. Stricter than it for
+    an existing folder, which is replaced whole: only when ``ours(path)`` (this kind of output, written by
+    TilePrompt) *and* ``overwrite``; a folder TilePrompt did not write is never replaced.
+    """
+    path = Path(path).expanduser()
+    parent = path.parent.resolve()
+    if not parent.is_dir():
+        raise InputError(f"the {what}'s parent folder does not exist: {parent}", "output_folder_missing",
+                         {k: "create it, or choose another place" for k in OVERWRITE_FIXES})
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"the {what}'s parent folder is not writable: {parent}", "output_folder_read_only",
+                         {k: "choose another place" for k in OVERWRITE_FIXES})
+    target = path.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).expanduser().resolve()
+        if source == target or target in source.parents or source in target.parents:
+            raise InputError(f"the {what} {path} is, holds or lies inside an input of this job ({Path(item)}): "
+                             "writing it would destroy the input", "output_is_input",
+                             {k: "choose another place" for k in OVERWRITE_FIXES})
+    if path.exists() or path.is_symlink():
+        if not path.is_dir() or not ours(path):
+            raise InputError(f"the {what} {path} exists and is not one TilePrompt wrote", "output_exists",
+                             {k: "choose another name (a folder TilePrompt did not write is never replaced)"
+                              for k in OVERWRITE_FIXES})
+        if not overwrite:
+            raise InputError(f"the {what} {path} exists", "output_exists", OVERWRITE_FIXES)
+    return path
+
+
 def written_by_tileprompt(path: str | Path) -> bool:
     """Whether TilePrompt wrote ``path``: a GeoPackage with a :data:`RUNS_TABLE`, a GeoTIFF tagged
     :data:`WRITER_TAG`, an index folder or a model card folder. Unreadable files are not ours."""

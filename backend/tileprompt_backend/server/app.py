@@ -100,7 +100,16 @@ def model_info(card) -> ModelInfo:
     return ModelInfo(id=card.id, title=card.title, family=card.family, modality=inp.modality, bands=list(inp.bands),
                      gsd_m=inp.gsd_m, tile_px=inp.tile_px, image_size=inp.image_size, embed_dim=card.embed_dim,
                      trained=card.trained, description=card.describe(),
-                     path=str(card.path) if card.path is not None else None)
+                     path=str(card.path) if card.path is not None else None, space=_space(card))
+
+
+def _space(card) -> str | None:
+    from ..models.identity import space_of
+
+    try:
+        return space_of(card)
+    except ValueError:  # weights not downloaded yet: the space is known once they are
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

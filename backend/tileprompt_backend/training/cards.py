@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ import torch
 from .. import __version__
 from ..models.card import CARD_FILE, ModelCard, card_from_dict, read_card, write_card
 from ..models.identity import weights_hash
+from ..models.loading import load_model
 from ..models.weights import write_weights
+from ..outputs import guard_folder_output
 
 #: ``provenance.software`` of every card a training run writes (how --overwrite knows a card is ours).
 TRAINER = "tileprompt training"
@@ -40,19 +42,10 @@ def _written_by_training(folder: Path) -> bool:
     return str(data.get("provenance", {}).get("software", "")).startswith(TRAINER)
 
 
-def check_card_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse, before any training, an ``--out`` that cannot or may not receive the card."""
-    out = Path(out).expanduser()
-    if not out.parent.is_dir():
-        raise ValueError(f"output folder does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise ValueError(f"output folder is not writable: {out.parent}")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or not _written_by_training(out):
-            raise ValueError(f"{out} exists and is not a model card written by a training run: choose another --out")
-        if not overwrite:
-            raise ValueError(f"model card {out} exists: pass --overwrite to replace it")
-    return out
+def check_card_output(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse, before any training, an ``--out`` that cannot or may not receive the card: an input of the run
+    (dataset, base or teacher card, student weights), or a folder a training run did not write."""
+    return guard_folder_output(out, _written_by_training, overwrite, inputs, "model card folder")
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -74,7 +67,7 @@ def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Ma
     (hard-linked where possible).
 
     ``own_space``: the card's ``space`` becomes ``"<id>@<hash of its weight files>"`` (a new teacher space).
-    The card is validated (and its weight files found) before it is moved into place.
+    The card is loaded once (strict key checks) before it is moved into place.
     """
     out = check_card_output(out, overwrite)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -95,6 +88,7 @@ def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Ma
             data["space"] = f"{card.id}@{w}"
             card = card_from_dict(data, tmp)
         write_card(card, tmp)  # model.json last: a folder without it is not a card
+        load_model(read_card(tmp), device="cpu")  # a card that does not load never reaches --out
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

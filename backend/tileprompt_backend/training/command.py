@@ -26,6 +26,10 @@ EXIT_CANCELLED = 130
 
 #: ``tileprompt train METHOD``: the module that implements it (``main(argv, prog)``) and one line of help.
 METHODS: dict[str, tuple[str, str]] = {
+    "patch": ("tileprompt_backend.training.patch",
+              "PAINT: fine-tune CLIP's image tower on RGB composites, interpolate with the zero-shot weights"),
+    "align": ("tileprompt_backend.training.align",
+              "cross-modal alignment: distil a patched CLIP image tower into a 13-band Sentinel-2 ViT"),
     "harma": ("tileprompt_backend.training.harma",
               "HarMA: retrieval adapters (gated, shared across towers) on a frozen CLIP, from captioned images"),
     "rdb": ("tileprompt_backend.training.rdb",
@@ -76,7 +80,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, 
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: a GPU when torch sees one (torchrun: one GPU per process)")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help=f"auto: bf16 autocast on GPUs ({paper}: bf16), fp32 on CPUs")
+                   help=f"auto: bf16 autocast on GPUs ({paper}: bf16) and on CPUs with bf16 units "
+                        "(AVX512-BF16/AMX), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained module (the reference does)")
     g.add_argument("--seed", type=int, default=seed, help=f"random seed (default and {paper}: {seed})")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

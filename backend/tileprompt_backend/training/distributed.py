@@ -72,7 +72,7 @@ def all_reduce_mean(d: Dist, values: dict[str, float]) -> dict[str, float]:
     """The mean over ranks of a few scalars (for logging; gradients are averaged by DDP itself)."""
     if not d.distributed or not values:
         return dict(values)
-    keys = sorted(values)
+    keys = list(values)  # the same order on every rank (the callers build the dicts alike)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
                      device=d.device if d.device.type == "cuda" else "cpu")
     dist.all_reduce(t)

@@ -96,11 +96,16 @@ def lr_multiplier(config: LoopConfig) -> Callable[[int], float]:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 autocast on a CUDA GPU that supports it (as the reference trains), fp32 on CPUs."""
+    """"auto": bf16 autocast where the hardware has bf16 matrix units - a CUDA GPU that supports it (as the
+    reference trains) or a CPU with AVX512-BF16/AMX (the check the runners use) - else fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r} (valid: {', '.join(PRECISIONS)})")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        from ..models.runners import cpu_has_bf16
+
+        return "bf16" if cpu_has_bf16() else "fp32"
     return precision
 
 
@@ -238,5 +243,8 @@ class Trainer:
             raise
         finally:
             runlog.close()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stops the DataLoader's workers now rather than when the process ends
         self.save()
         return LoopResult(self.step, resumed_from, last)

@@ -94,7 +94,8 @@ def _with_hash_split(items: Iterator, fractions, seed: int) -> Iterator:
 def prepare(args: argparse.Namespace) -> dict:
     """Run the command; returns the manifest written."""
     out = Path(args.out).expanduser()
-    check_dataset_output(out, args.overwrite)  # before reading anything
+    check_dataset_output(out, args.overwrite, args.inputs + [args.labels, args.splits_dir,
+                                                             args.exclude, args.templates])  # before reading
     fractions = parse_fractions(args.split_fractions)
     for name in ("limit", "samples_per_shard", "tile", "block"):
         value = getattr(args, name)

@@ -281,7 +281,8 @@ def validation_hook(method: MethodSpec, module: AdaptedClip, model, spec: Datase
             return
         module.eval()
         try:
-            emb = embed_captioned(model, spec, "val", d, args.eval_batch_size, args.limit, args.precision)
+            emb = embed_captioned(model, spec, "val", d, args.eval_batch_size, args.limit, args.precision,
+                                  args.max_words)
         finally:
             module.train()
         scores = broadcast_object(d, retrieval_scores(emb) if d.main else None)
@@ -425,7 +426,8 @@ def run_retrieval(args: argparse.Namespace, build: Callable[[argparse.Namespace,
                                          "schedule": config.schedule, "seed": args.seed}}
     for split in ("val", "test"):
         if split in spec.splits:
-            emb = embed_captioned(model, spec, split, d, args.eval_batch_size, args.limit, args.precision)
+            emb = embed_captioned(model, spec, split, d, args.eval_batch_size, args.limit, args.precision,
+                                  args.max_words)
             if d.main:
                 report.setdefault("metrics", {})[split] = retrieval_scores(emb)
     if not d.main:

@@ -36,18 +36,21 @@ class Embedded:
 
 
 def embed_captioned(model, spec: DatasetSpec, split: str, d: Dist, batch_size: int = DEFAULT_EVAL_BATCH,
-                    limit: int | None = None, precision: str = "auto", max_words: int = 30) -> Embedded | None:
+                    limit: int | None = None, precision: str = "auto", max_words: int = 30,
+                    embed_images: bool = True) -> Embedded | None:
     """Embed every image of ``split`` and every caption of it with ``model`` (a ``LoadedModel``); rank 0 gets
-    the gathered result in file order, other ranks None. Captions are cleaned as in training."""
+    the gathered result in file order, other ranks None. Captions are cleaned as in training. With
+    ``embed_images=False`` only the captions are embedded (``images`` is then empty: the caller has them)."""
     precision = resolve_precision(precision, d.device)
     positions, keys, captions, owners_local, img_parts, txt_parts = [], [], [], [], [], []
     batch: list[tuple[int, Sample]] = []
 
     def flush() -> None:
-        x = model_input(model, [s.image for _, s in batch], [s.info() for _, s in batch], d.device)
         caps = [pre_caption(c, max_words) for _, s in batch for c in s.meta.get("captions", [])]
-        with torch.inference_mode(), autocast(d.device, precision):
-            img_parts.append(model.image_tower(x).float().cpu())
+        if embed_images:
+            x = model_input(model, [s.image for _, s in batch], [s.info() for _, s in batch], d.device)
+            with torch.inference_mode(), autocast(d.device, precision):
+                img_parts.append(model.image_tower(x).float().cpu())
         txt_parts.append(torch.from_numpy(model.encode_text(caps)))
         for pos, s in batch:
             n = len(s.meta.get("captions", []))
@@ -88,7 +91,8 @@ def embed_captioned(model, spec: DatasetSpec, split: str, d: Dist, batch_size: i
     rank_of[order] = np.arange(len(order))
     owners_t = torch.from_numpy(rank_of[np.asarray(owners)])
     caption_order = torch.argsort(owners_t, stable=True)
-    return Embedded(torch.cat(images)[torch.from_numpy(order)], torch.cat(texts)[caption_order],
+    images_t = torch.cat(images)[torch.from_numpy(order)] if embed_images else torch.zeros(0, dim)
+    return Embedded(images_t, torch.cat(texts)[caption_order],
                     owners_t[caption_order], [all_keys[i] for i in order], [all_caps[i] for i in caption_order])
 
 
@@ -96,17 +100,12 @@ def retrieval_scores(emb: Embedded) -> dict[str, Any]:
     return image_text_recall(emb.images, emb.texts, emb.owners)
 
 
-def text_retrieval_report(model, spec: DatasetSpec, split: str, d: Dist, batch_size: int = DEFAULT_EVAL_BATCH,
-                     limit: int | None = None, precision: str = "auto") -> dict[str, Any] | None:
-    """The image-text retrieval section of an evaluation report (rank 0; None elsewhere): R@1/5/10 both ways,
-    mR, and chance (K / images: a random ranking, one image per caption, about one caption in K per image)."""
+def text_retrieval_report(emb: Embedded, spec: DatasetSpec, split: str) -> dict[str, Any]:
+    """The image-text retrieval section of an evaluation report: R@1/5/10 both ways, mR, and chance (K / images:
+    a random ranking, one image per caption, about one caption in K per image)."""
     from .metrics import RETRIEVAL_KS, chance_recall
 
-    emb = embed_captioned(model, spec, split, d, batch_size, limit, precision)
-    if emb is None:
-        return None
-    scores = retrieval_scores(emb)
-    return {**scores, "split": split, "chance": chance_recall(len(emb.images), RETRIEVAL_KS),
+    return {**retrieval_scores(emb), "split": split, "chance": chance_recall(len(emb.images), RETRIEVAL_KS),
             "captions_source": spec.manifest.get("captions")}
 
 

@@ -113,7 +113,7 @@ def tile_shares(info, tiles: Sequence[Tile], polygons: Polygons, classes: list[s
 
 def _slug(path: str) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).name).strip("_")[:40] or "raster"
-    return f"{name}-{hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:6]}"
+    return f"{name}-{hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:6]}"
 
 
 @dataclass

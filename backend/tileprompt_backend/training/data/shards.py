@@ -111,7 +111,8 @@ def _split_files(folder: Path) -> SplitInfo | None:
 
 
 def open_dataset(root: str | Path, *, image_key: str | None = None, target_key: str | None = None,
-                 task: str | None = None, bands: str | list[str] | None = None, level: str | None = None) -> DatasetSpec:
+                 task: str | None = None, bands: str | list[str] | None = None,
+                 level: str | None = None) -> DatasetSpec:
     """Open a shard dataset (ours or the reference's CLIP_benchmark layout); every problem is a ValueError.
 
     The keyword arguments say what a reference dataset without a manifest cannot: which member holds the image
@@ -411,18 +412,12 @@ class DatasetWriter:
         return manifest
 
 
-def check_dataset_output(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output folder we may not (re)write."""
-    if not out.parent.is_dir():
-        raise ValueError(f"output folder does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise ValueError(f"output folder is not writable: {out.parent}")
-    if out.exists() or out.is_symlink():
-        ours = (out / MANIFEST).is_file() and _is_ours(out / MANIFEST)
-        if not ours:
-            raise ValueError(f"{out} exists and is not a dataset written by tileprompt: choose another --out")
-        if not overwrite:
-            raise ValueError(f"dataset {out} exists: pass --overwrite to replace it")
+def check_dataset_output(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse, before any work, an output folder we may not (re)write: an input, or not a dataset we wrote."""
+    from ...outputs import guard_folder_output
+
+    return guard_folder_output(out, lambda p: (p / MANIFEST).is_file() and _is_ours(p / MANIFEST), overwrite,
+                               inputs, "dataset folder")
 
 
 def _is_ours(manifest: Path) -> bool:
