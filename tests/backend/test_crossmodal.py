@@ -19,13 +19,7 @@ from tileprompt_backend.tiling import make_grid
 QUERY = "POLYGON((335000 5818000, 336300 5818000, 336300 5819300, 335000 5819300, 335000 5818000))"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

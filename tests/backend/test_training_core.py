@@ -29,13 +29,7 @@ from tileprompt_backend.training.metrics import (chance_recall, cross_modal_reca
                                                   recall_at_k, top1_accuracy)
 from tileprompt_backend.training.runlog import read_metrics
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- schedule and losses -------------------------------------------------------------------------------------------

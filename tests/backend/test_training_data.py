@@ -26,13 +26,7 @@ from tileprompt_backend.training.data.stream import TrainStream, batches, eval_s
 from tileprompt_backend.training.prepare import main as prepare_main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic_dataset(root: Path, n: int = 24, task: str = "multi-label", shards: int = 1, n_classes: int = 3,

@@ -33,13 +33,7 @@ FAST = ["--batch-size", "8", "--epochs", "1", "--warmup-steps", "2", "--lr", "1e
         "--limit", "48", "--eval-batch-size", "64", "--log-every", "2", "--precision", "fp32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all op overhead: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(*argv: str) -> int:

@@ -38,9 +38,9 @@ from .augment import RandAugment, apply_crop, rand_augment, random_resized_crop,
 from .data.captions import PATTERNS, draw_caption, pre_caption
 from .data.samples import Sample, take_bands
 from .data.shards import DatasetSpec
-from .data.stream import split_size
 from .distributed import Dist, barrier, broadcast_object
 from .inputs import model_input
+from .patch import steps_for as patch_steps_for
 from .retrieval_eval import DEFAULT_EVAL_BATCH, embed_captioned, format_recall, retrieval_scores
 from .runlog import append_event, json_safe
 
@@ -234,13 +234,7 @@ class MethodSpec:
 def steps_for(spec: DatasetSpec, batch: int, epochs: float, max_steps: int | None, limit: int | None,
               world: int) -> tuple[int, int, int]:
     """(steps per pass over the images, steps per epoch over the captions, total steps)."""
-    if batch % world:
-        raise ValueError(f"--batch-size {batch} is not divisible by the {world} torchrun processes")
-    n = split_size(spec, "train", limit)
-    per_pass = n // batch
-    if per_pass == 0:
-        raise ValueError(f"the training split of {spec.root} has {n} images, fewer than one batch of {batch}: "
-                         "lower --batch-size")
+    per_pass, _ = patch_steps_for(spec, batch, 1, None, limit, world)  # the checks: one global batch fits
     per_epoch = max(1, int(round(per_pass * captions_per_image(spec))))
     total = max(1, int(round(epochs * per_epoch)))
     return per_pass, per_epoch, min(total, max_steps) if max_steps else total

@@ -27,7 +27,9 @@ DEFAULT_EVAL_BATCH = 128  # HarMA's test batch
 
 
 @dataclass
-class Embedded:
+class CaptionedSplit:
+    """A captioned split embedded by one card (rank 0, file order): its images and all their captions."""
+
     images: torch.Tensor  # (N, D) unit rows
     texts: torch.Tensor  # (M, D) unit rows
     owners: torch.Tensor  # (M,) image index of each caption
@@ -37,7 +39,7 @@ class Embedded:
 
 def embed_captioned(model, spec: DatasetSpec, split: str, d: Dist, batch_size: int = DEFAULT_EVAL_BATCH,
                     limit: int | None = None, precision: str = "auto", max_words: int = 30,
-                    embed_images: bool = True) -> Embedded | None:
+                    embed_images: bool = True) -> CaptionedSplit | None:
     """Embed every image of ``split`` and every caption of it with ``model`` (a ``LoadedModel``); rank 0 gets
     the gathered result in file order, other ranks None. Captions are cleaned as in training. With
     ``embed_images=False`` only the captions are embedded (``images`` is then empty: the caller has them)."""
@@ -92,15 +94,15 @@ def embed_captioned(model, spec: DatasetSpec, split: str, d: Dist, batch_size: i
     owners_t = torch.from_numpy(rank_of[np.asarray(owners)])
     caption_order = torch.argsort(owners_t, stable=True)
     images_t = torch.cat(images)[torch.from_numpy(order)] if embed_images else torch.zeros(0, dim)
-    return Embedded(images_t, torch.cat(texts)[caption_order],
+    return CaptionedSplit(images_t, torch.cat(texts)[caption_order],
                     owners_t[caption_order], [all_keys[i] for i in order], [all_caps[i] for i in caption_order])
 
 
-def retrieval_scores(emb: Embedded) -> dict[str, Any]:
+def retrieval_scores(emb: CaptionedSplit) -> dict[str, Any]:
     return image_text_recall(emb.images, emb.texts, emb.owners)
 
 
-def text_retrieval_report(emb: Embedded, spec: DatasetSpec, split: str) -> dict[str, Any]:
+def text_retrieval_report(emb: CaptionedSplit, spec: DatasetSpec, split: str) -> dict[str, Any]:
     """The image-text retrieval section of an evaluation report: R@1/5/10 both ways, mR, and chance (K / images:
     a random ranking, one image per caption, about one caption in K per image)."""
     from .metrics import RETRIEVAL_KS, chance_recall
