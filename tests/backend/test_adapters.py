@@ -32,7 +32,7 @@ VARIANTS = [("harma", {}), ("harma", {"shared": "text", "text_padding": "attend"
 CAPTIONS = ["a forest next to a river.", "water", "many buildings and some green trees are around a playground."]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 
 def _tiny_clip(seed: int = 0) -> torch.nn.Module:

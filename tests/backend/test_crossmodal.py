@@ -19,7 +19,7 @@ from tileprompt_backend.tiling import make_grid
 QUERY = "POLYGON((335000 5818000, 336300 5818000, 336300 5819300, 335000 5819300, 335000 5818000))"
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 
 @pytest.fixture(scope="module")

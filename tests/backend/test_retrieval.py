@@ -23,7 +23,7 @@ SIM = torch.tensor([[0.5, 0.6], [0.45, 0.6]])  # rows: images, columns: texts; p
 EYE = torch.eye(2, dtype=torch.bool)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 
 def test_contrastive_is_clip_infonce_with_one_positive_and_averages_several():

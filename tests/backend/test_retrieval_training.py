@@ -24,7 +24,7 @@ TINY_RUN = ["--max-steps", "4", "--batch-size", "16", "--eval-every", "2", "--wo
             "--device", "cpu", "--checkpoint-every", "2", "--eval-batch-size", "64"]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 
 @pytest.fixture(scope="module")

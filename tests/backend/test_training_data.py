@@ -26,7 +26,7 @@ from tileprompt_backend.training.data.stream import TrainStream, batches, eval_s
 from tileprompt_backend.training.prepare import main as prepare_main
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 
 def synthetic_dataset(root: Path, n: int = 24, task: str = "multi-label", shards: int = 1, n_classes: int = 3,
@@ -323,21 +323,7 @@ def test_resume_skips_to_the_same_batch_and_workers_keep_the_order(tmp_path):
     straight = batches(_stream(spec))
     first = [next(straight) for _ in range(14)]  # crosses the epoch boundary at 9
     resumed = batches(_stream(spec, start_step=6))
-    rng = torch.get_rng_state()
     assert [next(resumed) for _ in range(8)] == first[6:14]
-    assert torch.equal(torch.get_rng_state(), rng)  # starting the loader leaves torch's generator alone (dropout)
     workers = batches(_stream(spec), workers=2)
     assert [next(workers) for _ in range(14)] == first
     assert all(len(b) == 4 for b in first)
-
-
-def test_unlabelled_samples_of_a_labelled_dataset_read_back_unlabelled(tmp_path):
-    from tileprompt_backend.training.data.samples import Sample
-    from tileprompt_backend.training.data.shards import DatasetWriter, decode_sample, iter_raw, open_dataset
-
-    image = np.zeros((3, 4, 4), np.uint8)
-    with DatasetWriter(tmp_path / "d", ["a", "b"], ["{c}"], "multi-class") as w:
-        w.add("train", Sample("s0", image, ("R", "G", "B"), "unknown", target=1))
-        w.add("train", Sample("s1", image, ("R", "G", "B"), "unknown", target=None))
-    spec = open_dataset(tmp_path / "d")
-    assert [decode_sample(r, spec).target for r in iter_raw(spec.split("train").files)] == [1, None]

@@ -33,7 +33,7 @@ FAST = ["--batch-size", "8", "--epochs", "1", "--warmup-steps", "2", "--lr", "1e
         "--limit", "48", "--eval-batch-size", "64", "--log-every", "2", "--precision", "fp32"]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 
 def _train(*argv: str) -> int:

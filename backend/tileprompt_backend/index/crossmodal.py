@@ -22,6 +22,7 @@ from pyproj import CRS
 from ..engine.embed import check_bands, embed_tiles
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
+from .query import index_card, tiles_under
 from .store import IndexStore, SceneRecord
 
 
@@ -39,7 +40,6 @@ def cards_of_one_space(store: IndexStore, query_model: str):
     """(query card, index card, their shared space); different spaces are a ValueError naming both."""
     from ..models import resolve_card
     from ..models.identity import check_same_space
-    from .query import index_card
 
     query = resolve_card(query_model)
     indexed = index_card(store)
@@ -57,11 +57,9 @@ def _metres(crs) -> bool:
 
 
 def query_tile_px(scene: SceneRecord, index_tile_px: int, info, card, override: int | None = None) -> int:
-    """Query tile size in the query raster's pixels: ``override``, else the index tiles' ground size, else the
-    card's own tile size."""
+    """Query tile size in the query raster's pixels: ``override`` (checked by ``validation.tile_px`` where it
+    comes in), else the index tiles' ground size, else the card's own tile size."""
     if override is not None:
-        if override < 1:
-            raise ValueError(f"query tile size must be a positive number of pixels, got {override}")
         return int(override)
     scene_info = scene.grid_info()
     if _metres(scene_info.crs) and _metres(info.crs):
@@ -70,51 +68,35 @@ def query_tile_px(scene: SceneRecord, index_tile_px: int, info, card, override: 
     return int(card.input.tile_px)
 
 
-def _query_grid_ids(info, tile_px: int, like: list[str], like_crs: str | None, raster: str) -> set[int]:
-    ids: set[int] = set()
-    for i, geom in enumerate(like):
-        where = f"query geometry {i + 1} of {len(like)}" if len(like) > 1 else "query geometry"
-        try:
-            grid = make_grid(info, tile_px, aoi=geom, aoi_crs=like_crs)
-        except ValueError as e:
-            raise ValueError(f"{where}: " + str(e).replace("area of interest", "geometry").replace(
-                "the raster", f"query raster {raster}")) from None
-        ids.update(t.id for t in grid.tiles)
-    return ids
-
-
-def check_cross_modal(store: IndexStore, query_model: str, raster: str, like: list[str], like_crs: str | None,
-                      query_tile: int | None = None) -> None:
-    """Everything cheap about a cross-modal query, before any model loads (the job queue calls this on submit)."""
+def _query_plan(store: IndexStore, query_model: str, raster: str, src, like: list[str], like_crs: str | None,
+                query_tile: int | None):
+    """(query card, shared space, query tile px, query tile ids) for the query raster ``raster``, open as ``src``."""
     from ..index.build import required_bands
-
-    query, _, _ = cards_of_one_space(store, query_model)
-    scenes = store.scenes()
-    if not scenes:
-        raise ValueError(f"index {store.root} holds no complete scenes (was its indexing cancelled?)")
-    with open_raster(raster) as src:
-        check_bands(src.info, required_bands(query, src.info), query.id)
-        tile = query_tile_px(scenes[0], store.tile_px, src.info, query, query_tile)
-        _query_grid_ids(src.info, tile, like, like_crs, raster)
-
-
-def cross_modal_queries(store: IndexStore, query_model: str, raster: str, like: list[str], like_crs: str | None,
-                        query_tile: int | None = None, device: str = "auto", cancel=None) -> CrossModalQuery:
-    """Embed the query raster's tiles under ``like`` with ``query_model``; unit vectors, one per usable tile."""
-    from ..index.build import required_bands
-    from ..models import cached_model, cached_runner
 
     query, _, space = cards_of_one_space(store, query_model)
     scenes = store.scenes()
     if not scenes:
         raise ValueError(f"index {store.root} holds no complete scenes (was its indexing cancelled?)")
+    check_bands(src.info, required_bands(query, src.info), query.id)
+    tile = query_tile_px(scenes[0], store.tile_px, src.info, query, query_tile)
+    return query, space, tile, tiles_under(src.info, tile, None, like, like_crs, f"query raster {raster}")
+
+
+def check_cross_modal(store: IndexStore, query_model: str, raster: str, like: list[str], like_crs: str | None,
+                      query_tile: int | None = None) -> None:
+    """Everything cheap about a cross-modal query, before any model loads (the job queue calls this on submit)."""
     with open_raster(raster) as src:
-        info = src.info
-        check_bands(info, required_bands(query, info), query.id)
-        tile = query_tile_px(scenes[0], store.tile_px, info, query, query_tile)
-        ids = _query_grid_ids(info, tile, like, like_crs, raster)
-        grid = make_grid(info, tile)
-        tiles = [t for t in grid.tiles if t.id in ids]
+        _query_plan(store, query_model, raster, src, like, like_crs, query_tile)
+
+
+def cross_modal_queries(store: IndexStore, query_model: str, raster: str, like: list[str], like_crs: str | None,
+                        query_tile: int | None = None, device: str = "auto", cancel=None) -> CrossModalQuery:
+    """Embed the query raster's tiles under ``like`` with ``query_model``; unit vectors, one per usable tile."""
+    from ..models import cached_model, cached_runner
+
+    with open_raster(raster) as src:
+        query, space, tile, ids = _query_plan(store, query_model, raster, src, like, like_crs, query_tile)
+        tiles = [t for t in make_grid(src.info, tile).tiles if t.id in ids]
         model = cached_model(query, device=device)
         runner = cached_runner(model, backend="torch")
         done, vectors = [], []

@@ -32,7 +32,6 @@ from ..engine.head import class_embedding, l2_normalize
 from ..outputs import WRITER_TAG, write_tiles_gpkg
 from ..tiling import make_grid, reproject_geometry
 from . import vectors
-from .crossmodal import cross_modal_queries
 from .heatmap import write_heatmap
 from .reuse import stale_files
 from .store import VECTORS_DIR, IndexStore, SceneRecord, guard_search_outputs, weights_hash
@@ -191,19 +190,26 @@ def text_vector(store: IndexStore, text: str, device: str = "auto") -> np.ndarra
 
 # --- queries -----------------------------------------------------------------------------------------------------
 
-def like_tiles(view: IndexView, scene_pos: int, like: Sequence[str], like_crs: str | None) -> list[int]:
-    """Indexed tiles under query geometries, chosen like an area of interest chooses tiles (tiling.make_grid)."""
-    scene = view.scenes[scene_pos]
-    info = scene.grid_info()
+def tiles_under(info, tile_px: int, stride: int | None, like: Sequence[str], like_crs: str | None,
+                raster: str) -> set[int]:
+    """Ids of the grid's tiles under any of the query geometries (``raster`` names the raster in messages)."""
     ids: set[int] = set()
     for i, geom in enumerate(like):
         where = f"query geometry {i + 1} of {len(like)}" if len(like) > 1 else "query geometry"
         try:
-            grid = make_grid(info, view.store.tile_px, view.store.stride, aoi=geom, aoi_crs=like_crs)
+            grid = make_grid(info, tile_px, stride, aoi=geom, aoi_crs=like_crs)
         except ValueError as e:
             raise ValueError(f"{where}: " + str(e).replace("area of interest", "geometry").replace(
-                "the raster", f"scene {scene.name}")) from None
+                "the raster", raster)) from None
         ids.update(t.id for t in grid.tiles)
+    return ids
+
+
+def like_tiles(view: IndexView, scene_pos: int, like: Sequence[str], like_crs: str | None) -> list[int]:
+    """Indexed tiles under query geometries, chosen like an area of interest chooses tiles (tiling.make_grid)."""
+    scene = view.scenes[scene_pos]
+    ids = tiles_under(scene.grid_info(), view.store.tile_px, view.store.stride, like, like_crs,
+                      f"scene {scene.name}")
     indexed = sorted(t for t in ids if view.has_tile(scene_pos, t))
     if not indexed:
         raise ValueError(f"no indexed tiles under the query geometry: the {len(ids)} tile(s) it covers on scene "
@@ -307,6 +313,8 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
     view = load_view(store)
     step(1)
     if query_model is not None:  # ``scene`` is the query raster; it may or may not be one of the index's scenes
+        from .crossmodal import cross_modal_queries
+
         cross = cross_modal_queries(store, query_model, scene, like, like_crs, query_tile, device, cancel)
         indexed = [s for s in view.scenes if s.raster == str(Path(scene).expanduser().resolve())]
         scene_rec = indexed[0] if len(indexed) == 1 else view.scenes[0] if len(view.scenes) == 1 else None

@@ -36,8 +36,8 @@ import numpy as np
 from affine import Affine
 
 from .. import __version__
-from ..models.identity import file_sha256_cached, short_sha, weights_hash  # noqa: F401 (re-exported)
-from ..outputs import guard_output, host_name, pid_alive, resource_error
+from ..models.identity import short_sha, weights_hash  # weights_hash: also imported from here by query, textcache
+from ..outputs import fsync_dir, guard_output, host_name, pid_alive, resource_error
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -238,19 +238,6 @@ def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders
     finally:
         os.close(fd)
 

@@ -24,7 +24,7 @@ from ..models.card import CARD_FILE, ModelCard, card_from_dict, read_card, write
 from ..models.identity import weights_hash
 from ..models.loading import load_model
 from ..models.weights import write_weights
-from ..outputs import guard_folder_output
+from ..outputs import guard_folder_output, staged_folder
 
 #: ``provenance.software`` of every card a training run writes (how --overwrite knows a card is ours).
 TRAINER = "tileprompt training"
@@ -70,10 +70,7 @@ def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Ma
     The card is loaded once (strict key checks) before it is moved into place.
     """
     out = check_card_output(out, overwrite)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         for name, sd in tensors.items():
             write_weights(sd, tmp / name)
         for name, src in (copies or {}).items():
@@ -89,13 +86,4 @@ def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Ma
             card = card_from_dict(data, tmp)
         write_card(card, tmp)  # model.json last: a folder without it is not a card
         load_model(read_card(tmp), device="cpu")  # a card that does not load never reaches --out
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return read_card(out)

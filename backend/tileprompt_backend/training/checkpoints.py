@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..models.weights import read_weights, write_weights
+from ..outputs import staged_folder
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "weights.safetensors"
@@ -33,29 +34,13 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, step: int, weights: Mapping[str, torch.Tensor], state: dict[str, Any],
                     keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep``; returns its folder."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(final) as tmp:
         write_weights(weights, tmp / WEIGHTS)
         with open(tmp / STATE, "wb") as f:
             torch.save(dict(state, step=step), f)
@@ -63,17 +48,6 @@ def save_checkpoint(run_dir: Path, step: int, weights: Mapping[str, torch.Tensor
             os.fsync(f.fileno())
         (tmp / META).write_text(json.dumps({"step": step, "saved": datetime.now(timezone.utc).isoformat(
             timespec="seconds")}) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():
-            old = root / f".old-step-{step:08d}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -231,23 +231,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def write_report(report: dict[str, Any], out: Path, spec: DatasetSpec) -> None:
     """report.json, report.md and plots (per-class scores, Recall@K) into ``out`` (written beside, then renamed)."""
-    import os
-    import shutil
-
+    from ..outputs import staged_folder
     from .runlog import json_safe
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         (tmp / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
         plots = plot_report(report, tmp)
         (tmp / "report.md").write_text(markdown_report(report, plots))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def markdown_report(report: dict[str, Any], plots: list[str]) -> str:

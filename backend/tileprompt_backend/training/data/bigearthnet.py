@@ -66,13 +66,18 @@ def classes_of(nomenclature: str) -> list[str]:
     return list(NOMENCLATURES[nomenclature])
 
 
-def target_from_43(names: list[str], nomenclature: str) -> np.ndarray:
-    """Multi-hot target from CLC level-3 names (BigEarthNet v1 labels)."""
-    index = {n: i for i, n in enumerate(BEN43)}
+def _label_ids(names: list[str], vocabulary, nomenclature: str) -> list[int]:
+    """Positions of ``names`` in ``vocabulary``; an unknown name is an error naming it."""
+    index = {n: i for i, n in enumerate(vocabulary)}
     unknown = [n for n in names if n not in index]
     if unknown:
-        raise ValueError(f"unknown BigEarthNet-43 label(s): {', '.join(map(repr, unknown))}")
-    ids = [index[n] for n in names]
+        raise ValueError(f"unknown BigEarthNet-{nomenclature} label(s): {', '.join(map(repr, unknown))}")
+    return [index[n] for n in names]
+
+
+def target_from_43(names: list[str], nomenclature: str) -> np.ndarray:
+    """Multi-hot target from CLC level-3 names (BigEarthNet v1 labels)."""
+    ids = _label_ids(names, BEN43, "43")
     if nomenclature == "43":
         return multi_hot(ids, 43)
     if nomenclature == "19":
@@ -84,11 +89,7 @@ def target_from_43(names: list[str], nomenclature: str) -> np.ndarray:
 
 def target_from_19(names: list[str], nomenclature: str) -> np.ndarray:
     """Multi-hot target from 19-class names (BigEarthNet v2 labels)."""
-    index = {n: i for i, n in enumerate(BEN19)}
-    unknown = [n for n in names if n not in index]
-    if unknown:
-        raise ValueError(f"unknown BigEarthNet-19 label(s): {', '.join(map(repr, unknown))}")
-    ids = [index[n] for n in names]
+    ids = _label_ids(names, BEN19, "19")
     if nomenclature == "19":
         return multi_hot(ids, 19)
     if nomenclature == "5":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ... import __version__
+from ...outputs import guard_folder_output, partial_path, replace_folder
 from ...sentinel2.bands import BANDS, L2A_BANDS, normalize_band_name
 from ...sentinel2.readers import RGB_NAMES
 from .samples import TASKS, Sample, compact_dtype
@@ -321,7 +321,7 @@ class DatasetWriter:
         self.classes, self.templates, self.task = list(classes), list(templates), task
         self.samples_per_shard = samples_per_shard
         self.info = dict(info or {})
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        self.tmp = partial_path(self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self._writers: dict[str, Any] = {}
@@ -408,14 +408,12 @@ class DatasetWriter:
             **self.info,
         }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _commit(self.tmp, self.out)
+        replace_folder(self.tmp, self.out)
         return manifest
 
 
 def check_dataset_output(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
     """Refuse, before any work, an output folder we may not (re)write: an input, or not a dataset we wrote."""
-    from ...outputs import guard_folder_output
-
     return guard_folder_output(out, lambda p: (p / MANIFEST).is_file() and _is_ours(p / MANIFEST), overwrite,
                                inputs, "dataset folder")
 
@@ -427,12 +425,3 @@ def _is_ours(manifest: Path) -> bool:
         return False
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (checked to be ours) is swapped out and removed."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
