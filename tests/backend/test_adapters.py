@@ -78,6 +78,26 @@ def test_adapters_start_as_identity_and_never_see_padding(method, extra, tokens)
         assert (full - trimmed).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("method", ["harma", "rdb"])
+def test_towers_of_unequal_depth_share_by_relative_depth(method, tokens):
+    """ViT-L/14 cards (RemoteCLIP, SkyCLIP) have 24 image and 12 text blocks: image blocks 2j and 2j + 1 use text
+    block j's shared module; the model still starts as its base model."""
+    torch.manual_seed(0)
+    model = create_open_clip({**TINY_OPEN_CLIP, "vision_cfg": {**TINY_OPEN_CLIP["vision_cfg"], "layers": 4}},
+                             quick_gelu=False).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model.encode_image(x), model.encode_text(tokens)
+        attach_adapters(model, method, TINY[method])
+        after = model.encode_image(x), model.encode_text(tokens)
+    for a, b in zip(before, after):
+        assert (a - b).abs().max() <= 1e-6
+    shared = list(model.adapters_shared)
+    used = lambda blocks: [shared.index(b.mlp.adapter.adapter._shared[0]) for b in blocks]  # noqa: E731
+    assert len(shared) == 2
+    assert used(model.visual.transformer.resblocks) == [0, 0, 1, 1] and used(model.transformer.resblocks) == [0, 1]
+
+
 def test_token_context_is_per_thread_and_not_copied():
     import copy
     import threading

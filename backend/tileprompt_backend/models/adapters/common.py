@@ -95,6 +95,16 @@ class SelfAttention(nn.Module):
         return self.attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
 
 
+def shared_index(depth: int, blocks: int, n_shared: int) -> int:
+    """Which of ``n_shared`` per-depth shared modules block ``depth`` of a tower of ``blocks`` blocks uses.
+
+    Towers of one depth pair block i with module i (the papers' ViT-B/32: 12 and 12). Towers of unequal depth
+    (ViT-L/14: 24 image, 12 text blocks) pair by relative depth, ``floor(depth n_shared / blocks)`` with one module
+    per block of the shallower tower: image blocks 2j and 2j + 1 share text block j's.
+    """
+    return depth * n_shared // blocks
+
+
 def shared_ref(module: nn.Module | None) -> tuple:
     """Hold a module used by several adapters without registering it in each (its weights appear once)."""
     return (module,) if module is not None else ()

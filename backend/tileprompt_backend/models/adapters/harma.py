@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MlpAdapter, SelfAttention, TokenContext, shared_ref, zero_linear
+from .common import MlpAdapter, SelfAttention, TokenContext, shared_index, shared_ref, zero_linear
 
 SHARED_PLACEMENTS = ("both", "text", "none")
 TEXT_PADDING = ("mask", "attend")
@@ -107,20 +107,17 @@ class MultimodalGatedAdapter(nn.Module):
 def build_harma(towers, config: HarmaConfig, tokens: TokenContext) -> nn.ModuleList:
     """Append an MGA behind a block gate to every block of both towers; returns the MMS-Adapters (one per depth).
 
-    ``towers``: (side, blocks, width) for "image" and "text" (``adapters.tower_blocks``). Both towers must have
-    the same depth when the MMS-Adapters are shared across them.
+    ``towers``: (side, blocks, width) for "image" and "text" (``adapters.tower_blocks``). Towers of unequal
+    depth share by relative depth (``common.shared_index``).
     """
     depths = {side: len(blocks) for side, blocks, _ in towers}
     shared_sides = {"both": ("image", "text"), "text": ("text",), "none": ()}[config.shared]
-    if config.shared == "both" and depths["image"] != depths["text"]:
-        raise ValueError(f"HarMA's cross-modal MMS-Adapters need towers of one depth (image {depths['image']}, "
-                         f"text {depths['text']} blocks): use shared 'text' or 'none'")
-    n_shared = max((depths[s] for s in shared_sides), default=0)
+    n_shared = min((depths[s] for s in shared_sides), default=0)
     minis = nn.ModuleList(MiniAdapter(config.bottleneck, config.mini_bottleneck, config.mini_heads, config.gate_init)
                           for _ in range(n_shared))
     for side, blocks, width in towers:
         for depth, block in enumerate(blocks):
-            mini = minis[depth] if side in shared_sides else None
+            mini = minis[shared_index(depth, len(blocks), n_shared)] if side in shared_sides else None
             mga = MultimodalGatedAdapter(width, config, mini, tokens if side == "text" else None)
             block.mlp.add_module("adapter", MlpAdapter(mga, config.block_gate_init))
     return minis

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MlpAdapter, TokenContext, shared_ref, zero_linear
+from .common import MlpAdapter, TokenContext, shared_index, shared_ref, zero_linear
 from .differential import DifferentialAttention, lambda_init_schedule
 from .harma import MiniAdapter
 from .hierarchical import OUTPUTS, HierarchicalAttention, caption_segments
@@ -137,13 +137,14 @@ def _shared_layer(config: RdbConfig) -> nn.Module | None:
 
 
 def build_rdb(towers, config: RdbConfig, tokens: TokenContext) -> nn.ModuleList:
-    """Append a VEA to every image block and a TSA to every text block; returns the shared layers (per depth)."""
+    """Append a VEA to every image block and a TSA to every text block; returns the shared layers (per depth;
+    towers of unequal depth share by relative depth, ``common.shared_index``)."""
     depths = {side: len(blocks) for side, blocks, _ in towers}
-    n_shared = 0 if config.shared == "none" else max(depths.values())
+    n_shared = 0 if config.shared == "none" else min(depths.values())
     shared = nn.ModuleList(_shared_layer(config) for _ in range(n_shared))
     for side, blocks, width in towers:
         for depth, block in enumerate(blocks):
-            layer = shared[depth] if n_shared else None
+            layer = shared[shared_index(depth, len(blocks), n_shared)] if n_shared else None
             adapter = CrossModalAdapter(width, config, depth, layer, tokens if side == "text" else None)
             block.mlp.add_module("adapter", MlpAdapter(adapter, None))
     return shared
