@@ -12,14 +12,14 @@ import open_clip
 import pytest
 import torch
 
-from tileprompt_backend.models import load_model, read_card
+from tileprompt_backend.models import load_model, read_card, resolve_card
 from tileprompt_backend.models.adapters import (adapter_config, adapter_state_dict, attach_adapters, parameter_counts,
                                                 text_sees_padding)
 from tileprompt_backend.models.adapters.common import TokenContext
 from tileprompt_backend.models.adapters.differential import (DifferentialAttention, lambda_init_schedule,
                                                              reparameterised_lambda)
 from tileprompt_backend.models.adapters.hierarchical import HierarchicalAttention, caption_segments, masked_softmax
-from tileprompt_backend.models.clip import create_open_clip
+from tileprompt_backend.models.clip import create_open_clip, open_clip_spec, set_patch_embed_channels
 from tileprompt_backend.models.loading import encode_text_trimmed
 from tileprompt_backend.models.tiny import TINY_OPEN_CLIP
 from tileprompt_backend.models.weights import write_weights
@@ -213,6 +213,32 @@ def test_vit_b32_trainable_parameter_counts_match_the_documented_figures():
     assert harma["base"] == 151_277_313
     rdb = counts[("rdb", None)]
     assert rdb["base"] == harma["base"] and rdb["shared"] == 12 * (128 * 128 + 128)
+
+
+ZOO_CLIP = ("clip-vit-b32-openai", "clip-vit-b16-openai", "georsclip-vit-b32", "remoteclip-vit-b32",
+            "remoteclip-vit-l14", "skyclip-vit-l14", "llama3-ms-clip-base")
+
+
+@pytest.mark.parametrize("card_id", ZOO_CLIP)
+def test_adapters_fit_every_clip_card_of_the_zoo(card_id):
+    """Both methods' default adapters attach to every block of both towers of each bundled clip card's full-size
+    architecture (ViT-B/32, B/16, L/14, the 10-band Llama3-MS-CLIP), leaving the base parameters as they are.
+    Built on the meta device: nothing is allocated."""
+    card = resolve_card(card_id)
+    name, config = open_clip_spec(card.image_tower, card.id)
+    for method in ("harma", "rdb"):
+        with torch.device("meta"):
+            model = create_open_clip(config, quick_gelu=bool(name and name.endswith("-quickgelu")))
+            if card.input.modality == "s2":
+                set_patch_embed_channels(model.visual, len(card.input.bands), card.id)
+            base = sum(p.numel() for p in model.parameters())
+            attach_adapters(model, method, {})
+        counts = parameter_counts(model)
+        assert counts["base"] == base and counts["image"] > 0 and counts["text"] > 0
+        blocks = [*model.visual.transformer.resblocks, *model.transformer.resblocks]
+        assert all(hasattr(b.mlp, "adapter") for b in blocks)
+        assert len(model.adapters_shared) == min(len(model.visual.transformer.resblocks),
+                                                 len(model.transformer.resblocks))
 
 
 def test_adapter_config_errors_name_the_field():

@@ -29,7 +29,7 @@ import torch
 
 from ..sentinel2.bands import BANDS
 from .card import ModelCard, card_from_dict, read_card, write_card
-from .checkpoints import unwrap_state_dict
+from .checkpoints import read_torch_checkpoint, unwrap_state_dict
 from .clip import OPEN_CLIP, create_open_clip
 from .downloads import ensure_weights
 from .identity import space_of, weights_hash
@@ -64,7 +64,7 @@ _SOURCE = {"paper": "Zavras et al., Mind the Modality Gap (arXiv:2402.09816; ISP
 def read_mtmg_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of an MTMG checkpoint, ``{"model": ...}`` unwrapped and wrapper prefixes stripped."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_torch_checkpoint(path)
     except Exception as e:  # torch.load raises many types for a foreign or damaged file
         raise ValueError(f"{path}: not a checkpoint torch.load(weights_only=True) can read ({e})") from None
     sd = unwrap_state_dict(checkpoint)

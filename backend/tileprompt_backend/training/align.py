@@ -35,8 +35,8 @@ from torch import nn
 from ..models import load_model, resolve_card
 from ..models.aligned_s2 import DEFAULT_ARCH
 from ..models.card import ModelCard, card_from_dict, write_card
-from ..models.checkpoints import ssl4eo_checkpoint_filter
-from ..models.downloads import CONVERTERS, file_sha256
+from ..models.checkpoints import convert_checkpoint, ssl4eo_checkpoint_filter
+from ..models.downloads import file_sha256
 from ..models.identity import space_of, weights_hash
 from ..models.weights import read_weights, write_weights
 from ..sentinel2.bands import BANDS
@@ -70,10 +70,7 @@ def read_backbone_file(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"student weights not found: {path}")
     if path.suffix == ".safetensors":
         return ssl4eo_checkpoint_filter(read_weights(path))
-    try:
-        return CONVERTERS["ssl4eo-moco"](path)
-    except Exception as e:  # torch.load raises many types for foreign or damaged files
-        raise ValueError(f"{path}: not a backbone checkpoint torch.load(weights_only=True) can read ({e})") from None
+    return convert_checkpoint(path, "ssl4eo-moco")  # one clear ValueError for a foreign or damaged file
 
 
 def text_tower_spec(teacher: ModelCard) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
