@@ -18,8 +18,11 @@ from ..outputs import check_output_path, write_tiles_gpkg
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
 from .embed import CancelFn, EmbedStats, ProgressFn, check_bands, embed_tiles
-from .head import logits, score_tiles, zero_shot_head
+from .examples import EXAMPLE_FIELD, encode_vectors, example_vectors, model_stamp, read_examples, resolve_classes
+from .fewshot import DEFAULT_METHOD, METHODS, LinearHead, fit_correction, zero_shot_linear
+from .head import probabilities, rank_scores, zero_shot_head
 from .prompts import load_templates, parse_prompts
+from .transductive import refine
 
 
 @dataclass
@@ -32,6 +35,8 @@ class ClassifyResult:
     seconds: float
     encode_seconds: float
     runner: str
+    correction: dict | None = None  # few-shot correction: method, examples per class, new classes, seconds
+    transductive: dict | None = None  # context-aware refinement: seconds, tiles whose class changed
     run: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -49,7 +54,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              threshold: float = 0.5, band_map: Sequence[str] | None = None, level: str | None = None,
              batch_size: int = 32, runner: str = "auto", device: str = "auto",
              progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-             index: str | Path | None = None, cache: bool = True) -> ClassifyResult:
+             index: str | Path | None = None, cache: bool = True, examples: str | Path | None = None,
+             transductive: bool = False, fewshot_method: str = DEFAULT_METHOD) -> ClassifyResult:
     """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
@@ -61,6 +67,11 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     Prompt sentences are cached per model too (``index.textcache``): sentences seen before cost no text
     tower. ``cache=False`` does none of this. Scores are computed from float16-rounded tile embeddings either
     way (the index stores float16), so a result is the same with or without the index.
+
+    ``examples`` (a result GeoPackage with corrected tiles, or polygons with a ``class`` field; see
+    engine.examples) corrects the zero-shot head with those tiles (engine.fewshot, ``fewshot_method``); the run
+    row keeps every example with its embedding. ``transductive`` refines the single-label probabilities with
+    the layer's own tiles (engine.transductive). Both default to off: plain zero-shot.
     """
     started, t0 = _now(), time.perf_counter()
     out = check_output_path(out)
@@ -69,6 +80,14 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
+    if transductive and multi_label:
+        raise ValueError("context-aware zero-shot refines single-label probabilities: turn off multi-label")
+    if fewshot_method not in METHODS:
+        raise ValueError(f"unknown few-shot method {fewshot_method!r} (valid: {', '.join(METHODS)})")
+    if examples is not None:
+        examples = Path(examples).expanduser()
+        if examples.resolve() == out.resolve():
+            raise ValueError(f"the output would overwrite the examples file {examples.name}: write to another file")
     card = resolve_card(model or DEFAULT_MODEL)
     template_list = load_templates(templates or card.templates)
 
@@ -77,6 +96,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         grid = make_grid(info, tile_px or card.input.tile_px, stride, aoi=aoi, aoi_crs=aoi_crs)
         if not len(grid):
             raise ValueError("no tiles to classify in the area of interest")
+        found = read_examples(examples, info, grid.tile_px, grid.stride) if examples is not None else None
+        if found is not None:
+            classes, example_labels = resolve_classes(classes, found)
         from ..index.build import required_bands  # the index package imports the engine: import here
         from ..index.reuse import cached_embeddings, store_embeddings
         from ..index.textcache import CachedTextEncoder
@@ -92,11 +114,11 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
             return loaded
 
         encode_text = CachedTextEncoder(card, model_for_text) if cache else loaded.encode_text
-        head = zero_shot_head(encode_text, classes, template_list)
+        has_text = np.array([bool(c.phrases) for c in classes])
+        head = np.zeros((len(classes), int(card.embed_dim)), dtype=np.float32)
+        head[has_text] = zero_shot_head(encode_text, [c for c in classes if c.phrases], template_list)
 
         stats = EmbedStats()
-        features = []
-        counts = Counter({c.name: 0 for c in classes})
         if cached is not None:
             run_name, run_device = f"index ({cached.runner})", "none"
             batches = cached.batches(grid.tiles, batch_size, stats, progress, cancel)
@@ -105,27 +127,49 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
             run_name, run_device = run_engine.name, run_engine.device
             batches = embed_tiles(source, grid.tiles, loaded, run_engine, batch_size=batch_size,
                                   progress=progress, cancel=cancel, stats=stats)
-        keep = cache and cached is None and grid.aoi is None  # a full grid: worth storing
-        kept_tiles, kept_emb = [], []
-        for tiles, emb in batches:
+        tiles, chunks = [], []
+        for batch_tiles, emb in batches:
             # the index keeps float16: round here too, so scores never depend on where embeddings came from
-            emb = np.asarray(emb).astype(np.float16)
-            if keep:
-                kept_tiles.extend(tiles)
-                kept_emb.append(emb)
-            s = score_tiles(logits(emb.astype(np.float32), head, card.logit_scale), multi_label=multi_label,
-                            threshold=threshold, logit_bias=card.logit_bias)
-            for i, tile in enumerate(tiles):
-                props = _tile_attributes(tile, classes, s, i, multi_label)
-                counts[props["class"]] += 1
-                features.append((tile.polygon, props))
+            tiles.extend(batch_tiles)
+            chunks.append(np.asarray(emb).astype(np.float16))
+        emb16 = np.concatenate(chunks) if chunks else np.zeros((0, int(card.embed_dim)), np.float16)
         stored = None
-        if keep and features:
-            stored = store_embeddings(loaded.card, info, band_map, level, grid, index, kept_tiles, kept_emb,
+        if cache and cached is None and grid.aoi is None and tiles:  # a full grid: worth storing
+            stored = store_embeddings(loaded.card, info, band_map, level, grid, index, tiles, chunks,
                                       stats.skipped_nodata, run_name)
 
-    if not features:
+    if not tiles:
         raise ValueError(f"every tile in the area is nodata ({stats.skipped_nodata} tiles skipped); nothing to classify")
+
+    emb = emb16.astype(np.float32)
+    raster_path = str(Path(raster).resolve())
+    linear, correction, example_rows = zero_shot_linear(head, card.logit_scale), None, {}
+    if found is not None:
+        t_fit = time.perf_counter()
+        positions = {t.id: i for i, t in enumerate(tiles)}
+        vectors = example_vectors(found, card, raster_path, grid.tile_px, grid.stride, positions, emb16)
+        linear = fit_correction(fewshot_method, head, card.logit_scale, vectors.astype(np.float32), example_labels,
+                                image_mean=_unit_mean(emb), has_text=has_text)
+        example_rows = {e.tile: classes[y].name for e, y in zip(found.examples, example_labels)
+                        if e.on_grid(raster_path, grid.tile_px, grid.stride) and e.tile in positions}
+        correction = _correction_summary(found, classes, example_labels, has_text, fewshot_method,
+                                         time.perf_counter() - t_fit)
+    probs = probabilities(linear.logits(emb), multi_label=multi_label, logit_bias=card.logit_bias)
+    refinement = None
+    if transductive:
+        refinement = refine(probs, emb, np.array([t.row for t in tiles]), np.array([t.col for t in tiles]))
+        probs = refinement.probabilities
+    s = rank_scores(probs, multi_label=multi_label, threshold=threshold)
+    counts = Counter({c.name: 0 for c in classes})
+    features = []
+    for i, tile in enumerate(tiles):
+        props = _tile_attributes(tile, classes, s, i, multi_label)
+        props[EXAMPLE_FIELD] = example_rows.get(tile.id)
+        counts[props["class"]] += 1
+        features.append((tile.polygon, props))
+    transductive_summary = None if refinement is None else {
+        "seconds": round(refinement.seconds, 4), "changed": refinement.changed, "rounds": refinement.rounds,
+        "neighbour_pairs": refinement.neighbour_pairs}
 
     run = {
         "run_id": uuid.uuid4().hex,
@@ -144,10 +188,20 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
                         if cache else None),
         "raster": str(Path(raster).resolve()),
         "raster_layout": info.layout,
+        "band_map": list(band_map) if band_map is not None else None,
+        "level": level,
         "raster_level": info.level,
         "raster_bands": list(info.bands),
         "bands_used": list(required_bands(card, info)),
         "prompts": [{"class": c.name, "phrases": list(c.phrases), "column": c.column} for c in classes],
+        "examples_file": str(found.path) if found is not None else None,
+        "examples": ([{"class": classes[y].name, "given": e.cls, "raster": e.raster, "tile": e.tile,
+                       "tile_px": e.tile_px, "stride": e.stride, "source": e.source}
+                      for e, y in zip(found.examples, example_labels)] if found is not None else None),
+        "examples_embeddings": encode_vectors(vectors) if found is not None else None,
+        "examples_model": model_stamp(card) if found is not None else None,
+        "correction": correction,
+        "transductive": transductive_summary,
         "templates": template_list,
         "templates_source": str(templates or card.templates),
         "mode": "multi-label" if multi_label else "single-label",
@@ -167,12 +221,27 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     seconds = time.perf_counter() - t0
     return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
-                          encode_seconds=stats.encode_seconds, runner=run_name, run=run)
+                          encode_seconds=stats.encode_seconds, runner=run_name, correction=correction,
+                          transductive=transductive_summary, run=run)
+
+
+def _unit_mean(emb: np.ndarray) -> np.ndarray:
+    """The mean of the unit tile embeddings (the image side of the modality gap, engine.fewshot.gap_shift)."""
+    return (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).mean(axis=0)
+
+
+def _correction_summary(found, classes, labels: np.ndarray, has_text: np.ndarray, method: str,
+                        seconds: float) -> dict:
+    per_class = Counter(classes[y].name for y in labels)
+    return {"method": method, "examples": len(labels), "per_class": dict(per_class),
+            "new_classes": [c.name for c, t in zip(classes, has_text) if not t],
+            "sources": dict(Counter(e.source for e in found.examples)), "seconds": round(seconds, 4)}
 
 
 def _fields(classes, multi_label: bool) -> dict[str, str]:
     fields = {"id": "int", "row": "int", "col": "int", "col_off": "int", "row_off": "int", "width": "int",
-              "height": "int", "class": "str", "score": "float", "second": "str", "margin": "float"}
+              "height": "int", "class": "str", "score": "float", "second": "str", "margin": "float",
+              EXAMPLE_FIELD: "str"}
     if multi_label:
         fields["labels"] = "str"
     fields.update({c.column: "float" for c in classes})

@@ -55,9 +55,18 @@ class Scores:
     labels: np.ndarray | None = None  # (N, C) bool, multi-label only: score >= threshold
 
 
+def probabilities(z: np.ndarray, multi_label: bool = False, logit_bias: float = 0.0) -> np.ndarray:
+    """(N, C) logits -> softmax over classes, or one sigmoid per class (``sigmoid(z + logit_bias)``)."""
+    return sigmoid(z + logit_bias) if multi_label else softmax(z)
+
+
 def score_tiles(z: np.ndarray, multi_label: bool = False, threshold: float = 0.5, logit_bias: float = 0.0) -> Scores:
     """Turn (N, C) logits into scores: softmax over classes, or one sigmoid per class with a threshold."""
-    s = sigmoid(z + logit_bias) if multi_label else softmax(z)
+    return rank_scores(probabilities(z, multi_label, logit_bias), multi_label, threshold)
+
+
+def rank_scores(s: np.ndarray, multi_label: bool = False, threshold: float = 0.5) -> Scores:
+    """Top class, runner-up and margin of (N, C) scores (probabilities or per-class sigmoids)."""
     order = np.argsort(-s, axis=1, kind="stable")
     best = order[:, 0]
     second = order[:, 1] if s.shape[1] > 1 else best
