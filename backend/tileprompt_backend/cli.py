@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
     c.add_argument("--index", help="embedding index to reuse and fill (default: the cache's, per model + tile)")
     c.add_argument("--no-cache", action="store_true", help="neither reuse nor store tile and prompt embeddings")
+    c.add_argument("--examples", metavar="FILE",
+                   help="few-shot correction: a result GeoPackage whose tiles you re-classed ('example' or 'class' "
+                        "edited), or polygons with a 'class' field (see docs/corrections.md)")
+    c.add_argument("--context", action="store_true",
+                   help="context-aware zero-shot: refine each tile with the layer's similar neighbours and the "
+                        "layer's class structure (transductive; single-label; costs extra time, reported)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_classify)
 
@@ -148,7 +154,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
             stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
             threshold=args.threshold, band_map=args.band_map.split(",") if args.band_map else None,
             level=args.level, batch_size=args.batch_size, runner=args.runner, device=args.device,
-            progress=progress, index=args.index, cache=not args.no_cache)
+            progress=progress, index=args.index, cache=not args.no_cache, examples=args.examples,
+            context=args.context)
     finally:
         if bar is not None:
             bar.close()
@@ -162,6 +169,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
     width = max(len(name) for name in result.counts)
     for name, n in sorted(result.counts.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<{width}}  {n:6d}  {100.0 * n / max(result.tiles, 1):5.1f} %")
+    if result.correction:
+        c = result.correction
+        per_class = ", ".join(f"{name} {n}" for name, n in c["per_class"].items())
+        new = f"; new classes: {', '.join(c['new_classes'])}" if c["new_classes"] else ""
+        print(f"corrected with {c['examples']} examples ({per_class}){new}; {c['method']} fitted in "
+              f"{c['seconds']:.3f} s")
+    if result.transductive:
+        t = result.transductive
+        print(f"context-aware: {t['changed']} tiles changed class, {t['seconds']:.3f} s")
     print(f"wrote {result.out}")
     return 0
 

@@ -181,6 +181,13 @@ def _check_request(request: Request) -> Request:
         info = _check_raster(request)
         _check_grid(info, request.tile_px or card.input.tile_px, request.stride, request.aoi, request.aoi_crs)
         updates = {"raster": str(_absolute(request.raster, "raster")), "out": str(out), "model": model}
+        if request.examples is not None:
+            examples = _existing(request.examples, "examples")
+            if examples.resolve() == out.resolve():
+                raise ValueError(f"the output would overwrite the examples file {examples.name}: write to another file")
+            updates["examples"] = str(examples)
+        if request.context and request.multi_label:
+            raise ValueError("context-aware zero-shot refines single-label probabilities: turn off multi_label")
         if request.index is not None:
             index = _absolute(request.index, "index")
             if index.exists() and not index.is_dir():
@@ -530,7 +537,7 @@ def run_classify(req: ClassifyRequest, ctx: JobContext):
                     stride=req.stride, aoi=req.aoi, aoi_crs=req.aoi_crs, multi_label=req.multi_label,
                     threshold=req.threshold, band_map=req.band_map, level=req.level, batch_size=req.batch_size,
                     runner=req.runner, device=ctx.device, progress=ctx.progress, cancel=ctx.cancel,
-                    index=req.index, cache=req.cache)
+                    index=req.index, cache=req.cache, examples=req.examples, context=req.context)
 
 
 def _raster_arg(r: RasterInput):

@@ -46,6 +46,10 @@ class ClassifyRequest(RasterInput, TileParams):
                                                 "per model + tile + stride)")
     cache: bool = Field(True, description="reuse the tile embeddings of an indexed raster and cached prompt "
                                           "embeddings; store a full grid's embeddings for the next run")
+    examples: str | None = Field(None, description="few-shot correction: a result GeoPackage with re-classed tiles "
+                                                   "('example' or 'class' edited), or polygons with a 'class' field")
+    context: bool = Field(False, description="context-aware zero-shot: refine with the layer's own tiles "
+                                             "(transductive, single-label; its cost is reported)")
 
 
 class IndexRequest(TileParams):

@@ -55,7 +55,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              batch_size: int = 32, runner: str = "auto", device: str = "auto",
              progress: ProgressFn | None = None, cancel: CancelFn | None = None,
              index: str | Path | None = None, cache: bool = True, examples: str | Path | None = None,
-             transductive: bool = False, fewshot_method: str = DEFAULT_METHOD) -> ClassifyResult:
+             context: bool = False, fewshot_method: str = DEFAULT_METHOD) -> ClassifyResult:
     """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
@@ -70,7 +70,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
 
     ``examples`` (a result GeoPackage with corrected tiles, or polygons with a ``class`` field; see
     engine.examples) corrects the zero-shot head with those tiles (engine.fewshot, ``fewshot_method``); the run
-    row keeps every example with its embedding. ``transductive`` refines the single-label probabilities with
+    row keeps every example with its embedding. ``context`` (context-aware zero-shot) refines the single-label probabilities with
     the layer's own tiles (engine.transductive). Both default to off: plain zero-shot.
     """
     started, t0 = _now(), time.perf_counter()
@@ -80,7 +80,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    if transductive and multi_label:
+    if context and multi_label:
         raise ValueError("context-aware zero-shot refines single-label probabilities: turn off multi-label")
     if fewshot_method not in METHODS:
         raise ValueError(f"unknown few-shot method {fewshot_method!r} (valid: {', '.join(METHODS)})")
@@ -156,7 +156,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
                                          time.perf_counter() - t_fit)
     probs = probabilities(linear.logits(emb), multi_label=multi_label, logit_bias=card.logit_bias)
     refinement = None
-    if transductive:
+    if context:
         refinement = refine(probs, emb, np.array([t.row for t in tiles]), np.array([t.col for t in tiles]))
         probs = refinement.probabilities
     s = rank_scores(probs, multi_label=multi_label, threshold=threshold)

@@ -137,7 +137,10 @@ def _from_result(path: Path) -> ExampleSet:
     if EXAMPLE_FIELD in data:
         for i in np.flatnonzero(_text(data[EXAMPLE_FIELD]) != ""):
             edited[int(ids[i])] = (_text(data[EXAMPLE_FIELD])[i], "example")
-    # a tile labelled again overrides what an earlier correction stored for it
+    # the result marks the examples it was corrected with (`example`): those stay as stored, with their
+    # embeddings; a tile labelled anew overrides what the earlier correction stored for it
+    stored_here = {e.tile: e for e in found.examples if e.on_grid(raster, tile_px, stride)}
+    edited = {t: v for t, v in edited.items() if t not in stored_here or v[0].casefold() != stored_here[t].cls.casefold()}
     found.examples = [e for e in found.examples if not (e.on_grid(raster, tile_px, stride) and e.tile in edited)]
     found.examples += [Example(cls, raster, tile, source, tile_px, stride) for tile, (cls, source) in sorted(edited.items())]
     return found
