@@ -74,6 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     q.set_defaults(func=cmd_search)
 
+    d = sub.add_parser("change", help="what changed between two dates: tiles ranked by embedding change",
+                       description="Index BEFORE and AFTER (two dates of the same place; grids may differ in CRS or "
+                                   "offset), pair their tiles by footprint and rank them by 1 - cosine, or by the "
+                                   "increase of a class ('--became flooded'). Writes layer 'change' (see "
+                                   "docs/change.md) and optionally a heat map.")
+    d.add_argument("before", metavar="BEFORE", help="the earlier raster (GeoTIFF/COG, band-file folder, IMG_DATA)")
+    d.add_argument("after", metavar="AFTER", help="the later raster; the change layer is on its grid")
+    _add_encoder_arguments(d, band_map_help="comma-separated band names of both multiband files, in file order")
+    d.add_argument("--index", help="index folder (default: the cache's index for model + tile + stride)")
+    d.add_argument("--prompts", help='classes for class_before/class_after, e.g. "water; forest; farmland"')
+    d.add_argument("--became", metavar="CLASS",
+                   help='rank by the increase of this class\'s probability, e.g. "flooded field" (added to the '
+                        "prompts when missing)")
+    d.add_argument("--templates", help="templates file for the prompts (default: the card's)")
+    d.add_argument("-k", type=int, help="write only the k highest-ranked tiles (default: every paired tile)")
+    d.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
+    d.add_argument("--heatmap", help="also write a float32 GeoTIFF of the score on the after scene's grid")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_change)
+
     m = sub.add_parser("models", help="list, create and fetch model cards")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     ml = msub.add_parser("list", help="list the model cards found")
@@ -137,17 +157,7 @@ def _read_aoi(value: str | None) -> str | None:
 def cmd_classify(args: argparse.Namespace) -> int:
     from .engine import classify
 
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=0, unit="tile", desc="classify", file=sys.stderr, dynamic_ncols=True)
-
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    bar, progress = _progress_bar(args.quiet, "classify")
     try:
         result = classify(
             args.raster, args.prompts, args.out, model=args.model, templates=args.templates, tile_px=args.tile,
@@ -207,6 +217,44 @@ def cmd_search(args: argparse.Namespace) -> int:
                     heatmap=args.heatmap, device=args.device)
     query = f"{len(result.query_tiles)} query tile(s)" if result.query_tiles else "the text"
     print(f"{result.hits} similar tiles to {query} in {result.seconds:.2f} s ({result.search_method})")
+    print(f"wrote {result.out}" + (f" and {result.heatmap}" if result.heatmap else ""))
+    return 0
+
+
+def _progress_bar(quiet: bool, desc: str):
+    """A tqdm bar on stderr and the progress(done, total) callback that drives it (None, no-op when quiet)."""
+    if quiet:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="tile", desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, progress
+
+
+def cmd_change(args: argparse.Namespace) -> int:
+    from .index import change_search
+
+    band_map = args.band_map.split(",") if args.band_map else None
+    rasters = [{"raster": r, "band_map": band_map, "level": args.level} if band_map or args.level else r
+               for r in (args.before, args.after)]
+    bar, progress = _progress_bar(args.quiet, "index")
+    try:
+        result = change_search(rasters[0], rasters[1], out=args.out, heatmap=args.heatmap, model=args.model,
+                               tile_px=args.tile, stride=args.stride, index=args.index, prompts=args.prompts,
+                               became=args.became, templates=args.templates, k=args.k, device=args.device,
+                               runner=args.runner, batch_size=args.batch_size, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    by = f"became {result.became}" if result.became else "embedding change (1 - cosine)"
+    unpaired = f"; {result.unpaired} tiles without the other date under them" if result.unpaired else ""
+    print(f"{result.pairs} tiles ranked by {by} in {result.seconds:.1f} s ({result.computed} tiles encoded){unpaired}")
     print(f"wrote {result.out}" + (f" and {result.heatmap}" if result.heatmap else ""))
     return 0
 

@@ -169,19 +169,30 @@ def _geojson_to_shape(obj: dict) -> BaseGeometry:
 
 def reproject_geometry(geom: BaseGeometry, src_crs, dst_crs) -> BaseGeometry:
     """Transform a geometry between CRSs with pyproj, densified first so long edges follow the projection."""
+    return reproject_geometries(np.array([geom], dtype=object), src_crs, dst_crs)[0]
+
+
+def reproject_geometries(geoms: np.ndarray, src_crs, dst_crs, segments: int = 64) -> np.ndarray:
+    """:func:`reproject_geometry` for an array of geometries in one pass: each is densified to ``segments``
+    pieces along its longest side, then every vertex goes through one pyproj transformer."""
     try:
         src, dst = CRS.from_user_input(_crs_text(src_crs)), CRS.from_user_input(_crs_text(dst_crs))
     except Exception as e:  # pyproj raises CRSError with a useful message
         raise ValueError(f"unknown CRS: {e}") from None
-    if src == dst:
-        return geom
+    geoms = np.asarray(geoms, dtype=object)
+    if src == dst or not len(geoms):
+        return geoms
     transformer = Transformer.from_crs(src, dst, always_xy=True)
-    l, b, r, t = geom.bounds
-    dense = shapely.segmentize(geom, max(r - l, t - b) / 64 or 1.0)
+    bounds = shapely.bounds(geoms)
+    longest = np.maximum(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1]) / segments
+    dense = shapely.segmentize(geoms, np.where(longest > 0, longest, 1.0))
     out = shapely.transform(dense, lambda x, y: transformer.transform(x, y), interleaved=False)
-    if not np.all(np.isfinite(out.bounds)):
+    if not np.all(np.isfinite(shapely.bounds(out))):
         raise ValueError(f"area of interest cannot be transformed from {src.to_string()} to {dst.to_string()}")
-    return out if out.is_valid else shapely.make_valid(out)
+    invalid = ~shapely.is_valid(out)
+    if invalid.any():
+        out[invalid] = shapely.make_valid(out[invalid])
+    return out
 
 
 def _crs_text(crs) -> str:
