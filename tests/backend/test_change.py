@@ -164,5 +164,5 @@ def test_cli_change_and_its_refusals(eolearn_dates, tiny_models, index_dir, tmp_
             "give the other classes")
     refused([eolearn_dates[0], eolearn_dates[1], "-k", "0", "--out", str(tmp_path / "c.gpkg")], "k must be")
     refused([eolearn_dates[0], eolearn_dates[1], "--out", str(tmp_path / "d.gpkg"), "--heatmap",
-             str(tmp_path / "d.gpkg")], "need different paths")
+             str(tmp_path / "d.gpkg")], "must be a .tif or .tiff file")
     assert not any((tmp_path / n).exists() for n in ("a.gpkg", "b.gpkg", "c.gpkg"))
