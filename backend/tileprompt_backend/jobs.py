@@ -24,11 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .schemas import ClassifyRequest, IndexRequest, JobStatus, RasterInput, SearchRequest
+from .schemas import ChangeRequest, ClassifyRequest, IndexRequest, JobStatus, RasterInput, SearchRequest
 
 log = logging.getLogger(__name__)
 
-Request = ClassifyRequest | IndexRequest | SearchRequest
+Request = ClassifyRequest | IndexRequest | SearchRequest | ChangeRequest
 #: Finished jobs kept for GET /v1/jobs; older finished ones are forgotten first.
 MAX_FINISHED_JOBS = 500
 #: A request whose grid would exceed this many tiles is refused before any work (a typo such as tile_px=1).
@@ -237,7 +237,42 @@ def _check_request(request: Request) -> Request:
                 raise ValueError("the heat map and the GeoPackage need different paths")
             updates["heatmap"] = str(heatmap)
         _check_search_scene(request, index)
-    else:  # pragma: no cover - the schema's discriminator admits only the three kinds
+    elif isinstance(request, ChangeRequest):
+        from .engine.prompts import load_templates, parse_prompts
+
+        model = _model_arg(request.model)
+        card = resolve_card(model or DEFAULT_MODEL)
+        dates = {}
+        for name in ("before", "after"):
+            r = getattr(request, name)
+            try:
+                info = _check_raster(r)
+                _check_grid(info, request.tile_px or card.input.tile_px, request.stride)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            dates[name] = r.model_copy(update={"raster": str(_absolute(r.raster, "raster"))})
+        if Path(dates["before"].raster).resolve() == Path(dates["after"].raster).resolve() and \
+                dates["before"].band_map == dates["after"].band_map and dates["before"].level == dates["after"].level:
+            raise ValueError("before and after are the same raster: give two dates of the same place")
+        if request.prompts is not None and request.prompts.strip():
+            parse_prompts(request.prompts)
+        if request.became is not None:
+            parse_prompts(request.became)
+        if request.templates is not None:
+            load_templates(request.templates)
+        out = _absolute(request.out, "out")
+        check_output_path(out)
+        updates = {**dates, "out": str(out), "model": model}
+        if request.heatmap is not None:
+            heatmap = _absolute(request.heatmap, "heatmap")
+            check_output_path(heatmap, (".tif", ".tiff"))
+            updates["heatmap"] = str(heatmap)
+        if request.index is not None:
+            index = _absolute(request.index, "index")
+            if index.exists() and not index.is_dir():
+                raise ValueError(f"index must be a folder, got a file: {index}")
+            updates["index"] = str(index)
+    else:  # pragma: no cover - the schema's discriminator admits only these kinds
         raise ValueError(f"unknown job kind {getattr(request, 'kind', None)!r}")
     return request.model_copy(update=updates)
 
@@ -563,4 +598,15 @@ def run_search(req: SearchRequest, ctx: JobContext):
                   cancel=ctx.cancel, device=ctx.device)
 
 
-HANDLERS: dict[str, Handler] = {"classify": run_classify, "index": run_index, "search": run_search}
+def run_change(req: ChangeRequest, ctx: JobContext):
+    from .index import change_search
+
+    return change_search(_raster_arg(req.before), _raster_arg(req.after), out=req.out, heatmap=req.heatmap,
+                         model=req.model, tile_px=req.tile_px, stride=req.stride, index=req.index,
+                         prompts=req.prompts, became=req.became, templates=req.templates, k=req.k,
+                         device=ctx.device, runner=req.runner, batch_size=req.batch_size, progress=ctx.progress,
+                         cancel=ctx.cancel)
+
+
+HANDLERS: dict[str, Handler] = {"classify": run_classify, "index": run_index, "search": run_search,
+                                "change": run_change}

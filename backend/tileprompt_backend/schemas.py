@@ -72,14 +72,27 @@ class SearchRequest(_Strict):
     heatmap: str | None = Field(None, description="optional float GeoTIFF of similarity on the raster grid")
 
 
-JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest], Field(discriminator="kind")]
+class ChangeRequest(TileParams):
+    kind: Literal["change"] = "change"
+    before: RasterInput = Field(..., description="the earlier date")
+    after: RasterInput = Field(..., description="the later date; the change layer and heat map are on its grid")
+    index: str | None = Field(None, description="index directory (default: the cache, keyed by model + tile + stride)")
+    prompts: str | None = Field(None, max_length=20_000, description="classes for class_before / class_after")
+    became: str | None = Field(None, max_length=200, description='rank by the increase of this class, e.g. "flooded"')
+    templates: str | None = Field(None, description="templates file for the prompts (default: the card's)")
+    k: int | None = Field(None, ge=1, le=MAX_K, description="write only the k highest-ranked tiles (default: all)")
+    out: str = Field(..., min_length=1, description="output GeoPackage path (layer 'change')")
+    heatmap: str | None = Field(None, description="optional float GeoTIFF of the change score on the after grid")
+
+
+JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest, ChangeRequest], Field(discriminator="kind")]
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class JobStatus(BaseModel):
     id: str
-    kind: Literal["classify", "index", "search"]
+    kind: Literal["classify", "index", "search", "change"]
     state: JobState
     done: int = 0  # tiles processed
     total: int = 0  # tiles to process (0 while unknown)

