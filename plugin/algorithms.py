@@ -1,4 +1,5 @@
-"""Processing algorithms of the ``tileprompt`` provider: classify, build an index, find similar, text search.
+"""Processing algorithms of the ``tileprompt`` provider: classify (with optional few-shot examples and
+context-aware refinement), build an index, find similar, text search, change between two dates.
 
 Each runs in three steps, as Processing schedules them:
 ``prepareAlgorithm`` (UI thread): reads layers, exports a layer the backend cannot open, finds the backend;
@@ -31,6 +32,7 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
+    QgsProcessingParameterVectorLayer,
 )
 from qgis.PyQt.QtGui import QIcon
 
@@ -39,9 +41,10 @@ from .bands import validate_band_map
 from .client import BackendError
 from .i18n import tr
 from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, run_jobs
-from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query, SearchParameters
+from .corrections import read_run, run_classes
+from .parameters import Area, AreaMode, ChangeParameters, ClassifyParameters, Extent, Fuse, Query, SearchParameters
 from .prompts import PromptError, parse_prompts, prompts_to_request
-from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_graduated, \
+from .results import CHANGE_LAYER, SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_graduated, \
     style_pseudocolor
 from .runs import new_output, plan_search, prepare_raster, raster_input_from_layer
 from .settings import ICON_PATH, Key
@@ -215,6 +218,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
 class ClassifyAlgorithm(TilePromptAlgorithm):
     PROMPTS, TEMPLATES, EXTENT, AOI = "PROMPTS", "TEMPLATES", "EXTENT", "AOI"
     MULTI_LABEL, THRESHOLD, TILES, COUNTS = "MULTI_LABEL", "THRESHOLD", "TILES", "CLASS_COUNTS"
+    EXAMPLES, CONTEXT = "EXAMPLES", "CONTEXT"
 
     def name(self):
         return "classify"
@@ -226,7 +230,10 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         return tr("Cuts the raster into tiles and gives every tile the class prompt it matches best (or, in "
                   "multi-label mode, every class whose score reaches the threshold). Prompts: one class per line, "
                   "synonyms after |. Needs a running TilePrompt backend (start it from the TilePrompt dock). "
-                  "Output: a GeoPackage layer 'tiles' with class, score, runner-up, margin and one score per class.")
+                  "Output: a GeoPackage layer 'tiles' with class, score, runner-up, margin and one score per class. "
+                  "Examples (optional) correct the classification with a few tiles: a TilePrompt result whose tiles "
+                  "you re-classed (its 'example' or 'class' field), or polygons with a 'class' field. Context-aware "
+                  "refines each tile with the layer's own tiles (single label).")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._add_raster_parameters()
@@ -239,6 +246,11 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         self.addParameter(QgsProcessingParameterBoolean(self.MULTI_LABEL, tr("Multi-label"), False))
         self.addParameter(QgsProcessingParameterNumber(
             self.THRESHOLD, tr("Multi-label threshold"), compat.NUMBER_DOUBLE, 0.5, False, 0.01, 0.99))
+        self.addParameter(QgsProcessingParameterVectorLayer(
+            self.EXAMPLES, tr("Examples: a corrected TilePrompt result, or polygons with a 'class' field"),
+            [compat.SOURCE_VECTOR_POLYGON], optional=True))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.CONTEXT, tr("Context-aware (refine with the layer's own tiles)"), False))
         templates = QgsProcessingParameterFile(self.TEMPLATES, tr("Templates file (empty: the model's)"),
                                                compat.FILE_BEHAVIOR_FILE, "txt", optional=True)
         templates.setFlags(templates.flags() | compat.PARAM_FLAG_ADVANCED)
@@ -270,6 +282,7 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         except PromptError as exc:
             raise QgsProcessingException(tr("Prompts: {error}").format(error=exc)) from None
         self.class_order = [c.name for c in classes]
+        examples = self._examples(parameters, context)
         area = self._area(parameters, context)
         export_extent = None
         if area.wkt:
@@ -281,7 +294,8 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
             raster=raster, prompts=prompts_to_request(classes), model=self._model(parameters, context),
             templates=self.parameterAsFile(parameters, self.TEMPLATES, context) or None, area=area, tile_px=tile,
             overlap_px=overlap, multi_label=self.parameterAsBoolean(parameters, self.MULTI_LABEL, context),
-            threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context))
+            threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
+            context=self.parameterAsBoolean(parameters, self.CONTEXT, context), examples=examples)
         out = self._output_path(parameters, self.OUTPUT, context, raster.layer_name + "_tiles")
         model_tile = self.session.model_info(self.params.model).get("tile_px")
         self._connect()
@@ -293,6 +307,21 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         self._styles = {self.OUTPUT: (TILES_LAYER, _styler(style_categorized, self.class_order))}
         return True
 
+    def _examples(self, parameters, context) -> str | None:
+        """The examples layer's file (the backend reads files); a layer without one is refused."""
+        layer = self.parameterAsVectorLayer(parameters, self.EXAMPLES, context)
+        if layer is None:
+            return None
+        path = layer.source().split("|", 1)[0]
+        if layer.providerType() != "ogr" or not path:
+            raise QgsProcessingException(tr("Save the examples layer {layer} to a file (GeoPackage) first.").format(
+                layer=layer.name()))
+        if layer.isEditable() and layer.isModified():
+            raise QgsProcessingException(tr("Save the edits of the examples layer {layer} first.").format(
+                layer=layer.name()))
+        self.class_order += [c for c in run_classes(read_run(path)) if c not in self.class_order]
+        return path
+
     def finish(self, outcome, context, feedback):
         from qgis.core import QgsVectorLayer
 
@@ -302,6 +331,13 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         self._outputs[self.TILES] = sum(counts.values())
         self._outputs[self.COUNTS] = json.dumps(dict(counts), sort_keys=True)
         feedback.pushInfo(tr("{n} tiles: {counts}").format(n=sum(counts.values()), counts=dict(counts)))
+        result = outcome.status.get("result") or {}
+        if result.get("correction"):
+            feedback.pushInfo(tr("Corrected with {n} examples: {per_class}").format(
+                n=result["correction"].get("examples"), per_class=result["correction"].get("per_class")))
+        if result.get("transductive"):
+            feedback.pushInfo(tr("Context-aware: {n} tiles changed class, {s:.2f} s.").format(
+                n=result["transductive"].get("changed"), s=result["transductive"].get("seconds", 0.0)))
         return {k: v for k, v in self._outputs.items() if not k.endswith("_PATH")}
 
 
@@ -460,4 +496,86 @@ class BuildIndexAlgorithm(TilePromptAlgorithm):
         return dict(self._outputs)
 
 
-ALGORITHMS = (ClassifyAlgorithm, BuildIndexAlgorithm, FindSimilarAlgorithm, TextSearchAlgorithm)
+class ChangeAlgorithm(TilePromptAlgorithm):
+    BEFORE, AFTER, PROMPTS, BECAME, HEATMAP, PAIRS = "BEFORE", "AFTER", "PROMPTS", "BECAME", "HEATMAP", "PAIRS"
+
+    def name(self):
+        return "change"
+
+    def displayName(self):  # noqa: N802
+        return tr("What changed between two dates")
+
+    def shortHelpString(self):  # noqa: N802
+        return tr("Indexes two rasters of the same place (once), pairs their tiles by footprint (other CRS or offset "
+                  "grids are matched by overlap) and ranks the after raster's tiles by embedding change (1 - cosine), "
+                  "or by the increase of a class ('became': e.g. flooded field). Classes (optional) give each tile its "
+                  "class before and after. Output: layer 'change' (rank, score, change, became, class before/after) "
+                  "and an optional heat map.")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer(self.BEFORE, tr("Before (earlier date)")))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.AFTER, tr("After (later date)")))
+        self.addParameter(QgsProcessingParameterString(
+            self.MODEL, tr("Model id (empty: the backend's default)"),
+            defaultValue=self.session.settings.get(Key.DEFAULT_MODEL) or None, optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.TILE, tr("Tile size in pixels (0: the model's)"), compat.NUMBER_INTEGER, 0, False, 0, 4096))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.OVERLAP, tr("Tile overlap in pixels"), compat.NUMBER_INTEGER, 0, False, 0, 4095))
+        self.addParameter(QgsProcessingParameterString(
+            self.PROMPTS, tr("Classes for class before/after (optional, one per line)"), multiLine=True,
+            optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            self.BECAME, tr("Rank by what became this class (optional)"), optional=True))
+        self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Change")))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.HEATMAP, tr("Change heat map"), optional=True, createByDefault=False))
+        self.addOutput(QgsProcessingOutputNumber(self.PAIRS, tr("Number of tiles ranked")))
+
+    def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 (UI thread)
+        layers = [self.parameterAsRasterLayer(parameters, name, context) for name in (self.BEFORE, self.AFTER)]
+        if any(layer is None for layer in layers):
+            raise QgsProcessingException(tr("Choose the raster layers of both dates."))
+        tile, overlap = self._tiles(parameters, context)
+        prompts = self.parameterAsString(parameters, self.PROMPTS, context).strip()
+        became = self.parameterAsString(parameters, self.BECAME, context).strip()
+        try:
+            prompt_text = prompts_to_request(parse_prompts(prompts)) if prompts else None
+            became_classes = parse_prompts(became) if became else []
+        except PromptError as exc:
+            raise QgsProcessingException(tr("Classes: {error}").format(error=exc)) from None
+        if len(became_classes) > 1:
+            raise QgsProcessingException(tr("'Became' names one class."))
+        model = self._model(parameters, context)
+        gsd = self.session.model_info(model).get("gsd_m")
+        try:
+            before, after = (prepare_raster(raster_input_from_layer(layer), gsd,
+                                            self.session.settings.cache_dir() / "exports", layer) for layer in layers)
+        except ValueError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        params = ChangeParameters(before=before, after=after, model=model, tile_px=tile, overlap_px=overlap,
+                                  prompts=prompt_text, became=became_classes[0].line() if became_classes else None)
+        out = self._output_path(parameters, self.OUTPUT, context, after.layer_name + "_change")
+        heatmap = self.parameterAsOutputLayer(parameters, self.HEATMAP, context) or None
+        self._connect()
+        try:
+            self._requests = [params.change_request(out, heatmap, self.session.model_info(model).get("tile_px"))]
+        except ValueError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        self._outputs = {self.OUTPUT: f"{out}|layername={CHANGE_LAYER}", self.OUTPUT + "_PATH": out}
+        self._styles = {self.OUTPUT: (CHANGE_LAYER, _styler(style_graduated, "score"))}
+        if heatmap:
+            self._outputs[self.HEATMAP] = heatmap
+            self._outputs[self.HEATMAP + "_PATH"] = heatmap
+            self._styles[self.HEATMAP] = (None, _styler(style_pseudocolor))
+        return True
+
+    def finish(self, outcome, context, feedback):
+        result = outcome.status.get("result") or {}
+        self._outputs[self.PAIRS] = int(result.get("pairs") or 0)
+        feedback.pushInfo(tr("{n} tiles ranked ({unpaired} without the other date under them).").format(
+            n=result.get("pairs", "?"), unpaired=result.get("unpaired", 0)))
+        return {k: v for k, v in self._outputs.items() if not k.endswith("_PATH")}
+
+
+ALGORITHMS = (ClassifyAlgorithm, BuildIndexAlgorithm, FindSimilarAlgorithm, TextSearchAlgorithm, ChangeAlgorithm)

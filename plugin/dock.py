@@ -2,8 +2,9 @@
 
 The dock only turns its widgets into typed parameter objects (parameters.py) and shows what the plugin tells
 it; it starts no job, process or network call itself. Signals out: ``classifyRequested(ClassifyParameters)``,
-``searchRequested(SearchParameters)``, ``cancelRequested``, ``drawRequested(purpose, shape)`` and the backend
-buttons. Building parameters raises :class:`ParameterError` with a message for the user.
+``searchRequested(SearchParameters)``, ``correctRequested(CorrectParameters)`` (the Correct tab,
+correct_panel.py), ``changeRequested(ChangeParameters)`` (the Change tab, change_panel.py), ``cancelRequested``,
+``drawRequested(purpose, shape)`` and the backend buttons. Building parameters raises :class:`ParameterError` with a message for the user.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from qgis.PyQt.QtWidgets import (
 
 from . import compat
 from .bands import validate_band_map
+from .change_panel import ChangePanel
+from .correct_panel import CorrectPanel
 from .i18n import tr
 from .parameters import (
     Area,
@@ -111,6 +114,8 @@ def geometry_wkt(geometry: QgsGeometry) -> str:
 class TilePromptDock(QgsDockWidget):
     classifyRequested = pyqtSignal(object)  # noqa: N815
     searchRequested = pyqtSignal(object)  # noqa: N815
+    correctRequested = pyqtSignal(object)  # noqa: N815
+    changeRequested = pyqtSignal(object)  # noqa: N815
     cancelRequested = pyqtSignal()  # noqa: N815
     drawRequested = pyqtSignal(str, str)  # noqa: N815  purpose ("area"/"query"), shape ("rectangle"/"polygon")
     startBackendRequested = pyqtSignal()  # noqa: N815
@@ -142,6 +147,14 @@ class TilePromptDock(QgsDockWidget):
         self.tabs = QTabWidget(body)
         self.tabs.addTab(self._classify_tab(), tr("Classify"))
         self.tabs.addTab(self._search_tab(), tr("Similar tiles"))
+        self.correct_panel = CorrectPanel(self)
+        self.correct_panel.correctRequested.connect(self.correctRequested)
+        self.correct_panel.error.connect(self.show_error)
+        self.correct_panel.message.connect(self.set_status)
+        self.tabs.addTab(self.correct_panel, tr("Correct"))
+        self.change_panel = ChangePanel(self)
+        self.change_panel.changeRequested.connect(self.request_change)
+        self.tabs.addTab(self.change_panel, tr("Change"))
         layout.addWidget(self.tabs)
         layout.addLayout(self._run_row())
         layout.addStretch(1)
@@ -330,6 +343,11 @@ class TilePromptDock(QgsDockWidget):
         mode_row.addWidget(self.label_mode_combo, 1)
         mode_row.addWidget(self.threshold_spin)
         form.addRow(tr("Labels"), mode_row)
+        self.context_check = QCheckBox(tr("context-aware: refine with the layer's own tiles"), tab)
+        self.context_check.setToolTip(tr("Transductive zero-shot: similar neighbouring tiles and the layer's class "
+                                         "structure refine each tile's probabilities (single label; slower, the "
+                                         "cost is reported)"))
+        form.addRow("", self.context_check)
         self.output_widget = QgsFileWidget(tab)
         self.output_widget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
         self.output_widget.setFilter(tr("GeoPackage (*.gpkg)"))
@@ -676,7 +694,9 @@ class TilePromptDock(QgsDockWidget):
 
     # ---------------------------------------------------------------------------------------------- classify
     def _on_label_mode_changed(self, *_args) -> None:
-        self.threshold_spin.setEnabled(bool(self.label_mode_combo.currentData()))
+        multi = bool(self.label_mode_combo.currentData())
+        self.threshold_spin.setEnabled(multi)
+        self.context_check.setEnabled(not multi)
 
     def classify_parameters(self) -> ClassifyParameters:
         """The one object a classification run needs, from the widgets; ParameterError/PromptError if invalid."""
@@ -695,7 +715,8 @@ class TilePromptDock(QgsDockWidget):
             raster=raster, prompts=prompts_to_request(classes), model=self.current_model(),
             prompt_set=str(self.prompt_set_combo.currentData() or ""), templates=self.template_combo.currentData(),
             area=area, tile_px=tile, overlap_px=overlap, multi_label=bool(self.label_mode_combo.currentData()),
-            threshold=round(self.threshold_spin.value(), 4), output=output)
+            threshold=round(self.threshold_spin.value(), 4), output=output,
+            context=self.context_check.isChecked() and not self.label_mode_combo.currentData())
 
     def request_classify(self) -> ClassifyParameters | None:
         try:
@@ -807,11 +828,24 @@ class TilePromptDock(QgsDockWidget):
         layer.selectByIds([fid])
         return True
 
+    # ------------------------------------------------------------------------------------------------ change
+    def request_change(self):
+        """The Change tab's run, with this dock's model and tiles; ChangeParameters or None (error shown)."""
+        try:
+            parameters = self.change_panel.parameters(self.current_model(), self.tile_spin.value() or None,
+                                                      self.overlap_spin.value())
+        except ValueError as exc:
+            self.show_error(str(exc))
+            return None
+        self.changeRequested.emit(parameters)
+        return parameters
+
     # ------------------------------------------------------------------------------------------- run state
     def set_busy(self, busy: bool, text: str = "") -> None:
         self._busy = busy
         for button in (self.run_button, self.draw_rect_button, self.draw_polygon_button, self.selected_query_button,
-                       self.text_button, self.search_again_button):
+                       self.text_button, self.search_again_button, *self.correct_panel.action_buttons(),
+                       *self.change_panel.action_buttons()):
             button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
         if busy:
@@ -848,5 +882,6 @@ class TilePromptDock(QgsDockWidget):
         self.overlap_spin.setValue(int(state.get("overlap_px") or 0))
         self.label_mode_combo.setCurrentIndex(1 if state.get("multi_label") else 0)
         self.threshold_spin.setValue(float(state.get("threshold") or 0.5))
+        self.context_check.setChecked(bool(state.get("context")))
         index = self.template_combo.findData(state.get("templates"))
         self.template_combo.setCurrentIndex(max(index, 0))

@@ -20,15 +20,17 @@ from qgis.PyQt.QtWidgets import QApplication, QFileDialog
 
 from .client import BackendUnavailable, Connection
 from .compat import QAction
+from .corrections import read_run, run_classes
 from .diagnostics import report
 from .dock import TilePromptDock
 from .i18n import Translator, tr
 from .jobs import JobCancelled, JobFailed, JobSucceeded
 from .launcher import BackendLauncher, backend_environment
 from .maptools import PolygonTool, RectangleTool, Sketches
-from .parameters import ClassifyParameters, SearchParameters
+from .parameters import ChangeParameters, ClassifyParameters, CorrectParameters, SearchParameters, correction_request
 from .provider import TilePromptProvider
 from .results import (
+    CHANGE_LAYER,
     SIMILAR_LAYER,
     TILES_LAYER,
     add_to_group,
@@ -102,6 +104,8 @@ class TilePromptPlugin:
             (self.dock.visibilityChanged, self.action.setChecked),
             (self.dock.classifyRequested, self.run_classify),
             (self.dock.searchRequested, self.run_search),
+            (self.dock.correctRequested, self.run_correction),
+            (self.dock.changeRequested, self.run_change),
             (self.dock.cancelRequested, self.cancel),
             (self.dock.drawRequested, self.start_drawing),
             (self.dock.startBackendRequested, self.start_backend),
@@ -350,6 +354,7 @@ class TilePromptPlugin:
             counts = style_categorized(layer, classes)
             add_to_group([layer])
             self._reveal(layer)
+            self.dock.correct_panel.set_layer(layer)  # ready for corrections
             self.dock.progress.setValue(100)
             self.dock.show_summary(summary_rows(counts, classes), classes)
             total = sum(counts.values())
@@ -413,6 +418,92 @@ class TilePromptPlugin:
         self.dock.show_search_results(layer)
         self.dock.set_status(tr("{n} tiles found.").format(n=layer.featureCount()))
         self._message(tr("{n} tiles found.").format(n=layer.featureCount()), Qgis.MessageLevel.Success, 4)
+
+    def run_correction(self, params: CorrectParameters):
+        """Re-classify the raster of a classified layer with the tiles marked in it (a new layer)."""
+        if not self._can_run():
+            return None
+        run = read_run(params.result)
+        out = new_output(self.settings.cache_dir() / "results", params.layer_name + "_corrected")
+        try:
+            request = correction_request(run, params.result, out, params.context)
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return None
+        title = tr("TilePrompt: correct {layer}").format(layer=params.layer_name)
+        return self._start_task(title, [request], lambda outcome: self._correction_done(outcome, params, out))
+
+    def _correction_done(self, outcome, params: CorrectParameters, out: str):
+        self.current_task = None
+        if self.dock is None:
+            return
+        self.dock.set_busy(False)
+        if not isinstance(outcome, JobSucceeded):
+            self._report_unsuccessful(outcome)
+            return
+        classes = run_classes(read_run(out))
+        try:
+            layer = load_vector(out, TILES_LAYER, tr("{layer} · corrected").format(layer=params.layer_name))
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return
+        counts = style_categorized(layer, classes)
+        add_to_group([layer])
+        self._reveal(layer)
+        self.dock.correct_panel.set_layer(layer)  # further corrections continue on the new layer
+        self.dock.progress.setValue(100)
+        self.dock.show_summary(summary_rows(counts, classes), classes)
+        correction = (outcome.status.get("result") or {}).get("correction") or {}
+        text = tr("{n} tiles re-classified with {m} examples.").format(n=sum(counts.values()),
+                                                                       m=correction.get("examples", "?"))
+        self.dock.set_status(text)
+        self._message(text, Qgis.MessageLevel.Success, 5)
+
+    def run_change(self, params: ChangeParameters):
+        """Index both dates and rank the after layer's tiles by change (layer + heat map)."""
+        if not self._can_run():
+            return None
+        model = self.session.model_info(params.model)
+        try:
+            before = prepare_raster(params.before, model.get("gsd_m"), self._exports_dir())
+            after = prepare_raster(params.after, model.get("gsd_m"), self._exports_dir())
+            params = replace(params, before=before, after=after)
+            results = self.settings.cache_dir() / "results"
+            out = new_output(results, after.layer_name + "_change")
+            heatmap = new_output(results, after.layer_name + "_change_heat", ".tif") if params.heatmap else None
+            request = params.change_request(out, heatmap, model.get("tile_px"))
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return None
+        title = tr("TilePrompt: what changed from {before} to {after}").format(before=before.layer_name,
+                                                                               after=after.layer_name)
+        return self._start_task(title, [request], lambda outcome: self._change_done(outcome, params, out, heatmap))
+
+    def _change_done(self, outcome, params: ChangeParameters, out: str, heatmap: str | None):
+        self.current_task = None
+        if self.dock is None:
+            return
+        self.dock.set_busy(False)
+        if not isinstance(outcome, JobSucceeded):
+            self._report_unsuccessful(outcome)
+            return
+        label = tr("became {cls}").format(cls=params.became.split("|")[0].strip()) if params.became else tr("change")
+        name = f"{params.before.layer_name} → {params.after.layer_name}"
+        try:
+            layer = load_vector(out, CHANGE_LAYER, tr("{name} · {label}").format(name=name, label=label))
+            style_graduated(layer, "score")
+            layers = [layer]
+            if heatmap:
+                layers.append(load_heatmap(heatmap, tr("{name} · {label} heat map").format(name=name, label=label)))
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return
+        add_to_group(layers)
+        self._reveal(layer)
+        self.dock.progress.setValue(100)
+        text = tr("{n} tiles ranked by {label}.").format(n=layer.featureCount(), label=label)
+        self.dock.set_status(text)
+        self._message(text, Qgis.MessageLevel.Success, 5)
 
     def _reveal(self, layer):
         """Select the new layer in the Layers panel (which also expands the TilePrompt group)."""

@@ -30,7 +30,7 @@ MODELS = [
 
 class FakeBackend:
     def __init__(self, files: dict, token: str = "secret-token"):
-        self.files = files  # "tiles" -> gpkg, "similar" -> gpkg, "heatmap" -> tif
+        self.files = files  # "tiles" -> gpkg, "similar" -> gpkg, "change" -> gpkg, "heatmap" -> tif
         self.token = token
         self.jobs: dict[str, dict] = {}
         self.requests: list[dict] = []  # every job request body received
@@ -97,6 +97,11 @@ class FakeBackend:
             if request.get("heatmap"):
                 shutil.copy(self.files["heatmap"], request["heatmap"])
             job["result"] = {"out": request["out"], "heatmap": request.get("heatmap")}
+        elif job["kind"] == "change":
+            shutil.copy(self.files["change"], request["out"])
+            if request.get("heatmap"):
+                shutil.copy(self.files["heatmap"], request["heatmap"])
+            job["result"] = {"out": request["out"], "heatmap": request.get("heatmap"), "pairs": 12, "unpaired": 0}
         job["state"], job["done"], job["finished"] = "succeeded", 12, job["created"]
 
     @staticmethod
@@ -161,7 +166,7 @@ class FakeBackend:
                 if self.path != "/v1/jobs":
                     self._send(404, {"detail": "not found"})
                     return
-                if body.get("kind") not in ("classify", "index", "search"):
+                if body.get("kind") not in ("classify", "index", "search", "change"):
                     self._send(422, {"detail": [{"loc": ["body", "kind"], "msg": "unknown job kind"}]})
                     return
                 if body.get("kind") == "classify" and not Path(body.get("raster", "")).exists():
