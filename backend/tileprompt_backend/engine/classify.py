@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import __version__
 from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
-from ..outputs import check_output_path, write_tiles_gpkg
+from ..outputs import check_output_path, write_layer
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
 from .embed import CancelFn, EmbedStats, ProgressFn, check_bands, embed_tiles
@@ -160,13 +160,11 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         refinement = refine(probs, emb, np.array([t.row for t in tiles]), np.array([t.col for t in tiles]))
         probs = refinement.probabilities
     s = rank_scores(probs, multi_label=multi_label, threshold=threshold)
+    columns = _columns(tiles, classes, s, multi_label)
+    columns[EXAMPLE_FIELD] = [example_rows.get(t.id) for t in tiles]
     counts = Counter({c.name: 0 for c in classes})
-    features = []
-    for i, tile in enumerate(tiles):
-        props = _tile_attributes(tile, classes, s, i, multi_label)
-        props[EXAMPLE_FIELD] = example_rows.get(tile.id)
-        counts[props["class"]] += 1
-        features.append((tile.polygon, props))
+    counts.update(dict(zip(*np.unique(columns["class"], return_counts=True))))
+    counts = Counter({name: int(n) for name, n in counts.items()})
     transductive_summary = None if refinement is None else {
         "seconds": round(refinement.seconds, 4), "changed": refinement.changed, "rounds": refinement.rounds,
         "neighbour_pairs": refinement.neighbour_pairs}
@@ -212,14 +210,14 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "grid": [grid.n_rows, grid.n_cols],
         "aoi": grid.aoi.wkt if grid.aoi is not None else None,
         "aoi_crs": aoi_crs,
-        "tiles": len(features),
+        "tiles": len(tiles),
         "skipped_outside": grid.skipped_outside,
         "skipped_nodata": stats.skipped_nodata,
         "counts": dict(counts),
     }
-    write_tiles_gpkg(out, info.crs, _fields(classes, multi_label), features, run)
+    write_layer(out, info.crs, _fields(classes, multi_label), [t.polygon for t in tiles], columns, run)
     seconds = time.perf_counter() - t0
-    return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
+    return ClassifyResult(out=out, tiles=len(tiles), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
                           encode_seconds=stats.encode_seconds, runner=run_name, correction=correction,
                           transductive=transductive_summary, run=run)
@@ -240,24 +238,30 @@ def _correction_summary(found, classes, labels: np.ndarray, has_text: np.ndarray
 
 def _fields(classes, multi_label: bool) -> dict[str, str]:
     fields = {"id": "int", "row": "int", "col": "int", "col_off": "int", "row_off": "int", "width": "int",
-              "height": "int", "class": "str", "score": "float", "second": "str", "margin": "float",
-              EXAMPLE_FIELD: "str"}
+              "height": "int", "class": "str", "score": "float", "second": "str", "margin": "float"}
     if multi_label:
         fields["labels"] = "str"
     fields.update({c.column: "float" for c in classes})
+    fields[EXAMPLE_FIELD] = "str"  # the analyst's class for a tile (few-shot examples); empty otherwise
     return fields
 
 
-def _tile_attributes(tile, classes, s, i: int, multi_label: bool) -> dict:
-    w = tile.window
-    best, second = int(s.best[i]), int(s.second[i])
-    props = {
-        "id": tile.id, "row": tile.row, "col": tile.col, "col_off": int(w.col_off), "row_off": int(w.row_off),
-        "width": int(w.width), "height": int(w.height),
-        "class": classes[best].name, "score": float(s.scores[i, best]),
-        "second": classes[second].name if len(classes) > 1 else None, "margin": float(s.margin[i]),
+def _columns(tiles, classes, s, multi_label: bool) -> dict[str, np.ndarray]:
+    """The layer's attribute columns for ``tiles`` scored ``s`` (one value per tile in each)."""
+    names = np.array([c.name for c in classes], dtype=object)
+    n = np.arange(len(tiles))
+    columns = {
+        "id": np.array([t.id for t in tiles], dtype=np.int64), "row": np.array([t.row for t in tiles], dtype=np.int64),
+        "col": np.array([t.col for t in tiles], dtype=np.int64),
+        "col_off": np.array([t.window.col_off for t in tiles], dtype=np.int64),
+        "row_off": np.array([t.window.row_off for t in tiles], dtype=np.int64),
+        "width": np.array([t.window.width for t in tiles], dtype=np.int64),
+        "height": np.array([t.window.height for t in tiles], dtype=np.int64),
+        "class": names[s.best], "score": s.scores[n, s.best].astype(np.float64),
+        "second": names[s.second] if len(classes) > 1 else np.full(len(tiles), None, dtype=object),
+        "margin": np.asarray(s.margin, dtype=np.float64),
     }
     if multi_label:
-        props["labels"] = ";".join(c.name for c, on in zip(classes, s.labels[i]) if on)
-    props.update({c.column: float(v) for c, v in zip(classes, np.asarray(s.scores[i]))})
-    return props
+        columns["labels"] = np.array([";".join(names[on]) for on in s.labels], dtype=object)
+    columns.update({c.column: s.scores[:, i].astype(np.float64) for i, c in enumerate(classes)})
+    return columns
