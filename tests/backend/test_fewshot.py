@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tileprompt_backend.engine.fewshot import (LinearHead, class_prototypes, fit_correction, gap_shift, probe_head,
-                                               prototype_head, zero_shot_linear)
+from tileprompt_backend.engine.fewshot import (LinearHead, class_prototypes, fit_correction, probe_head,
+                                               prototype_expert, prototype_head, zero_shot_linear)
 from tileprompt_backend.engine.head import l2_normalize, logits, softmax
 from tileprompt_backend.engine.transductive import NEIGHBOURS, grid_neighbours, refine
 
@@ -29,7 +29,7 @@ def test_zero_shot_linear_head_gives_exactly_the_zero_shot_logits():
 @pytest.mark.parametrize("method", ["prototype", "probe"])
 def test_correction_with_zero_examples_is_the_zero_shot_head(method):
     x = np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32)
-    head = fit_correction(method, T, SCALE, np.zeros((0, 4)), np.zeros(0, np.int64), image_mean=np.zeros(4))
+    head = fit_correction(method, T, SCALE, np.zeros((0, 4)), np.zeros(0, np.int64), tiles=x)
     assert np.array_equal(head.logits(x), zero_shot_linear(T, SCALE).logits(x))
 
 
@@ -41,39 +41,43 @@ def test_class_prototypes_are_normalised_means_of_unit_examples():
     assert np.allclose(protos[1], 0) and np.allclose(protos[2], [0, 0, 0, 1])
 
 
-def test_gap_shift_moves_a_prototype_by_the_difference_of_the_means():
-    p = np.array([[0.6, 0.8, 0, 0]])
-    shifted = gap_shift(p, image_mean=np.array([0.5, 0.5, 0, 0]), text_mean=np.array([0, 0, 0.5, 0]))
-    assert np.allclose(shifted, unit(0.1, 0.3, 0.5, 0))
+# Two tiles, two classes: m = (.5, .5, 0, 0), r = |tile - m| = sqrt(.5); one class-0 example at tile 1 gives
+# q_0 = normalize(tile1 - m) = (1, -1, 0, 0)/sqrt(2), centred prototype scores +1 (tile 1) and -1 (tile 2), spread 1.
+# Text scores x . t: tile 1 (0, .6), tile 2 (0, 0); around each tile's mean: (-.3, .3), (0, 0): spread .3/sqrt(2);
+# their mean (the common base) .15.
+TILES = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+TEXT = np.array([[0, 0, 1.0, 0], [0.6, 0, 0.8, 0]])
+RHO = 0.3 / np.sqrt(2)
 
 
-def test_prototype_head_blends_text_and_shifted_prototypes_by_example_count():
-    x = np.array([[1.0, 0.1, 0, 0], [1.0, -0.1, 0, 0], [0, 0, 0, 1.0]])
-    y = np.array([0, 0, 1])
-    image_mean = np.array([0.1, 0, 0, 0.1])
-    head = prototype_head(T, SCALE, x, y, image_mean=image_mean, kappa=2.0)
-    text_mean = T.mean(axis=0)
-    p0 = gap_shift(unit(1, 0, 0, 0)[None], image_mean, text_mean)[0]  # mean of the two examples is (1, 0, 0, 0)
-    p1 = gap_shift(unit(0, 0, 0, 1)[None], image_mean, text_mean)[0]
-    a0, a1 = 2 / (2 + 2.0), 1 / (1 + 2.0)
-    assert np.allclose(head.weight[0], unit(*((1 - a0) * T[0] + a0 * p0)), atol=1e-6)
-    assert np.allclose(head.weight[1], unit(*((1 - a1) * T[1] + a1 * p1)), atol=1e-6)
-    assert np.allclose(head.weight[2], T[2], atol=1e-6)  # no examples: the text row
-    assert head.scale == SCALE and not head.bias.any()
+def test_the_prototype_expert_in_closed_form():
+    protos = np.array([[1.0, 0, 0, 0], [0, 0, 0, 0]])
+    rows, bias = prototype_expert(TEXT, np.array([True, True]), protos, TILES)
+    proto = TILES @ rows.T + bias
+    assert np.allclose(proto[:, 0], [0.15 + RHO, 0.15 - RHO])  # the common base, centred score +-1 scaled by rho
+    assert np.allclose(rows[1], 0) and np.isclose(bias[1], 0.15)  # no examples: only the base
 
 
-def test_a_class_without_a_prompt_gets_its_shifted_prototype():
-    x = np.array([[0, 0, 0, 1.0], [0, 0.1, 0, 1.0]])
+def test_prototype_head_blends_text_and_prototype_by_example_count():
+    head = prototype_head(TEXT, SCALE, TILES[:1], np.array([0]), tiles=TILES, kappa=2.0)
+    a = 1 / (1 + 2.0)
+    expected0 = SCALE * ((1 - a) * (TILES @ TEXT[0]) + a * (0.15 + np.array([RHO, -RHO])))
+    logits = head.logits(TILES.astype(np.float32))
+    assert np.allclose(logits[:, 0], expected0, atol=1e-4)
+    assert np.allclose(logits[:, 1], SCALE * (TILES @ TEXT[1]), atol=1e-4)  # no examples: the text row
+    assert head.scale == SCALE
+
+
+def test_a_class_without_a_prompt_scores_by_its_prototype_at_the_common_base():
+    text = np.vstack([TEXT, np.zeros(4)])
     has_text = np.array([True, True, False])
-    text = T.copy()
-    text[2] = 0  # no text embedding for the new class
-    for method in ("prototype", "probe"):
-        head = fit_correction(method, text, SCALE, x, np.array([2, 2]), image_mean=np.zeros(4), has_text=has_text)
-        tile = np.array([[0, 0.05, 0, 1.0]], np.float32)
-        assert head.logits(tile).argmax() == 2, method
-    proto = prototype_head(text, SCALE, x, np.array([2, 2]), image_mean=np.zeros(4), has_text=has_text)
-    expected = gap_shift(class_prototypes(x, np.array([2, 2]), 3)[0][2:], np.zeros(4), T[:2].mean(axis=0))[0]
-    assert np.allclose(proto.weight[2], expected, atol=1e-6)
+    head = prototype_head(text, SCALE, TILES[1:], np.array([2]), tiles=TILES, has_text=has_text)
+    logits = head.logits(TILES.astype(np.float32))
+    assert np.allclose(logits[:, 2], SCALE * (0.15 + np.array([-RHO, RHO])), atol=1e-4)
+    rng = np.random.default_rng(2)
+    tiles = l2_normalize(rng.normal(size=(50, 4)) + [0, 0, 0, 3.0])
+    probe = probe_head(text, SCALE, tiles[:3], np.array([2, 2, 2]), tiles=tiles, has_text=has_text)
+    assert (probe.logits(tiles[:3]).argmax(axis=1) == 2).all()
 
 
 def probe_objective(head: LinearHead, prior: np.ndarray, x, y, lam: float) -> float:
@@ -91,7 +95,7 @@ def test_probe_is_a_stationary_point_of_its_objective():
     x = l2_normalize(rng.normal(size=(12, 4)))
     y = np.array([0, 1, 2] * 4)
     lam = 0.5
-    head = probe_head(T, 10.0, x, y, image_mean=np.zeros(4), lam=lam, max_iter=500)
+    head = probe_head(T, 10.0, x, y, tiles=x, lam=lam, max_iter=500)
     base = probe_objective(head, T, x, y, lam)
     # a step along any coordinate of the weights or the bias raises the loss by at least its curvature term
     # lam/2 step^2 (strictly convex objective: the fit is its minimum; float32 rounding of the head is far below)
@@ -113,9 +117,9 @@ def test_a_strong_prior_keeps_the_probe_at_the_text_head_and_a_weak_one_fits_the
     # examples that the text head gets wrong: class-0 examples look like text row 1 and vice versa
     x = np.array([[0, 1.0, 0, 0.1], [0.1, 1.0, 0, 0], [1.0, 0, 0, 0.1], [1.0, 0.1, 0, 0]])
     y = np.array([0, 0, 1, 1])
-    strong = probe_head(T, SCALE, x, y, image_mean=np.zeros(4), lam=1e6)
+    strong = probe_head(T, SCALE, x, y, tiles=x, lam=1e6)
     assert np.allclose(strong.weight, T, atol=1e-4) and np.allclose(strong.bias, 0, atol=1e-2)
-    weak = probe_head(T, SCALE, x, y, image_mean=np.zeros(4), lam=1e-3)
+    weak = probe_head(T, SCALE, x, y, tiles=x, lam=1e-3)
     assert (weak.logits(x).argmax(axis=1) == y).all()
     assert (zero_shot_linear(T, SCALE).logits(x).argmax(axis=1) != y).all()
 

@@ -149,7 +149,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         positions = {t.id: i for i, t in enumerate(tiles)}
         vectors = example_vectors(found, card, raster_path, grid.tile_px, grid.stride, positions, emb16)
         linear = fit_correction(fewshot_method, head, card.logit_scale, vectors.astype(np.float32), example_labels,
-                                image_mean=_unit_mean(emb), has_text=has_text)
+                                tiles=emb, has_text=has_text)
         example_rows = {e.tile: classes[y].name for e, y in zip(found.examples, example_labels)
                         if e.on_grid(raster_path, grid.tile_px, grid.stride) and e.tile in positions}
         correction = _correction_summary(found, classes, example_labels, has_text, fewshot_method,
@@ -221,11 +221,6 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
                           encode_seconds=stats.encode_seconds, runner=run_name, correction=correction,
                           transductive=transductive_summary, run=run)
-
-
-def _unit_mean(emb: np.ndarray) -> np.ndarray:
-    """The mean of the unit tile embeddings (the image side of the modality gap, engine.fewshot.gap_shift)."""
-    return (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).mean(axis=0)
 
 
 def _correction_summary(found, classes, labels: np.ndarray, has_text: np.ndarray, method: str,

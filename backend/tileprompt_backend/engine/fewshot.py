@@ -1,22 +1,32 @@
 """Few-shot correction of the zero-shot head: a few labelled tiles re-weight the classifier, no model training.
 
 Both corrections act on L2-normalised tile embeddings ``x`` and return a :class:`LinearHead` (logits
-``x @ weight.T + bias``); the zero-shot head is ``LinearHead(logit_scale * T, 0)`` for the (C, D) class text
-embeddings ``T`` (engine.head). With no examples both return exactly the zero-shot head.
+``logit_scale * (x @ weight.T) + bias``); the zero-shot head is ``LinearHead(T, logit_scale, 0)`` for the (C, D)
+class text embeddings ``T`` (engine.head). With no examples both return exactly the zero-shot head.
 
-- :func:`prototype_head` - class prototypes from the examples blended with the text head:
-  ``w_c = normalize((1 - a_c) t_c + a_c gap_shift(p_c))``, ``a_c = n_c / (n_c + kappa)``; the text head counts as
+Image prototypes cannot be compared with text embeddings as they are: CLIP-like models put image and text
+embeddings in different cones of the sphere (the "modality gap": cosine ~0.8 between images of a class, ~0.25
+between an image and its class text), and an untrained or narrow encoder may put every tile within a degree of
+every other. :func:`prototype_expert` therefore builds each class's prototype score in the layer's own frame:
+
+    proto_c(x) = m . t + rho * (x - m) . q_c / r,    q_c = normalize(p_c - m)
+
+with ``p_c`` the normalised mean of the class's examples, ``m`` the mean tile embedding of the layer, ``r`` the
+mean distance of a tile from ``m`` (so the centred cosine spans about -1..1), ``rho`` the ratio of how far apart
+the classes' scores of a tile are (standard deviation around the tile's mean over classes, over the layer's
+tiles) for the text head and for the centred prototypes - so that both experts separate classes by as much -
+and ``m . t`` the mean text score over the layer and the prompt classes (a common base: the class priors of the
+text head fade with the text head's weight). It is linear in ``x``, hence a head row and a bias.
+
+- :func:`prototype_head` - the text head blended with the prototypes by example count:
+  ``logit_c = s * ((1 - a_c) x . t_c + a_c proto_c(x))``, ``a_c = n_c / (n_c + kappa)``: the text head counts as
   ``kappa`` virtual examples, so one example nudges a class and ten dominate it.
-- :func:`probe_head` - a logistic-regression probe initialised from the text head and held near it:
-  ``min_W,b  mean_i balanced CE(W x_i + b, y_i) + lam/2 ||W/s - W0/s||^2 + lam/2 ||b/s||^2``, fitted with
-  L-BFGS (the objective is convex, so the fit is deterministic).
+- :func:`probe_head` - a logistic-regression probe started from the text head (prototype rows for classes
+  without a prompt) and held near it: ``min mean_i balanced CE(logits_i, y_i) + lam/2 ||dW||^2 + lam/2 ||db||^2``
+  for ``W = s (W0 + dW)``, ``b = s (b0 + db)``, fitted with L-BFGS (convex: deterministic).
 
-Image and text embeddings of CLIP-like models sit in different cones of the sphere (the "modality gap"): an image
-prototype has cosine ~0.8 with images of its class, a text embedding ~0.3. A raw prototype would win every tile
-for its class; :func:`gap_shift` moves prototypes into the text cone first (``p - mean image + mean text``), so
-classes with and without examples compete on the same scale. A class that only the examples name (no prompt)
-gets its shifted prototype as its head row. Which of the two corrections the engine uses was chosen by
-measurement (benchmarks/bench_fewshot_change.py, docs/corrections.md): :data:`DEFAULT_METHOD`.
+Which one the engine uses was chosen by measurement (benchmarks/bench_fewshot_change.py, docs/corrections.md):
+:data:`DEFAULT_METHOD`.
 """
 
 from __future__ import annotations
@@ -68,48 +78,59 @@ def class_prototypes(x: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.n
     return protos, counts
 
 
-def gap_shift(prototypes: np.ndarray, image_mean: np.ndarray, text_mean: np.ndarray) -> np.ndarray:
-    """Image prototypes moved across the modality gap: ``normalize(p - image_mean + text_mean)`` per row.
+def _class_gaps(scores: np.ndarray) -> float:
+    """How far apart the classes' scores of a tile are: standard deviation around each tile's mean score."""
+    return float(np.std(scores - scores.mean(axis=1, keepdims=True))) if scores.size else 0.0
 
-    ``image_mean`` is the mean unit embedding of the tiles being classified, ``text_mean`` that of the prompt
-    classes' text embeddings (neither re-normalised).
+
+def prototype_expert(text_head: np.ndarray, has_text: np.ndarray, protos: np.ndarray, tiles: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Row and bias of each class's prototype score ``proto_c(x) = row_c . x + bias_c`` (module docstring).
+
+    ``protos`` (C, D) unit class prototypes (zero rows: no examples), ``tiles`` (N, D) the layer's embeddings.
     """
-    return l2_normalize(np.asarray(prototypes, np.float64) - np.asarray(image_mean, np.float64)
-                        + np.asarray(text_mean, np.float64))
+    x = l2_normalize(np.asarray(tiles, dtype=np.float64))
+    m = x.mean(axis=0)
+    r = max(float(np.linalg.norm(x - m, axis=1).mean()), 1e-12)
+    with_examples = np.linalg.norm(protos, axis=1) > 0
+    q = np.where(with_examples[:, None], l2_normalize(protos - m), 0.0)
+    text = np.asarray(text_head, np.float64)[has_text]
+    base = float((text @ m).mean())
+    text_gaps = _class_gaps(x @ text.T)
+    centred = (x - m) @ q[with_examples].T / r
+    # one class with examples: its score's spread over the tiles is what separates it from the others
+    proto_gaps = _class_gaps(centred) if with_examples.sum() > 1 else float(np.std(centred))
+    rho = text_gaps / proto_gaps if proto_gaps > 0 and text_gaps > 0 else 1.0
+    rows = rho * q / r
+    return rows, base - rows @ m
 
 
-def _prior_rows(text_head: np.ndarray, has_text: np.ndarray, shifted: np.ndarray) -> np.ndarray:
-    """Unit rows the correction starts from: the text embedding, or (classes without a prompt) the prototype."""
-    return np.where(np.asarray(has_text)[:, None], np.asarray(text_head, np.float64), shifted)
-
-
-def prototype_head(text_head: np.ndarray, logit_scale: float, x: np.ndarray, y: np.ndarray, *,
-                   image_mean: np.ndarray, has_text: np.ndarray | None = None,
-                   kappa: float = PROTOTYPE_KAPPA) -> LinearHead:
-    """Text head blended with the examples' class prototypes (see the module docstring).
+def prototype_head(text_head: np.ndarray, logit_scale: float, x: np.ndarray, y: np.ndarray, *, tiles: np.ndarray,
+                   has_text: np.ndarray | None = None, kappa: float = PROTOTYPE_KAPPA) -> LinearHead:
+    """The text head blended with the examples' calibrated class prototypes (see the module docstring).
 
     ``text_head`` (C, D) unit rows (rows of classes without a prompt are ignored: ``has_text`` False);
-    ``x`` (n, D) example embeddings, ``y`` (n,) their class indices; ``image_mean`` (D,) the mean tile embedding.
+    ``x`` (n, D) example embeddings, ``y`` (n,) their class indices; ``tiles`` (N, D) the layer's embeddings.
     """
     text_head = np.asarray(text_head, dtype=np.float64)
-    n_classes = len(text_head)
-    has_text = np.ones(n_classes, bool) if has_text is None else np.asarray(has_text, bool)
+    has_text = np.ones(len(text_head), bool) if has_text is None else np.asarray(has_text, bool)
     if len(y) == 0:
         return zero_shot_linear(text_head, logit_scale)
-    protos, counts = class_prototypes(x, y, n_classes)
-    shifted = gap_shift(protos, image_mean, text_head[has_text].mean(axis=0))
-    alpha = np.where(has_text, counts / (counts + kappa), 1.0)[:, None]
-    rows = np.where(counts[:, None] > 0, l2_normalize((1 - alpha) * text_head + alpha * shifted), text_head)
-    return zero_shot_linear(rows, logit_scale)
+    protos, counts = class_prototypes(x, y, len(text_head))
+    rows, bias = prototype_expert(text_head, has_text, protos, tiles)
+    alpha = np.where(has_text, counts / (counts + kappa), 1.0)
+    weight = (1 - alpha)[:, None] * np.where(has_text[:, None], text_head, 0.0) + alpha[:, None] * rows
+    return LinearHead(weight.astype(np.float32), float(logit_scale),
+                      (float(logit_scale) * alpha * bias).astype(np.float32))
 
 
-def probe_head(text_head: np.ndarray, logit_scale: float, x: np.ndarray, y: np.ndarray, *,
-               image_mean: np.ndarray, has_text: np.ndarray | None = None, lam: float = PROBE_LAMBDA,
+def probe_head(text_head: np.ndarray, logit_scale: float, x: np.ndarray, y: np.ndarray, *, tiles: np.ndarray,
+               has_text: np.ndarray | None = None, lam: float = PROBE_LAMBDA,
                max_iter: int = PROBE_MAX_ITER) -> LinearHead:
     """Logistic-regression probe initialised from (and held near) the text head (see the module docstring).
 
     Classes weigh equally in the loss whatever their number of examples. Classes without a prompt start
-    from their gap-shifted prototype.
+    from their calibrated prototype score.
     """
     import torch
 
@@ -119,15 +140,15 @@ def probe_head(text_head: np.ndarray, logit_scale: float, x: np.ndarray, y: np.n
     if len(y) == 0:
         return zero_shot_linear(text_head, logit_scale)
     protos, counts = class_prototypes(x, y, n_classes)
-    shifted = gap_shift(protos, image_mean, text_head[has_text].mean(axis=0))
-    prior = _prior_rows(text_head, has_text, shifted)
+    rows, bias = prototype_expert(text_head, has_text, protos, tiles)
+    prior_w = np.where(has_text[:, None], text_head, rows)
+    prior_b = np.where(has_text, 0.0, bias)
     s = float(logit_scale)
 
     xt = torch.from_numpy(l2_normalize(np.asarray(x, dtype=np.float64)))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    present = counts > 0
-    sample_w = torch.from_numpy(1.0 / (counts[np.asarray(y)] * present.sum()))  # classes weigh equally
-    w0 = torch.from_numpy(prior)
+    sample_w = torch.from_numpy(1.0 / (counts[np.asarray(y)] * (counts > 0).sum()))  # classes weigh equally
+    w0, b0 = torch.from_numpy(prior_w), torch.from_numpy(prior_b)
     # optimise the offsets from the prior, in units of the unit-norm rows: well scaled for any logit_scale
     dw = torch.zeros_like(w0, requires_grad=True)
     db = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
@@ -136,23 +157,30 @@ def probe_head(text_head: np.ndarray, logit_scale: float, x: np.ndarray, y: np.n
 
     def closure():
         opt.zero_grad()
-        logits = s * (xt @ (w0 + dw).T + db)
+        logits = s * (xt @ (w0 + dw).T + b0 + db)
         ce = torch.nn.functional.cross_entropy(logits, yt, reduction="none")
         loss = (sample_w * ce).sum() + 0.5 * lam * (dw.pow(2).sum() + db.pow(2).sum())
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-    weight = prior + dw.detach().numpy()
-    return LinearHead(weight.astype(np.float32), s, (s * db.detach().numpy()).astype(np.float32))
+    threads = torch.get_num_threads()
+    # a problem this small runs faster on one thread; two threads spinning against numpy's BLAS threads on
+    # a two-core machine made each fit 20x slower (measured: 14 s instead of 0.6 s under load)
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    weight = prior_w + dw.detach().numpy()
+    return LinearHead(weight.astype(np.float32), s, (s * (prior_b + db.detach().numpy())).astype(np.float32))
 
 
 def fit_correction(method: str, text_head: np.ndarray, logit_scale: float, x: np.ndarray, y: np.ndarray, *,
-                   image_mean: np.ndarray, has_text: np.ndarray | None = None) -> LinearHead:
+                   tiles: np.ndarray, has_text: np.ndarray | None = None) -> LinearHead:
     """The correction named ``method`` (:data:`METHODS`) with its default parameters."""
     if method == "prototype":
-        return prototype_head(text_head, logit_scale, x, y, image_mean=image_mean, has_text=has_text)
+        return prototype_head(text_head, logit_scale, x, y, tiles=tiles, has_text=has_text)
     if method == "probe":
-        return probe_head(text_head, logit_scale, x, y, image_mean=image_mean, has_text=has_text)
+        return probe_head(text_head, logit_scale, x, y, tiles=tiles, has_text=has_text)
     raise ValueError(f"unknown few-shot method {method!r} (valid: {', '.join(METHODS)})")
