@@ -38,7 +38,7 @@ import numpy as np
 from .head import l2_normalize, logits
 
 METHODS = ("prototype", "probe")
-DEFAULT_METHOD = "probe"
+DEFAULT_METHOD = "prototype"
 #: Virtual examples the text head is worth in the prototype blend.
 PROTOTYPE_KAPPA = 4.0
 #: Strength of the pull of the probe towards its text-head initialisation (per unit-norm class row).

@@ -71,7 +71,9 @@ def grid_neighbours(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 def _log_likelihood(x: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
     """(N, K) ``-1/2 sum_d (x_d - mu_kd)^2 / var_d`` (the Gaussian log-density up to a constant shared by all k)."""
     inv = 1.0 / var
-    return -0.5 * (((x * x) @ inv)[:, None] - 2.0 * x @ (mu * inv).T + ((mu * mu) @ inv)[None, :])
+    cross = (x @ (mu * inv).T.astype(x.dtype)).astype(np.float64)
+    return -0.5 * (((x * x) @ inv.astype(x.dtype)).astype(np.float64)[:, None] - 2.0 * cross
+                   + ((mu * mu) @ inv)[None, :])
 
 
 def _softmax_rows(a: np.ndarray) -> np.ndarray:
@@ -107,14 +109,17 @@ def refine(y_hat: np.ndarray, x: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     mu = np.stack([z[top[:, k], k] @ x[top[:, k]] for k in range(c)])
     mu = l2_normalize(mu)
     var = np.full(x.shape[1], 1.0 / x.shape[1])
+    x = x.astype(np.float32)  # the mixture's matrix products in float32: half the memory traffic
+    squares = (x * x).sum(axis=0, dtype=np.float64)
     for _ in range(rounds):
         log_gmm = tau * _log_likelihood(x, mu, var)
         for _ in range(z_steps):
             z = _softmax_rows(log_prior + log_gmm + gamma * neighbour_term(z))
         mass = z.sum(axis=0)
-        mu = l2_normalize((z.T @ x) / np.maximum(mass, 1e-12)[:, None])
+        weighted = (z.T.astype(np.float32) @ x).astype(np.float64)
+        mu = l2_normalize(weighted / np.maximum(mass, 1e-12)[:, None])
         # shared diagonal variance: sum_i sum_k z_ik (x_i - mu_k)^2 / N, expanded to stay O(N D + K D)
-        var = ((x * x).sum(axis=0) - 2.0 * (mu * (z.T @ x)).sum(axis=0) + (mass[:, None] * mu * mu).sum(axis=0)) / n
+        var = (squares - 2.0 * (mu * weighted).sum(axis=0) + (mass[:, None] * mu * mu).sum(axis=0)) / n
         var = np.maximum(var, VARIANCE_FLOOR)
     changed = int((z.argmax(axis=1) != y_hat.argmax(axis=1)).sum())
     return Refinement(z, changed, time.perf_counter() - t0, rounds=rounds, neighbour_pairs=int(present.sum()))
