@@ -105,8 +105,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         return super().flags() | compat.ALG_FLAG_CAN_CANCEL | compat.ALG_FLAG_SUPPORTS_BATCH
 
     # --- parameters ---------------------------------------------------------------------------------------
-    def _add_raster_parameters(self):
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
+    def _add_model_parameters(self):
         self.addParameter(QgsProcessingParameterString(
             self.MODEL, tr("Model id (empty: the backend's default)"),
             defaultValue=self.session.settings.get(Key.DEFAULT_MODEL) or None, optional=True))
@@ -114,6 +113,10 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
             self.TILE, tr("Tile size in pixels (0: the model's)"), compat.NUMBER_INTEGER, 0, False, 0, 4096))
         self.addParameter(QgsProcessingParameterNumber(
             self.OVERLAP, tr("Tile overlap in pixels"), compat.NUMBER_INTEGER, 0, False, 0, 4095))
+
+    def _add_raster_parameters(self):
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
+        self._add_model_parameters()
         advanced = [
             QgsProcessingParameterBoolean(
                 self.USE_PRODUCT, tr("Read the whole product folder when the layer is one band file of it"), True),
@@ -515,13 +518,7 @@ class ChangeAlgorithm(TilePromptAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer(self.BEFORE, tr("Before (earlier date)")))
         self.addParameter(QgsProcessingParameterRasterLayer(self.AFTER, tr("After (later date)")))
-        self.addParameter(QgsProcessingParameterString(
-            self.MODEL, tr("Model id (empty: the backend's default)"),
-            defaultValue=self.session.settings.get(Key.DEFAULT_MODEL) or None, optional=True))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.TILE, tr("Tile size in pixels (0: the model's)"), compat.NUMBER_INTEGER, 0, False, 0, 4096))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.OVERLAP, tr("Tile overlap in pixels"), compat.NUMBER_INTEGER, 0, False, 0, 4095))
+        self._add_model_parameters()
         self.addParameter(QgsProcessingParameterString(
             self.PROMPTS, tr("Classes for class before/after (optional, one per line)"), multiLine=True,
             optional=True))

@@ -340,29 +340,35 @@ class TilePromptPlugin:
         return self._start_task(title, [request], lambda outcome: self._classify_done(outcome, params, out, classes))
 
     def _classify_done(self, outcome, params: ClassifyParameters, out: str, classes: list):
+        if not self._settle(outcome):
+            return
+        try:
+            name = tr("{layer} · classes").format(layer=params.raster.layer_name)
+            layer = load_vector(out, TILES_LAYER, name)
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return
+        counts = style_categorized(layer, classes)
+        add_to_group([layer])
+        self._reveal(layer)
+        self.dock.correct_panel.set_layer(layer)  # ready for corrections
+        self.dock.progress.setValue(100)
+        self.dock.show_summary(summary_rows(counts, classes), classes)
+        total = sum(counts.values())
+        self.dock.set_status(tr("{n} tiles classified; saved to {path}").format(n=total, path=out))
+        top = ", ".join(f"{name} {count}" for name, count in counts.most_common(3))
+        self._message(tr("{n} tiles classified ({top}).").format(n=total, top=top), Qgis.MessageLevel.Success, 5)
+
+    def _settle(self, outcome) -> bool:
+        """A job ended: free the dock; True when it succeeded (a failure or a cancel is reported here)."""
         self.current_task = None
         if self.dock is None:
-            return
+            return False
         self.dock.set_busy(False)
-        if isinstance(outcome, JobSucceeded):
-            try:
-                name = tr("{layer} · classes").format(layer=params.raster.layer_name)
-                layer = load_vector(out, TILES_LAYER, name)
-            except ValueError as exc:
-                self._message(str(exc), Qgis.MessageLevel.Critical)
-                return
-            counts = style_categorized(layer, classes)
-            add_to_group([layer])
-            self._reveal(layer)
-            self.dock.correct_panel.set_layer(layer)  # ready for corrections
-            self.dock.progress.setValue(100)
-            self.dock.show_summary(summary_rows(counts, classes), classes)
-            total = sum(counts.values())
-            self.dock.set_status(tr("{n} tiles classified; saved to {path}").format(n=total, path=out))
-            top = ", ".join(f"{name} {count}" for name, count in counts.most_common(3))
-            self._message(tr("{n} tiles classified ({top}).").format(n=total, top=top), Qgis.MessageLevel.Success, 5)
-        else:
+        if not isinstance(outcome, JobSucceeded):
             self._report_unsuccessful(outcome)
+            return False
+        return True
 
     def _report_unsuccessful(self, outcome):
         if isinstance(outcome, JobFailed):
@@ -393,12 +399,7 @@ class TilePromptPlugin:
         return self._start_task(title, plan.requests, lambda outcome: self._search_done(outcome, params, plan))
 
     def _search_done(self, outcome, params: SearchParameters, plan):
-        self.current_task = None
-        if self.dock is None:
-            return
-        self.dock.set_busy(False)
-        if not isinstance(outcome, JobSucceeded):
-            self._report_unsuccessful(outcome)
+        if not self._settle(outcome):
             return
         label = f"“{params.query.text}”" if params.query.is_text else tr("similar")
         try:
@@ -434,12 +435,7 @@ class TilePromptPlugin:
         return self._start_task(title, [request], lambda outcome: self._correction_done(outcome, params, out))
 
     def _correction_done(self, outcome, params: CorrectParameters, out: str):
-        self.current_task = None
-        if self.dock is None:
-            return
-        self.dock.set_busy(False)
-        if not isinstance(outcome, JobSucceeded):
-            self._report_unsuccessful(outcome)
+        if not self._settle(outcome):
             return
         classes = run_classes(read_run(out))
         try:
@@ -480,12 +476,7 @@ class TilePromptPlugin:
         return self._start_task(title, [request], lambda outcome: self._change_done(outcome, params, out, heatmap))
 
     def _change_done(self, outcome, params: ChangeParameters, out: str, heatmap: str | None):
-        self.current_task = None
-        if self.dock is None:
-            return
-        self.dock.set_busy(False)
-        if not isinstance(outcome, JobSucceeded):
-            self._report_unsuccessful(outcome)
+        if not self._settle(outcome):
             return
         label = tr("became {cls}").format(cls=params.became.split("|")[0].strip()) if params.became else tr("change")
         name = f"{params.before.layer_name} → {params.after.layer_name}"
