@@ -395,11 +395,14 @@ def _print_fewshot(title: str, res: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer draws and rounds, 2e4 tiles for the engine latency")
+    p.add_argument("--draws", type=int, help="random example draws per cell (default 20, quick 5)")
+    p.add_argument("--rounds", type=int, help="interleaved latency rounds (default 5, quick 2)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fewshot-change-cpu.json"))
     args = p.parse_args()
     import torch
 
     draws, rounds = (5, 2) if args.quick else (20, 5)
+    draws, rounds = args.draws or draws, args.rounds or rounds
     t0 = time.perf_counter()
     load = [list(os.getloadavg())]
     result = {"machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
@@ -438,7 +441,7 @@ def main() -> int:
             print(f"  {name:38s} {v['median_s']:.3f} s")
     load.append(list(os.getloadavg()))
     if not args.quick:
-        result["latency_end_to_end"] = latency_end_to_end(max(3, rounds - 2))
+        result["latency_end_to_end"] = latency_end_to_end(rounds)
         print("\nend to end over 102,400 cached tiles:")
         for name, v in result["latency_end_to_end"].items():
             if isinstance(v, dict) and "median_s" in v:

@@ -70,8 +70,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
 
     ``examples`` (a result GeoPackage with corrected tiles, or polygons with a ``class`` field; see
     engine.examples) corrects the zero-shot head with those tiles (engine.fewshot, ``fewshot_method``); the run
-    row keeps every example with its embedding. ``context`` (context-aware zero-shot) refines the single-label probabilities with
-    the layer's own tiles (engine.transductive). Both default to off: plain zero-shot.
+    row keeps every example with its embedding. ``context`` (context-aware zero-shot) refines the single-label
+    probabilities with the layer's own tiles (engine.transductive). Both default to off: plain zero-shot.
     """
     started, t0 = _now(), time.perf_counter()
     out = check_output_path(out)
@@ -139,7 +139,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
                                       stats.skipped_nodata, run_name)
 
     if not tiles:
-        raise ValueError(f"every tile in the area is nodata ({stats.skipped_nodata} tiles skipped); nothing to classify")
+        raise ValueError(f"every tile in the area is nodata ({stats.skipped_nodata} tiles skipped); "
+                         "nothing to classify")
 
     emb = emb16.astype(np.float32)
     raster_path = str(Path(raster).resolve())

@@ -140,9 +140,11 @@ def _from_result(path: Path) -> ExampleSet:
     # the result marks the examples it was corrected with (`example`): those stay as stored, with their
     # embeddings; a tile labelled anew overrides what the earlier correction stored for it
     stored_here = {e.tile: e for e in found.examples if e.on_grid(raster, tile_px, stride)}
-    edited = {t: v for t, v in edited.items() if t not in stored_here or v[0].casefold() != stored_here[t].cls.casefold()}
+    edited = {t: v for t, v in edited.items()
+              if t not in stored_here or v[0].casefold() != stored_here[t].cls.casefold()}
     found.examples = [e for e in found.examples if not (e.on_grid(raster, tile_px, stride) and e.tile in edited)]
-    found.examples += [Example(cls, raster, tile, source, tile_px, stride) for tile, (cls, source) in sorted(edited.items())]
+    found.examples += [Example(cls, raster, tile, source, tile_px, stride)
+                       for tile, (cls, source) in sorted(edited.items())]
     return found
 
 
@@ -277,7 +279,8 @@ def example_vectors(found: ExampleSet, card, raster: str, tile_px: int, stride: 
     stamp = model_stamp(card)
     if any(e.vector is not None for e in found.examples):
         given = found.model or {}
-        same = given.get("card_hash") == stamp["card_hash"] and given.get("weights_hash") in (None, stamp["weights_hash"])
+        same = (given.get("card_hash") == stamp["card_hash"]
+                and given.get("weights_hash") in (None, stamp["weights_hash"]))
         if not same:
             raise ValueError(f"the examples in {Path(found.path).name} were made with model {given.get('model')!r} "
                              f"(card {given.get('card_hash')}); this run uses {card.id!r} (card {stamp['card_hash']}): "
