@@ -206,6 +206,7 @@ def test_processing_change_and_classify_with_examples(ready, fake_backend, sampl
     assert request["kind"] == "change" and request["became"] == "water" and request["heatmap"].endswith("change.tif")
 
     examples = QgsVectorLayer(f"{result_gpkg}|layername=tiles", "classified", "ogr")
+    QgsProject.instance().addMapLayer(examples)  # the project owns it (a loose layer crashed QGIS at exit)
     result = processing.run("tileprompt:classify", {
         "INPUT": scene, "PROMPTS": "forest\nwater", "MODEL": "tiny-aligned-s2", "TILE": 32, "EXAMPLES": examples,
         "CONTEXT": True, "OUTPUT": str(tmp_path / "corrected.gpkg")})
