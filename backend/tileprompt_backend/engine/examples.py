@@ -268,6 +268,17 @@ def model_stamp(card) -> dict:
     return {"model": card.id, "card_hash": card.card_hash(), "weights_hash": weights_hash(card)}
 
 
+def check_model(found: ExampleSet, card) -> None:
+    """Stored example embeddings must come from this model (card and weights): checked before any work."""
+    if not any(e.vector is not None for e in found.examples):
+        return
+    stamp, given = model_stamp(card), found.model or {}
+    if given.get("card_hash") != stamp["card_hash"] or given.get("weights_hash") not in (None, stamp["weights_hash"]):
+        raise ValueError(f"the examples in {Path(found.path).name} were made with model {given.get('model')!r} "
+                         f"(card {given.get('card_hash')}); this run uses {card.id!r} (card {stamp['card_hash']}): "
+                         "examples carry over only between scenes of the same model")
+
+
 def example_vectors(found: ExampleSet, card, raster: str, tile_px: int, stride: int, positions: dict[int, int],
                     embeddings: np.ndarray) -> np.ndarray:
     """(n, D) float16 embedding of every example, in order.
@@ -276,15 +287,7 @@ def example_vectors(found: ExampleSet, card, raster: str, tile_px: int, stride: 
     on this grid come from this run's embeddings (``positions``: tile id -> row of ``embeddings``); tiles of
     another raster come from the embeddings index of the run that named them.
     """
-    stamp = model_stamp(card)
-    if any(e.vector is not None for e in found.examples):
-        given = found.model or {}
-        same = (given.get("card_hash") == stamp["card_hash"]
-                and given.get("weights_hash") in (None, stamp["weights_hash"]))
-        if not same:
-            raise ValueError(f"the examples in {Path(found.path).name} were made with model {given.get('model')!r} "
-                             f"(card {given.get('card_hash')}); this run uses {card.id!r} (card {stamp['card_hash']}): "
-                             "examples carry over only between scenes of the same model")
+    check_model(found, card)
     dim = int(card.embed_dim)
     out = np.zeros((len(found.examples), dim), dtype=np.float16)
     missing: list[int] = []
