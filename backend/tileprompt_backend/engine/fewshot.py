@@ -89,15 +89,18 @@ def prototype_expert(text_head: np.ndarray, has_text: np.ndarray, protos: np.nda
 
     ``protos`` (C, D) unit class prototypes (zero rows: no examples), ``tiles`` (N, D) the layer's embeddings.
     """
-    x = l2_normalize(np.asarray(tiles, dtype=np.float64))
-    m = x.mean(axis=0)
-    r = max(float(np.linalg.norm(x - m, axis=1).mean()), 1e-12)
+    # float32 matrix-vector products over the tiles: no (N, D) float64 copy of 1e5 tiles (400 MB) is made
+    x = l2_normalize(np.asarray(tiles, dtype=np.float32))
+    m = x.mean(axis=0, dtype=np.float64)
+    # |x - m| of unit tiles is sqrt(1 - 2 x.m + |m|^2): one product instead of the (N, D) difference
+    r = max(float(np.sqrt(np.maximum(1.0 - 2.0 * (x @ m.astype(np.float32)) + m @ m, 0.0)).mean()), 1e-12)
     with_examples = np.linalg.norm(protos, axis=1) > 0
     q = np.where(with_examples[:, None], l2_normalize(protos - m), 0.0)
     text = np.asarray(text_head, np.float64)[has_text]
     base = float((text @ m).mean())
-    text_gaps = _class_gaps(x @ text.T)
-    centred = (x - m) @ q[with_examples].T / r
+    text_gaps = _class_gaps((x @ text.T.astype(np.float32)).astype(np.float64))
+    qe = q[with_examples]
+    centred = ((x @ qe.T.astype(np.float32)).astype(np.float64) - m @ qe.T) / r
     # one class with examples: its score's spread over the tiles is what separates it from the others
     proto_gaps = _class_gaps(centred) if with_examples.sum() > 1 else float(np.std(centred))
     rho = text_gaps / proto_gaps if proto_gaps > 0 and text_gaps > 0 else 1.0
