@@ -11,6 +11,7 @@ They work in the toolbox, in batch mode, in models and from ``processing.run`` (
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from qgis.core import (
     QgsFeatureRequest,
@@ -40,8 +41,8 @@ from . import compat
 from .bands import validate_band_map
 from .client import BackendError
 from .i18n import tr
-from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, run_jobs
 from .corrections import read_run, run_classes
+from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, job_warnings, run_jobs
 from .parameters import Area, AreaMode, ChangeParameters, ClassifyParameters, Extent, Fuse, Query, SearchParameters
 from .prompts import PromptError, parse_prompts, prompts_to_request
 from .results import CHANGE_LAYER, SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_graduated, \
@@ -75,7 +76,8 @@ def _styler(style, *args) -> _Styler:
 class TilePromptAlgorithm(QgsProcessingAlgorithm):
     """Common parameters (raster, bands, model, tiles) and the job loop."""
 
-    INPUT, USE_PRODUCT, BAND_MAP, LEVEL = "INPUT", "USE_PRODUCT", "BAND_MAP", "LEVEL"
+    INPUT, USE_PRODUCT, BAND_MAP, DATE, LEVEL = "INPUT", "USE_PRODUCT", "BAND_MAP", "DATE", "LEVEL"
+    OVERWRITE, PIXEL_SPACE = "OVERWRITE", "PIXEL_SPACE"
     MODEL, TILE, OVERLAP, RESOLUTION, OUTPUT = "MODEL", "TILE", "OVERLAP", "RESOLUTION", "OUTPUT"
 
     def __init__(self, session):
@@ -121,7 +123,11 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
             QgsProcessingParameterBoolean(
                 self.USE_PRODUCT, tr("Read the whole product folder when the layer is one band file of it"), True),
             QgsProcessingParameterString(
-                self.BAND_MAP, tr("Band names in file order, comma-separated (empty: detect)"), optional=True),
+                self.BAND_MAP, tr("Band names in file order, comma-separated; - skips a band; names repeat per date "
+                                  "in a stack of several dates (empty: detect)"), optional=True),
+            QgsProcessingParameterNumber(
+                self.DATE, tr("Date to read from a multi-date band map (0: a single date)"), compat.NUMBER_INTEGER,
+                0, False, 0, 64),
             QgsProcessingParameterEnum(self.LEVEL, tr("Sentinel-2 processing level"),
                                        [tr("detect"), "L1C", "L2A"], defaultValue=0),
             QgsProcessingParameterNumber(
@@ -131,6 +137,11 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         for parameter in advanced:
             parameter.setFlags(parameter.flags() | compat.PARAM_FLAG_ADVANCED)
             self.addParameter(parameter)
+
+    def _add_overwrite_parameter(self):
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.OVERWRITE, tr("Replace an existing output that TilePrompt did not write (inputs are never replaced)"),
+            False))
 
     def _model(self, parameters, context) -> str | None:
         return self.parameterAsString(parameters, self.MODEL, context).strip() or None
@@ -145,16 +156,20 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(tr("Choose a raster layer."))
         text = self.parameterAsString(parameters, self.BAND_MAP, context).strip()
         band_map = None
+        date = self.parameterAsInt(parameters, self.DATE, context) or None
         if text:
             names = [n.strip().upper() for n in text.split(",")]
-            error = validate_band_map(names)
+            error = validate_band_map(names, date)
             if error:
-                raise QgsProcessingException(tr("Band map: {error}").format(error=error))
+                raise QgsProcessingException(tr("Band names: {error}").format(error=error))
             band_map = tuple(names)
+        elif date:
+            raise QgsProcessingException(tr("A date needs band names that repeat per date, e.g. "
+                                            "B04,B03,B02,B08,B04,B03,B02,B08 for two dates."))
         level = LEVELS[self.parameterAsEnum(parameters, self.LEVEL, context)]
         use_product = self.parameterAsBoolean(parameters, self.USE_PRODUCT, context)
         try:
-            raster = raster_input_from_layer(layer, use_product, band_map, level, export_extent)
+            raster = replace(raster_input_from_layer(layer, use_product, band_map, level, export_extent), date=date)
             gsd = self.parameterAsDouble(parameters, self.RESOLUTION, context) or \
                 self.session.model_info(self._model(parameters, context)).get("gsd_m")
             return prepare_raster(raster, gsd, self.session.settings.cache_dir() / "exports", layer)
@@ -189,12 +204,14 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         poll_s = self.session.settings.get(Key.POLL_INTERVAL_MS) / 1000.0
         outcome = run_jobs(self._client, self._requests, feedback.isCanceled, report, poll_s)
         if isinstance(outcome, JobFailed):
-            raise QgsProcessingException(outcome.message)
+            raise QgsProcessingException(outcome.message_for("processing"))
         if isinstance(outcome, JobCancelled):
             feedback.reportError(tr("Cancelled; the backend job was cancelled too."), False)
             return {}
         self.statuses = outcome.statuses
         self._succeeded = True
+        for text in job_warnings(outcome.statuses):
+            getattr(feedback, "pushWarning", feedback.reportError)(text)
         return self.finish(outcome, context, feedback)
 
     def finish(self, outcome: JobSucceeded, context, feedback) -> dict:
@@ -247,8 +264,9 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
             self.AOI, tr("Area (polygons; use 'Selected features only' for a selection)"),
             [compat.SOURCE_VECTOR_POLYGON], optional=True))
         self.addParameter(QgsProcessingParameterBoolean(self.MULTI_LABEL, tr("Multi-label"), False))
+        # 0 and 1 are refused by the backend's own check (exclusive bounds), as from the CLI and HTTP
         self.addParameter(QgsProcessingParameterNumber(
-            self.THRESHOLD, tr("Multi-label threshold"), compat.NUMBER_DOUBLE, 0.5, False, 0.01, 0.99))
+            self.THRESHOLD, tr("Multi-label threshold (between 0 and 1)"), compat.NUMBER_DOUBLE, 0.5, False, 0.0, 1.0))
         self.addParameter(QgsProcessingParameterVectorLayer(
             self.EXAMPLES, tr("Examples: a corrected TilePrompt result, or polygons with a 'class' field"),
             [compat.SOURCE_VECTOR_POLYGON], optional=True))
@@ -259,6 +277,11 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         templates.setFlags(templates.flags() | compat.PARAM_FLAG_ADVANCED)
         self.addParameter(templates)
         self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Classified tiles")))
+        self._add_overwrite_parameter()
+        pixel_space = QgsProcessingParameterBoolean(
+            self.PIXEL_SPACE, tr("Classify a raster without georeference in pixel coordinates"), False)
+        pixel_space.setFlags(pixel_space.flags() | compat.PARAM_FLAG_ADVANCED)
+        self.addParameter(pixel_space)
         self.addOutput(QgsProcessingOutputNumber(self.TILES, tr("Number of tiles")))
         self.addOutput(QgsProcessingOutputString(self.COUNTS, tr("Tiles per class (JSON)")))
 
@@ -298,6 +321,8 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
             templates=self.parameterAsFile(parameters, self.TEMPLATES, context) or None, area=area, tile_px=tile,
             overlap_px=overlap, multi_label=self.parameterAsBoolean(parameters, self.MULTI_LABEL, context),
             threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
+            overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context),
+            pixel_space=self.parameterAsBoolean(parameters, self.PIXEL_SPACE, context),
             context=self.parameterAsBoolean(parameters, self.CONTEXT, context), examples=examples)
         out = self._output_path(parameters, self.OUTPUT, context, raster.layer_name + "_tiles")
         model_tile = self.session.model_info(self.params.model).get("tile_px")
@@ -358,6 +383,7 @@ class _SearchBase(TilePromptAlgorithm):
         self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Similar tiles")))
         self.addParameter(QgsProcessingParameterRasterDestination(
             self.HEATMAP, tr("Similarity heat map"), optional=True, createByDefault=False))
+        self._add_overwrite_parameter()
 
     def _prepare_search(self, parameters, context, query: Query, stem: str):
         raster = self._raster_input(parameters, context)
@@ -367,7 +393,8 @@ class _SearchBase(TilePromptAlgorithm):
             fuse = FUSES[self.parameterAsEnum(parameters, "FUSE", context)]
         self.params = SearchParameters(raster=raster, query=query, model=self._model(parameters, context),
                                        tile_px=tile, overlap_px=overlap,
-                                       k=self.parameterAsInt(parameters, self.K, context), fuse=fuse)
+                                       k=self.parameterAsInt(parameters, self.K, context), fuse=fuse,
+                                       overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context))
         out = self._output_path(parameters, self.OUTPUT, context, stem)
         heatmap = self.parameterAsOutputLayer(parameters, self.HEATMAP, context) or None
         index_dir = self.parameterAsFile(parameters, self.INDEX, context) or None
@@ -527,6 +554,7 @@ class ChangeAlgorithm(TilePromptAlgorithm):
         self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Change")))
         self.addParameter(QgsProcessingParameterRasterDestination(
             self.HEATMAP, tr("Change heat map"), optional=True, createByDefault=False))
+        self._add_overwrite_parameter()
         self.addOutput(QgsProcessingOutputNumber(self.PAIRS, tr("Number of tiles ranked")))
 
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 (UI thread)
@@ -551,7 +579,8 @@ class ChangeAlgorithm(TilePromptAlgorithm):
         except ValueError as exc:
             raise QgsProcessingException(str(exc)) from None
         params = ChangeParameters(before=before, after=after, model=model, tile_px=tile, overlap_px=overlap,
-                                  prompts=prompt_text, became=became_classes[0].line() if became_classes else None)
+                                  prompts=prompt_text, became=became_classes[0].line() if became_classes else None,
+                                  overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context))
         out = self._output_path(parameters, self.OUTPUT, context, after.layer_name + "_change")
         heatmap = self.parameterAsOutputLayer(parameters, self.HEATMAP, context) or None
         self._connect()

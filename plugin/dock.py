@@ -49,7 +49,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import compat
-from .bands import validate_band_map
+from .bands import band_map_dates, validate_band_map
 from .change_panel import ChangePanel
 from .correct_panel import CorrectPanel
 from .i18n import tr
@@ -249,13 +249,23 @@ class TilePromptDock(QgsDockWidget):
         self.product_check.toggled.connect(self._fill_band_table)
         form.addRow("", self.product_check)
         self.band_table = QTableWidget(0, 2, box)
-        self.band_table.setHorizontalHeaderLabels([tr("Band"), tr("Holds (B01..B12, B8A, or R/G/B)")])
+        self.band_table.setHorizontalHeaderLabels([tr("Band"), tr("Holds (B01..B12, B8A, R/G/B; - skips it)")])
+        self.band_table.setToolTip(tr("Name the Sentinel-2 band each band of the file holds; type - for a band to "
+                                      "ignore. A stack of several dates names its bands once per date "
+                                      "(B04, B03, B02, B08, B04, B03, B02, B08): then choose the date below."))
         self.band_table.verticalHeader().setVisible(False)
         self.band_table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
         self.band_table.setMaximumHeight(96)
         self.band_table.verticalHeader().setDefaultSectionSize(22)
         self.band_label = QLabel(tr("Bands"), box)
         form.addRow(self.band_label, self.band_table)
+        self.date_spin = QSpinBox(box)
+        self.date_spin.setRange(0, 64)
+        self.date_spin.setSpecialValueText(tr("one date"))
+        self.date_spin.setToolTip(tr("Which date of a multi-date band map to read (the band names repeat per date)"))
+        self.date_label = QLabel(tr("Date"), box)
+        form.addRow(self.date_label, self.date_spin)
+        self.band_table.itemChanged.connect(self._show_date)
         self.level_combo = QComboBox(box)
         self.level_combo.addItem(tr("detect"), None)
         self.level_combo.addItem("L1C", "L1C")
@@ -510,9 +520,23 @@ class TilePromptDock(QgsDockWidget):
         self.band_table.setVisible(not self._use_product())
         self.band_label.setVisible(not self._use_product())
         if self._use_product():
+            self._show_date()
             return
         for number, name in enumerate(source.file_bands, start=1):
             self._add_band_row(str(number), name or "", editable=True)
+        self._show_date()
+
+    def _band_names(self) -> list[str]:
+        names = [(self.band_table.item(r, 1).text() if self.band_table.item(r, 1) else "").strip().upper()
+                 for r in range(self.band_table.rowCount())]
+        return [{"R": "R", "G": "G", "B": "B"}.get(n, n) for n in names]
+
+    def _show_date(self, *_args) -> None:
+        """The date chooser shows while the band names repeat (a stack of several dates)."""
+        dates = 0 if self._use_product() else band_map_dates(self._band_names())
+        self.date_spin.setMaximum(max(dates, 1))
+        self.date_spin.setVisible(dates > 1)
+        self.date_label.setVisible(dates > 1)
 
     def _add_band_row(self, first: str, second: str, editable: bool) -> None:
         row = self.band_table.rowCount()
@@ -535,17 +559,20 @@ class TilePromptDock(QgsDockWidget):
         """Band names in file order, or None when no band is named (the backend then detects them)."""
         if self._use_product() or self.layer_source is None:
             return None
-        names = [(self.band_table.item(r, 1).text() if self.band_table.item(r, 1) else "").strip().upper()
-                 for r in range(self.band_table.rowCount())]
-        names = [{"R": "R", "G": "G", "B": "B"}.get(n, n) for n in names]
+        names = self._band_names()
         if not any(names):
             return None
         if not all(names):
-            raise ParameterError(tr("Name every band of the layer, or none (then the backend detects them)."))
-        error = validate_band_map(names)
+            raise ParameterError(tr("Name every band of the layer (- skips one), or none (then the backend detects "
+                                    "them)."))
+        error = validate_band_map(names, self.band_date())
         if error:
             raise ParameterError(tr("Band mapping: {error}").format(error=error))
         return tuple(names)
+
+    def band_date(self) -> int | None:
+        """The chosen date of a multi-date band map, or None."""
+        return self.date_spin.value() or None if self.date_spin.isVisibleTo(self) else None
 
     def raster_input(self, export_extent: Extent | None = None) -> RasterInput:
         layer = self.current_layer()
@@ -555,11 +582,13 @@ class TilePromptDock(QgsDockWidget):
         if self.layer_source.needs_export:
             if export_extent is None:
                 export_extent = self._layer_extent(layer)
-            return RasterInput(layer.id(), layer.name(), InputKind.EXPORT, "", self.band_map(), level, export_extent)
+            return RasterInput(layer.id(), layer.name(), InputKind.EXPORT, "", self.band_map(), level, export_extent,
+                               self.band_date())
         if self._use_product():
             return RasterInput(layer.id(), layer.name(), InputKind.PRODUCT_FOLDER,
                                str(self.layer_source.product.folder), None, level)
-        return RasterInput(layer.id(), layer.name(), InputKind.FILE, self.layer_source.path, self.band_map(), level)
+        return RasterInput(layer.id(), layer.name(), InputKind.FILE, self.layer_source.path, self.band_map(), level,
+                           date=self.band_date())
 
     def _canvas_extent(self) -> Extent:
         canvas = self.iface.mapCanvas()

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Union
 
-from .client import BackendClient, BackendError
+from .client import BackendClient, BackendError, with_fix
 from .i18n import tr
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -31,6 +31,12 @@ class JobSucceeded:
 class JobFailed:
     message: str
     status: dict | None = None
+    code: str | None = None  # the backend's name for a refused input (output_exists, no_georeference ...)
+    fixes: dict | None = None  # its remedy per interface
+
+    def message_for(self, interface: str) -> str:
+        """The message with the remedy in ``interface``'s words ("dock", "processing")."""
+        return with_fix(self.message, self.fixes or {}, interface)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,16 @@ def describe_status(status: dict) -> str:
     if eta is not None and state == "running":
         text += tr(", about {eta:.0f} s left").format(eta=eta)
     return text
+
+
+def job_warnings(statuses) -> list[str]:
+    """What the backend wants the user to know about finished jobs (``result.warnings``), without repeats."""
+    found: list[str] = []
+    for status in statuses:
+        for text in ((status or {}).get("result") or {}).get("warnings") or []:
+            if text not in found:
+                found.append(str(text))
+    return found
 
 
 def fraction_done(index: int, count: int, status: dict) -> float:
@@ -124,7 +140,7 @@ def run_jobs(
                     return _cancel(client, status, cancel_wait_s, poll_s)
                 status = client.job(status["id"])
     except BackendError as exc:
-        return JobFailed(str(exc))
+        return JobFailed(str(exc), code=exc.code, fixes=exc.fixes or None)
     except (KeyError, TypeError, ValueError) as exc:
         return JobFailed(tr("Unexpected answer from the backend: {error}").format(error=exc))
     return JobSucceeded(tuple(statuses))

@@ -52,14 +52,15 @@ class RasterInput:
     layer_name: str
     kind: InputKind
     path: str = ""  # file or folder; "" for EXPORT until exported
-    band_map: tuple[str, ...] | None = None  # band names in file order (multiband files only)
+    band_map: tuple[str, ...] | None = None  # band names in file order (multiband files only); "-" skips a band
     level: str | None = None  # "L1C" / "L2A" when the user says so; None = detected by the backend
     export_extent: Extent | None = None  # EXPORT only: the part of the layer to export
+    date: int | None = None  # which date of a multi-date band map (names repeated per date) to read
 
     def with_path(self, path: str, band_map: tuple[str, ...] | None = None) -> RasterInput:
         """The same input, now readable by path (after an export)."""
         return RasterInput(self.layer_id, self.layer_name, InputKind.FILE, path,
-                           band_map if band_map is not None else self.band_map, self.level, None)
+                           band_map if band_map is not None else self.band_map, self.level, None, self.date)
 
     def request_fields(self) -> dict:
         if self.kind is InputKind.EXPORT:
@@ -67,6 +68,8 @@ class RasterInput:
         fields = {"raster": self.path}
         if self.band_map and self.kind is InputKind.FILE:
             fields["band_map"] = list(self.band_map)
+            if self.date:
+                fields["date"] = self.date
         if self.level:
             fields["level"] = self.level
         return fields
@@ -109,11 +112,17 @@ class ClassifyParameters:
     multi_label: bool = False
     threshold: float = 0.5
     output: str | None = None  # GeoPackage path; None = a new file in the plugin's cache
+    overwrite: bool = False  # the user agreed to replace an output TilePrompt did not write
+    pixel_space: bool = False  # the user agreed to classify a raster without georeference in pixel coordinates
     context: bool = False  # context-aware zero-shot (transductive refinement, single-label)
     examples: str | None = None  # few-shot correction: a result GeoPackage with re-classed tiles, or class polygons
 
     def classify_request(self, out: str, model_tile_px: int | None = None) -> dict:
         request = {"kind": "classify", **self.raster.request_fields(), "prompts": self.prompts, "out": out}
+        if self.overwrite:
+            request["overwrite"] = True
+        if self.pixel_space:
+            request["pixel_space"] = True
         request.update(_tile_fields(self.model, self.tile_px, self.overlap_px, model_tile_px))
         if self.templates:
             request["templates"] = self.templates
@@ -158,6 +167,7 @@ class SearchParameters:
     k: int = 20
     fuse: Fuse = Fuse.MEAN
     heatmap: bool = True
+    overwrite: bool = False  # replace outputs TilePrompt did not write (Processing's OVERWRITE)
 
     def index_request(self, index_dir: str | None = None, model_tile_px: int | None = None) -> dict:
         """Index the raster (None: into the backend's cache, keyed by model, tile and stride - the same index a
@@ -182,6 +192,8 @@ class SearchParameters:
             request["fuse"] = self.fuse.value
         if heatmap:
             request["heatmap"] = heatmap
+        if self.overwrite:
+            request["overwrite"] = True
         return request
 
 
@@ -197,6 +209,7 @@ class ChangeParameters:
     prompts: str | None = None  # classes for class_before / class_after (one per line, synonyms after |)
     became: str | None = None  # rank by the increase of this class ("flooded")
     heatmap: bool = True
+    overwrite: bool = False  # replace outputs TilePrompt did not write (Processing's OVERWRITE)
 
     def change_request(self, out: str, heatmap: str | None = None, model_tile_px: int | None = None) -> dict:
         request = {"kind": "change", "before": self.before.request_fields(), "after": self.after.request_fields(),
@@ -208,6 +221,8 @@ class ChangeParameters:
             request["became"] = self.became
         if heatmap:
             request["heatmap"] = heatmap
+        if self.overwrite:
+            request["overwrite"] = True
         return request
 
 
@@ -235,7 +250,7 @@ def correction_request(run: dict, examples: str, out: str, context: bool = False
                "out": out, "examples": examples, "tile_px": int(run["tile_px"])}
     if run.get("stride") and int(run["stride"]) != int(run["tile_px"]):
         request["stride"] = int(run["stride"])
-    for key in ("band_map", "level", "model", "aoi"):
+    for key in ("band_map", "level", "model", "aoi", "aoi_crs", "pixel_space"):
         if run.get(key):
             request[key] = run[key]
     source = str(run.get("templates_source") or "")

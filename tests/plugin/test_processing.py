@@ -161,3 +161,34 @@ def test_cancel_from_the_feedback_cancels_the_job(processing, plugin, fake_backe
                                                     "OUTPUT": str(tmp_path / "c.gpkg")}, feedback=feedback)
     assert result.get("TILES") is None
     assert [j["state"] for j in fake_backend.jobs.values()] == ["cancelled"]
+
+
+def test_refusals_carry_the_processing_remedy_and_overwrite_agrees(processing, plugin, fake_backend, isolated,
+                                                                  scene, tmp_path):
+    """The backend refuses a foreign output; Processing names its own parameter, and OVERWRITE sends the consent."""
+    connect(plugin, fake_backend, isolated)
+    out = str(tmp_path / "c.gpkg")
+    fake_backend.refuse_unless = ("overwrite", {
+        "detail": f"the output {out} exists and was not written by TilePrompt; send \"overwrite\": true to replace "
+                  "it, or choose another name", "code": "output_exists",
+        "fixes": {"http": "send \"overwrite\": true to replace it, or choose another name",
+                  "processing": "tick \"Replace an existing output\", or choose another name"}})
+    errors = run_failing(processing, {"INPUT": scene, "PROMPTS": "a\nb", "OUTPUT": out})
+    assert errors.endswith("tick \"Replace an existing output\", or choose another name") and "\"overwrite\"" not in errors
+    result = processing.run("tileprompt:classify", {"INPUT": scene, "PROMPTS": "a\nb", "OUTPUT": out,
+                                                    "OVERWRITE": True})
+    assert result["TILES"] == 12 and fake_backend.requests[-1]["overwrite"] is True
+
+
+def test_band_names_skip_token_and_date(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    connect(plugin, fake_backend, isolated)
+    out = str(tmp_path / "c.gpkg")
+    stack = ",".join(["B04", "B03", "B02", "B08"] * 2 + ["-"] * 5)  # the 13-band sample, read as 2 dates
+    assert "a stack of 2 dates; choose the date" in run_failing(
+        processing, {"INPUT": scene, "PROMPTS": "a\nb", "BAND_MAP": stack, "OUTPUT": out})
+    assert "A date needs band names" in run_failing(
+        processing, {"INPUT": scene, "PROMPTS": "a\nb", "DATE": 2, "OUTPUT": out})
+    processing.run("tileprompt:classify", {"INPUT": scene, "PROMPTS": "a\nb", "BAND_MAP": stack, "DATE": 2,
+                                           "PIXEL_SPACE": True, "OUTPUT": out})
+    request = fake_backend.requests[-1]
+    assert request["band_map"] == stack.split(",") and request["date"] == 2 and request["pixel_space"] is True

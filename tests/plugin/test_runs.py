@@ -176,3 +176,55 @@ def test_diagnostics_are_copied_to_the_clipboard(ready):
     for expected in ("plugin: 0.1.0", "QGIS: 3.", "Python 3.", "backend version: 0.0-fake", "device: cpu",
                      "CPUExecutionProvider", "tiny-aligned-s2 (s2, untrained)", "--- last 40 lines"):
         assert expected in text, expected
+
+
+# --- refusals the dock turns into a question (issue 8) ---------------------------------------------------------
+
+OUTPUT_EXISTS = {
+    "detail": "the output /x/landuse.gpkg exists and was not written by TilePrompt; send \"overwrite\": true to "
+              "replace it, or choose another name",
+    "code": "output_exists",
+    "fixes": {"cli": "pass --overwrite to replace it, or choose another name",
+              "http": "send \"overwrite\": true to replace it, or choose another name",
+              "processing": "tick \"Replace an existing output\", or choose another name",
+              "dock": "confirm replacing it, or choose another name"},
+}
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_a_foreign_output_is_replaced_only_when_the_user_agrees(ready, fake_backend, qgis_iface, tmp_path, answer,
+                                                                monkeypatch):
+    questions = []
+    monkeypatch.setattr(ready, "ask", lambda title, text: questions.append((title, text)) or answer)
+    out = tmp_path / "landuse.gpkg"
+    ready.dock.output_widget.setFilePath(str(out))
+    fake_backend.refuse_unless = ("overwrite", OUTPUT_EXISTS)
+    ready.dock.run_button.click()
+    assert wait_until(lambda: ready.current_task is None and len(fake_backend.requests) >= 1 + answer, 15)
+    assert wait_until(lambda: ready.current_task is None, 15)
+    assert questions == [("Replace the file?", f"{out} exists and was not written by TilePrompt. Replace it with "
+                                                "the result?")]
+    first = fake_backend.requests[0]
+    assert "overwrite" not in first and first["out"] == str(out)
+    if answer:
+        assert fake_backend.requests[1]["overwrite"] is True and len(group_layers()) == 1
+    else:
+        assert len(fake_backend.requests) == 1 and group_layers() == []
+        critical = messages(qgis_iface, Qgis.MessageLevel.Critical)
+        assert any(m.endswith("confirm replacing it, or choose another name") for m in critical), critical
+
+
+def test_band_table_takes_skips_and_dates(ready, sample_files):
+    dock = ready.dock
+    rows = dock.band_table.rowCount()
+    names = (["B04", "B03", "B02", "B08"] * 2 + ["-"] * rows)[:rows]
+    dock.set_band_names(names)
+    if rows >= 8:
+        assert dock.date_spin.isVisibleTo(dock) and dock.date_spin.maximum() == 2
+        with pytest.raises(Exception, match="a stack of 2 dates; choose the date"):
+            dock.band_map()
+        dock.date_spin.setValue(2)
+        assert dock.raster_input().date == 2 and dock.raster_input().request_fields()["date"] == 2
+    dock.set_band_names((["B04", "B03", "B02"] + ["-"] * rows)[:rows])
+    assert not dock.date_spin.isVisibleTo(dock)
+    assert dock.band_map()[:4] == ("B04", "B03", "B02", "-")

@@ -12,18 +12,28 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, validation
+from ..errors import InputError
 from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
-from ..outputs import check_output_path, write_layer
+from ..outputs import guard_output, write_layer
+from ..paths import templates_path
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
 from .embed import CancelFn, EmbedStats, ProgressFn, check_bands, embed_tiles
 from .examples import (EXAMPLE_FIELD, check_model, encode_vectors, example_vectors, model_stamp, read_examples,
                        resolve_classes)
-from .fewshot import DEFAULT_METHOD, METHODS, LinearHead, fit_correction, zero_shot_linear
+from .fewshot import DEFAULT_METHOD, METHODS, fit_correction, zero_shot_linear
 from .head import probabilities, rank_scores, zero_shot_head
 from .prompts import load_templates, parse_prompts
 from .transductive import refine
+
+#: The remedy for a raster without georeference, in each interface's words.
+PIXEL_SPACE_FIXES = {
+    "cli": "pass --pixel-space to classify it in pixel coordinates (x = column, y = -row, as QGIS draws it)",
+    "http": 'send "pixel_space": true to classify it in pixel coordinates (x = column, y = -row, as QGIS draws it)',
+    "processing": 'tick "Classify a raster without georeference in pixel coordinates"',
+    "dock": "confirm classifying it in pixel coordinates",
+}
 
 
 @dataclass
@@ -38,6 +48,7 @@ class ClassifyResult:
     runner: str
     correction: dict | None = None  # few-shot correction: method, examples per class, new classes, seconds
     transductive: dict | None = None  # context-aware refinement: seconds, tiles whose class changed
+    warnings: list[str] = field(default_factory=list)  # what the user should know: pixel space, a re-embedded raster
     run: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -55,8 +66,10 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              threshold: float = 0.5, band_map: Sequence[str] | None = None, level: str | None = None,
              batch_size: int = 32, runner: str = "auto", device: str = "auto",
              progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-             index: str | Path | None = None, cache: bool = True, examples: str | Path | None = None,
-             context: bool = False, fewshot_method: str = DEFAULT_METHOD) -> ClassifyResult:
+             index: str | Path | None = None, cache: bool = True, date: int | None = None,
+             overwrite: bool = False, layer: str | None = None, pixel_space: bool = False,
+             examples: str | Path | None = None, context: bool = False,
+             fewshot_method: str = DEFAULT_METHOD) -> ClassifyResult:
     """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
@@ -69,31 +82,39 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     tower. ``cache=False`` does none of this. Scores are computed from float16-rounded tile embeddings either
     way (the index stores float16), so a result is the same with or without the index.
 
+    ``band_map`` may skip bands (``-``) and, with ``date``, name a stack of several dates
+    (``validation.select_date``). ``out`` passes ``outputs.guard_output`` with every input of the run
+    (``overwrite`` replaces a file TilePrompt did not write; ``layer`` adds a layer to a result GeoPackage).
+    A raster without georeference is refused unless ``pixel_space``: then tiles are in QGIS's pixel
+    coordinates (x = column, y = -row) and the result carries a warning.
+
     ``examples`` (a result GeoPackage with corrected tiles, or polygons with a ``class`` field; see
     engine.examples) corrects the zero-shot head with those tiles (engine.fewshot, ``fewshot_method``); the run
     row keeps every example with its embedding. ``context`` (context-aware zero-shot) refines the single-label
     probabilities with the layer's own tiles (engine.transductive). Both default to off: plain zero-shot.
     """
     started, t0 = _now(), time.perf_counter()
-    out = check_output_path(out)
+    threshold = validation.threshold(threshold)
+    batch_size = validation.batch_size(batch_size)
+    tile_px, stride = validation.tile_px(tile_px), validation.stride(stride)
+    band_map = validation.select_date(validation.band_map(band_map), date)
     classes = parse_prompts(prompts)
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
-    if context and multi_label:
-        raise ValueError("context-aware zero-shot refines single-label probabilities: turn off multi-label")
+    examples = validation.examples(examples)
+    validation.context(context, multi_label)
     if fewshot_method not in METHODS:
         raise ValueError(f"unknown few-shot method {fewshot_method!r} (valid: {', '.join(METHODS)})")
-    if examples is not None:
-        examples = Path(examples).expanduser()
-        if examples.resolve() == out.resolve():
-            raise ValueError(f"the output would overwrite the examples file {examples.name}: write to another file")
     card = resolve_card(model or DEFAULT_MODEL)
-    template_list = load_templates(templates or card.templates)
+    template_file = templates_path(templates or card.templates)
+    template_list = load_templates(template_file)
+    warnings: list[str] = []
 
     with open_raster(raster, band_map=band_map, level=level) as source:
         info = source.info
+        out = guard_output(out, [raster, template_file, examples, *info.files.values()], overwrite, layer=layer,
+                           input_dirs=[card.path, index])
+        note = check_georeference(info, pixel_space)
+        if note:
+            warnings.append(note)
         grid = make_grid(info, tile_px or card.input.tile_px, stride, aoi=aoi, aoi_crs=aoi_crs)
         if not len(grid):
             raise ValueError("no tiles to classify in the area of interest")
@@ -102,10 +123,14 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
             check_model(found, card)
             classes, example_labels = resolve_classes(classes, found)
         from ..index.build import required_bands  # the index package imports the engine: import here
-        from ..index.reuse import cached_embeddings, store_embeddings
+        from ..index.reuse import cached_embeddings, changed_since_indexed, store_embeddings
         from ..index.textcache import CachedTextEncoder
 
         cached = cached_embeddings(card, info, band_map, level, grid, index) if cache else None
+        if cache and cached is None:
+            note = changed_since_indexed(card, info, band_map, level, grid, index)
+            if note:
+                warnings.append(note)
         check_bands(info, required_bands(card, info), card.id)
         loaded = cached_model(card, device=device) if cached is None else None
 
@@ -189,10 +214,12 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
                         if cache else None),
         "raster": str(Path(raster).resolve()),
         "raster_layout": info.layout,
-        "band_map": list(band_map) if band_map is not None else None,
         "level": level,
         "raster_level": info.level,
         "raster_bands": list(info.bands),
+        "band_map": band_map,
+        "date": date,
+        "pixel_space": not info.georeferenced,
         "bands_used": list(required_bands(card, info)),
         "prompts": [{"class": c.name, "phrases": list(c.phrases), "column": c.column} for c in classes],
         "examples_file": str(found.path) if found is not None else None,
@@ -217,13 +244,15 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "skipped_outside": grid.skipped_outside,
         "skipped_nodata": stats.skipped_nodata,
         "counts": dict(counts),
+        "warnings": warnings,
     }
-    write_layer(out, info.crs, _fields(classes, multi_label), [t.polygon for t in tiles], columns, run)
+    write_layer(out, info.crs, _fields(classes, multi_label), [t.polygon for t in tiles], columns, run,
+                layer=layer or "tiles", add_layer=layer is not None)
     seconds = time.perf_counter() - t0
     return ClassifyResult(out=out, tiles=len(tiles), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
                           encode_seconds=stats.encode_seconds, runner=run_name, correction=correction,
-                          transductive=transductive_summary, run=run)
+                          transductive=transductive_summary, warnings=warnings, run=run)
 
 
 def _correction_summary(found, classes, labels: np.ndarray, has_text: np.ndarray, method: str,
@@ -232,6 +261,17 @@ def _correction_summary(found, classes, labels: np.ndarray, has_text: np.ndarray
     return {"method": method, "examples": len(labels), "per_class": dict(per_class),
             "new_classes": [c.name for c, t in zip(classes, has_text) if not t],
             "sources": dict(Counter(e.source for e in found.examples)), "seconds": round(seconds, 4)}
+
+
+def check_georeference(info, pixel_space: bool) -> str | None:
+    """Refuse a raster without georeference unless ``pixel_space``; then the warning every interface shows."""
+    if info.georeferenced:
+        return None
+    if not pixel_space:
+        raise InputError(f"the raster has no georeference (no CRS, no geotransform): {info.path}", "no_georeference",
+                         PIXEL_SPACE_FIXES)
+    return ("the raster has no georeference: tiles are in pixel coordinates (x = column, y = -row) without a CRS; "
+            "they overlay the image in QGIS, not a map")
 
 
 def _fields(classes, multi_label: bool) -> dict[str, str]:

@@ -32,14 +32,13 @@ from typing import Any, Callable
 import numpy as np
 import shapely
 
-from .. import __version__
+from .. import __version__, validation
 from ..engine.embed import Cancelled
 from ..engine.head import l2_normalize, logits, softmax
-from ..outputs import check_output_path, write_tiles_gpkg
-from ..schemas import MAX_K
+from ..outputs import WRITER_TAG, guard_gpkg_and_heatmap, write_tiles_gpkg
 from ..tiling import reproject_geometries
 from .heatmap import write_heatmap
-from .store import IndexStore, SceneRecord
+from .store import IndexStore, SceneRecord, guard_search_outputs
 
 LAYER = "change"
 #: A tile is paired when at least this share of it lies under indexed tiles of the other date.
@@ -157,29 +156,36 @@ def change_search(before, after, *, out: str | Path, heatmap: str | Path | None 
                   tile_px: int | None = None, stride: int | None = None, index: str | Path | None = None,
                   prompts: str | None = None, became: str | None = None, templates: str | Path | None = None,
                   k: int | None = None, device: str = "auto", runner: str = "auto", batch_size: int = 32,
-                  progress: Callable[[int, int], None] | None = None,
-                  cancel: Callable[[], bool] | None = None) -> ChangeResult:
-    """Index ``before`` and ``after`` (paths, or ``{"raster", "band_map", "level"}``) and write their change layer.
+                  progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
+                  overwrite: bool = False, layer: str | None = None, pixel_space: bool = False) -> ChangeResult:
+    """Index ``before`` and ``after`` (paths, or ``{"raster", "band_map", "date", "level"}``) and write their
+    change layer.
 
     See the module docstring. Every bad input is a ValueError naming it, raised before any model runs where it
-    can be; ``cancel()`` returning True raises ``Cancelled`` and nothing is written.
+    can be; ``out`` and ``heatmap`` pass ``outputs.guard_output`` against both rasters, the templates file and
+    the index (``overwrite``, ``layer``: as for classify). ``cancel()`` returning True raises ``Cancelled`` and
+    nothing is written.
     """
     from ..engine.prompts import PromptClass, load_templates, parse_prompts
-    from .build import build_index
+    from ..models import DEFAULT_MODEL, resolve_card
+    from ..paths import templates_path
+    from .build import build_index, raster_inputs
 
     started, t0 = _now(), time.perf_counter()
-    out = check_output_path(out)
-    heatmap = check_output_path(heatmap, (".tif", ".tiff")) if heatmap is not None else None
-    if heatmap is not None and heatmap.resolve() == out.resolve():
-        raise ValueError("the heat map and the GeoPackage need different paths")
-    if k is not None and (isinstance(k, bool) or not 1 <= int(k) <= MAX_K):
-        raise ValueError(f"k must be between 1 and {MAX_K} (or left out for every paired tile), got {k!r}")
-    classes = parse_prompts(prompts) if prompts is not None and str(prompts).strip() else []
+    k = validation.optional_k(k)
+    prompts, became = validation.optional_prompts(prompts), validation.became(became)
+    dates = raster_inputs([before, after])
+    rasters = [validation.existing_path(r, "raster") for r, _band_map, _level in dates]
+    template_file = templates_path(templates) if templates is not None else None
+    if template_file is not None:
+        load_templates(template_file)  # a bad file fails before the indexing
+    card = resolve_card(model or DEFAULT_MODEL)
+    out, heatmap = guard_gpkg_and_heatmap(out, heatmap, [*rasters, template_file], overwrite, layer,
+                                          input_dirs=[index, card.path])
+    classes = parse_prompts(prompts) if prompts is not None else []
     became_col = None
     if became is not None:
         target = parse_prompts(became)
-        if len(target) != 1:
-            raise ValueError(f"'became' names one class, got {len(target)}: {became!r}")
         names = {p.casefold(): i for i, c in enumerate(classes) for p in c.phrases}
         became_col = names.get(target[0].name.casefold())
         if became_col is None:
@@ -188,18 +194,18 @@ def change_search(before, after, *, out: str | Path, heatmap: str | Path | None 
         if len(classes) < 2:
             raise ValueError(f"'became {target[0].name}' compares that class with others: give the other classes "
                              "too (prompts), e.g. \"water; forest; farmland\"")
-    if templates is not None:
-        load_templates(templates)  # a bad file fails before the indexing
 
     def step_progress(done: int, total: int) -> None:
         if progress is not None:
             progress(done, total + 1)
 
     built = build_index([before, after], model=model, tile_px=tile_px, stride=stride, index=index, device=device,
-                        runner=runner, progress=step_progress, cancel=cancel, batch_size=batch_size)
+                        runner=runner, progress=step_progress, cancel=cancel, batch_size=batch_size,
+                        pixel_space=pixel_space)
     if len(built.scene_keys) < 2:
         raise ValueError("before and after are the same raster: give two dates of the same place")
     store = IndexStore.open(built.index)
+    out, heatmap = guard_search_outputs(store, out, heatmap, overwrite, layer, inputs=[template_file])
     rec_before, rec_after = (store.scene(key) for key in built.scene_keys[:2])
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
@@ -219,7 +225,7 @@ def change_search(before, after, *, out: str | Path, heatmap: str | Path | None 
         from ..models import cached_model
 
         card = index_card(store)
-        template_list = load_templates(templates or card.templates)
+        template_list = load_templates(template_file or templates_path(card.templates))
         head = zero_shot_head(CachedTextEncoder(card, lambda: cached_model(card, device=device)),
                               [PromptClass(c.name, c.phrases, c.column) for c in classes], template_list)
         p_before = softmax(logits(b, head, card.logit_scale)).astype(np.float64)
@@ -269,9 +275,10 @@ def change_search(before, after, *, out: str | Path, heatmap: str | Path | None 
         all_rows = store.tile_rows(rec_after, a_ids[pairing.after])
         windows = np.array([all_rows[int(t)][2:6] for t in a_ids[pairing.after]], dtype=np.int64).reshape(-1, 4)
         write_heatmap(heatmap, rec_after, windows, score,
-                      tags={"tileprompt_run": run["run_id"], "score": run["score"], "before": rec_before.raster,
+                      tags={WRITER_TAG: run["run_id"], "score": run["score"], "before": rec_before.raster,
                             "after": rec_after.raster}, description=f"change score ({run['score']})")
-    write_tiles_gpkg(out, rec_after.rasterio_crs(), FIELDS, features, run, layer=LAYER)
+    write_tiles_gpkg(out, rec_after.rasterio_crs(), FIELDS, features, run, layer=layer or LAYER,
+                     add_layer=layer is not None)
     if progress is not None:
         progress(1, 1)
     return ChangeResult(out=out, heatmap=heatmap, pairs=len(features), unpaired=pairing.unpaired,

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import time
 import uuid
@@ -38,6 +37,7 @@ import numpy as np
 from affine import Affine
 
 from .. import __version__
+from ..outputs import guard_gpkg_and_heatmap, host_name, pid_alive, resource_error
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -317,20 +317,6 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0
-    return True
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"
-
-
 # --- the store -------------------------------------------------------------------------------------------------
 
 class IndexStore:
@@ -421,6 +407,11 @@ class IndexStore:
         try:
             con.execute("PRAGMA synchronous=FULL")
             yield con
+        except (sqlite3.Error, OSError) as e:  # a full disk or read-only folder: say so, not SQLite's words
+            clear = resource_error(e, self.catalog_path)
+            if clear is not None:
+                raise clear from None
+            raise
         finally:
             con.close()
 
@@ -432,7 +423,10 @@ class IndexStore:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                try:
+                    con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (a full disk does that)
                 raise
             con.execute("COMMIT")
 
@@ -527,7 +521,7 @@ class IndexStore:
             return
         with self._write_lock() as con:
             keys = {r[0] for r in con.execute("SELECT key FROM scenes")}
-            host = _host()
+            host = host_name()
             for p in scenes_dir.iterdir():
                 if p.name.startswith(".tmp-"):
                     parts = p.name.split("-")
@@ -536,7 +530,7 @@ class IndexStore:
                     except (IndexError, ValueError):
                         p_host, pid = "", -1
                     age = time.time() - p.stat().st_mtime
-                    if (p_host == host and not _pid_alive(pid)) or age > STALE_TMP_SECONDS:
+                    if (p_host == host and not pid_alive(pid)) or age > STALE_TMP_SECONDS:
                         shutil.rmtree(p, ignore_errors=True)
                 elif p.name.startswith(".trash-"):
                     shutil.rmtree(p, ignore_errors=True)
@@ -557,8 +551,8 @@ class IndexStore:
         record.tiles = len(tiles)
         record.completed = _now()
         tmp = self._tmp_dir(record.key)
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             with open(tmp / EMBEDDINGS_FILE, "wb") as f:
                 np.save(f, emb)
                 f.flush()
@@ -569,6 +563,11 @@ class IndexStore:
             rows = [(int(t.id), int(t.row), int(t.col), int(t.window.col_off), int(t.window.row_off),
                      int(t.window.width), int(t.window.height), i, t.polygon.wkb) for i, t in enumerate(tiles)]
             return self._commit(tmp, record, rows)
+        except OSError as e:
+            clear = resource_error(e, self.root / SCENES_DIR / record.key)
+            if clear is not None:
+                raise clear from None
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -596,7 +595,7 @@ class IndexStore:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _tmp_dir(self, key: str) -> Path:
-        return self.root / SCENES_DIR / f".tmp-{key}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return self.root / SCENES_DIR / f".tmp-{key}-{host_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def _commit(self, folder: Path, record: SceneRecord, rows: Sequence[tuple]) -> SceneRecord:
         """Rename a finished scene folder into place and write its tile rows and then its scene row, atomically.
@@ -645,3 +644,15 @@ class IndexStore:
         with self._connect() as con:
             keys = [r[0] for r in con.execute("SELECT key FROM scenes ORDER BY scene_id")]
         return _sha(keys)
+
+
+def guard_search_outputs(store: IndexStore, out: str | Path, heatmap: str | Path | None, overwrite: bool = False,
+                         layer: str | None = None, inputs: Sequence[str | Path | None] = ()) -> tuple[Path, Path | None]:
+    """``outputs.guard_output`` for the GeoPackage and heat map of a search or a change search: neither may be
+    the index, any file in it, any raster file it was built from (the heat map of a scene must not replace the
+    scene), nor any of ``inputs`` (a templates file)."""
+    files = list(inputs)
+    for s in store.scenes():
+        files.append(s.raster)
+        files.extend(f[0] for f in s.info.get("fingerprint", {}).get("files", []))
+    return guard_gpkg_and_heatmap(out, heatmap, files, overwrite, layer, input_dirs=[store.root])
