@@ -45,9 +45,9 @@ from .corrections import read_run, run_classes
 from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, job_warnings, run_jobs
 from .parameters import Area, AreaMode, ChangeParameters, ClassifyParameters, Extent, Fuse, Query, SearchParameters
 from .prompts import PromptError, parse_prompts, prompts_to_request
-from .results import CHANGE_LAYER, SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_graduated, \
-    style_pseudocolor
-from .runs import new_output, plan_search, prepare_raster, raster_input_from_layer
+from .results import CHANGE_LAYER, SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_class_map, \
+    style_graduated, style_pseudocolor
+from .runs import plan_search, prepare_raster, raster_input_from_layer
 from .settings import ICON_PATH, Key
 
 LEVELS = [None, "L1C", "L2A"]
@@ -88,6 +88,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         self._requests: list = []
         self._outputs: dict = {}
         self._styles: dict = {}  # output parameter -> (layer name in the GeoPackage or None, styler)
+        self._to_load: dict = {}  # output file -> QgsProcessingContext.LayerDetails (from prepareAlgorithm)
         self._succeeded = False
 
     # --- QgsProcessingAlgorithm boilerplate --------------------------------------------------------------
@@ -176,13 +177,32 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         except ValueError as exc:
             raise QgsProcessingException(str(exc)) from None
 
-    def _output_path(self, parameters, name, context, stem, suffix=".gpkg") -> str:
+    def _destination(self, parameters, name, context) -> str:
+        """The file of destination parameter ``name``; remembers how QGIS is to load it (see _register_layers)."""
         path = self.parameterAsOutputLayer(parameters, name, context)
-        if not path:
-            return ""
-        if suffix == ".gpkg" and not path.lower().endswith(".gpkg"):
+        if path and context.willLoadLayerOnCompletion(path):
+            details = context.layerToLoadOnCompletionDetails(path)
+            copy = QgsProcessingContext.LayerDetails(details.name, details.project, details.outputName)
+            copy.layerTypeHint, copy.forceName = details.layerTypeHint, details.forceName
+            self._to_load[path] = copy
+        return path
+
+    def _register_layers(self, context) -> None:
+        """Register the outputs to load on ``context`` too.
+
+        The toolbox dialog runs prepareAlgorithm on its own context and processAlgorithm in a worker thread on a
+        temporary one, whose layers *replace* the dialog's when the run ends (QgsProcessingContext.
+        takeResultsFrom): registered only in prepareAlgorithm, the results were silently never loaded.
+        processing.run/runAndLoadResults use one context throughout, where this changes nothing."""
+        for path, details in self._to_load.items():
+            if not context.willLoadLayerOnCompletion(path):
+                context.addLayerToLoadOnCompletion(path, details)
+
+    def _output_path(self, parameters, name, context) -> str:
+        path = self._destination(parameters, name, context)
+        if not path.lower().endswith(".gpkg"):
             raise QgsProcessingException(tr("Save the result as a GeoPackage (.gpkg), not {path}").format(path=path))
-        return path or new_output(self.session.settings.cache_dir() / "results", stem, suffix)
+        return path
 
     def _connect(self):
         try:
@@ -192,6 +212,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
 
     # --- running ------------------------------------------------------------------------------------------
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (worker thread)
+        self._register_layers(context)
         last = {"text": ""}
 
         def report(index, count, status):
@@ -238,7 +259,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
 class ClassifyAlgorithm(TilePromptAlgorithm):
     PROMPTS, TEMPLATES, EXTENT, AOI = "PROMPTS", "TEMPLATES", "EXTENT", "AOI"
     MULTI_LABEL, THRESHOLD, TILES, COUNTS = "MULTI_LABEL", "THRESHOLD", "TILES", "CLASS_COUNTS"
-    EXAMPLES, CONTEXT = "EXAMPLES", "CONTEXT"
+    EXAMPLES, CONTEXT, CLASS_MAP = "EXAMPLES", "CONTEXT", "CLASS_MAP"
 
     def name(self):
         return "classify"
@@ -250,10 +271,11 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         return tr("Cuts the raster into tiles and gives every tile the class prompt it matches best (or, in "
                   "multi-label mode, every class whose score reaches the threshold). Prompts: one class per line, "
                   "synonyms after |. Needs a running TilePrompt backend (start it from the TilePrompt dock). "
-                  "Output: a GeoPackage layer 'tiles' with class, score, runner-up, margin and one score per class. "
-                  "Examples (optional) correct the classification with a few tiles: a TilePrompt result whose tiles "
-                  "you re-classed (its 'example' or 'class' field), or polygons with a 'class' field. Context-aware "
-                  "refines each tile with the layer's own tiles (single label).")
+                  "Output: a GeoPackage layer 'tiles' with class, score, runner-up, margin and one score per class; "
+                  "optionally a class-map GeoTIFF (one pixel per tile: class index, score and per-class score "
+                  "bands, coloured like the layer). Examples (optional) correct the classification with a few tiles: "
+                  "a TilePrompt result whose tiles you re-classed (its 'example' or 'class' field), or polygons with "
+                  "a 'class' field. Context-aware refines each tile with the layer's own tiles (single label).")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._add_raster_parameters()
@@ -277,6 +299,8 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         templates.setFlags(templates.flags() | compat.PARAM_FLAG_ADVANCED)
         self.addParameter(templates)
         self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Classified tiles")))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.CLASS_MAP, tr("Class map (GeoTIFF, one pixel per tile)"), optional=True, createByDefault=False))
         self._add_overwrite_parameter()
         pixel_space = QgsProcessingParameterBoolean(
             self.PIXEL_SPACE, tr("Classify a raster without georeference in pixel coordinates"), False)
@@ -324,15 +348,19 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
             overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context),
             pixel_space=self.parameterAsBoolean(parameters, self.PIXEL_SPACE, context),
             context=self.parameterAsBoolean(parameters, self.CONTEXT, context), examples=examples)
-        out = self._output_path(parameters, self.OUTPUT, context, raster.layer_name + "_tiles")
+        out = self._output_path(parameters, self.OUTPUT, context)
+        class_map = self._destination(parameters, self.CLASS_MAP, context) or None
         model_tile = self.session.model_info(self.params.model).get("tile_px")
         self._connect()
         try:
-            self._requests = [self.params.classify_request(out, model_tile)]
+            self._requests = [self.params.classify_request(out, model_tile, class_map)]
         except ValueError as exc:
             raise QgsProcessingException(str(exc)) from None
         self._outputs = {self.OUTPUT: f"{out}|layername={TILES_LAYER}", self.OUTPUT + "_PATH": out}
         self._styles = {self.OUTPUT: (TILES_LAYER, _styler(style_categorized, self.class_order))}
+        if class_map:
+            self._outputs[self.CLASS_MAP] = self._outputs[self.CLASS_MAP + "_PATH"] = class_map
+            self._styles[self.CLASS_MAP] = (None, _styler(style_class_map))
         return True
 
     def _examples(self, parameters, context) -> str | None:
@@ -385,7 +413,7 @@ class _SearchBase(TilePromptAlgorithm):
             self.HEATMAP, tr("Similarity heat map"), optional=True, createByDefault=False))
         self._add_overwrite_parameter()
 
-    def _prepare_search(self, parameters, context, query: Query, stem: str):
+    def _prepare_search(self, parameters, context, query: Query):
         raster = self._raster_input(parameters, context)
         tile, overlap = self._tiles(parameters, context)
         fuse = Fuse.MEAN
@@ -395,8 +423,8 @@ class _SearchBase(TilePromptAlgorithm):
                                        tile_px=tile, overlap_px=overlap,
                                        k=self.parameterAsInt(parameters, self.K, context), fuse=fuse,
                                        overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context))
-        out = self._output_path(parameters, self.OUTPUT, context, stem)
-        heatmap = self.parameterAsOutputLayer(parameters, self.HEATMAP, context) or None
+        out = self._output_path(parameters, self.OUTPUT, context)
+        heatmap = self._destination(parameters, self.HEATMAP, context) or None
         index_dir = self.parameterAsFile(parameters, self.INDEX, context) or None
         self._connect()
         try:
@@ -449,8 +477,7 @@ class FindSimilarAlgorithm(_SearchBase):
         if not wkts:
             raise QgsProcessingException(tr("The query layer has no (selected) features."))
         query = Query(wkts, compat.crs_to_string(source.sourceCrs()))
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        return self._prepare_search(parameters, context, query, (layer.name() if layer else "raster") + "_similar")
+        return self._prepare_search(parameters, context, query)
 
 
 class TextSearchAlgorithm(_SearchBase):
@@ -476,9 +503,7 @@ class TextSearchAlgorithm(_SearchBase):
         text = self.parameterAsString(parameters, self.TEXT, context).strip()
         if not text:
             raise QgsProcessingException(tr("Type a description to search for."))
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        return self._prepare_search(parameters, context, Query(text=text),
-                                    (layer.name() if layer else "raster") + "_text")
+        return self._prepare_search(parameters, context, Query(text=text))
 
 
 class BuildIndexAlgorithm(TilePromptAlgorithm):
@@ -581,8 +606,8 @@ class ChangeAlgorithm(TilePromptAlgorithm):
         params = ChangeParameters(before=before, after=after, model=model, tile_px=tile, overlap_px=overlap,
                                   prompts=prompt_text, became=became_classes[0].line() if became_classes else None,
                                   overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context))
-        out = self._output_path(parameters, self.OUTPUT, context, after.layer_name + "_change")
-        heatmap = self.parameterAsOutputLayer(parameters, self.HEATMAP, context) or None
+        out = self._output_path(parameters, self.OUTPUT, context)
+        heatmap = self._destination(parameters, self.HEATMAP, context) or None
         self._connect()
         try:
             self._requests = [params.change_request(out, heatmap, self.session.model_info(model).get("tile_px"))]

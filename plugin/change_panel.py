@@ -9,9 +9,10 @@ from __future__ import annotations
 from qgis.core import QgsRasterLayer
 from qgis.gui import QgsMapLayerComboBox
 from qgis.PyQt.QtCore import pyqtSignal
-from qgis.PyQt.QtWidgets import QCheckBox, QFormLayout, QLineEdit, QPushButton, QWidget
+from qgis.PyQt.QtWidgets import QCheckBox, QLineEdit, QPushButton, QWidget
 
 from . import compat
+from .forms import narrow, wrapping_form
 from .i18n import tr
 from .parameters import ChangeParameters
 from .prompts import PromptError, parse_prompts, prompts_to_request
@@ -23,10 +24,10 @@ class ChangePanel(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        form = QFormLayout(self)
-        self.before_combo = QgsMapLayerComboBox(self)
+        form = wrapping_form(self)
+        self.before_combo = narrow(QgsMapLayerComboBox(self))
         self.before_combo.setFilters(compat.RASTER_LAYER_FILTER)
-        self.after_combo = QgsMapLayerComboBox(self)
+        self.after_combo = narrow(QgsMapLayerComboBox(self))
         self.after_combo.setFilters(compat.RASTER_LAYER_FILTER)
         form.addRow(tr("Before"), self.before_combo)
         form.addRow(tr("After"), self.after_combo)

@@ -12,7 +12,6 @@ Errors are :class:`BackendError` (the server answered 4xx/5xx; ``detail`` is its
 from __future__ import annotations
 
 import json
-import os
 import socket
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ from qgis.PyQt.QtCore import QByteArray, QObject, QTimer, QUrl
 from qgis.PyQt.QtNetwork import QNetworkAccessManager, QNetworkProxy, QNetworkReply, QNetworkRequest
 
 from .i18n import tr
+from .processes import pid_alive
 
 API = "/v1"
 DEFAULT_TIMEOUT_S = 10.0
@@ -57,7 +57,11 @@ def with_fix(message: str, fixes: dict, interface: str) -> str:
 
 
 class BackendUnavailable(BackendError):
-    """Nothing answered: not started, stopped, crashed, or too slow."""
+    """Nothing answered: not started, stopped, crashed, or too slow (``timed_out``: it did not answer in time)."""
+
+    def __init__(self, message: str, status: int | None = None, detail: str | None = None, timed_out: bool = False):
+        super().__init__(message, status, detail)
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True)
@@ -104,15 +108,7 @@ class Connection:
 
     def process_alive(self) -> bool | None:
         """Whether the state file's pid still runs (None when unknown, e.g. no pid or another user's process)."""
-        if not self.pid:
-            return None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, OSError):
-            return None
-        return True
+        return pid_alive(self.pid) if self.pid else None
 
 
 def error_message(status: int, body: bytes | str | None, what: str) -> str:
@@ -259,7 +255,7 @@ class AsyncClient(QObject):
         reply.deleteLater()
         if status is None or (error != QNetworkReply.NetworkError.NoError and not status):
             reason = tr("no answer within {s:g} s").format(s=self.timeout) if timed_out else reply.errorString()
-            callback(None, BackendUnavailable(unavailable_message(self.connection, reason)))
+            callback(None, BackendUnavailable(unavailable_message(self.connection, reason), timed_out=timed_out))
             return
         if int(status) >= 400:
             callback(None, BackendError(error_message(int(status), body, what), int(status)))

@@ -9,10 +9,11 @@ from __future__ import annotations
 from qgis.core import QgsProject, QgsVectorLayer
 from qgis.gui import QgsMapLayerComboBox
 from qgis.PyQt.QtCore import pyqtSignal
-from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget
+from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QPushButton, QWidget
 
 from . import compat
 from .corrections import example_counts, read_run, result_path, run_classes, save_pending_edits, set_examples
+from .forms import narrow, wrapping_form
 from .i18n import tr
 from .parameters import CorrectParameters
 
@@ -24,29 +25,33 @@ class CorrectPanel(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        form = QFormLayout(self)
-        self.layer_combo = QgsMapLayerComboBox(self)
+        form = wrapping_form(self)
+        self.layer_combo = narrow(QgsMapLayerComboBox(self))
         self.layer_combo.setFilters(compat.POLYGON_LAYER_FILTER)
         self.layer_combo.setAllowEmptyLayer(True)
         self.layer_combo.setToolTip(tr("A layer of classified tiles written by TilePrompt"))
         self.layer_combo.layerChanged.connect(self.refresh)
         form.addRow(tr("Classified layer"), self.layer_combo)
         class_row = QHBoxLayout()
-        self.class_combo = QComboBox(self)
+        self.class_combo = narrow(QComboBox(self))
         self.class_combo.setEditable(True)
         self.class_combo.setToolTip(tr("A class of the layer, or type a new one"))
-        self.set_button = QPushButton(tr("Set class of selected tiles"), self)
+        self.set_button = QPushButton(tr("Set for selected"), self)
+        self.set_button.setToolTip(tr("The selected tiles of the layer become examples of this class"))
         self.set_button.clicked.connect(self.set_selected)
         class_row.addWidget(self.class_combo, 1)
         class_row.addWidget(self.set_button)
         form.addRow(tr("Class"), class_row)
-        self.clear_button = QPushButton(tr("Clear selected examples"), self)
+        self.clear_button = QPushButton(tr("Clear selected"), self)
+        self.clear_button.setToolTip(tr("The selected tiles of the layer are no longer examples"))
         self.clear_button.clicked.connect(self.clear_selected)
         form.addRow("", self.clear_button)
         self.summary_label = QLabel(self)
         self.summary_label.setWordWrap(True)
         form.addRow(tr("Examples"), self.summary_label)
-        self.context_check = QCheckBox(tr("context-aware (use the layer's own tiles)"), self)
+        self.context_check = QCheckBox(tr("context-aware (uses the layer's tiles)"), self)
+        self.context_check.setToolTip(tr("Transductive zero-shot: similar neighbouring tiles and the layer's class "
+                                         "structure refine each tile's probabilities (single label; slower)"))
         form.addRow("", self.context_check)
         self.apply_button = QPushButton(tr("Apply corrections"), self)
         self.apply_button.setToolTip(tr("Re-classify every tile of the layer's raster with these examples "

@@ -54,6 +54,8 @@ def describe_status(status: dict) -> str:
     if state == "queued":
         return tr("{kind}: queued").format(kind=kind)
     if not total:
+        if state == "running":  # before the first batch: loading the model, opening the raster, warming up
+            return tr("{kind}: preparing (loading the model, reading the first tiles)").format(kind=kind)
         return tr("{kind}: {state}").format(kind=kind, state=state)
     text = tr("{kind}: {done} / {total} tiles").format(kind=kind, done=done, total=total)
     if status.get("rate"):
@@ -62,6 +64,11 @@ def describe_status(status: dict) -> str:
     if eta is not None and state == "running":
         text += tr(", about {eta:.0f} s left").format(eta=eta)
     return text
+
+
+def is_preparing(status: dict) -> bool:
+    """Running, but no tile count yet: the progress is unknown (a bar at 0 % would look stuck)."""
+    return status.get("state") == "running" and not int(status.get("total") or 0)
 
 
 def job_warnings(statuses) -> list[str]:

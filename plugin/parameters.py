@@ -112,13 +112,17 @@ class ClassifyParameters:
     multi_label: bool = False
     threshold: float = 0.5
     output: str | None = None  # GeoPackage path; None = a new file in the plugin's cache
+    centre_cells: bool = True  # with an overlap, draw each tile's centre cell (display only)
+    class_map: bool = False  # also write the class-map GeoTIFF beside the GeoPackage
     overwrite: bool = False  # the user agreed to replace an output TilePrompt did not write
     pixel_space: bool = False  # the user agreed to classify a raster without georeference in pixel coordinates
     context: bool = False  # context-aware zero-shot (transductive refinement, single-label)
     examples: str | None = None  # few-shot correction: a result GeoPackage with re-classed tiles, or class polygons
 
-    def classify_request(self, out: str, model_tile_px: int | None = None) -> dict:
+    def classify_request(self, out: str, model_tile_px: int | None = None, class_map: str | None = None) -> dict:
         request = {"kind": "classify", **self.raster.request_fields(), "prompts": self.prompts, "out": out}
+        if class_map:
+            request["class_map"] = class_map
         if self.overwrite:
             request["overwrite"] = True
         if self.pixel_space:

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-label threshold (default: 0.5)")
     c.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
     _add_output_arguments(c, "tiles")
+    c.add_argument("--class-map", metavar="TIF", help="also write a class-map GeoTIFF: one pixel per tile, class "
+                                                      "index and score bands, colours as the GeoPackage's (QML)")
     c.add_argument("--index", help="embedding index to reuse and fill (default: the cache's, per model + tile)")
     c.add_argument("--no-cache", action="store_true", help="neither reuse nor store tile and prompt embeddings")
     c.add_argument("--examples", metavar="FILE",
@@ -244,7 +246,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
             threshold=args.threshold, band_map=args.band_map,
             level=args.level, batch_size=args.batch_size, runner=args.runner, device=args.device,
             progress=progress, index=args.index, cache=not args.no_cache, date=args.date, overwrite=args.overwrite,
-            layer=args.layer, pixel_space=args.pixel_space, examples=args.examples, context=args.context)
+            layer=args.layer, pixel_space=args.pixel_space, class_map=args.class_map, examples=args.examples,
+            context=args.context)
     finally:
         if bar is not None:
             bar.close()
@@ -268,7 +271,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if result.transductive:
         t = result.transductive
         print(f"context-aware: {t['changed']} tiles changed class, {t['seconds']:.3f} s")
-    print(f"wrote {result.out}")
+    print(f"wrote {result.out}" + (f" and {result.class_map}" if result.class_map else ""))
     return 0
 
 

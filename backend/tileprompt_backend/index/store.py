@@ -246,17 +246,26 @@ class SceneRecord:
         return CRS.from_wkt(self.crs) if self.crs else None
 
 
-_SCENE_COLUMNS = ("scene_id", "key", "raster", "band_map", "level", "crs", "transform", "width", "height", "n_rows",
-                  "n_cols", "tiles", "skipped_nodata", "info", "runner", "completed")
+# Whole SQL statements, never assembled from strings (Bandit B608): the scene row by column name, the IN lists as
+# one JSON array parameter (json_each).
+_INSERT_SCENE = ("INSERT INTO scenes (scene_id, key, raster, band_map, level, crs, transform, width, height, n_rows, "
+                 "n_cols, tiles, skipped_nodata, info, runner, completed) VALUES (:scene_id, :key, :raster, :band_map, "
+                 ":level, :crs, :transform, :width, :height, :n_rows, :n_cols, :tiles, :skipped_nodata, :info, :runner, "
+                 ":completed)")
 _JSON_COLUMNS = ("band_map", "transform", "info")
 
 
-def _record_from_row(row: Sequence[Any]) -> SceneRecord:
-    d = dict(zip(_SCENE_COLUMNS, row))
-    for c in _JSON_COLUMNS:
-        d[c] = json.loads(d[c]) if d[c] is not None else None
-    d["transform"] = tuple(d["transform"])
-    return SceneRecord(**d)
+def _scene_records(cursor: sqlite3.Cursor) -> list[SceneRecord]:
+    """The scene records of a ``SELECT * FROM scenes ...`` cursor (columns matched by name)."""
+    names = [d[0] for d in cursor.description]
+    records = []
+    for row in cursor.fetchall():
+        d = dict(zip(names, row))
+        for c in _JSON_COLUMNS:
+            d[c] = json.loads(d[c]) if d[c] is not None else None
+        d["transform"] = tuple(d["transform"])
+        records.append(SceneRecord(**d))
+    return records
 
 
 def scene_record(info, fingerprint: dict[str, Any], key: str, grid, band_map, level) -> SceneRecord:
@@ -433,13 +442,12 @@ class IndexStore:
     # -- reading --
     def scenes(self) -> list[SceneRecord]:
         with self._connect() as con:
-            rows = con.execute(f"SELECT {', '.join(_SCENE_COLUMNS)} FROM scenes ORDER BY scene_id").fetchall()
-        return [_record_from_row(r) for r in rows]
+            return _scene_records(con.execute("SELECT * FROM scenes ORDER BY scene_id"))
 
     def scene(self, key: str) -> SceneRecord | None:
         with self._connect() as con:
-            row = con.execute(f"SELECT {', '.join(_SCENE_COLUMNS)} FROM scenes WHERE key = ?", (key,)).fetchone()
-        return _record_from_row(row) if row else None
+            found = _scene_records(con.execute("SELECT * FROM scenes WHERE key = ?", (key,)))
+        return found[0] if found else None
 
     def tile_ids(self, scene: SceneRecord) -> np.ndarray:
         """Tile id of each embedding row of ``scene`` (int64, in row order)."""
@@ -470,12 +478,10 @@ class IndexStore:
         out: dict[int, tuple] = {}
         ids = [int(t) for t in tile_ids]
         with self._connect() as con:
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                q = (f"SELECT tile_id, row, col, col_off, row_off, width, height, geom FROM tiles "
-                     f"WHERE scene_id = ? AND tile_id IN ({','.join('?' * len(chunk))})")
-                for r in con.execute(q, (scene.scene_id, *chunk)):
-                    out[int(r[0])] = tuple(r[1:])
+            for r in con.execute("SELECT tile_id, row, col, col_off, row_off, width, height, geom FROM tiles "
+                                 "WHERE scene_id = ? AND tile_id IN (SELECT value FROM json_each(?))",
+                                 (scene.scene_id, json.dumps(ids))):
+                out[int(r[0])] = tuple(r[1:])
         return out
 
     def embeddings(self, scene: SceneRecord) -> np.ndarray:
@@ -606,10 +612,9 @@ class IndexStore:
         stale_dirs: list[Path] = []
         scenes_dir = self.root / SCENES_DIR
         with self._write_lock() as con:
-            existing = con.execute(f"SELECT {', '.join(_SCENE_COLUMNS)} FROM scenes WHERE key = ?",
-                                   (record.key,)).fetchone()
+            existing = _scene_records(con.execute("SELECT * FROM scenes WHERE key = ?", (record.key,)))
             if existing:
-                return _record_from_row(existing)
+                return existing[0]
             final = self.scene_dir(record.key)
             _remove_tree(final)  # left by a writer that crashed between rename and commit
             os.replace(folder, final)
@@ -629,8 +634,7 @@ class IndexStore:
             for c in _JSON_COLUMNS:
                 values[c] = json.dumps(values[c], default=str) if values[c] is not None else None
             # the scene row is the completion marker: written last, in the same transaction as its tiles
-            con.execute(f"INSERT INTO scenes ({', '.join(_SCENE_COLUMNS)}) VALUES "
-                        f"({', '.join('?' * len(_SCENE_COLUMNS))})", [values[c] for c in _SCENE_COLUMNS])
+            con.execute(_INSERT_SCENE, values)
         for d in stale_dirs:
             _remove_tree(d)
         return record

@@ -48,8 +48,12 @@ jobs = APIRouter(tags=["jobs"])
 def health(request: Request, queue: Queue) -> Health:
     import torch
 
+    from ..models import DEFAULT_MODEL
+    from ..models.runners import device_name
+
     providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
-    return Health(version=__version__, device=queue.device, torch=torch.__version__, onnx_providers=providers,
+    return Health(version=__version__, device=queue.device, device_name=device_name(queue.device),
+                  default_model=DEFAULT_MODEL, torch=torch.__version__, onnx_providers=providers,
                   loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job)
 
 
@@ -214,6 +218,10 @@ def create_app(queue: JobQueue, token: str) -> FastAPI:
     async def lifespan(app: FastAPI):
         queue.start()
         log.info("worker started (device %s)", queue.device)
+        # Probe ONNX Runtime's providers now, before the state file says "ready": done lazily, the first health
+        # check (the plugin's, 10 s timeout) took 32 s on a loaded 2-core machine and the dock showed the new
+        # backend as not answering.
+        await anyio.to_thread.run_sync(lambda: _onnx_providers(app))
         yield
         await anyio.to_thread.run_sync(lambda: queue.shutdown(SHUTDOWN_WAIT))
 
