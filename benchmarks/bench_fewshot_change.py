@@ -262,7 +262,7 @@ def latency_engine(n: int, rounds: int, dim: int = 512, classes: int = 8) -> dic
     import shapely
 
     from tileprompt_backend.engine.fewshot import prototype_head, probe_head
-    from tileprompt_backend.engine.head import probabilities, rank_scores
+    from tileprompt_backend.engine.head import logits, probabilities, rank_scores
     from tileprompt_backend.engine.transductive import refine
     from tileprompt_backend.index.change import pair_footprints, paired_vectors
 
@@ -275,7 +275,7 @@ def latency_engine(n: int, rounds: int, dim: int = 512, classes: int = 8) -> dic
     y = np.repeat(np.arange(classes), 10)
     side = int(np.ceil(np.sqrt(n)))
     rows, cols = np.divmod(np.arange(n), side)
-    probs = probabilities(100.0 * x @ head.T)
+    probs = probabilities(logits(x, head, 100.0))
     after = shapely.box(cols * 10.0, -rows * 10.0 - 10, cols * 10.0 + 10, -rows * 10.0)
     shifted = shapely.box(cols * 10.0 + 5, -rows * 10.0 - 15, cols * 10.0 + 15, -rows * 10.0 - 5)
 
@@ -290,7 +290,7 @@ def latency_engine(n: int, rounds: int, dim: int = 512, classes: int = 8) -> dic
         a, b = paired_vectors(p, x, x)
         1.0 - np.einsum("ij,ij->i", a, b)
 
-    fns = {"zero_shot_rescore": lambda: rank_scores(probabilities(100.0 * x @ head.T)),
+    fns = {"zero_shot_rescore": lambda: rank_scores(probabilities(logits(x, head, 100.0))),
            "prototype_fit_and_rescore": correct(prototype_head), "probe_fit_and_rescore": correct(probe_head),
            "context_refine": lambda: refine(probs, x, rows, cols),
            "change_pair_offset_grid_and_score": change_offset}

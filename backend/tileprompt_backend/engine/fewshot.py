@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .head import l2_normalize, logits
+from .head import inverse_norms, l2_normalize, logits
 
 METHODS = ("prototype", "probe")
 DEFAULT_METHOD = "prototype"
@@ -89,18 +89,22 @@ def prototype_expert(text_head: np.ndarray, has_text: np.ndarray, protos: np.nda
 
     ``protos`` (C, D) unit class prototypes (zero rows: no examples), ``tiles`` (N, D) the layer's embeddings.
     """
-    # float32 matrix-vector products over the tiles: no (N, D) float64 copy of 1e5 tiles (400 MB) is made
-    x = l2_normalize(np.asarray(tiles, dtype=np.float32))
-    m = x.mean(axis=0, dtype=np.float64)
-    # |x - m| of unit tiles is sqrt(1 - 2 x.m + |m|^2): one product instead of the (N, D) difference
-    r = max(float(np.sqrt(np.maximum(1.0 - 2.0 * (x @ m.astype(np.float32)) + m @ m, 0.0)).mean()), 1e-12)
+    # two passes over the raw float32 tiles (their norms and mean, then one product with every row needed),
+    # divided by the norms: no (N, D) copy of 1e5 tiles (200-400 MB) is made
+    x = np.asarray(tiles, dtype=np.float32)
+    inv = inverse_norms(x)
+    m = (inv @ x).astype(np.float64) / len(x)  # the mean unit tile
     with_examples = np.linalg.norm(protos, axis=1) > 0
     q = np.where(with_examples[:, None], l2_normalize(protos - m), 0.0)
-    text = np.asarray(text_head, np.float64)[has_text]
+    text, qe = np.asarray(text_head, np.float64)[has_text], q[with_examples]
+    directions = np.vstack([m[None], text, qe]).astype(np.float32)
+    products = (x @ directions.T).astype(np.float64) * inv[:, None]  # (N, 1 + classes with text + with examples)
+    x_m, x_text, x_q = products[:, 0], products[:, 1:1 + len(text)], products[:, 1 + len(text):]
+    # |x - m| of unit tiles is sqrt(1 - 2 x.m + |m|^2): one product instead of the (N, D) difference
+    r = max(float(np.sqrt(np.maximum(1.0 - 2.0 * x_m + m @ m, 0.0)).mean()), 1e-12)
     base = float((text @ m).mean())
-    text_gaps = _class_gaps((x @ text.T.astype(np.float32)).astype(np.float64))
-    qe = q[with_examples]
-    centred = ((x @ qe.T.astype(np.float32)).astype(np.float64) - m @ qe.T) / r
+    text_gaps = _class_gaps(x_text)
+    centred = (x_q - m @ qe.T) / r
     # one class with examples: its score's spread over the tiles is what separates it from the others
     proto_gaps = _class_gaps(centred) if with_examples.sum() > 1 else float(np.std(centred))
     rho = text_gaps / proto_gaps if proto_gaps > 0 and text_gaps > 0 else 1.0
