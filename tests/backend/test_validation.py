@@ -23,11 +23,13 @@ CASES = [
     ("prompts", "water; water", False), ("text", "river\x1b[2J", False), ("text", "river", True),
     ("became", "flooded field | flood", True), ("became", " ", False), ("became", "water; forest", False),
     ("became", "x" * 201, False), ("change_k", 0, False), ("change_k", 7, True), ("change_k", 10_001, False),
+    ("offset", "auto", True), ("offset", "none", True), ("offset", "1000", True), ("offset", "0", True),
+    ("offset", "-1", False), ("offset", "10001", False), ("offset", "lots", False), ("offset", "nan", False),
 ]
-CLI_FLAG = {"tile_px": "--tile", "stride": "--stride", "threshold": "--threshold", "k": "-k"}
+CLI_FLAG = {"tile_px": "--tile", "stride": "--stride", "threshold": "--threshold", "k": "-k", "offset": "--offset"}
 CHECK = {"tile_px": validation.tile_px, "stride": validation.stride, "threshold": validation.threshold,
          "k": validation.k, "prompts": validation.prompts, "text": validation.text, "became": validation.became,
-         "change_k": validation.optional_k}
+         "change_k": validation.optional_k, "offset": validation.offset}
 #: Parameters of the change search (schema ChangeRequest, CLI ``tileprompt change``).
 CHANGE = {"became": "became", "change_k": "k"}
 

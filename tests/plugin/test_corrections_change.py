@@ -53,6 +53,10 @@ def test_the_correction_request_redoes_the_run_with_examples():
                        "out": "/out/corrected.gpkg", "context": True}
     multi = correction_request({**RUN, "mode": "multi-label", "threshold": 0.3}, "/e.gpkg", "/o.gpkg", context=True)
     assert multi["multi_label"] is True and multi["threshold"] == 0.3 and "context" not in multi
+    # the baseline offset the run asked for is asked again ("auto" is the default: it finds the same)
+    none = correction_request({**RUN, "offset": {"mode": "none", "applied": False}}, "/e.gpkg", "/o.gpkg")
+    assert none["offset"] == "none"
+    assert "offset" not in correction_request({**RUN, "offset": {"mode": "auto", "applied": True}}, "/e.gpkg", "/o.gpkg")
     with pytest.raises(ValueError, match="not a TilePrompt classification"):
         correction_request({"prompts": []}, "/e.gpkg", "/o.gpkg")
 

@@ -75,6 +75,8 @@ class ChangeResult:
     after: str
     computed: int = 0  # tiles the indexing encoded for this run
     became: str | None = None
+    model: str | None = None  # the model both dates were indexed with
+    model_reason: str | None = None  # why, when no model was named (the before raster's default)
     run: dict = field(repr=False, default_factory=dict)
 
 
@@ -158,8 +160,9 @@ def change_search(before, after, *, out: str | Path, heatmap: str | Path | None 
                   k: int | None = None, device: str = "auto", runner: str = "auto", batch_size: int = 32,
                   progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
                   overwrite: bool = False, layer: str | None = None, pixel_space: bool = False) -> ChangeResult:
-    """Index ``before`` and ``after`` (paths, or ``{"raster", "band_map", "date", "level"}``) and write their
-    change layer.
+    """Index ``before`` and ``after`` (paths, or ``{"raster", "band_map", "date", "level", "offset"}``) and write
+    their change layer. Without ``model``, both are indexed with the before raster's default model
+    (``models.choose_model``, as ``build_index`` chooses).
 
     See the module docstring. Every bad input is a ValueError naming it, raised before any model runs where it
     can be; ``out`` and ``heatmap`` pass ``outputs.guard_output`` against both rasters, the templates file and
@@ -167,19 +170,18 @@ def change_search(before, after, *, out: str | Path, heatmap: str | Path | None 
     nothing is written.
     """
     from ..engine.prompts import PromptClass, load_templates, parse_prompts
-    from ..models import DEFAULT_MODEL, resolve_card
     from ..paths import templates_path
-    from .build import build_index, raster_inputs
+    from .build import build_index, index_card, raster_inputs
 
     started, t0 = _now(), time.perf_counter()
     k = validation.optional_k(k)
     prompts, became = validation.optional_prompts(prompts), validation.became(became)
     dates = raster_inputs([before, after])
-    rasters = [validation.existing_path(r, "raster") for r, _band_map, _level in dates]
+    rasters = [validation.existing_path(r, "raster") for r, _band_map, _level, _offset in dates]
     template_file = templates_path(templates) if templates is not None else None
     if template_file is not None:
         load_templates(template_file)  # a bad file fails before the indexing
-    card = resolve_card(model or DEFAULT_MODEL)
+    card, choice = index_card(model, dates)
     out, heatmap = guard_gpkg_and_heatmap(out, heatmap, [*rasters, template_file], overwrite, layer,
                                           input_dirs=[index, card.path])
     classes = parse_prompts(prompts) if prompts is not None else []
@@ -219,12 +221,12 @@ def change_search(before, after, *, out: str | Path, heatmap: str | Path | None 
 
     p_before = p_after = None
     if classes:
-        from .query import index_card
+        from .query import index_card as stored_card
         from .textcache import CachedTextEncoder
         from ..engine.head import zero_shot_head
         from ..models import cached_model
 
-        card = index_card(store)
+        card = stored_card(store)
         template_list = load_templates(template_file or templates_path(card.templates))
         head = zero_shot_head(CachedTextEncoder(card, lambda: cached_model(card, device=device)),
                               [PromptClass(c.name, c.phrases, c.column) for c in classes], template_list)
@@ -260,6 +262,7 @@ def change_search(before, after, *, out: str | Path, heatmap: str | Path | None 
     run = {
         "run_id": uuid.uuid4().hex, "software": f"tileprompt {__version__}", "kind": "change", "started": started,
         "finished": _now(), "index": str(store.root), "model": store.meta.get("model"),
+        "model_reason": choice.reason if choice is not None else None,
         "model_card_hash": store.meta.get("card_hash"), "weights_hash": store.meta.get("weights_hash"),
         "tile_px": store.tile_px, "stride": store.stride, "before": rec_before.raster, "after": rec_after.raster,
         "same_grid": _same_grid(rec_before, rec_after), "min_cover": MIN_COVER, "paired": len(pairing.after),
@@ -283,7 +286,8 @@ def change_search(before, after, *, out: str | Path, heatmap: str | Path | None 
         progress(1, 1)
     return ChangeResult(out=out, heatmap=heatmap, pairs=len(features), unpaired=pairing.unpaired,
                         seconds=time.perf_counter() - t0, index=str(store.root), before=rec_before.raster,
-                        after=rec_after.raster, computed=built.computed, became=run["became"], run=run)
+                        after=rec_after.raster, computed=built.computed, became=run["became"],
+                        model=store.meta.get("model"), model_reason=run["model_reason"], run=run)
 
 
 def _prompt_text(c) -> str:
