@@ -11,7 +11,7 @@
 2. **Few-shot on a synthetic modality gap**: clustered image embeddings and a text head that is right for about
    70 % of the tiles, laid out like CLIP's (image and text in different cones). This is where the choice between
    the two corrections shows, and where their parameters (kappa, lambda) were set. Admins with real weights
-   rerun section 1 through ``fewshot_eval`` (called by benchmarks/zero_shot_eval.py when it is there).
+   rerun it through ``fewshot_eval`` (``benchmarks/zero_shot_eval.py --few-shot``).
 3. **Change on eo-learn**: every pair of the five dates (1 km2, 10 px tiles); the LULC map is timeless, so
    change comes from the images: a tile pair is "changed" when its mean NDVI moved among the most (top quarter
    of all pairs), "unchanged" among the least (bottom quarter). Recall of changed tiles in the top N of the
