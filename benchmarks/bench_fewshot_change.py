@@ -345,7 +345,8 @@ def latency_end_to_end(rounds: int, size: int = 3200, tile: int = 10) -> dict:
     sys.path.insert(0, str(REPO / "tests" / "backend"))
     from test_corrections import edit_result  # edits a result's attributes as QGIS's attribute table does
 
-    edit_result(examples, "".join(f"UPDATE tiles SET example = '{classes[i % 8]}' WHERE id = {i * 2503};" for i in range(40)))
+    edit_result(examples, "".join(f"UPDATE tiles SET example = '{classes[i % 8]}' WHERE id = {i * 2503};"
+                                  for i in range(40)))
     n = 0
 
     def out() -> Path:
@@ -363,11 +364,13 @@ def latency_end_to_end(rounds: int, size: int = 3200, tile: int = 10) -> dict:
 
     def run_change(after):
         def run():
-            last[f"change {after.stem}"] = change_search(rasters[0], after, out=out(), heatmap=out().with_suffix(".tif"),
+            last[f"change {after.stem}"] = change_search(rasters[0], after, out=out(),
+                                                         heatmap=out().with_suffix(".tif"),
                                                          **kw)
         return run
 
-    fns = {"classify zero-shot": run_classify("zero"), "classify with 40 examples": run_classify("examples", examples=examples),
+    fns = {"classify zero-shot": run_classify("zero"),
+           "classify with 40 examples": run_classify("examples", examples=examples),
            "classify context-aware": run_classify("context", context=True), "change same grid": run_change(rasters[1]),
            "change grid offset 5 px": run_change(rasters[2])}
     timed = _median_rounds(fns, rounds)
@@ -397,6 +400,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer draws and rounds, 2e4 tiles for the engine latency")
     p.add_argument("--draws", type=int, help="random example draws per cell (default 20, quick 5)")
     p.add_argument("--rounds", type=int, help="interleaved latency rounds (default 5, quick 2)")
+    p.add_argument("--only", choices=["accuracy", "latency"],
+                   help="run only sections 1-3 (accuracy) or only section 4 (latency)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fewshot-change-cpu.json"))
     args = p.parse_args()
     import torch
@@ -410,6 +415,21 @@ def main() -> int:
                           "numpy": np.__version__},
               "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                        text=True).stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    accuracy, latency = args.only != "latency", args.only != "accuracy"
+    if accuracy:
+        _accuracy_sections(result, draws, load)
+    if latency:
+        _latency_sections(result, rounds, args.quick, load)
+    result["loadavg"] = load
+    result["seconds"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {out} ({result['seconds']:.0f} s)")
+    return 0
+
+
+def _accuracy_sections(result: dict, draws: int, load: list) -> None:
     synth = synthetic_gap()
     result["synthetic_gap"] = fewshot_eval(synth["emb"], synth["labels"], synth["pool"], synth["head"],
                                            synth["logit_scale"], synth["rows"], synth["cols"], draws=draws,
@@ -427,33 +447,30 @@ def main() -> int:
     if EOLEARN.is_dir():
         result["change_eolearn"] = change_eval()
         c = result["change_eolearn"]
-        print(f"\neo-learn change: {c['tiles_compared']} tile pairs, {c['changed']} changed, {c['unchanged']} unchanged")
+        print(f"\neo-learn change: {c['tiles_compared']} tile pairs, {c['changed']} changed, "
+              f"{c['unchanged']} unchanged")
         for name in ("embedding_change", "pixel_difference"):
             r = c[name]
             print(f"  {name:18s} recall changed {r['recall_changed']:.3f}, unchanged {r['recall_unchanged']:.3f}, "
                   f"AUC {r['auc']:.3f}, Spearman with |dNDVI| {r['spearman_all']:.3f}")
         load.append(list(os.getloadavg()))
-    n = 20_000 if args.quick else 100_000
+
+
+def _latency_sections(result: dict, rounds: int, quick: bool, load: list) -> None:
+    n = 20_000 if quick else 100_000
     result["latency_engine"] = latency_engine(n, rounds)
     print(f"\nlatency at {n} tiles (median of {rounds} interleaved rounds):")
     for name, v in result["latency_engine"].items():
         if isinstance(v, dict):
             print(f"  {name:38s} {v['median_s']:.3f} s")
     load.append(list(os.getloadavg()))
-    if not args.quick:
+    if not quick:
         result["latency_end_to_end"] = latency_end_to_end(rounds)
         print("\nend to end over 102,400 cached tiles:")
         for name, v in result["latency_end_to_end"].items():
             if isinstance(v, dict) and "median_s" in v:
                 print(f"  {name:38s} {v['median_s']:.3f} s")
         load.append(list(os.getloadavg()))
-    result["loadavg"] = load
-    result["seconds"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out} ({result['seconds']:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

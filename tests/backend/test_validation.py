@@ -37,7 +37,8 @@ CHANGE = {"became": "became", "change_k": "k"}
 def _schema_accepts(name, value) -> bool:
     if name in CHANGE:
         try:
-            ChangeRequest(before={"raster": "/a.tif"}, after={"raster": "/b.tif"}, out="/o.gpkg", **{CHANGE[name]: value})
+            ChangeRequest(before={"raster": "/a.tif"}, after={"raster": "/b.tif"}, out="/o.gpkg",
+                          **{CHANGE[name]: value})
             return True
         except pydantic.ValidationError:
             return False

@@ -74,7 +74,8 @@ def test_correct_a_classification_from_the_dock(attached, eo_box, qgis_iface):
     assert corrected is not classified and corrected.featureCount() == classified.featureCount() == 288
     assert isinstance(corrected.renderer(), QgsCategorizedSymbolRenderer)
     run = read_run(corrected.source().split("|")[0])
-    assert run["correction"]["per_class"] == {"water": 3, "meadow": 2} and run["correction"]["new_classes"] == ["meadow"]
+    assert run["correction"]["per_class"] == {"water": 3, "meadow": 2}
+    assert run["correction"]["new_classes"] == ["meadow"]
     examples = {f["example"] for f in corrected.getFeatures() if f["example"]}
     assert examples == {"water", "meadow"}
     assert panel.layer_combo.currentLayer() is corrected and "meadow" in [

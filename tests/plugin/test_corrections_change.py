@@ -56,7 +56,8 @@ def test_the_correction_request_redoes_the_run_with_examples():
     # the baseline offset the run asked for is asked again ("auto" is the default: it finds the same)
     none = correction_request({**RUN, "offset": {"mode": "none", "applied": False}}, "/e.gpkg", "/o.gpkg")
     assert none["offset"] == "none"
-    assert "offset" not in correction_request({**RUN, "offset": {"mode": "auto", "applied": True}}, "/e.gpkg", "/o.gpkg")
+    auto = correction_request({**RUN, "offset": {"mode": "auto", "applied": True}}, "/e.gpkg", "/o.gpkg")
+    assert "offset" not in auto
     with pytest.raises(ValueError, match="not a TilePrompt classification"):
         correction_request({"prompts": []}, "/e.gpkg", "/o.gpkg")
 
@@ -142,7 +143,8 @@ def test_the_correct_tab_marks_tiles_and_applies_the_corrections(ready, fake_bac
     assert wait_until(lambda: ready.current_task is None, 15)
     request = fake_backend.requests[-1]
     assert request["kind"] == "classify" and request["examples"] == str(result_gpkg)
-    assert request["raster"] == read_run(str(result_gpkg))["raster"] and request["prompts"] == "forest | woodland\nwater"
+    assert request["raster"] == read_run(str(result_gpkg))["raster"]
+    assert request["prompts"] == "forest | woodland\nwater"
     assert request["context"] is True and request["out"] != str(result_gpkg)
     (corrected,) = group_layers()
     assert isinstance(corrected.renderer(), QgsCategorizedSymbolRenderer) and "corrected" in corrected.name()

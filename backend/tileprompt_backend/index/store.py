@@ -656,7 +656,8 @@ class IndexStore:
 
 
 def guard_search_outputs(store: IndexStore, out: str | Path, heatmap: str | Path | None, overwrite: bool = False,
-                         layer: str | None = None, inputs: Sequence[str | Path | None] = ()) -> tuple[Path, Path | None]:
+                         layer: str | None = None, inputs: Sequence[str | Path | None] = ()
+                         ) -> tuple[Path, Path | None]:
     """``outputs.guard_output`` for the GeoPackage and heat map of a search or a change search: neither may be
     the index, any file in it, any raster file it was built from (the heat map of a scene must not replace the
     scene), nor any of ``inputs`` (a templates file)."""
