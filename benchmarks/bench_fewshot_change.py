@@ -400,8 +400,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer draws and rounds, 2e4 tiles for the engine latency")
     p.add_argument("--draws", type=int, help="random example draws per cell (default 20, quick 5)")
     p.add_argument("--rounds", type=int, help="interleaved latency rounds (default 5, quick 2)")
-    p.add_argument("--only", choices=["accuracy", "latency"],
-                   help="run only sections 1-3 (accuracy) or only section 4 (latency)")
+    p.add_argument("--only", choices=["accuracy", "latency", "latency-engine"],
+                   help="run only sections 1-3 (accuracy), only section 4 (latency), or only its engine functions")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fewshot-change-cpu.json"))
     args = p.parse_args()
     import torch
@@ -415,11 +415,11 @@ def main() -> int:
                           "numpy": np.__version__},
               "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                        text=True).stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    accuracy, latency = args.only != "latency", args.only != "accuracy"
+    accuracy, latency = args.only in (None, "accuracy"), args.only in (None, "latency", "latency-engine")
     if accuracy:
         _accuracy_sections(result, draws, load)
     if latency:
-        _latency_sections(result, rounds, args.quick, load)
+        _latency_sections(result, rounds, args.quick, load, end_to_end=args.only != "latency-engine")
     result["loadavg"] = load
     result["seconds"] = time.perf_counter() - t0
     out = Path(args.out)
@@ -456,7 +456,7 @@ def _accuracy_sections(result: dict, draws: int, load: list) -> None:
         load.append(list(os.getloadavg()))
 
 
-def _latency_sections(result: dict, rounds: int, quick: bool, load: list) -> None:
+def _latency_sections(result: dict, rounds: int, quick: bool, load: list, end_to_end: bool = True) -> None:
     n = 20_000 if quick else 100_000
     result["latency_engine"] = latency_engine(n, rounds)
     print(f"\nlatency at {n} tiles (median of {rounds} interleaved rounds):")
@@ -464,7 +464,7 @@ def _latency_sections(result: dict, rounds: int, quick: bool, load: list) -> Non
         if isinstance(v, dict):
             print(f"  {name:38s} {v['median_s']:.3f} s")
     load.append(list(os.getloadavg()))
-    if not quick:
+    if end_to_end and not quick:
         result["latency_end_to_end"] = latency_end_to_end(rounds)
         print("\nend to end over 102,400 cached tiles:")
         for name, v in result["latency_end_to_end"].items():
