@@ -427,12 +427,12 @@ class _TimedRunner:
 #: (module, function, label): what the breakdown times. Missing names are skipped, so the benchmark follows the
 #: engine as it changes (load_model/make_runner before the process-wide model cache, cached_* after).
 _TIMED = (
-    ("engine.classify", "check_output_path", "setup"), ("engine.classify", "parse_prompts", "setup"),
+    ("engine.classify", "guard_output", "setup"), ("engine.classify", "parse_prompts", "setup"),
     ("engine.classify", "resolve_card", "setup"), ("engine.classify", "load_templates", "setup"),
     ("engine.classify", "check_bands", "setup"), ("index.build", "required_bands", "setup"),
     ("engine.classify", "make_grid", "grid"), ("engine.classify", "zero_shot_head", "text_head"),
-    ("engine.classify", "write_tiles_gpkg", "write"), ("engine.classify", "logits", "score"),
-    ("engine.classify", "score_tiles", "score"), ("engine.classify", "_tile_attributes", "score"),
+    ("engine.classify", "write_layer", "write"), ("engine.classify", "probabilities", "score"),
+    ("engine.classify", "rank_scores", "score"), ("engine.classify", "_columns", "score"),
     ("index.reuse", "cached_embeddings", "index_lookup"), ("index.reuse", "store_embeddings", "index_store"),
 )
 

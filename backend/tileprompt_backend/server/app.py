@@ -209,7 +209,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         if kind == "json_invalid":
             lines.append(f"the body is not valid JSON: {ctx.get('error', 'decode error')}")
         elif kind == "union_tag_not_found":
-            lines.append('body: "kind" is missing (one of: classify, index, search)')
+            lines.append('body: "kind" is missing (one of: classify, index, search, change)')
         elif kind == "value_error" and isinstance(ctx.get("error"), ValueError):
             # a check of validation.py: its own words (an InputError with the HTTP remedy), not pydantic's prefix
             error = ctx["error"]
