@@ -177,7 +177,7 @@ def product_dir(cell: Path) -> Path:
 
 def read_real_tiles(source, bands, n: int):
     """The first ``n`` whole 128 px tiles of the cell in grid order, read like the engine reads (one strip a row)."""
-    from tileprompt_backend.engine.embed import read_tile_rows
+    from tileprompt_backend.engine.reading import read_tile_rows
     from tileprompt_backend.tiling import make_grid
 
     info = source.info

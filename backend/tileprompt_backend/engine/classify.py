@@ -126,6 +126,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
 
     if not features:
         raise ValueError(f"every tile in the area is nodata ({stats.skipped_nodata} tiles skipped); nothing to classify")
+    features.sort(key=lambda f: f[1]["id"])  # grid order, however the reader went through the raster
 
     run = {
         "run_id": uuid.uuid4().hex,

@@ -42,7 +42,7 @@ from rasterio.windows import Window
 
 from .bands import BANDS, EUROSAT_ORDER, FILLABLE_BANDS, L2A_BANDS, normalize_band_name, try_band_name
 
-__all__ = ["RGB_NAMES", "RasterInfo", "RasterSource", "describe_bands", "open_raster"]
+__all__ = ["RGB_NAMES", "BlockLayout", "RasterInfo", "RasterSource", "describe_bands", "open_raster"]
 
 #: Band names of a plain RGB raster.
 RGB_NAMES: tuple[str, str, str] = ("R", "G", "B")
@@ -89,6 +89,19 @@ class RasterInfo:
 
 
 @dataclass(frozen=True)
+class BlockLayout:
+    """How one file behind a source stores its pixels: what a reader needs to read whole blocks and size caches."""
+
+    path: str
+    block_h: int  # storage block (GeoTIFF tile/strip, JP2 tile) in the file's own pixels
+    block_w: int
+    scale_y: float  # file pixels per reference-grid pixel (0.5 for a 20 m band on a 10 m grid)
+    scale_x: float
+    bytes_per_px: int  # all the file's bands that are read, times their item size
+    on_grid: bool  # the file is the reference grid itself (no resampling)
+
+
+@dataclass(frozen=True)
 class _BandRef:
     """Where one band is read from: a dataset already on the reference grid (file or warped VRT) and its index."""
 
@@ -102,6 +115,7 @@ class RasterSource:
     def __init__(self, info: RasterInfo, refs: Mapping[str, _BandRef], handles: Sequence[object]):
         self.info = info
         self._refs = dict(refs)
+        self._open_args: tuple | None = None  # set by open_raster, for reopen()
         # Closed in reverse: warped VRTs before the datasets they read from.
         self._handles = list(handles)
         self._lock = threading.Lock()
@@ -135,6 +149,36 @@ class RasterSource:
                     pass
             self._handles.clear()
 
+    def reopen(self) -> RasterSource:
+        """An independent source over the same raster (own datasets, own lock): one per reader thread, since
+        GDAL datasets must not be shared between threads."""
+        if self._open_args is None:
+            raise ValueError(f"this raster source cannot be reopened (not made by open_raster): {self.info.path}")
+        path, band_map, level = self._open_args
+        return open_raster(path, band_map=band_map, level=level)
+
+    def block_layout(self, bands: Sequence[str] | None = None) -> list[BlockLayout]:
+        """The storage layout of every file read for ``bands`` (default: all bands), one entry per file."""
+        names = [n for n in self._resolve(bands if bands is not None else self.info.bands, True) if n is not None]
+        grid = self.info
+        by_file: dict[int, tuple[object, bool, int]] = {}
+        for name in names:
+            ds = self._refs[name].dataset
+            src = getattr(ds, "src_dataset", None)  # a WarpedVRT onto the grid: the file behind it
+            f, on_grid = (src, False) if src is not None else (ds, True)
+            _, _, n = by_file.get(id(f), (f, on_grid, 0))
+            by_file[id(f)] = (f, on_grid, n + 1)
+        out = []
+        for f, on_grid, n in by_file.values():
+            bh, bw = f.block_shapes[0]
+            scale_y, scale_x = f.height / grid.height, f.width / grid.width
+            # a pixel-interleaved block holds every band of the file: decoding one decodes them all
+            decoded = f.count if getattr(f.interleaving, "name", "") == "pixel" else n
+            out.append(BlockLayout(str(f.name), int(bh), int(bw), scale_y, scale_x,
+                                   decoded * np.dtype(f.dtypes[0]).itemsize,
+                                   on_grid and (scale_y, scale_x) == (1.0, 1.0)))
+        return out
+
     def read(self, window: Window, bands: Sequence[str], fill_missing: bool = True) -> np.ndarray:
         """Read ``bands`` over ``window`` of the reference grid as float32 raw DN, (len(bands), height, width).
 
@@ -145,11 +189,14 @@ class RasterSource:
             raise ValueError(f"raster source is closed: {self.info.path}")
         names = self._resolve(bands, fill_missing)
         row, col, height, width = _window_ints(window)
-        out = np.full((len(names), height, width), self.info.nodata, dtype=np.float32)
+        inner = _intersect(row, col, height, width, self.info.height, self.info.width)
+        whole = inner == (row, col, row + height, col + width)
+        # inside the raster every pixel gets read: skip the fill pass (reads are the engine's hot path)
+        shape = (len(names), height, width)
+        out = np.empty(shape, np.float32) if whole else np.full(shape, self.info.nodata, np.float32)
         for i, name in enumerate(names):
             if name is None:
                 out[i] = 0.0
-        inner = _intersect(row, col, height, width, self.info.height, self.info.width)
         with self._lock:
             if self._closed:
                 raise ValueError(f"raster source is closed: {self.info.path}")
@@ -158,8 +205,13 @@ class RasterSource:
             r0, c0, r1, c1 = inner
             src_window = Window(c0, r0, c1 - c0, r1 - r0)
             for dataset, items in self._group_by_dataset(names):
-                data = dataset.read([index for _, index in items], window=src_window, out_dtype=np.float32)
-                out[[i for i, _ in items], r0 - row:r1 - row, c0 - col:c1 - col] = data
+                rows = [i for i, _ in items]
+                indexes = [index for _, index in items]
+                if whole and rows == list(range(rows[0], rows[0] + len(rows))):
+                    dataset.read(indexes, window=src_window, out=out[rows[0]:rows[0] + len(rows)])  # in place
+                    continue
+                data = dataset.read(indexes, window=src_window, out_dtype=np.float32)
+                out[rows, r0 - row:r1 - row, c0 - col:c1 - col] = data
         return out
 
     def _resolve(self, bands: Sequence[str], fill_missing: bool) -> list[str | None]:
@@ -226,8 +278,11 @@ def open_raster(
     if p.is_dir():
         if band_map is not None:
             raise ValueError(f"band_map applies to a single multiband file, not a folder of band files: {p}")
-        return _open_folder(p, explicit)
-    return _open_file(p, band_map, explicit)
+        source = _open_folder(p, explicit)
+    else:
+        source = _open_file(p, band_map, explicit)
+    source._open_args = (path, band_map, level)
+    return source
 
 
 # ---------------------------------------------------------------------------------------------------------------
