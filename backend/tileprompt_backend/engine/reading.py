@@ -44,9 +44,11 @@ MIN_SLAB_ROWS = 64
 #: Slabs read ahead of the one the current grid row needs.
 READ_AHEAD_SLABS = 1
 #: GDAL block cache bounds (bytes): never below the minimum, never above this share of the budget.
-MIN_CACHE = 16 << 20
+MIN_CACHE = 4 << 20
 MAX_CACHE_SHARE = 0.5
 _FLOAT = 4  # RasterSource.read delivers float32
+#: Band-slabs of temporaries while a reader thread resamples a 20/60 m band (KFoldBilinear's passes).
+RESAMPLE_TEMPORARIES = 4
 
 
 def default_workers() -> int:
@@ -146,6 +148,8 @@ def plan_reading(source, tiles: Sequence[Tile], bands: Sequence[str], workers: i
     tile_h = max(int(t.window.height) for t in tiles)
     slabs_held = math.ceil((tile_h - 1) / slab) + 1 + READ_AHEAD_SLABS
     per_col = slabs_held * slab * len(bands) * _FLOAT
+    if any(not lay.on_grid for lay in layout):  # resampling works on one band at a time: a few band-slabs more
+        per_col += RESAMPLE_TEMPORARIES * slab * _FLOAT
 
     cache_per_col, cache_fixed = 0.0, 0.0
     for lay in layout:
@@ -156,20 +160,33 @@ def plan_reading(source, tiles: Sequence[Tile], bands: Sequence[str], workers: i
         cache_fixed += rows * lay.block_w * lay.bytes_per_px * workers  # a block shared at each chunk edge
     cache_cap = max(MIN_CACHE, int(memory * MAX_CACHE_SHARE))
 
+    def cache_for(width: int) -> int:
+        return int(min(cache_cap, max(MIN_CACHE, cache_fixed + cache_per_col * width)))
+
     stride_x, tile_w = _grid_step(tiles)
     cols = sorted({t.col for t in tiles})
-    room = memory - min(cache_cap, MIN_CACHE + cache_fixed)
-    width_px = max(tile_w, int(room / (per_col + cache_per_col)))
-    cols_per_stripe = max(1, (width_px - tile_w) // stride_x + 1)
-    n_stripes = math.ceil((cols[-1] - cols[0] + 1) / cols_per_stripe)
-    cols_per_stripe = math.ceil((cols[-1] - cols[0] + 1) / n_stripes)  # balanced
+    span = cols[-1] - cols[0] + 1
+
+    def fits(k: int) -> bool:  # k tile columns per stripe
+        width = (k - 1) * stride_x + tile_w
+        return width * per_col + cache_for(width) <= memory
+
+    if not fits(1):
+        need = (tile_w * per_col + cache_for(tile_w) + (1 << 20) - 1) >> 20
+        raise ValueError(f"reader memory of {memory >> 20} MB is too small: one column of {tile_w} px tiles needs "
+                         f"{need} MB (slabs of {slab} rows x {len(bands)} bands)")
+    lo, hi = 1, span  # the widest stripe that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    n_stripes = math.ceil(span / lo)
+    cols_per_stripe = math.ceil(span / n_stripes)  # balanced
 
     groups: dict[int, list[Tile]] = defaultdict(list)
     for t in tiles:
         groups[(t.col - cols[0]) // cols_per_stripe].append(t)
     stripes = [_stripe(groups[k], block_w, workers) for k in sorted(groups)]
-    widest = max(s.x1 - s.x0 for s in stripes)
-    cache = int(min(cache_cap, max(MIN_CACHE, cache_fixed + cache_per_col * widest)))
+    cache = cache_for(max(s.x1 - s.x0 for s in stripes))
     return ReadPlan(slab_rows=slab, stripes=stripes, workers=workers, cache_bytes=cache,
                     slab_bytes_per_col=per_col, memory_bytes=memory)
 

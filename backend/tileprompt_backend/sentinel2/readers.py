@@ -629,11 +629,14 @@ def _snapped_transform(ds, grid) -> Affine | None:
 
 
 def _on_grid(ds, grid, handles: list[object]):
-    """``ds`` itself when it already lies on the reference grid, else a bilinear WarpedVRT onto that grid."""
+    """``ds`` itself when it already lies on the reference grid; an exact k-fold coarser band (every real
+    product's 20 and 60 m bands): :class:`KFoldBilinear`; anything else: a bilinear WarpedVRT onto that grid."""
     if _same_grid(ds, grid):
         return ds
     nodata = _nodata(grid)
     snapped = _snapped_transform(ds, grid)
+    if snapped is not None and ds.crs == grid.crs:
+        return KFoldBilinear(ds, grid.height // ds.height, grid.width // ds.width, _nodata(ds), nodata)
     vrt = WarpedVRT(
         ds,
         **({"src_transform": snapped} if snapped is not None else {}),
@@ -648,6 +651,77 @@ def _on_grid(ds, grid, handles: list[object]):
     )
     handles.append(vrt)
     return vrt
+
+
+class KFoldBilinear:
+    """A band whose pixels are exactly ``fy`` x ``fx`` reference pixels (corners aligned), read onto the reference
+    grid with bilinear weights, as GDAL's warper does, but as a few vectorised passes over the native pixels.
+
+    Each reference pixel takes the 2 x 2 native pixels around its centre, weighted by distance
+    (u = (i + 0.5) / f - 0.5 in native pixel coordinates); native pixels that are nodata, NaN or outside the
+    file drop out and the remaining weights are renormalised; a reference pixel whose centre lies on a nodata
+    native pixel, or that has no valid neighbour, is nodata (GDAL's rules).
+    Measured 5-6x cheaper than the WarpedVRT it replaces for Sentinel-2's 20/60 m bands, within 1e-4 of it
+    (``tests/backend/test_sentinel2.py``). The weights are separable, so are the renormalised sums.
+    """
+
+    def __init__(self, src_dataset, fy: int, fx: int, src_nodata: float, nodata: float):
+        self.src_dataset = src_dataset  # what block_layout and the file fingerprint look at
+        self.fy, self.fx = int(fy), int(fx)
+        self.src_nodata, self.nodata = float(src_nodata), float(nodata)
+        self.height, self.width = src_dataset.height * self.fy, src_dataset.width * self.fx
+
+    def close(self) -> None:
+        pass  # the file dataset is closed by its source
+
+    @staticmethod
+    def _taps(start: int, n: int, f: int, size: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """Native range start, left tap index (relative), right weight, and which taps lie inside the file."""
+        u = (np.arange(start, start + n, dtype=np.float64) + 0.5) / f - 0.5
+        k = np.floor(u).astype(np.int64)
+        t = (u - k).astype(np.float32)
+        k0 = max(int(k[0]), 0)
+        inside = np.stack([(k >= 0) & (k < size), (k + 1 >= 0) & (k + 1 < size)])
+        return k0, k - k0, t, inside
+
+    def read(self, indexes, window: Window, out: np.ndarray | None = None, out_dtype=None) -> np.ndarray:
+        row, col, h, w = _window_ints(window)
+        ky0, ky, ty, iny = self._taps(row, h, self.fy, self.src_dataset.height)
+        kx0, kx, tx, inx = self._taps(col, w, self.fx, self.src_dataset.width)
+        ky1 = min(int(ky[-1]) + ky0 + 2, self.src_dataset.height)
+        kx1 = min(int(kx[-1]) + kx0 + 2, self.src_dataset.width)
+        single = not isinstance(indexes, (list, tuple))
+        idx = [indexes] if single else list(indexes)
+        native = self.src_dataset.read(idx, window=Window(kx0, ky0, kx1 - kx0, ky1 - ky0), out_dtype=np.float32)
+        if out is None:
+            out = np.empty((len(idx), h, w), dtype=np.float32)
+        # taps beyond the native window point at index 0 with zero weight (they are outside the file)
+        lx, rx = np.where(inx[0], kx, 0), np.where(inx[1], kx + 1, 0)
+        ly, ry = np.where(iny[0], ky, 0), np.where(iny[1], ky + 1, 0)
+        wl, wr = (1 - tx) * inx[0], tx * inx[1]
+        wt, wb = ((1 - ty) * iny[0])[:, None], (ty * iny[1])[:, None]
+        for b in range(len(idx)):
+            a = native[b]
+            valid = (a != self.src_nodata) & ~np.isnan(a)
+            if valid.all():
+                num = a[:, lx] * wl + a[:, rx] * wr
+                num = num[ly] * wt + num[ry] * wb
+                den = (wl + wr)[None, :] * (wt + wb)
+            else:
+                a = np.where(valid, a, 0).astype(np.float32)
+                m = valid.astype(np.float32)
+                num = a[:, lx] * wl + a[:, rx] * wr
+                num = num[ly] * wt + num[ry] * wb
+                den = m[:, lx] * wl + m[:, rx] * wr
+                den = den[ly] * wt + den[ry] * wb
+            good = den > 1e-6
+            if not valid.all():  # GDAL's warper also wants the native pixel under the centre to be valid
+                cy = (np.arange(row, row + h) // self.fy - ky0).clip(0, valid.shape[0] - 1)
+                cx = (np.arange(col, col + w) // self.fx - kx0).clip(0, valid.shape[1] - 1)
+                good &= valid[cy][:, cx]
+            np.divide(num, den, out=out[b], where=good)
+            out[b][~good] = self.nodata
+        return out[0] if single else out
 
 
 # ---------------------------------------------------------------------------------------------------------------

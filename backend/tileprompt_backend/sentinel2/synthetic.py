@@ -16,7 +16,6 @@ Written in strips of one block row, so memory stays at one strip whatever ``size
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -54,6 +53,8 @@ def write_scene(sample: str | os.PathLike, out: str | os.PathLike, layout: str =
     with all 13 bands); returns the file (multiband) or folder (band-files) to open."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r} (valid: {', '.join(LAYOUTS)})")
+    if layout == "band-files" and size % 6:
+        raise ValueError(f"band files need a size that 20 and 60 m pixels divide (a multiple of 6), got {size}")
     out = Path(out)
     with open_raster(sample) as src:
         info = src.info
@@ -72,7 +73,7 @@ def write_scene(sample: str | os.PathLike, out: str | os.PathLike, layout: str =
         factor = BAND_GSD[band] // 10
         with rasterio.open(files[band]) as ds:
             native = ds.read(1)
-        n = math.ceil(size / factor)
+        n = size // factor
         transform = Affine(res * factor, 0, origin[0], 0, -res * factor, origin[1])
         _write_band(out / f"{band}.tif", native, n, factor, size, info.crs, transform)
     return out
@@ -81,7 +82,7 @@ def write_scene(sample: str | os.PathLike, out: str | os.PathLike, layout: str =
 def _profile(width: int, height: int, count: int, crs, transform) -> dict:
     return {"driver": "GTiff", "dtype": "uint16", "width": width, "height": height, "count": count, "crs": crs,
             "transform": transform, "nodata": 0, "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK,
-            "compress": "deflate", "predictor": 2, "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
+            "compress": "deflate", "predictor": 2, "interleave": "pixel", "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS"}
 
 
 def _write_multiband(path: Path, cube: np.ndarray, size: int, crs, transform) -> None:
