@@ -186,7 +186,7 @@ def baseline_backend(ref: str, work: Path) -> Path:
     dest = work / f"baseline-{sha[:12]}"
     if not (dest / "backend" / "tileprompt_backend").is_dir():
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "backend"], capture_output=True, check=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "backend", "resources"], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     return dest / "backend"
 
