@@ -175,8 +175,7 @@ class VectorIndex:
         index.cp.seed = seed
         index.cp.niter = KMEANS_ITERATIONS
         index.train(sample)
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids by id with add_with_ids
-        self._index = index
+        self._index = index  # no direct map: removals (a replaced scene) scan the lists, and are rare
         self.trained_n = len(x)
 
     # -- changing --
@@ -299,8 +298,8 @@ class VectorIndex:
         """Memory the search structure holds (codes, ids, graph or vectors), without the caller's embeddings."""
         if self.method == "numpy":
             return int(self._x.nbytes + self._ids.nbytes)
-        if self.method == "ivf":  # 8-bit codes + ids + hash of ids + centroids
-            return int(self.n * (self.dim + 8 + 16) + self.nlist * self.dim * 4)
+        if self.method == "ivf":  # 8-bit codes + ids + centroids
+            return int(self.n * (self.dim + 8) + self.nlist * self.dim * 4)
         if self.method == "hnsw":
             return int(self.n * (self.dim * 4 + 8 + 32 * 2 * 4))
         return int(self.n * (self.dim * 4 + 8))
@@ -348,8 +347,6 @@ class VectorIndex:
         vi.nlist, vi.recall, vi.latency_ms = info.get("nlist"), info.get("recall"), info.get("latency_ms")
         vi.trained_n, vi.built = int(info.get("trained_n") or 0), info.get("built", "")
         vi.extra = dict(info.get("extra") or {})
-        if vi.method == "ivf":
-            vi._index.set_direct_map_type(faiss.DirectMap.Hashtable)
         if info.get("param"):
             vi._set(int(info["param"]))
         return vi
