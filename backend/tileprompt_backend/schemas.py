@@ -105,6 +105,17 @@ class ModelInfo(BaseModel):
     path: str | None = None  # the card's folder
 
 
+class VectorIndexInfo(BaseModel):
+    """An index loaded for search in this process, and how its vectors are searched (docs/index.md)."""
+
+    index: str
+    tiles: int
+    search_method: str
+    recall: float | None = Field(None, description="recall@50 against exact search, measured when tuned")
+    latency_ms: float | None = Field(None, description="median single-query latency measured when tuned")
+    memory_mb: float = Field(description="float16 embeddings plus the search structure, in memory")
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
@@ -114,6 +125,7 @@ class Health(BaseModel):
     loaded_models: list[str]
     queue_length: int
     running_job: str | None = None
+    vector_indexes: list[VectorIndexInfo] = []
 
 
 class ErrorBody(BaseModel):

@@ -156,6 +156,20 @@ def load_view(store: IndexStore) -> IndexView:
     return view
 
 
+def loaded_indexes() -> list[dict]:
+    """The indexes loaded for search in this process: size, search method, measured recall and latency, memory
+    (``/v1/health`` reports them)."""
+    with _views_lock:
+        views = list(_views.values())
+    out = []
+    for v in views:
+        r = v.vectors.report()
+        out.append({"index": str(v.store.root), "tiles": v.n, "search_method": v.vectors.description,
+                    "recall": r["recall"], "latency_ms": r["latency_ms"],
+                    "memory_mb": round((v.x16.nbytes + v.vectors.nbytes) / 2**20, 1)})
+    return out
+
+
 # --- text side ---------------------------------------------------------------------------------------------------
 
 

@@ -45,9 +45,12 @@ jobs = APIRouter(tags=["jobs"])
 def health(request: Request, queue: Queue) -> Health:
     import torch
 
+    from ..index.query import loaded_indexes
+
     providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
     return Health(version=__version__, device=queue.device, torch=torch.__version__, onnx_providers=providers,
-                  loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job)
+                  loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job,
+                  vector_indexes=loaded_indexes())
 
 
 @models.get("/models", response_model=list[ModelInfo], summary="Model cards found, plus model folders used")
