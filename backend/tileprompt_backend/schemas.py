@@ -27,7 +27,7 @@ class TileParams(_Strict):
     model: str | None = Field(None, description="model id or model directory (default: the server's default)")
     tile_px: int | None = Field(None, ge=1, le=4096, description="tile size in pixels (default: the card's)")
     stride: int | None = Field(None, ge=1, le=4096, description="pixels between tiles (default: the tile size)")
-    runner: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8"] = Field(
+    runner: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino"] = Field(
         "auto", description="image tower engine (auto: by device, see docs/models.md)")
     batch_size: int = Field(32, ge=1, le=1024, description="tiles per encoder batch (a cancel acts between batches)")
 
