@@ -270,3 +270,46 @@ def test_torchrun_two_ranks_shard_and_merge(dates, s2_model, tmp_path):
         np.testing.assert_allclose(merged[k].astype(np.float32), single[k].astype(np.float32), atol=2e-3)
     # the merged index is complete: indexing again computes nothing
     assert _build(dates, s2_model, idx).computed == 0
+
+
+def test_resume_after_a_kill_mid_archive_reuses_the_finished_scenes(dates, s2_model, tmp_path):
+    """``tileprompt index`` over an archive, killed (SIGKILL) once the first scenes are complete: the next run
+    reuses them, computes only the rest, and the index equals an uninterrupted one."""
+    import os
+    import signal
+    import time
+
+    archive = dates + [str(p) for p in sorted(_require(SSL4EO / "s2a" / "0000200").iterdir()) if p.is_dir()]
+    scene_list = tmp_path / "scenes.txt"
+    scene_list.write_text("\n".join(archive) + "\n")
+    idx = tmp_path / "idx"
+    cmd = [sys.executable, "-m", "tileprompt_backend.cli", "index", "--scene-list", str(scene_list), "--model",
+           s2_model, "--tile", str(TILE), "--index", str(idx), "--runner", "torch", "--batch-size", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = 0
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if (idx / CATALOG_FILE).is_file():
+            try:
+                with sqlite3.connect(idx / CATALOG_FILE, timeout=1) as con:
+                    done = con.execute("SELECT COUNT(*) FROM scenes").fetchone()[0]
+            except sqlite3.Error:
+                done = 0
+            if done >= 1:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.005)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-archive"
+    finished = {s.key: s.tiles for s in IndexStore.open(idx).scenes()}
+    assert 1 <= len(finished) < len(archive)
+    resumed = _build(archive, s2_model, idx, batch_size=1)  # the killed run's settings
+    assert resumed.reused == sum(finished.values()) and resumed.computed == resumed.tiles - resumed.reused
+    assert resumed.computed > 0 and len(IndexStore.open(idx).scenes()) == len(archive)
+    assert not [p for p in (idx / SCENES_DIR).iterdir() if p.name.startswith(".")]  # the killed run's leftovers
+    whole = _embeddings(_build(archive, s2_model, tmp_path / "whole", batch_size=1).index)
+    got = _embeddings(idx)
+    assert got.keys() == whole.keys()
+    for k in whole:
+        np.testing.assert_array_equal(got[k], whole[k])
