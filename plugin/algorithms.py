@@ -10,6 +10,7 @@ They work in the toolbox, in batch mode, in models and from ``processing.run`` (
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from qgis.core import (
     QgsFeatureRequest,
@@ -38,12 +39,12 @@ from . import compat
 from .bands import validate_band_map
 from .client import BackendError
 from .i18n import tr
-from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, run_jobs
+from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, job_warnings, run_jobs
 from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query, SearchParameters
 from .prompts import PromptError, parse_prompts, prompts_to_request
-from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_graduated, \
-    style_pseudocolor
-from .runs import new_output, plan_search, prepare_raster, raster_input_from_layer
+from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_class_map, \
+    style_graduated, style_pseudocolor
+from .runs import plan_search, prepare_raster, raster_input_from_layer
 from .settings import ICON_PATH, Key
 
 LEVELS = [None, "L1C", "L2A"]
@@ -72,7 +73,8 @@ def _styler(style, *args) -> _Styler:
 class TilePromptAlgorithm(QgsProcessingAlgorithm):
     """Common parameters (raster, bands, model, tiles) and the job loop."""
 
-    INPUT, USE_PRODUCT, BAND_MAP, LEVEL = "INPUT", "USE_PRODUCT", "BAND_MAP", "LEVEL"
+    INPUT, USE_PRODUCT, BAND_MAP, DATE, LEVEL = "INPUT", "USE_PRODUCT", "BAND_MAP", "DATE", "LEVEL"
+    OVERWRITE, PIXEL_SPACE = "OVERWRITE", "PIXEL_SPACE"
     MODEL, TILE, OVERLAP, RESOLUTION, OUTPUT = "MODEL", "TILE", "OVERLAP", "RESOLUTION", "OUTPUT"
 
     def __init__(self, session):
@@ -83,6 +85,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         self._requests: list = []
         self._outputs: dict = {}
         self._styles: dict = {}  # output parameter -> (layer name in the GeoPackage or None, styler)
+        self._to_load: dict = {}  # output file -> QgsProcessingContext.LayerDetails (from prepareAlgorithm)
         self._succeeded = False
 
     # --- QgsProcessingAlgorithm boilerplate --------------------------------------------------------------
@@ -115,7 +118,11 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
             QgsProcessingParameterBoolean(
                 self.USE_PRODUCT, tr("Read the whole product folder when the layer is one band file of it"), True),
             QgsProcessingParameterString(
-                self.BAND_MAP, tr("Band names in file order, comma-separated (empty: detect)"), optional=True),
+                self.BAND_MAP, tr("Band names in file order, comma-separated; - skips a band; names repeat per date "
+                                  "in a stack of several dates (empty: detect)"), optional=True),
+            QgsProcessingParameterNumber(
+                self.DATE, tr("Date to read from a multi-date band map (0: a single date)"), compat.NUMBER_INTEGER,
+                0, False, 0, 64),
             QgsProcessingParameterEnum(self.LEVEL, tr("Sentinel-2 processing level"),
                                        [tr("detect"), "L1C", "L2A"], defaultValue=0),
             QgsProcessingParameterNumber(
@@ -125,6 +132,11 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         for parameter in advanced:
             parameter.setFlags(parameter.flags() | compat.PARAM_FLAG_ADVANCED)
             self.addParameter(parameter)
+
+    def _add_overwrite_parameter(self):
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.OVERWRITE, tr("Replace an existing output that TilePrompt did not write (inputs are never replaced)"),
+            False))
 
     def _model(self, parameters, context) -> str | None:
         return self.parameterAsString(parameters, self.MODEL, context).strip() or None
@@ -139,29 +151,52 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(tr("Choose a raster layer."))
         text = self.parameterAsString(parameters, self.BAND_MAP, context).strip()
         band_map = None
+        date = self.parameterAsInt(parameters, self.DATE, context) or None
         if text:
             names = [n.strip().upper() for n in text.split(",")]
-            error = validate_band_map(names)
+            error = validate_band_map(names, date)
             if error:
-                raise QgsProcessingException(tr("Band map: {error}").format(error=error))
+                raise QgsProcessingException(tr("Band names: {error}").format(error=error))
             band_map = tuple(names)
+        elif date:
+            raise QgsProcessingException(tr("A date needs band names that repeat per date, e.g. "
+                                            "B04,B03,B02,B08,B04,B03,B02,B08 for two dates."))
         level = LEVELS[self.parameterAsEnum(parameters, self.LEVEL, context)]
         use_product = self.parameterAsBoolean(parameters, self.USE_PRODUCT, context)
         try:
-            raster = raster_input_from_layer(layer, use_product, band_map, level, export_extent)
+            raster = replace(raster_input_from_layer(layer, use_product, band_map, level, export_extent), date=date)
             gsd = self.parameterAsDouble(parameters, self.RESOLUTION, context) or \
                 self.session.model_info(self._model(parameters, context)).get("gsd_m")
             return prepare_raster(raster, gsd, self.session.settings.cache_dir() / "exports", layer)
         except ValueError as exc:
             raise QgsProcessingException(str(exc)) from None
 
-    def _output_path(self, parameters, name, context, stem, suffix=".gpkg") -> str:
+    def _destination(self, parameters, name, context) -> str:
+        """The file of destination parameter ``name``; remembers how QGIS is to load it (see _register_layers)."""
         path = self.parameterAsOutputLayer(parameters, name, context)
-        if not path:
-            return ""
-        if suffix == ".gpkg" and not path.lower().endswith(".gpkg"):
+        if path and context.willLoadLayerOnCompletion(path):
+            details = context.layerToLoadOnCompletionDetails(path)
+            copy = QgsProcessingContext.LayerDetails(details.name, details.project, details.outputName)
+            copy.layerTypeHint, copy.forceName = details.layerTypeHint, details.forceName
+            self._to_load[path] = copy
+        return path
+
+    def _register_layers(self, context) -> None:
+        """Register the outputs to load on ``context`` too.
+
+        The toolbox dialog runs prepareAlgorithm on its own context and processAlgorithm in a worker thread on a
+        temporary one, whose layers *replace* the dialog's when the run ends (QgsProcessingContext.
+        takeResultsFrom): registered only in prepareAlgorithm, the results were silently never loaded.
+        processing.run/runAndLoadResults use one context throughout, where this changes nothing."""
+        for path, details in self._to_load.items():
+            if not context.willLoadLayerOnCompletion(path):
+                context.addLayerToLoadOnCompletion(path, details)
+
+    def _output_path(self, parameters, name, context) -> str:
+        path = self._destination(parameters, name, context)
+        if not path.lower().endswith(".gpkg"):
             raise QgsProcessingException(tr("Save the result as a GeoPackage (.gpkg), not {path}").format(path=path))
-        return path or new_output(self.session.settings.cache_dir() / "results", stem, suffix)
+        return path
 
     def _connect(self):
         try:
@@ -171,6 +206,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
 
     # --- running ------------------------------------------------------------------------------------------
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (worker thread)
+        self._register_layers(context)
         last = {"text": ""}
 
         def report(index, count, status):
@@ -183,12 +219,14 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         poll_s = self.session.settings.get(Key.POLL_INTERVAL_MS) / 1000.0
         outcome = run_jobs(self._client, self._requests, feedback.isCanceled, report, poll_s)
         if isinstance(outcome, JobFailed):
-            raise QgsProcessingException(outcome.message)
+            raise QgsProcessingException(outcome.message_for("processing"))
         if isinstance(outcome, JobCancelled):
             feedback.reportError(tr("Cancelled; the backend job was cancelled too."), False)
             return {}
         self.statuses = outcome.statuses
         self._succeeded = True
+        for text in job_warnings(outcome.statuses):
+            getattr(feedback, "pushWarning", feedback.reportError)(text)
         return self.finish(outcome, context, feedback)
 
     def finish(self, outcome: JobSucceeded, context, feedback) -> dict:
@@ -215,6 +253,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
 class ClassifyAlgorithm(TilePromptAlgorithm):
     PROMPTS, TEMPLATES, EXTENT, AOI = "PROMPTS", "TEMPLATES", "EXTENT", "AOI"
     MULTI_LABEL, THRESHOLD, TILES, COUNTS = "MULTI_LABEL", "THRESHOLD", "TILES", "CLASS_COUNTS"
+    CLASS_MAP = "CLASS_MAP"
 
     def name(self):
         return "classify"
@@ -226,7 +265,9 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         return tr("Cuts the raster into tiles and gives every tile the class prompt it matches best (or, in "
                   "multi-label mode, every class whose score reaches the threshold). Prompts: one class per line, "
                   "synonyms after |. Needs a running TilePrompt backend (start it from the TilePrompt dock). "
-                  "Output: a GeoPackage layer 'tiles' with class, score, runner-up, margin and one score per class.")
+                  "Output: a GeoPackage layer 'tiles' with class, score, runner-up, margin and one score per class; "
+                  "optionally a class-map GeoTIFF (one pixel per tile: class index, score and per-class score "
+                  "bands, coloured like the layer).")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._add_raster_parameters()
@@ -237,13 +278,21 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
             self.AOI, tr("Area (polygons; use 'Selected features only' for a selection)"),
             [compat.SOURCE_VECTOR_POLYGON], optional=True))
         self.addParameter(QgsProcessingParameterBoolean(self.MULTI_LABEL, tr("Multi-label"), False))
+        # 0 and 1 are refused by the backend's own check (exclusive bounds), as from the CLI and HTTP
         self.addParameter(QgsProcessingParameterNumber(
-            self.THRESHOLD, tr("Multi-label threshold"), compat.NUMBER_DOUBLE, 0.5, False, 0.01, 0.99))
+            self.THRESHOLD, tr("Multi-label threshold (between 0 and 1)"), compat.NUMBER_DOUBLE, 0.5, False, 0.0, 1.0))
         templates = QgsProcessingParameterFile(self.TEMPLATES, tr("Templates file (empty: the model's)"),
                                                compat.FILE_BEHAVIOR_FILE, "txt", optional=True)
         templates.setFlags(templates.flags() | compat.PARAM_FLAG_ADVANCED)
         self.addParameter(templates)
         self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Classified tiles")))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.CLASS_MAP, tr("Class map (GeoTIFF, one pixel per tile)"), optional=True, createByDefault=False))
+        self._add_overwrite_parameter()
+        pixel_space = QgsProcessingParameterBoolean(
+            self.PIXEL_SPACE, tr("Classify a raster without georeference in pixel coordinates"), False)
+        pixel_space.setFlags(pixel_space.flags() | compat.PARAM_FLAG_ADVANCED)
+        self.addParameter(pixel_space)
         self.addOutput(QgsProcessingOutputNumber(self.TILES, tr("Number of tiles")))
         self.addOutput(QgsProcessingOutputString(self.COUNTS, tr("Tiles per class (JSON)")))
 
@@ -281,16 +330,22 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
             raster=raster, prompts=prompts_to_request(classes), model=self._model(parameters, context),
             templates=self.parameterAsFile(parameters, self.TEMPLATES, context) or None, area=area, tile_px=tile,
             overlap_px=overlap, multi_label=self.parameterAsBoolean(parameters, self.MULTI_LABEL, context),
-            threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context))
-        out = self._output_path(parameters, self.OUTPUT, context, raster.layer_name + "_tiles")
+            threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
+            overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context),
+            pixel_space=self.parameterAsBoolean(parameters, self.PIXEL_SPACE, context))
+        out = self._output_path(parameters, self.OUTPUT, context)
+        class_map = self._destination(parameters, self.CLASS_MAP, context) or None
         model_tile = self.session.model_info(self.params.model).get("tile_px")
         self._connect()
         try:
-            self._requests = [self.params.classify_request(out, model_tile)]
+            self._requests = [self.params.classify_request(out, model_tile, class_map)]
         except ValueError as exc:
             raise QgsProcessingException(str(exc)) from None
         self._outputs = {self.OUTPUT: f"{out}|layername={TILES_LAYER}", self.OUTPUT + "_PATH": out}
         self._styles = {self.OUTPUT: (TILES_LAYER, _styler(style_categorized, self.class_order))}
+        if class_map:
+            self._outputs[self.CLASS_MAP] = self._outputs[self.CLASS_MAP + "_PATH"] = class_map
+            self._styles[self.CLASS_MAP] = (None, _styler(style_class_map))
         return True
 
     def finish(self, outcome, context, feedback):
@@ -319,8 +374,9 @@ class _SearchBase(TilePromptAlgorithm):
         self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Similar tiles")))
         self.addParameter(QgsProcessingParameterRasterDestination(
             self.HEATMAP, tr("Similarity heat map"), optional=True, createByDefault=False))
+        self._add_overwrite_parameter()
 
-    def _prepare_search(self, parameters, context, query: Query, stem: str):
+    def _prepare_search(self, parameters, context, query: Query):
         raster = self._raster_input(parameters, context)
         tile, overlap = self._tiles(parameters, context)
         fuse = Fuse.MEAN
@@ -328,9 +384,10 @@ class _SearchBase(TilePromptAlgorithm):
             fuse = FUSES[self.parameterAsEnum(parameters, "FUSE", context)]
         self.params = SearchParameters(raster=raster, query=query, model=self._model(parameters, context),
                                        tile_px=tile, overlap_px=overlap,
-                                       k=self.parameterAsInt(parameters, self.K, context), fuse=fuse)
-        out = self._output_path(parameters, self.OUTPUT, context, stem)
-        heatmap = self.parameterAsOutputLayer(parameters, self.HEATMAP, context) or None
+                                       k=self.parameterAsInt(parameters, self.K, context), fuse=fuse,
+                                       overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context))
+        out = self._output_path(parameters, self.OUTPUT, context)
+        heatmap = self._destination(parameters, self.HEATMAP, context) or None
         index_dir = self.parameterAsFile(parameters, self.INDEX, context) or None
         self._connect()
         try:
@@ -383,8 +440,7 @@ class FindSimilarAlgorithm(_SearchBase):
         if not wkts:
             raise QgsProcessingException(tr("The query layer has no (selected) features."))
         query = Query(wkts, compat.crs_to_string(source.sourceCrs()))
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        return self._prepare_search(parameters, context, query, (layer.name() if layer else "raster") + "_similar")
+        return self._prepare_search(parameters, context, query)
 
 
 class TextSearchAlgorithm(_SearchBase):
@@ -410,9 +466,7 @@ class TextSearchAlgorithm(_SearchBase):
         text = self.parameterAsString(parameters, self.TEXT, context).strip()
         if not text:
             raise QgsProcessingException(tr("Type a description to search for."))
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        return self._prepare_search(parameters, context, Query(text=text),
-                                    (layer.name() if layer else "raster") + "_text")
+        return self._prepare_search(parameters, context, Query(text=text))
 
 
 class BuildIndexAlgorithm(TilePromptAlgorithm):

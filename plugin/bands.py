@@ -164,13 +164,28 @@ def band_map_from_vrt(vrt_path: str | Path) -> list[str | None]:
     return names
 
 
-def validate_band_map(names: list[str]) -> str | None:
-    """An error message when a user-edited band map has unknown or repeated names, else None."""
-    unknown = [n for n in names if n not in KNOWN_BANDS]
+#: The band-map entry for a band to ignore (the backend's validation.SKIP).
+SKIP = "-"
+
+
+def band_map_dates(names: list[str]) -> int:
+    """How many dates a band map describes: the most times one band name occurs (a stack of several dates)."""
+    named = [n for n in names if n != SKIP]
+    return max((named.count(n) for n in set(named)), default=0)
+
+
+def validate_band_map(names: list[str], date: int | None = None) -> str | None:
+    """An error message when a user-edited band map cannot be read, else None. ``-`` skips a band; repeated
+    names describe several dates, and then ``date`` (1-based) says which one (the backend checks the same)."""
+    unknown = [n for n in names if n not in KNOWN_BANDS and n != SKIP]
     if unknown:
         return "unknown band name(s): " + ", ".join(repr(n) for n in unknown) + \
-            " (use B01..B12, B8A, or R, G, B for plain RGB)"
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        return "band name(s) used twice: " + ", ".join(repeated)
+            f" (use B01..B12, B8A, or R, G, B for plain RGB; {SKIP} skips a band)"
+    if all(n == SKIP for n in names):
+        return f"every band is skipped ({SKIP}): name at least one"
+    dates = band_map_dates(names)
+    if dates > 1 and not date:
+        return f"the band names repeat: a stack of {dates} dates; choose the date to read (1..{dates})"
+    if date and not 1 <= date <= max(dates, 1):
+        return f"date {date} is not in the band map (it names {dates} date(s))"
     return None

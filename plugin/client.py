@@ -12,7 +12,6 @@ Errors are :class:`BackendError` (the server answered 4xx/5xx; ``detail`` is its
 from __future__ import annotations
 
 import json
-import os
 import socket
 import urllib.error
 import urllib.request
@@ -23,22 +22,46 @@ from qgis.PyQt.QtCore import QByteArray, QObject, QTimer, QUrl
 from qgis.PyQt.QtNetwork import QNetworkAccessManager, QNetworkProxy, QNetworkReply, QNetworkRequest
 
 from .i18n import tr
+from .processes import pid_alive
 
 API = "/v1"
 DEFAULT_TIMEOUT_S = 10.0
 
 
 class BackendError(Exception):
-    """The backend answered with an error (``status`` is the HTTP status, ``detail`` its one-line message)."""
+    """The backend answered with an error (``status`` is the HTTP status, ``detail`` its one-line message).
 
-    def __init__(self, message: str, status: int | None = None, detail: str | None = None):
+    A refused input may carry ``code`` (``output_exists``, ``band_map``, ``no_georeference`` ...) and ``fixes``,
+    the remedy in each interface's words (``dock``, ``processing`` ...): :meth:`message_for` uses them.
+    """
+
+    def __init__(self, message: str, status: int | None = None, detail: str | None = None, code: str | None = None,
+                 fixes: dict | None = None):
         super().__init__(message)
         self.status = status
         self.detail = detail or message
+        self.code = code
+        self.fixes = dict(fixes or {})
+
+    def message_for(self, interface: str) -> str:
+        """The message with the remedy phrased for ``interface`` ("dock" or "processing") when the backend gave one."""
+        return with_fix(str(self), self.fixes, interface)
+
+
+def with_fix(message: str, fixes: dict, interface: str) -> str:
+    """``message`` ends with the HTTP remedy of ``fixes``: swap it for the one of ``interface``."""
+    http, own = fixes.get("http"), fixes.get(interface)
+    if http and own and message.endswith(http):
+        return message[: -len(http)] + own
+    return message
 
 
 class BackendUnavailable(BackendError):
-    """Nothing answered: not started, stopped, crashed, or too slow."""
+    """Nothing answered: not started, stopped, crashed, or too slow (``timed_out``: it did not answer in time)."""
+
+    def __init__(self, message: str, status: int | None = None, detail: str | None = None, timed_out: bool = False):
+        super().__init__(message, status, detail)
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True)
@@ -85,15 +108,7 @@ class Connection:
 
     def process_alive(self) -> bool | None:
         """Whether the state file's pid still runs (None when unknown, e.g. no pid or another user's process)."""
-        if not self.pid:
-            return None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, OSError):
-            return None
-        return True
+        return pid_alive(self.pid) if self.pid else None
 
 
 def error_message(status: int, body: bytes | str | None, what: str) -> str:
@@ -152,7 +167,9 @@ class BackendClient:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             body = exc.read()
-            raise BackendError(error_message(exc.code, body, what), exc.code, _detail(body)) from None
+            parsed = _body(body)
+            raise BackendError(error_message(exc.code, body, what), exc.code, _detail(body), parsed.get("code"),
+                               parsed.get("fixes") if isinstance(parsed.get("fixes"), dict) else None) from None
         except (socket.timeout, TimeoutError):
             raise BackendUnavailable(unavailable_message(
                 self.connection, tr("no answer within {s:g} s").format(s=self.timeout))) from None
@@ -183,11 +200,16 @@ class BackendClient:
         return self.request("DELETE", f"/jobs/{job_id}", what=tr("Cancelling the job"))
 
 
-def _detail(body: bytes) -> str | None:
+def _body(body: bytes) -> dict:
     try:
-        detail = json.loads(body or b"{}").get("detail")
-    except (ValueError, AttributeError):
-        return None
+        parsed = json.loads(body or b"{}")
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _detail(body: bytes) -> str | None:
+    detail = _body(body).get("detail")
     return detail if isinstance(detail, str) else None
 
 
@@ -233,7 +255,7 @@ class AsyncClient(QObject):
         reply.deleteLater()
         if status is None or (error != QNetworkReply.NetworkError.NoError and not status):
             reason = tr("no answer within {s:g} s").format(s=self.timeout) if timed_out else reply.errorString()
-            callback(None, BackendUnavailable(unavailable_message(self.connection, reason)))
+            callback(None, BackendUnavailable(unavailable_message(self.connection, reason), timed_out=timed_out))
             return
         if int(status) >= 400:
             callback(None, BackendError(error_message(int(status), body, what), int(status)))

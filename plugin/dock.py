@@ -2,8 +2,14 @@
 
 The dock only turns its widgets into typed parameter objects (parameters.py) and shows what the plugin tells
 it; it starts no job, process or network call itself. Signals out: ``classifyRequested(ClassifyParameters)``,
-``searchRequested(SearchParameters)``, ``cancelRequested``, ``drawRequested(purpose, shape)`` and the backend
-buttons. Building parameters raises :class:`ParameterError` with a message for the user.
+``searchRequested(SearchParameters)``, ``cancelRequested``, ``drawRequested(purpose, shape)``,
+``clearSketchRequested(purpose)`` and the backend buttons. Building parameters raises :class:`ParameterError`
+with a message for the user.
+
+Layout: everything but the run panel scrolls; the run panel (progress bar, Cancel, status line) stays at the
+bottom of the dock, visible whatever the dock's height. Combo boxes do not widen the dock to their longest item
+and long form rows wrap, so the content needs about 380 px (``preferred_width``), the width the plugin opens the
+dock at.
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import compat
-from .bands import validate_band_map
+from .bands import band_map_dates, validate_band_map
 from .i18n import tr
+from .install_panel import InstallPanel
 from .parameters import (
     Area,
     AreaMode,
@@ -74,6 +81,8 @@ from .settings import Key, ProjectState, Settings
 from .sources import LayerSource, inspect_layer
 
 MAX_K = 10_000
+#: Characters a combo box shows at its minimum width (longer items are elided, and listed in full when open).
+COMBO_MIN_CHARS = 10
 LIGHT_COLORS = {"down": "#9e9e9e", "starting": "#f0ad00", "up": "#2e9d3a", "error": "#d9302c"}
 
 
@@ -108,6 +117,21 @@ def geometry_wkt(geometry: QgsGeometry) -> str:
     return geometry.asWkt(9)
 
 
+def _narrow(combo: QComboBox) -> QComboBox:
+    """A combo box whose minimum width does not follow its longest item (a layer or prompt-set title)."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(COMBO_MIN_CHARS)
+    combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+    return combo
+
+
+def _wrapping_form(parent) -> QFormLayout:
+    form = QFormLayout(parent)
+    form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    return form
+
+
 class TilePromptDock(QgsDockWidget):
     classifyRequested = pyqtSignal(object)  # noqa: N815
     searchRequested = pyqtSignal(object)  # noqa: N815
@@ -118,6 +142,9 @@ class TilePromptDock(QgsDockWidget):
     attachRequested = pyqtSignal()  # noqa: N815
     diagnosticsRequested = pyqtSignal()  # noqa: N815
     refreshModelsRequested = pyqtSignal()  # noqa: N815
+    settingsRequested = pyqtSignal()  # noqa: N815
+    helpRequested = pyqtSignal()  # noqa: N815
+    clearSketchRequested = pyqtSignal(str)  # noqa: N815  purpose ("area"/"query")
 
     def __init__(self, iface, parent=None):
         super().__init__(tr("TilePrompt"), parent)
@@ -131,9 +158,14 @@ class TilePromptDock(QgsDockWidget):
         self._result_rows: list = []  # (layer id, feature id) per row of the results table
         self._busy = False
 
-        scroll = QScrollArea(self)
-        scroll.setWidgetResizable(True)
-        body = QWidget(scroll)
+        container = QWidget(self)
+        outer = QVBoxLayout(container)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.setSpacing(2)
+        self.scroll = QScrollArea(container)
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        body = QWidget(self.scroll)
         self.body = body
         layout = QVBoxLayout(body)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -143,15 +175,18 @@ class TilePromptDock(QgsDockWidget):
         self.tabs.addTab(self._classify_tab(), tr("Classify"))
         self.tabs.addTab(self._search_tab(), tr("Similar tiles"))
         layout.addWidget(self.tabs)
-        layout.addLayout(self._run_row())
         layout.addStretch(1)
-        scroll.setWidget(body)
-        self.setWidget(scroll)
+        self.scroll.setWidget(body)
+        outer.addWidget(self.scroll, 1)
+        outer.addWidget(self._run_panel(container))
+        self.setWidget(container)
 
         self.reload_prompt_sets()
         self._on_layer_changed(self.layer_combo.currentLayer())
         self._on_area_mode_changed()
         self._on_label_mode_changed()
+        self._on_overlap_changed()
+        self.clear_query_button.setEnabled(False)
         self.set_backend_state("down", tr("Not connected"), False)
 
     # ----------------------------------------------------------------------------------------------- building
@@ -164,55 +199,40 @@ class TilePromptDock(QgsDockWidget):
         self.backend_label.setWordWrap(True)
         self.backend_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         grid.addWidget(self.light, 0, 0)
-        grid.addWidget(self.backend_label, 0, 1, 1, 4)
+        grid.addWidget(self.backend_label, 0, 1, 1, 3)
         self.start_button = QPushButton(tr("Start"), box)
-        self.start_button.setToolTip(tr("Start the bundled backend from its virtual environment"))
+        self.start_button.setToolTip(tr("Start the backend installed for TilePrompt"))
         self.stop_button = QPushButton(tr("Stop"), box)
         self.stop_button.setToolTip(tr("Stop the backend this QGIS started"))
         self.attach_button = QPushButton(tr("Attach"), box)
         self.attach_button.setToolTip(tr("Connect to a backend already running (its state file)"))
+        self.settings_button = QPushButton(tr("Settings…"), box)
+        self.settings_button.setToolTip(tr("Backend installation, environment, port and package sources"))
         self.diagnostics_button = QPushButton(tr("Diagnostics"), box)
-        self.diagnostics_button.setToolTip(tr("Copy plugin, QGIS, backend and device versions and the log tail "
-                                              "to the clipboard"))
-        for column, button in enumerate((self.start_button, self.stop_button, self.attach_button,
-                                         self.diagnostics_button)):
-            grid.addWidget(button, 1, column + 1 if column else 0, 1, 2 if column == 0 else 1)
+        self.diagnostics_button.setToolTip(tr("Copy plugin, QGIS, backend, device and installer details and the "
+                                              "log tails to the clipboard"))
+        self.help_button = QPushButton(tr("Help"), box)
+        self.help_button.setToolTip(tr("Open the TilePrompt documentation"))
+        for index, button in enumerate((self.start_button, self.stop_button, self.attach_button,
+                                        self.settings_button, self.diagnostics_button, self.help_button)):
+            grid.addWidget(button, 1 + index // 3, 1 + index % 3 if index % 3 else 0, 1, 2 if index % 3 == 0 else 1)
         self.start_button.clicked.connect(self.startBackendRequested)
         self.stop_button.clicked.connect(self.stopBackendRequested)
         self.attach_button.clicked.connect(self.attachRequested)
+        self.settings_button.clicked.connect(self.settingsRequested)
         self.diagnostics_button.clicked.connect(self.diagnosticsRequested)
-
-        options = QgsCollapsibleGroupBox(tr("Backend settings"), box)
-        options.setCollapsed(True)
-        form = QFormLayout(options)
-        self.venv_widget = QgsFileWidget(options)
-        self.venv_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
-        self.venv_widget.lineEdit().setPlaceholderText(str(self.settings.backend_venv()))
-        self.venv_widget.setFilePath(self.settings.get(Key.BACKEND_VENV))
-        self.venv_widget.fileChanged.connect(lambda p: self.settings.set(Key.BACKEND_VENV, p or ""))
-        self.port_spin = QSpinBox(options)
-        self.port_spin.setRange(0, 65535)
-        self.port_spin.setSpecialValueText(tr("any free port"))
-        self.port_spin.setValue(self.settings.get(Key.BACKEND_PORT))
-        self.port_spin.valueChanged.connect(lambda v: self.settings.set(Key.BACKEND_PORT, int(v)))
-        self.cache_widget = QgsFileWidget(options)
-        self.cache_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
-        self.cache_widget.lineEdit().setPlaceholderText(str(self.settings.cache_dir()))
-        self.cache_widget.setFilePath(self.settings.get(Key.CACHE_DIR))
-        self.cache_widget.fileChanged.connect(lambda p: self.settings.set(Key.CACHE_DIR, p or ""))
-        form.addRow(tr("Backend venv"), self.venv_widget)
-        form.addRow(tr("Port"), self.port_spin)
-        form.addRow(tr("Cache folder"), self.cache_widget)
-        grid.addWidget(options, 2, 0, 1, 5)
+        self.help_button.clicked.connect(self.helpRequested)
+        self.install_panel = InstallPanel(box)
+        grid.addWidget(self.install_panel, 3, 0, 1, 4)
         return box
 
     def _input_panel(self) -> QWidget:
         box = QgsCollapsibleGroupBox(tr("Model and layer"), self)
-        form = QFormLayout(box)
+        form = _wrapping_form(box)
         model_row = QHBoxLayout()
-        self.model_combo = QComboBox(box)
-        self.model_combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.model_combo = _narrow(QComboBox(box))
         self.model_combo.currentIndexChanged.connect(self._on_model_changed)
+        self.model_combo.activated.connect(self._remember_model)
         self.refresh_models_button = QToolButton(box)
         self.refresh_models_button.setText("⟳")
         self.refresh_models_button.setToolTip(tr("Reload the model list from the backend"))
@@ -224,26 +244,38 @@ class TilePromptDock(QgsDockWidget):
         self.model_label.setWordWrap(True)
         form.addRow("", self.model_label)
 
-        self.layer_combo = QgsMapLayerComboBox(box)
+        self.layer_combo = _narrow(QgsMapLayerComboBox(box))
         self.layer_combo.setFilters(compat.RASTER_LAYER_FILTER)
         self.layer_combo.layerChanged.connect(self._on_layer_changed)
         form.addRow(tr("Raster layer"), self.layer_combo)
         self.input_label = QLabel(box)
         self.input_label.setWordWrap(True)
         form.addRow("", self.input_label)
-        self.product_check = QCheckBox(tr("Read the whole product folder (all band files)"), box)
+        self.product_check = QCheckBox(tr("Read the whole product folder"), box)
+        self.product_check.setToolTip(tr("The layer is one band file of a multi-file product: send the product "
+                                         "folder, so that every band the model needs is read"))
         self.product_check.setChecked(True)
         self.product_check.toggled.connect(self._fill_band_table)
         form.addRow("", self.product_check)
         self.band_table = QTableWidget(0, 2, box)
-        self.band_table.setHorizontalHeaderLabels([tr("Band"), tr("Holds (B01..B12, B8A, or R/G/B)")])
+        self.band_table.setHorizontalHeaderLabels([tr("Band"), tr("Holds (B01..B12, B8A, R/G/B; - skips it)")])
+        self.band_table.setToolTip(tr("Name the Sentinel-2 band each band of the file holds; type - for a band to "
+                                      "ignore. A stack of several dates names its bands once per date "
+                                      "(B04, B03, B02, B08, B04, B03, B02, B08): then choose the date below."))
         self.band_table.verticalHeader().setVisible(False)
         self.band_table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
         self.band_table.setMaximumHeight(96)
         self.band_table.verticalHeader().setDefaultSectionSize(22)
         self.band_label = QLabel(tr("Bands"), box)
         form.addRow(self.band_label, self.band_table)
-        self.level_combo = QComboBox(box)
+        self.date_spin = QSpinBox(box)
+        self.date_spin.setRange(0, 64)
+        self.date_spin.setSpecialValueText(tr("one date"))
+        self.date_spin.setToolTip(tr("Which date of a multi-date band map to read (the band names repeat per date)"))
+        self.date_label = QLabel(tr("Date"), box)
+        form.addRow(self.date_label, self.date_spin)
+        self.band_table.itemChanged.connect(self._show_date)
+        self.level_combo = _narrow(QComboBox(box))
         self.level_combo.addItem(tr("detect"), None)
         self.level_combo.addItem("L1C", "L1C")
         self.level_combo.addItem("L2A", "L2A")
@@ -252,9 +284,9 @@ class TilePromptDock(QgsDockWidget):
 
     def _classify_tab(self) -> QWidget:
         tab = QWidget(self)
-        form = QFormLayout(tab)
+        form = _wrapping_form(tab)
         sets_row = QHBoxLayout()
-        self.prompt_set_combo = QComboBox(tab)
+        self.prompt_set_combo = _narrow(QComboBox(tab))
         self.prompt_set_combo.activated.connect(self._on_prompt_set_chosen)
         self.save_set_button = QToolButton(tab)
         self.save_set_button.setText(tr("Save…"))
@@ -274,14 +306,14 @@ class TilePromptDock(QgsDockWidget):
         self.prompt_edit.setMinimumHeight(90)
         self.prompt_edit.setMaximumHeight(140)
         form.addRow(tr("Classes"), self.prompt_edit)
-        self.template_combo = QComboBox(tab)
+        self.template_combo = _narrow(QComboBox(tab))
         self.template_combo.addItem(tr("model default"), None)
         for path in template_files():
             self.template_combo.addItem(path.stem, str(path))
         form.addRow(tr("Templates"), self.template_combo)
 
         area_row = QHBoxLayout()
-        self.area_combo = QComboBox(tab)
+        self.area_combo = _narrow(QComboBox(tab))
         for mode, label in ((AreaMode.WHOLE_LAYER, tr("whole layer")), (AreaMode.MAP_EXTENT, tr("current map extent")),
                             (AreaMode.DRAWN, tr("drawn rectangle")), (AreaMode.SELECTED, tr("selected features"))):
             self.area_combo.addItem(label, mode.value)
@@ -290,12 +322,17 @@ class TilePromptDock(QgsDockWidget):
         self.draw_area_button.setText(tr("Draw"))
         self.draw_area_button.setToolTip(tr("Drag a rectangle on the map"))
         self.draw_area_button.clicked.connect(lambda: self.drawRequested.emit("area", "rectangle"))
-        self.area_layer_combo = QgsMapLayerComboBox(tab)
+        self.clear_area_button = QToolButton(tab)
+        self.clear_area_button.setText(tr("Clear"))
+        self.clear_area_button.setToolTip(tr("Remove the drawn rectangle from the map"))
+        self.clear_area_button.clicked.connect(self.clear_drawn_area)
+        self.area_layer_combo = _narrow(QgsMapLayerComboBox(tab))
         self.area_layer_combo.setFilters(compat.POLYGON_LAYER_FILTER)
         self.area_layer_combo.setAllowEmptyLayer(True)
         self.area_layer_combo.setToolTip(tr("The polygon layer whose selected features are the area"))
         area_row.addWidget(self.area_combo, 1)
         area_row.addWidget(self.draw_area_button)
+        area_row.addWidget(self.clear_area_button)
         area_row.addWidget(self.area_layer_combo, 1)
         area_box = QVBoxLayout()
         area_box.addLayout(area_row)
@@ -312,14 +349,21 @@ class TilePromptDock(QgsDockWidget):
         self.overlap_spin = QSpinBox(tab)
         self.overlap_spin.setRange(0, 4095)
         self.overlap_spin.setSuffix(" px")
+        self.overlap_spin.valueChanged.connect(self._on_overlap_changed)
         tiles_row.addWidget(QLabel(tr("size"), tab))
-        tiles_row.addWidget(self.tile_spin)
+        tiles_row.addWidget(self.tile_spin, 1)
         tiles_row.addWidget(QLabel(tr("overlap"), tab))
-        tiles_row.addWidget(self.overlap_spin)
+        tiles_row.addWidget(self.overlap_spin, 1)
         form.addRow(tr("Tiles"), tiles_row)
+        self.cells_check = QCheckBox(tr("draw each tile's centre cell"), tab)
+        self.cells_check.setChecked(True)
+        self.cells_check.setToolTip(tr("Overlapping tiles cover each other on the map. Drawn as centre cells "
+                                       "(stride x stride, one per tile) they tile the area without overlap; the "
+                                       "features keep the whole tile."))
+        form.addRow("", self.cells_check)
 
         mode_row = QHBoxLayout()
-        self.label_mode_combo = QComboBox(tab)
+        self.label_mode_combo = _narrow(QComboBox(tab))
         self.label_mode_combo.addItem(tr("single label (best class)"), False)
         self.label_mode_combo.addItem(tr("multi-label (every class above threshold)"), True)
         self.label_mode_combo.currentIndexChanged.connect(self._on_label_mode_changed)
@@ -335,6 +379,10 @@ class TilePromptDock(QgsDockWidget):
         self.output_widget.setFilter(tr("GeoPackage (*.gpkg)"))
         self.output_widget.lineEdit().setPlaceholderText(tr("[new file in the cache folder]"))
         form.addRow(tr("Save to"), self.output_widget)
+        self.class_map_check = QCheckBox(tr("also a class-map GeoTIFF"), tab)
+        self.class_map_check.setToolTip(tr("One pixel per tile: class index and scores, with the layer's colours "
+                                           "(for raster analysis); written beside the GeoPackage"))
+        form.addRow("", self.class_map_check)
         self.run_button = QPushButton(tr("Classify tiles"), tab)
         self.run_button.setObjectName("tilepromptRunButton")
         self.run_button.clicked.connect(self.request_classify)
@@ -350,7 +398,7 @@ class TilePromptDock(QgsDockWidget):
 
     def _search_tab(self) -> QWidget:
         tab = QWidget(self)
-        form = QFormLayout(tab)
+        form = _wrapping_form(tab)
         query_row = QHBoxLayout()
         self.draw_rect_button = QPushButton(tr("Rectangle"), tab)
         self.draw_rect_button.setToolTip(tr("Drag a rectangle on the map, then find tiles like it"))
@@ -362,10 +410,15 @@ class TilePromptDock(QgsDockWidget):
         self.selected_query_button = QPushButton(tr("Selected"), tab)
         self.selected_query_button.setToolTip(tr("Find tiles like the selected features of the polygon layer"))
         self.selected_query_button.clicked.connect(self._query_from_selection)
-        for button in (self.draw_rect_button, self.draw_polygon_button, self.selected_query_button):
+        self.clear_query_button = QToolButton(tab)
+        self.clear_query_button.setText(tr("Clear"))
+        self.clear_query_button.setToolTip(tr("Remove the query sketch from the map"))
+        self.clear_query_button.clicked.connect(self.clear_query)
+        for button in (self.draw_rect_button, self.draw_polygon_button, self.selected_query_button,
+                       self.clear_query_button):
             query_row.addWidget(button)
         form.addRow(tr("Like"), query_row)
-        self.query_layer_combo = QgsMapLayerComboBox(tab)
+        self.query_layer_combo = _narrow(QgsMapLayerComboBox(tab))
         self.query_layer_combo.setFilters(compat.POLYGON_LAYER_FILTER)
         self.query_layer_combo.setAllowEmptyLayer(True)
         form.addRow(tr("Polygons"), self.query_layer_combo)
@@ -382,16 +435,16 @@ class TilePromptDock(QgsDockWidget):
         self.k_spin = QSpinBox(tab)
         self.k_spin.setRange(1, MAX_K)
         self.k_spin.setValue(20)
-        self.fuse_combo = QComboBox(tab)
+        self.fuse_combo = _narrow(QComboBox(tab))
         self.fuse_combo.addItem(tr("mean of the query tiles"), Fuse.MEAN.value)
         self.fuse_combo.addItem(tr("best match of any query tile"), Fuse.MAX.value)
         self.heatmap_check = QCheckBox(tr("heat map"), tab)
         self.heatmap_check.setChecked(True)
         options_row.addWidget(QLabel(tr("top"), tab))
-        options_row.addWidget(self.k_spin)
-        options_row.addWidget(self.fuse_combo, 1)
+        options_row.addWidget(self.k_spin, 1)
         options_row.addWidget(self.heatmap_check)
         form.addRow(tr("Results"), options_row)
+        form.addRow(tr("Query tiles"), self.fuse_combo)
         self.search_again_button = QPushButton(tr("Search again with the last query"), tab)
         self.search_again_button.clicked.connect(self.request_similar_search)
         form.addRow(self.search_again_button)
@@ -406,23 +459,32 @@ class TilePromptDock(QgsDockWidget):
         form.addRow(self.results_table)
         return tab
 
-    def _run_row(self) -> QVBoxLayout:
-        column = QVBoxLayout()
+    def _run_panel(self, parent) -> QWidget:
+        """Progress bar, Cancel and the status line: outside the scroll area, so always in view."""
+        panel = QWidget(parent)
+        column = QVBoxLayout(panel)
+        column.setContentsMargins(4, 0, 4, 4)
         row = QHBoxLayout()
-        self.progress = QProgressBar(self)
+        self.progress = QProgressBar(panel)
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
-        self.cancel_button = QPushButton(tr("Cancel"), self)
+        self.cancel_button = QPushButton(tr("Cancel"), panel)
         self.cancel_button.setObjectName("tilepromptCancelButton")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancelRequested)
         row.addWidget(self.progress, 1)
         row.addWidget(self.cancel_button)
         column.addLayout(row)
-        self.status_label = QLabel(self)
+        self.status_label = QLabel(panel)
         self.status_label.setWordWrap(True)
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         column.addWidget(self.status_label)
-        return column
+        return panel
+
+    def preferred_width(self) -> int:
+        """The dock width at which nothing is cut off and no horizontal scroll bar shows."""
+        bar = self.scroll.verticalScrollBar().sizeHint().width()
+        return self.body.minimumSizeHint().width() + bar + 2 * self.scroll.frameWidth() + 8
 
     # --------------------------------------------------------------------------------------------- backend
     def set_backend_state(self, state: str, text: str, started_here: bool) -> None:
@@ -435,9 +497,10 @@ class TilePromptDock(QgsDockWidget):
         self.stop_button.setEnabled(started_here and state in ("up", "starting"))
         self.attach_button.setEnabled(state != "starting")
 
-    def set_models(self, models: list) -> None:
-        """Fill the model picker from /v1/models, keeping the current (or the default) model selected."""
-        wanted = self.current_model() or self.settings.get(Key.DEFAULT_MODEL)
+    def set_models(self, models: list, backend_default: str | None = None) -> None:
+        """Fill the model picker from /v1/models, keeping a model selected: the current one, else the one the user
+        last chose, else the backend's default (the documented default model), else the first."""
+        wanted = self.current_model() or self.settings.get(Key.DEFAULT_MODEL) or backend_default
         self.models = {m["id"]: m for m in models if isinstance(m, dict) and "id" in m}
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
@@ -465,7 +528,11 @@ class TilePromptDock(QgsDockWidget):
         self.model_label.setText(text)
         if info:
             self.model_label.setToolTip(info.get("description", ""))
-            self.settings.set(Key.DEFAULT_MODEL, info["id"])
+
+    def _remember_model(self, *_args) -> None:
+        """The user picked a model: preselect it next time (a model selected by filling the list is not a choice)."""
+        if self.current_model():
+            self.settings.set(Key.DEFAULT_MODEL, self.current_model())
 
     # ------------------------------------------------------------------------------------------------ layer
     def current_layer(self) -> QgsRasterLayer | None:
@@ -492,9 +559,23 @@ class TilePromptDock(QgsDockWidget):
         self.band_table.setVisible(not self._use_product())
         self.band_label.setVisible(not self._use_product())
         if self._use_product():
+            self._show_date()
             return
         for number, name in enumerate(source.file_bands, start=1):
             self._add_band_row(str(number), name or "", editable=True)
+        self._show_date()
+
+    def _band_names(self) -> list[str]:
+        names = [(self.band_table.item(r, 1).text() if self.band_table.item(r, 1) else "").strip().upper()
+                 for r in range(self.band_table.rowCount())]
+        return [{"R": "R", "G": "G", "B": "B"}.get(n, n) for n in names]
+
+    def _show_date(self, *_args) -> None:
+        """The date chooser shows while the band names repeat (a stack of several dates)."""
+        dates = 0 if self._use_product() else band_map_dates(self._band_names())
+        self.date_spin.setMaximum(max(dates, 1))
+        self.date_spin.setVisible(dates > 1)
+        self.date_label.setVisible(dates > 1)
 
     def _add_band_row(self, first: str, second: str, editable: bool) -> None:
         row = self.band_table.rowCount()
@@ -517,17 +598,20 @@ class TilePromptDock(QgsDockWidget):
         """Band names in file order, or None when no band is named (the backend then detects them)."""
         if self._use_product() or self.layer_source is None:
             return None
-        names = [(self.band_table.item(r, 1).text() if self.band_table.item(r, 1) else "").strip().upper()
-                 for r in range(self.band_table.rowCount())]
-        names = [{"R": "R", "G": "G", "B": "B"}.get(n, n) for n in names]
+        names = self._band_names()
         if not any(names):
             return None
         if not all(names):
-            raise ParameterError(tr("Name every band of the layer, or none (then the backend detects them)."))
-        error = validate_band_map(names)
+            raise ParameterError(tr("Name every band of the layer (- skips one), or none (then the backend detects "
+                                    "them)."))
+        error = validate_band_map(names, self.band_date())
         if error:
             raise ParameterError(tr("Band mapping: {error}").format(error=error))
         return tuple(names)
+
+    def band_date(self) -> int | None:
+        """The chosen date of a multi-date band map, or None."""
+        return self.date_spin.value() or None if self.date_spin.isVisibleTo(self) else None
 
     def raster_input(self, export_extent: Extent | None = None) -> RasterInput:
         layer = self.current_layer()
@@ -537,11 +621,13 @@ class TilePromptDock(QgsDockWidget):
         if self.layer_source.needs_export:
             if export_extent is None:
                 export_extent = self._layer_extent(layer)
-            return RasterInput(layer.id(), layer.name(), InputKind.EXPORT, "", self.band_map(), level, export_extent)
+            return RasterInput(layer.id(), layer.name(), InputKind.EXPORT, "", self.band_map(), level, export_extent,
+                               self.band_date())
         if self._use_product():
             return RasterInput(layer.id(), layer.name(), InputKind.PRODUCT_FOLDER,
                                str(self.layer_source.product.folder), None, level)
-        return RasterInput(layer.id(), layer.name(), InputKind.FILE, self.layer_source.path, self.band_map(), level)
+        return RasterInput(layer.id(), layer.name(), InputKind.FILE, self.layer_source.path, self.band_map(), level,
+                           date=self.band_date())
 
     def _canvas_extent(self) -> Extent:
         canvas = self.iface.mapCanvas()
@@ -628,6 +714,7 @@ class TilePromptDock(QgsDockWidget):
     def _on_area_mode_changed(self, *_args) -> None:
         mode = self.area_mode()
         self.draw_area_button.setVisible(mode is AreaMode.DRAWN)
+        self.clear_area_button.setVisible(mode is AreaMode.DRAWN and self.drawn_area is not None)
         self.area_layer_combo.setVisible(mode is AreaMode.SELECTED)
         if mode is AreaMode.DRAWN and self.drawn_area is None:
             self.area_label.setText(tr("Press Draw and drag a rectangle on the map."))
@@ -643,6 +730,12 @@ class TilePromptDock(QgsDockWidget):
         self.drawn_area = (geometry_wkt(geometry), compat.crs_to_string(crs))
         self.set_area_mode(AreaMode.DRAWN)
         self._on_area_mode_changed()
+
+    def clear_drawn_area(self) -> None:
+        """Forget the drawn rectangle and ask for its sketch to be removed from the map."""
+        self.drawn_area = None
+        self._on_area_mode_changed()
+        self.clearSketchRequested.emit("area")
 
     def _selected_geometries(self, layer) -> list[QgsGeometry]:
         if not isinstance(layer, QgsVectorLayer) or layer.geometryType() != compat.POLYGON_GEOMETRY:
@@ -678,6 +771,9 @@ class TilePromptDock(QgsDockWidget):
     def _on_label_mode_changed(self, *_args) -> None:
         self.threshold_spin.setEnabled(bool(self.label_mode_combo.currentData()))
 
+    def _on_overlap_changed(self, *_args) -> None:
+        self.cells_check.setEnabled(self.overlap_spin.value() > 0)
+
     def classify_parameters(self) -> ClassifyParameters:
         """The one object a classification run needs, from the widgets; ParameterError/PromptError if invalid."""
         classes = parse_prompts(self.prompt_edit.toPlainText())
@@ -695,7 +791,8 @@ class TilePromptDock(QgsDockWidget):
             raster=raster, prompts=prompts_to_request(classes), model=self.current_model(),
             prompt_set=str(self.prompt_set_combo.currentData() or ""), templates=self.template_combo.currentData(),
             area=area, tile_px=tile, overlap_px=overlap, multi_label=bool(self.label_mode_combo.currentData()),
-            threshold=round(self.threshold_spin.value(), 4), output=output)
+            threshold=round(self.threshold_spin.value(), 4), output=output,
+            centre_cells=bool(overlap) and self.cells_check.isChecked(), class_map=self.class_map_check.isChecked())
 
     def request_classify(self) -> ClassifyParameters | None:
         try:
@@ -719,6 +816,11 @@ class TilePromptDock(QgsDockWidget):
             self.summary_table.setItem(row, 1, QTableWidgetItem(str(count)))
             self.summary_table.setItem(row, 2, QTableWidgetItem(f"{percent:.1f}"))
 
+    def clear_summary(self) -> None:
+        """A new classification starts: the table must not show the previous run's counts meanwhile (or after a
+        cancel or failure)."""
+        self.summary_table.setRowCount(0)
+
     def summary(self) -> list[tuple[str, int]]:
         return [(self.summary_table.item(r, 0).text(), int(self.summary_table.item(r, 1).text()))
                 for r in range(self.summary_table.rowCount())]
@@ -734,6 +836,13 @@ class TilePromptDock(QgsDockWidget):
 
     def set_query(self, geometries: list[QgsGeometry], crs: QgsCoordinateReferenceSystem) -> None:
         self.query = Query(tuple(geometry_wkt(g) for g in geometries), compat.crs_to_string(crs))
+        self.clear_query_button.setEnabled(True)
+
+    def clear_query(self) -> None:
+        """Forget the query geometry and ask for its sketch to be removed from the map."""
+        self.query = None
+        self.clear_query_button.setEnabled(False)
+        self.clearSketchRequested.emit("query")
 
     def request_similar_search(self) -> SearchParameters | None:
         if self.query is None:
@@ -767,10 +876,13 @@ class TilePromptDock(QgsDockWidget):
         self.set_query(geometries, layer.crs())
         self.request_similar_search()
 
-    def show_search_results(self, layer: QgsVectorLayer) -> None:
-        """List the ranked tiles of a ``similar`` layer; clicking a row zooms to the tile."""
+    def clear_search_results(self) -> None:
         self.results_table.setRowCount(0)
         self._result_rows = []
+
+    def show_search_results(self, layer: QgsVectorLayer) -> None:
+        """List the ranked tiles of a ``similar`` layer; clicking a row zooms to the tile."""
+        self.clear_search_results()
         fields = layer.fields()
         features = sorted(layer.getFeatures(), key=lambda f: f.attribute("rank") if fields.indexOf("rank") >= 0
                           else f.id())
@@ -814,6 +926,7 @@ class TilePromptDock(QgsDockWidget):
                        self.text_button, self.search_again_button):
             button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
+        self.set_indeterminate(False)
         if busy:
             self.progress.setValue(0)
         self.status_label.setText(text)
@@ -824,6 +937,10 @@ class TilePromptDock(QgsDockWidget):
 
     def set_progress(self, percent: float) -> None:
         self.progress.setValue(int(round(percent)))
+
+    def set_indeterminate(self, busy: bool) -> None:
+        """A moving bar while the job runs without a tile count yet (loading the model can take a minute)."""
+        self.progress.setRange(0, 0 if busy else 100)
 
     def set_status(self, text: str) -> None:
         self.status_label.setText(text)
@@ -848,5 +965,7 @@ class TilePromptDock(QgsDockWidget):
         self.overlap_spin.setValue(int(state.get("overlap_px") or 0))
         self.label_mode_combo.setCurrentIndex(1 if state.get("multi_label") else 0)
         self.threshold_spin.setValue(float(state.get("threshold") or 0.5))
+        self.cells_check.setChecked(bool(state.get("centre_cells", True)) or not state.get("overlap_px"))
+        self.class_map_check.setChecked(bool(state.get("class_map")))
         index = self.template_combo.findData(state.get("templates"))
         self.template_combo.setCurrentIndex(max(index, 0))

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Union
 
-from .client import BackendClient, BackendError
+from .client import BackendClient, BackendError, with_fix
 from .i18n import tr
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -31,6 +31,12 @@ class JobSucceeded:
 class JobFailed:
     message: str
     status: dict | None = None
+    code: str | None = None  # the backend's name for a refused input (output_exists, no_georeference ...)
+    fixes: dict | None = None  # its remedy per interface
+
+    def message_for(self, interface: str) -> str:
+        """The message with the remedy in ``interface``'s words ("dock", "processing")."""
+        return with_fix(self.message, self.fixes or {}, interface)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ def describe_status(status: dict) -> str:
     if state == "queued":
         return tr("{kind}: queued").format(kind=kind)
     if not total:
+        if state == "running":  # before the first batch: loading the model, opening the raster, warming up
+            return tr("{kind}: preparing (loading the model, reading the first tiles)").format(kind=kind)
         return tr("{kind}: {state}").format(kind=kind, state=state)
     text = tr("{kind}: {done} / {total} tiles").format(kind=kind, done=done, total=total)
     if status.get("rate"):
@@ -56,6 +64,21 @@ def describe_status(status: dict) -> str:
     if eta is not None and state == "running":
         text += tr(", about {eta:.0f} s left").format(eta=eta)
     return text
+
+
+def is_preparing(status: dict) -> bool:
+    """Running, but no tile count yet: the progress is unknown (a bar at 0 % would look stuck)."""
+    return status.get("state") == "running" and not int(status.get("total") or 0)
+
+
+def job_warnings(statuses) -> list[str]:
+    """What the backend wants the user to know about finished jobs (``result.warnings``), without repeats."""
+    found: list[str] = []
+    for status in statuses:
+        for text in ((status or {}).get("result") or {}).get("warnings") or []:
+            if text not in found:
+                found.append(str(text))
+    return found
 
 
 def fraction_done(index: int, count: int, status: dict) -> float:
@@ -124,7 +147,7 @@ def run_jobs(
                     return _cancel(client, status, cancel_wait_s, poll_s)
                 status = client.job(status["id"])
     except BackendError as exc:
-        return JobFailed(str(exc))
+        return JobFailed(str(exc), code=exc.code, fixes=exc.fixes or None)
     except (KeyError, TypeError, ValueError) as exc:
         return JobFailed(tr("Unexpected answer from the backend: {error}").format(error=exc))
     return JobSucceeded(tuple(statuses))

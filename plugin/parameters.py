@@ -52,14 +52,15 @@ class RasterInput:
     layer_name: str
     kind: InputKind
     path: str = ""  # file or folder; "" for EXPORT until exported
-    band_map: tuple[str, ...] | None = None  # band names in file order (multiband files only)
+    band_map: tuple[str, ...] | None = None  # band names in file order (multiband files only); "-" skips a band
     level: str | None = None  # "L1C" / "L2A" when the user says so; None = detected by the backend
     export_extent: Extent | None = None  # EXPORT only: the part of the layer to export
+    date: int | None = None  # which date of a multi-date band map (names repeated per date) to read
 
     def with_path(self, path: str, band_map: tuple[str, ...] | None = None) -> RasterInput:
         """The same input, now readable by path (after an export)."""
         return RasterInput(self.layer_id, self.layer_name, InputKind.FILE, path,
-                           band_map if band_map is not None else self.band_map, self.level, None)
+                           band_map if band_map is not None else self.band_map, self.level, None, self.date)
 
     def request_fields(self) -> dict:
         if self.kind is InputKind.EXPORT:
@@ -67,6 +68,8 @@ class RasterInput:
         fields = {"raster": self.path}
         if self.band_map and self.kind is InputKind.FILE:
             fields["band_map"] = list(self.band_map)
+            if self.date:
+                fields["date"] = self.date
         if self.level:
             fields["level"] = self.level
         return fields
@@ -109,9 +112,19 @@ class ClassifyParameters:
     multi_label: bool = False
     threshold: float = 0.5
     output: str | None = None  # GeoPackage path; None = a new file in the plugin's cache
+    centre_cells: bool = True  # with an overlap, draw each tile's centre cell (display only)
+    class_map: bool = False  # also write the class-map GeoTIFF beside the GeoPackage
+    overwrite: bool = False  # the user agreed to replace an output TilePrompt did not write
+    pixel_space: bool = False  # the user agreed to classify a raster without georeference in pixel coordinates
 
-    def classify_request(self, out: str, model_tile_px: int | None = None) -> dict:
+    def classify_request(self, out: str, model_tile_px: int | None = None, class_map: str | None = None) -> dict:
         request = {"kind": "classify", **self.raster.request_fields(), "prompts": self.prompts, "out": out}
+        if class_map:
+            request["class_map"] = class_map
+        if self.overwrite:
+            request["overwrite"] = True
+        if self.pixel_space:
+            request["pixel_space"] = True
         request.update(_tile_fields(self.model, self.tile_px, self.overlap_px, model_tile_px))
         if self.templates:
             request["templates"] = self.templates
@@ -152,6 +165,7 @@ class SearchParameters:
     k: int = 20
     fuse: Fuse = Fuse.MEAN
     heatmap: bool = True
+    overwrite: bool = False  # replace outputs TilePrompt did not write (Processing's OVERWRITE)
 
     def index_request(self, index_dir: str | None = None, model_tile_px: int | None = None) -> dict:
         """Index the raster (None: into the backend's cache, keyed by model, tile and stride - the same index a
@@ -176,4 +190,6 @@ class SearchParameters:
             request["fuse"] = self.fuse.value
         if heatmap:
             request["heatmap"] = heatmap
+        if self.overwrite:
+            request["overwrite"] = True
         return request

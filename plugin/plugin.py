@@ -11,36 +11,47 @@ JobTask, and adds the styled result layers in the task's delegate (UI thread).
 
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import replace
+from pathlib import Path
 
 from qgis.core import Qgis, QgsApplication, QgsProject
-from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QApplication, QFileDialog
+from qgis.PyQt.QtCore import Qt, QUrl
+from qgis.PyQt.QtGui import QDesktopServices, QIcon
+from qgis.PyQt.QtWidgets import QApplication, QFileDialog, QMessageBox
 
 from .client import BackendUnavailable, Connection
 from .compat import QAction
 from .diagnostics import report
 from .dock import TilePromptDock
 from .i18n import Translator, tr
-from .jobs import JobCancelled, JobFailed, JobSucceeded
+from .installer import commands, record
+from .installer.interpreters import nvidia_gpu
+from .installer.proxy import qgis_proxy_environment
+from .installer.task import InstallCancelled, InstallFailed, InstallPlan, InstallSucceeded, InstallTask
+from .jobs import JobCancelled, JobFailed, JobSucceeded, job_warnings
 from .launcher import BackendLauncher, backend_environment
 from .maptools import PolygonTool, RectangleTool, Sketches
+from .metadata import docs_url, plugin_version
+from .options import PAGE_NAME, BackendOptionsFactory
 from .parameters import ClassifyParameters, SearchParameters
 from .provider import TilePromptProvider
 from .results import (
     SIMILAR_LAYER,
     TILES_LAYER,
     add_to_group,
+    load_class_map,
     load_heatmap,
     load_vector,
+    result_name,
     style_categorized,
     style_graduated,
     summary_rows,
 )
-from .runs import new_output, plan_search, prepare_raster
+from .runs import class_map_path, new_output, plan_search, prepare_raster
 from .session import BackendSession
-from .settings import ICON_PATH, Key, ProjectState, Settings
+from .settings import ICON_PATH, PLUGIN_DIR, Key, ProjectState, Settings
 from .tasks import JobTask, TaskRegistry
 
 PLUGIN_NAME = "TilePrompt"
@@ -66,6 +77,13 @@ class TilePromptPlugin:
         self._draw_purpose = "area"
         self._connections: list = []
         self._model_ids: list = []
+        self.install_task = None
+        self.options_factory = None
+        self.last_error = ""  # the last error the user was shown (Diagnostics)
+        self._source_stamp = None
+        self._dock_sized = False
+        self._version_warned = ""
+        self._gpu: str | None = None  # the NVIDIA GPU found ("" none), once asked
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def _connect(self, signal, slot) -> None:
@@ -96,6 +114,8 @@ class TilePromptPlugin:
 
         self.provider = TilePromptProvider(self.session)
         QgsApplication.processingRegistry().addProvider(self.provider)
+        self.options_factory = BackendOptionsFactory(self)
+        self.iface.registerOptionsWidgetFactory(self.options_factory)
 
         project = QgsProject.instance()
         for signal, slot in (
@@ -109,6 +129,11 @@ class TilePromptPlugin:
             (self.dock.attachRequested, self.attach_backend),
             (self.dock.diagnosticsRequested, self.copy_diagnostics),
             (self.dock.refreshModelsRequested, self._refresh_models),
+            (self.dock.settingsRequested, self.show_settings),
+            (self.dock.helpRequested, self.open_help),
+            (self.dock.clearSketchRequested, self._clear_sketch),
+            (self.dock.install_panel.actionRequested, self.install_backend),
+            (self.dock.install_panel.cancelRequested, self.cancel_install),
             (self.rectangle_tool.drawn, self._on_drawn),
             (self.polygon_tool.drawn, self._on_drawn),
             (self.session.changed, self._update_backend_panel),
@@ -121,6 +146,7 @@ class TilePromptPlugin:
         ):
             self._connect(signal, slot)
 
+        self.refresh_install_state()
         if self.settings.get(Key.AUTO_ATTACH) and self.settings.state_file().is_file():
             self.attach_backend(quiet=True)
 
@@ -155,6 +181,10 @@ class TilePromptPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+        if self.options_factory is not None:
+            self.iface.unregisterOptionsWidgetFactory(self.options_factory)
+            self.options_factory = None
+        self.install_task = None
         if self.dock is not None:
             self.iface.removeDockWidget(self.dock)
             self.dock.hide()
@@ -179,12 +209,40 @@ class TilePromptPlugin:
             return
         if checked:
             self.dock.setUserVisible(True)  # shows it, and brings it to the front when tabbed with other docks
+            self.fit_dock_width()
         else:
             self.dock.hide()
 
+    def fit_dock_width(self) -> None:
+        """Open the dock wide enough for its content (QGIS gives a new dock about 300 px, which cut off its
+        buttons), at most 45 % of the window; once per session, so the user's own width is kept."""
+        window = self.iface.mainWindow()
+        if self._dock_sized or self.dock is None or not hasattr(window, "resizeDocks") or \
+                window.dockWidgetArea(self.dock) == Qt.DockWidgetArea.NoDockWidgetArea or self.dock.isFloating():
+            return
+        width = min(self.dock.preferred_width(), int(window.width() * 0.45))
+        if self.dock.width() < width:
+            window.resizeDocks([self.dock], [width], Qt.Orientation.Horizontal)
+        self._dock_sized = True
+
     # -------------------------------------------------------------------------------------------- messages
     def _message(self, text: str, level=Qgis.MessageLevel.Info, duration: int = 8) -> None:
+        if level == Qgis.MessageLevel.Critical:
+            self.last_error = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
         self.iface.messageBar().pushMessage(PLUGIN_NAME, text, level=level, duration=duration)
+
+    def show_settings(self) -> None:
+        """QGIS's Options dialog at the TilePrompt page."""
+        self.iface.showOptionsDialog(self.iface.mainWindow(), currentPage=PAGE_NAME)
+        self.refresh_install_state()
+
+    def open_help(self) -> bool:
+        url = docs_url()
+        return bool(url) and QDesktopServices.openUrl(QUrl(url))
+
+    def _clear_sketch(self, purpose: str) -> None:
+        if self.sketches is not None:
+            self.sketches.hide(purpose)
 
     # --------------------------------------------------------------------------------------------- backend
     def start_backend(self):
@@ -202,6 +260,11 @@ class TilePromptPlugin:
                     pid=existing.pid))
                 self.attach_backend()
                 return
+        if self.settings.uses_installer() and not self.settings.backend_executable().is_file():
+            self.refresh_install_state()
+            self._message(tr("The backend is not installed yet: press Install backend in the TilePrompt dock."),
+                          Qgis.MessageLevel.Warning, 8)
+            return
         log = self.settings.cache_dir() / "logs" / "backend.log"
         try:
             self.launcher.start(self.settings.backend_executable(), state_file, log,
@@ -253,7 +316,7 @@ class TilePromptPlugin:
     def _on_attached(self, error, quiet: bool = False):
         if error is not None:
             if not quiet:
-                self._message(str(error), Qgis.MessageLevel.Critical, 0)
+                self._on_backend_lost(str(error), bool(getattr(error, "timed_out", False)))
             self._update_backend_panel()
             return
         self._message(tr("Connected to the backend: {what}").format(what=self.session.describe()),
@@ -282,13 +345,143 @@ class TilePromptPlugin:
         ids = [m.get("id") for m in session.models]
         if ids != self._model_ids:
             self._model_ids = ids
-            self.dock.set_models(session.models)
+            self.dock.set_models(session.models, (session.health or {}).get("default_model"))
+        self._check_backend_version()
 
-    def _on_backend_lost(self, message: str):
+    def _check_backend_version(self) -> None:
+        """A backend of another version than the plugin's: say so once per backend, and offer the update."""
+        version = (self.session.health or {}).get("version")
+        if not version or version == plugin_version() or version == self._version_warned:
+            return
+        self._version_warned = version
+        self._message(tr("The backend is version {backend}, this plugin {plugin}: update the backend (dock: "
+                         "Update backend, or Settings) so both speak the same API.").format(
+            backend=version, plugin=plugin_version()), Qgis.MessageLevel.Warning, 10)
+        self.refresh_install_state()
+
+    # ------------------------------------------------------------------------------------------- installer
+    def source_stamp(self) -> str:
+        if self._source_stamp is None:
+            self._source_stamp = record.source_stamp(PLUGIN_DIR)
+        return self._source_stamp
+
+    def install_status(self) -> tuple[str, str]:
+        """(what the installer panel says, the action it offers or "") for the current settings."""
+        if not self.settings.uses_installer():
+            return tr("The backend runs from {venv} (chosen in the settings, or a developer checkout's .venv); "
+                      "the installer leaves it alone.").format(venv=self.settings.backend_venv()), ""
+        layout = self.settings.install_layout()
+        state, installation = record.state(layout, plugin_version(), self.source_stamp())
+        if state is record.State.MISSING:
+            return tr("The backend is not installed yet. Install it here: about 1.5 GB for CPU (several GB with "
+                      "CUDA) into {folder}, a few minutes.").format(folder=layout.root), tr("Install backend")
+        if state is record.State.BROKEN:
+            return tr("The installed backend in {folder} is incomplete.").format(folder=layout.root), \
+                tr("Repair backend")
+        if state is record.State.OUTDATED and installation.version == plugin_version():
+            return tr("The installed backend {version} was built from another copy of this version's "
+                      "source.").format(version=installation.version), tr("Update backend")
+        if state is record.State.OUTDATED:
+            return tr("Backend {installed} is installed; this plugin ships backend {version}.").format(
+                installed=installation.version, version=plugin_version()), tr("Update backend")
+        return tr("Backend {version} installed ({compute}, PyTorch {torch} on {device}) in {folder}.").format(
+            version=installation.version, compute=installation.compute.upper(), torch=installation.torch,
+            device=installation.device, folder=layout.root), ""
+
+    def refresh_install_state(self) -> None:
+        """Show the installer panel when there is something to install, repair or update, with the GPU (CUDA)
+        choice when an NVIDIA driver answers."""
+        if self.dock is None or self.dock.install_panel.running:
+            return
+        text, action = self.install_status()
+        panel = self.dock.install_panel
+        panel.show_state(text, action, bool(action))
+        if action:
+            if self._gpu is None:
+                self._gpu = nvidia_gpu() or ""  # asked once per session
+            panel.offer_gpu(self._gpu, self.settings.get(Key.INSTALL_COMPUTE) == "cuda")
+
+    def install_plan(self) -> InstallPlan:
+        settings = self.settings
+        return InstallPlan(
+            layout=settings.install_layout(), plugin_dir=PLUGIN_DIR, plugin_version=plugin_version(),
+            source=self.source_stamp(), compute=settings.get(Key.INSTALL_COMPUTE),
+            python=settings.get(Key.INSTALL_PYTHON),
+            sources=commands.PackageSources.from_text(
+                settings.get(Key.INDEX_URL), settings.get(Key.EXTRA_INDEX_URLS), settings.get(Key.FIND_LINKS),
+                settings.get(Key.TORCH_BACKEND), settings.get(Key.INDEX_STRATEGY)),
+            proxies=tuple(qgis_proxy_environment().items()),
+            qgis_prefixes=(QgsApplication.prefixPath(), QgsApplication.pkgDataPath()),
+            cache=Path(settings.get(Key.INSTALL_CACHE)).expanduser() if settings.get(Key.INSTALL_CACHE) else None)
+
+    def install_backend(self, *_args) -> InstallTask:
+        """Install (or update, or repair) the backend in a QgsTask; the dock's installer panel follows it."""
+        if self.install_task is not None:
+            return self.install_task
+        panel = self.dock.install_panel
+        if panel.gpu_check.isVisibleTo(panel):  # the panel's choice is the settings' choice
+            self.settings.set(Key.INSTALL_COMPUTE, "cuda" if panel.gpu_check.isChecked() else "cpu")
+        plan = self.install_plan()
+        task = InstallTask(plan, self._install_done)
+        panel.started(tr("Installing the backend ({compute}) into {folder}. QGIS stays usable meanwhile.").format(
+            compute=plan.compute.upper(), folder=plan.layout.root))
+        task.logLine.connect(lambda line: self.dock and self.dock.install_panel.log(line))
+        task.phaseChanged.connect(lambda text: self.dock and self.dock.install_panel.set_phase(text))
+        task.progressChanged.connect(lambda value: self.dock and self.dock.install_panel.set_progress(value))
+        self.install_task = self.tasks.start(task)
+        self.dock.setUserVisible(True)
+        return task
+
+    def cancel_install(self) -> None:
+        if self.install_task is not None:
+            self.dock.install_panel.set_phase(tr("Cancelling…"))
+            self.install_task.cancel()
+
+    def _install_done(self, outcome) -> None:
+        self.install_task = None
+        if self.dock is None:
+            return
+        panel = self.dock.install_panel
+        if isinstance(outcome, InstallSucceeded):
+            installation = outcome.installation
+            self._message(tr("Backend {version} installed (PyTorch {torch} on {device}); starting it.").format(
+                version=installation.version, torch=installation.torch, device=installation.device),
+                Qgis.MessageLevel.Success, 6)
+            if outcome.warning:
+                self._message(outcome.warning, Qgis.MessageLevel.Warning, 0)
+            if self.launcher.running:
+                self.stop_backend()  # it runs the replaced environment
+            if outcome.replaced:
+                shutil.rmtree(self.settings.install_layout().env(outcome.replaced), ignore_errors=True)
+            panel.finished(tr("Backend {version} installed.").format(version=installation.version))
+            self.refresh_install_state()
+            self.start_backend()
+        elif isinstance(outcome, InstallFailed):
+            _text, action = self.install_status()
+            message = tr("Installing the backend failed: {error}. Log: {log}").format(error=outcome.message,
+                                                                                     log=outcome.log)
+            panel.finished(message, action or tr("Retry"), keep_open=True)
+            self._message(message, Qgis.MessageLevel.Critical, 0)
+        elif isinstance(outcome, InstallCancelled):
+            text, action = self.install_status()
+            panel.finished(tr("Installation cancelled; nothing was changed. {status}").format(status=text), action,
+                           keep_open=bool(action))
+            self._message(tr("Backend installation cancelled."), Qgis.MessageLevel.Info, 4)
+
+    def _on_backend_lost(self, message: str, timed_out: bool = False):
+        """The backend did not answer: an error, unless it only took too long and its process runs."""
+        connection = self.session.connection
+        if timed_out and connection is not None and connection.process_alive():
+            # Its process runs: busy (a heavy job on a loaded machine), not gone. The checks go on and the light
+            # turns green again when it answers; a sticky error would cry wolf.
+            self._message(tr("The backend is slow to answer ({reason}); still checking.").format(
+                reason=message.split("(", 1)[-1].split(")", 1)[0] if "(" in message else message),
+                Qgis.MessageLevel.Warning, 6)
+            return
         self._message(message, Qgis.MessageLevel.Critical, 0)
 
     def copy_diagnostics(self) -> str:
-        text = report(self.session, self.launcher, self.settings)
+        text = report(self.session, self.launcher, self.settings, self.last_error)
         QApplication.clipboard().setText(text)
         self._message(tr("Diagnostics copied to the clipboard ({n} lines).").format(n=text.count("\n") + 1))
         return text
@@ -311,6 +504,7 @@ class TilePromptPlugin:
                        self.settings.get(Key.POLL_INTERVAL_MS) / 1000.0)
         task.progressChanged.connect(lambda value: self.dock and self.dock.set_progress(value))
         task.statusChanged.connect(lambda text: self.dock and self.dock.set_status(text))
+        task.preparingChanged.connect(lambda preparing: self.dock and self.dock.set_indeterminate(preparing))
         self.dock.set_busy(True, tr("Starting {title}…").format(title=title))
         self.current_task = self.tasks.start(task)
         return task
@@ -326,29 +520,44 @@ class TilePromptPlugin:
             raster = prepare_raster(params.raster, model.get("gsd_m"), self._exports_dir())
             params = replace(params, raster=raster)
             out = params.output or new_output(self.settings.cache_dir() / "results", raster.layer_name + "_tiles")
-            request = params.classify_request(out, model.get("tile_px"))
+            class_map = class_map_path(out) if params.class_map else None
+            request = params.classify_request(out, model.get("tile_px"), class_map)
         except ValueError as exc:
             self._message(str(exc), Qgis.MessageLevel.Critical)
             return None
         ProjectState().set_dock_state(params.to_state())
         classes = [line.split("|")[0].strip() for line in params.prompts.splitlines() if line.strip()]
         title = tr("TilePrompt: classify {layer}").format(layer=raster.layer_name)
-        return self._start_task(title, [request], lambda outcome: self._classify_done(outcome, params, out, classes))
+        self.dock.clear_summary()
+        tile = request.get("tile_px") or model.get("tile_px")
+        cells = (tile, request["stride"]) if params.centre_cells and tile and request.get("stride") else None
+        return self._start_task(title, [request], lambda outcome: self._classify_done(
+            outcome, params, out, classes, class_map, cells))
 
-    def _classify_done(self, outcome, params: ClassifyParameters, out: str, classes: list):
+    def _classify_done(self, outcome, params: ClassifyParameters, out: str, classes: list,
+                       class_map: str | None = None, cells: tuple[int, int] | None = None):
         self.current_task = None
         if self.dock is None:
             return
         self.dock.set_busy(False)
+        if isinstance(outcome, JobFailed):
+            retry = self._agreed_retry(outcome, params, out)
+            if retry is not None:
+                self.run_classify(retry)
+                return
         if isinstance(outcome, JobSucceeded):
+            self._warn(outcome)
+            name = result_name(", ".join(classes))
             try:
-                name = tr("{layer} · classes").format(layer=params.raster.layer_name)
                 layer = load_vector(out, TILES_LAYER, name)
+                layers = [layer]
+                if class_map:
+                    layers.append(load_class_map(class_map, tr("{name} (raster)").format(name=name)))
             except ValueError as exc:
                 self._message(str(exc), Qgis.MessageLevel.Critical)
                 return
-            counts = style_categorized(layer, classes)
-            add_to_group([layer])
+            counts = style_categorized(layer, classes, centre_cells=cells)
+            add_to_group(layers)
             self._reveal(layer)
             self.dock.progress.setValue(100)
             self.dock.show_summary(summary_rows(counts, classes), classes)
@@ -359,10 +568,42 @@ class TilePromptPlugin:
         else:
             self._report_unsuccessful(outcome)
 
+    #: What the backend refuses until the user agrees: (question title, question, the parameter that agrees).
+    QUESTIONS = {
+        "output_exists": (tr("Replace the file?"), tr("{path} exists and was not written by TilePrompt. Replace it "
+                                                      "with the result?"), "overwrite"),
+        "no_georeference": (tr("Classify in pixel coordinates?"),
+                            tr("The raster has no georeference (no CRS, no geotransform). Classify it in pixel "
+                               "coordinates? The tiles will overlay the image in QGIS, but not a map."), "pixel_space"),
+    }
+
+    def _agreed_retry(self, outcome: JobFailed, params: ClassifyParameters, out: str) -> ClassifyParameters | None:
+        """Ask the question a refusal calls for; the parameters to run again with when the user agrees."""
+        question = self.QUESTIONS.get(outcome.code or "")
+        if question is None or getattr(params, question[2]):
+            return None
+        title, text, field = question
+        if not self.ask(title, text.format(path=out)):
+            return None
+        return replace(params, output=out, **{field: True})
+
+    def ask(self, title: str, text: str) -> bool:
+        """A yes/no question in front of the main window (tests replace this method)."""
+        answer = QMessageBox.question(self.iface.mainWindow(), title, text,
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                      QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _warn(self, outcome: JobSucceeded) -> None:
+        """The backend's warnings about a finished job (pixel space, a changed raster), one message each."""
+        for text in job_warnings(outcome.statuses):
+            self._message(text, Qgis.MessageLevel.Warning, 0)
+
     def _report_unsuccessful(self, outcome):
         if isinstance(outcome, JobFailed):
-            self.dock.set_status(outcome.message)
-            self._message(outcome.message, Qgis.MessageLevel.Critical, 0)
+            message = outcome.message_for("dock")
+            self.dock.set_status(message)
+            self._message(message, Qgis.MessageLevel.Critical, 0)
         elif isinstance(outcome, JobCancelled):
             self.dock.set_status(tr("Cancelled."))
             self.dock.progress.setValue(0)
@@ -385,6 +626,7 @@ class TilePromptPlugin:
             return None
         what = tr("text search") if params.query.is_text else tr("similar tiles")
         title = tr("TilePrompt: {what} in {layer}").format(what=what, layer=raster.layer_name)
+        self.dock.clear_search_results()
         return self._start_task(title, plan.requests, lambda outcome: self._search_done(outcome, params, plan))
 
     def _search_done(self, outcome, params: SearchParameters, plan):
@@ -395,20 +637,24 @@ class TilePromptPlugin:
         if not isinstance(outcome, JobSucceeded):
             self._report_unsuccessful(outcome)
             return
-        label = f"“{params.query.text}”" if params.query.is_text else tr("similar")
+        if params.query.is_text:
+            label = f"“{params.query.text}”"
+        else:
+            count = len(params.query.wkts)
+            label = tr("like the drawn area") if count == 1 else tr("like {n} areas").format(n=count)
+        name = result_name(label, tr("top {k}").format(k=params.k))
         try:
-            layer = load_vector(plan.out, SIMILAR_LAYER, tr("{layer} · {label} (top {k})").format(
-                layer=params.raster.layer_name, label=label, k=params.k))
+            layer = load_vector(plan.out, SIMILAR_LAYER, name)
             style_graduated(layer)
             layers = [layer]
             if plan.heatmap:
-                layers.append(load_heatmap(plan.heatmap, tr("{layer} · {label} heat map").format(
-                    layer=params.raster.layer_name, label=label)))
+                layers.append(load_heatmap(plan.heatmap, tr("{name}, heat map").format(name=name)))
         except ValueError as exc:
             self._message(str(exc), Qgis.MessageLevel.Critical)
             return
         add_to_group(layers)
         self._reveal(layer)
+        self._warn(outcome)
         self.dock.progress.setValue(100)
         self.dock.show_search_results(layer)
         self.dock.set_status(tr("{n} tiles found.").format(n=layer.featureCount()))

@@ -48,6 +48,11 @@ def new_output(folder: Path, stem: str, suffix: str = ".gpkg") -> str:
     return str(path)
 
 
+def class_map_path(gpkg: str) -> str:
+    """The class-map GeoTIFF written beside a classification GeoPackage (same name, ``.tif``)."""
+    return str(Path(gpkg).with_suffix(".tif"))
+
+
 @dataclass(frozen=True)
 class SearchPlan:
     requests: list  # the index request, then a function of its status giving the search request

@@ -20,7 +20,7 @@ class BackendSession(QObject):
     """Connection state; signals ``changed()`` whenever connection, health or models change."""
 
     changed = pyqtSignal()
-    lost = pyqtSignal(str)  # the backend stopped answering (message)
+    lost = pyqtSignal(str, bool)  # the backend stopped answering (message, whether it only did not answer in time)
 
     def __init__(self, settings: Settings | None = None, parent=None):
         super().__init__(parent)
@@ -49,12 +49,12 @@ class BackendSession(QObject):
 
         def first_health(data, error):
             self._on_health(data, error)
-            if error is None:
-                self.refresh_models()
-                self._timer.start()
             if on_result is not None:
                 on_result(error)
 
+        # Checked every few seconds from now on, answered or not: a backend too busy to answer the first check
+        # in time (a loaded machine) turns up when it answers.
+        self._timer.start()
         self._async.health(first_health)
 
     def disconnect(self) -> None:
@@ -76,11 +76,14 @@ class BackendSession(QObject):
         was_up = self.health is not None
         if error is None and isinstance(data, dict):
             self.health, self.error = data, ""
+            if not was_up:
+                self.refresh_models()
         else:
             self.health, self.error = None, str(error)
             if was_up:
-                self._timer.stop()
-                self.lost.emit(self.error)
+                # Said once; polling goes on, so a backend that was only too busy to answer in time (a heavy job
+                # on a loaded machine) shows as up again when it answers.
+                self.lost.emit(self.error, bool(getattr(error, "timed_out", False)))
         self.changed.emit()
 
     def refresh_models(self, on_result=None) -> None:

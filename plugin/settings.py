@@ -17,6 +17,9 @@ from pathlib import Path
 
 from qgis.core import QgsProject, QgsSettings
 
+from .installer.locations import Layout, default_root, venv_tileprompt
+from .installer.record import read as installed
+
 PREFIX = "TilePrompt"
 PROJECT_SCOPE = "TilePrompt"
 PLUGIN_DIR = Path(__file__).resolve().parent.parent
@@ -26,7 +29,16 @@ ICON_PATH = PLUGIN_DIR / "resources" / "icon.png"
 class Key(Enum):
     """Setting name (below ``TilePrompt/``) and default; the default's type is the value's type."""
 
-    BACKEND_VENV = ("backend/venv", "")  # "" = the plugin folder's .venv (made by scripts/setup)
+    BACKEND_VENV = ("backend/venv", "")  # "" = the installed backend, else the plugin folder's .venv (scripts/setup)
+    INSTALL_DIR = ("install/folder", "")  # "" = the platform's user data folder (installer/locations.py)
+    INSTALL_PYTHON = ("install/python", "")  # "" = a Python 3.11+ found on the system, else one uv provisions
+    INSTALL_COMPUTE = ("install/compute", "cpu")  # "cpu" or "cuda" (offered when an NVIDIA driver answers)
+    INDEX_URL = ("install/indexUrl", "")  # "" = PyPI
+    EXTRA_INDEX_URLS = ("install/extraIndexUrls", "")  # space-separated
+    FIND_LINKS = ("install/findLinks", "")  # space-separated folders or pages of wheels
+    TORCH_BACKEND = ("install/torchBackend", "")  # "" = by compute (cpu / auto); "none" = from the indexes
+    INSTALL_CACHE = ("install/cacheDir", "")  # "" = <install folder>/cache (uv's cache; keep it on the same disk)
+    INDEX_STRATEGY = ("install/indexStrategy", "")  # "" = uv's first-index; "unsafe-best-match" for partial mirrors
     BACKEND_PORT = ("backend/port", 0)  # 0 = any free port
     STATE_FILE = ("backend/stateFile", "")  # "" = $TILEPROMPT_HOME/server.json or ~/.local/share/tileprompt/...
     AUTO_ATTACH = ("backend/autoAttach", True)  # attach at start-up to a backend that is already running
@@ -70,15 +82,34 @@ class Settings:
         self._settings.remove(key.name_in_settings)
 
     # --- derived locations ---------------------------------------------------------------------------------
+    def install_layout(self) -> Layout:
+        """The installer's folder (outside the plugin folder, which QGIS replaces on every plugin update)."""
+        configured = self.get(Key.INSTALL_DIR)
+        return Layout(Path(configured).expanduser() if configured else default_root())
+
     def backend_venv(self) -> Path:
-        return Path(self.get(Key.BACKEND_VENV) or PLUGIN_DIR / ".venv").expanduser()
+        """The backend environment the plugin starts: the one chosen in the settings, else the installed one,
+        else a developer checkout's ``.venv`` (scripts/setup), else where the installer would put it."""
+        configured = self.get(Key.BACKEND_VENV)
+        if configured:
+            return Path(configured).expanduser()
+        layout = self.install_layout()
+        installation = installed(layout)
+        if installation is not None:
+            return installation.env_path(layout)
+        checkout = PLUGIN_DIR / ".venv"
+        if venv_tileprompt(checkout).is_file():
+            return checkout
+        return layout.envs
 
     def backend_executable(self) -> Path:
         """The ``tileprompt`` console script of the backend venv (``Scripts/tileprompt.exe`` on Windows)."""
-        venv = self.backend_venv()
-        if os.name == "nt":
-            return venv / "Scripts" / "tileprompt.exe"
-        return venv / "bin" / "tileprompt"
+        return venv_tileprompt(self.backend_venv())
+
+    def uses_installer(self) -> bool:
+        """Whether the backend is (to be) the installer's, not an environment chosen or made by scripts/setup."""
+        return not self.get(Key.BACKEND_VENV) and not (
+            installed(self.install_layout()) is None and venv_tileprompt(PLUGIN_DIR / ".venv").is_file())
 
     def state_file(self) -> Path:
         configured = self.get(Key.STATE_FILE)

@@ -16,13 +16,14 @@ from qgis.core import QgsApplication, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from .client import BackendClient
-from .jobs import JobCancelled, JobOutcome, JobSucceeded, describe_status, fraction_done, run_jobs
+from .jobs import JobCancelled, JobFailed, JobOutcome, describe_status, fraction_done, is_preparing, run_jobs
 
 
 class JobTask(QgsTask):
     """Runs ``requests`` on the backend; ``delegate(outcome)`` runs in the UI thread when done."""
 
     statusChanged = pyqtSignal(str)  # noqa: N815 (Qt naming)
+    preparingChanged = pyqtSignal(bool)  # noqa: N815  the job runs but its progress is not known yet
 
     def __init__(self, title: str, client: BackendClient, requests: list, delegate: Callable[[JobOutcome], None],
                  poll_s: float = 0.25):
@@ -33,13 +34,19 @@ class JobTask(QgsTask):
         self.poll_s = poll_s
         # A task cancelled while still queued never runs: finished() then reports this.
         self.outcome: JobOutcome = JobCancelled(None)
+        self._preparing = False
 
     def run(self) -> bool:  # worker thread
         self.outcome = run_jobs(self.client, self.requests, self.isCanceled, self._report, self.poll_s)
-        return isinstance(self.outcome, JobSucceeded)
+        # A cancel the backend honoured is not a failure: returning False would make QGIS announce "Task failed".
+        return not isinstance(self.outcome, JobFailed)
 
     def _report(self, index: int, count: int, status: dict) -> None:
         self.setProgress(100.0 * fraction_done(index, count, status))
+        preparing = is_preparing(status)
+        if preparing != self._preparing:
+            self._preparing = preparing
+            self.preparingChanged.emit(preparing)
         self.statusChanged.emit(describe_status(status))
 
     def finished(self, result: bool) -> None:  # noqa: ARG002 (UI thread)

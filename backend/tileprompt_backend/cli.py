@@ -1,6 +1,9 @@
 """The ``tileprompt`` command: classify rasters, index and search tiles, manage model cards, serve.
 
-Every error is one line on stderr (``tileprompt: error: ...``) and a non-zero exit code.
+Every error is one line on stderr (``tileprompt: error: ...``) and a non-zero exit code; warnings are lines
+``tileprompt: warning: ...``. Numbers are checked by argparse with the functions of ``validation`` (the HTTP
+schemas use the same ones), and paths and outputs by :func:`precheck`, all before the ML stack is imported,
+so a typo is answered in well under a second.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from . import __version__, validation
 
 #: Runner backends (models.runners.BACKENDS; repeated here so `tileprompt --help` starts without torch).
 RUNNERS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino")
@@ -19,8 +22,34 @@ EXIT_ERROR = 2
 EXIT_CANCELLED = 130
 
 
+def _checked(check):
+    """An argparse ``type`` from a validation function: its ValueError becomes argparse's one-line error."""
+    def parse(text: str):
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = check.__name__
+    return parse
+
+
+def _add_output_arguments(p: argparse.ArgumentParser, layer_what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that TilePrompt did not write (inputs are never replaced)")
+    p.add_argument("--layer", metavar="NAME", type=_checked(validation.layer),
+                   help=f"add the {layer_what} as layer NAME of an existing result GeoPackage TilePrompt wrote, "
+                        "instead of replacing the file")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (``tileprompt: error: ...``, exit 2) instead of a usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"tileprompt: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tileprompt", description="Classify and search raster tiles with text prompts.")
+    p = _Parser(prog="tileprompt", description="Classify and search raster tiles with text prompts.")
     p.add_argument("--version", action="version", version=f"tileprompt {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -34,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--aoi", help="area of interest as WKT or GeoJSON (text or a file path)")
     c.add_argument("--aoi-crs", default=None, help="CRS of --aoi, e.g. EPSG:4326 (default: the raster's CRS)")
     c.add_argument("--multi-label", action="store_true", help="one sigmoid per class instead of a softmax")
-    c.add_argument("--threshold", type=float, default=0.5, help="multi-label threshold (default: 0.5)")
+    c.add_argument("--threshold", type=_checked(validation.threshold), default=0.5,
+                   help="multi-label threshold (default: 0.5)")
     c.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
+    _add_output_arguments(c, "tiles")
+    c.add_argument("--class-map", metavar="TIF", help="also write a class-map GeoTIFF: one pixel per tile, class "
+                                                      "index and score bands, colours as the GeoPackage's (QML)")
     c.add_argument("--index", help="embedding index to reuse and fill (default: the cache's, per model + tile)")
     c.add_argument("--no-cache", action="store_true", help="neither reuse nor store tile and prompt embeddings")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -60,12 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scene", metavar="RASTER",
                    help="the scene --like/--tile-ids refer to and the heat map covers (needed when the index "
                         "holds several)")
-    q.add_argument("-k", type=int, default=50, help="number of results (default: 50)")
+    q.add_argument("-k", type=_checked(validation.k), default=50, help="number of results (default: 50)")
     q.add_argument("--fuse", choices=["mean", "max"], default="mean",
                    help="mean: one query from the mean of the query tiles; max: each tile queries, best kept")
     q.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
     q.add_argument("--heatmap", help="also write a float32 GeoTIFF of similarity on the scene's grid")
+    _add_output_arguments(q, "hits")
     q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    q.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
     q.set_defaults(func=cmd_search)
 
     m = sub.add_parser("models", help="list, create and fetch model cards")
@@ -100,11 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_encoder_arguments(p: argparse.ArgumentParser, band_map_help: str) -> None:
     """Model, tile grid, band reading and runner options: the same for classify and index."""
     p.add_argument("--model", help="model id or model directory (default: clip-vit-b32-openai)")
-    p.add_argument("--tile", type=int, help="tile size in pixels (default: the model card's)")
-    p.add_argument("--stride", type=int, help="distance between tiles in pixels (default: the tile size)")
-    p.add_argument("--band-map", help=band_map_help)
+    p.add_argument("--tile", type=_checked(validation.tile_px), help="tile size in pixels (default: the model card's)")
+    p.add_argument("--stride", type=_checked(validation.stride),
+                   help="distance between tiles in pixels (default: the tile size)")
+    p.add_argument("--band-map", type=_checked(validation.band_map),
+                   help=band_map_help + '; "-" skips a band; names repeat in a stack of several dates '
+                                        "(B04,B03,B02,B08,B04,B03,B02,B08 is two dates)")
+    p.add_argument("--date", type=_checked(validation.date), metavar="N",
+                   help="the date to read from a multi-date band map (1 = first)")
     p.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pixel-space", action="store_true",
+                   help="accept a raster without georeference: tiles in pixel coordinates (x = column, y = -row, "
+                        "as QGIS draws it), without a CRS")
+    p.add_argument("--batch-size", type=_checked(validation.batch_size), default=32)
     p.add_argument("--runner", default="auto", choices=list(RUNNERS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
@@ -128,7 +171,37 @@ def _read_aoi(value: str | None) -> str | None:
     return value
 
 
+def precheck(args: argparse.Namespace) -> None:
+    """Check the paths and outputs of a command before it imports the ML stack (the engine checks again)."""
+    from .outputs import guard_output
+    from .paths import templates_path
+
+    command = args.command
+    if getattr(args, "date", None) is not None or getattr(args, "band_map", None) is not None:
+        validation.select_date(args.band_map, args.date)
+    if command == "classify":
+        raster = validation.existing_path(args.raster, "raster")
+        inputs = [raster, templates_path(args.templates) if args.templates else None]
+        guard_output(args.out, inputs, args.overwrite, layer=args.layer, input_dirs=[args.index])
+    elif command == "index":
+        for raster in args.rasters:
+            validation.existing_path(raster, "raster")
+        if args.scene_list:
+            validation.existing_path(args.scene_list, "scene list")
+    elif command == "search":
+        index = validation.existing_path(args.index, "index")
+        from .index.store import IndexStore, guard_search_outputs  # numpy and SQLite, not the ML stack
+
+        guard_search_outputs(IndexStore.open(index), args.out, args.heatmap, args.overwrite, args.layer)
+
+
+def _warn(warnings: Sequence[str]) -> None:
+    for text in warnings:
+        print(f"tileprompt: warning: {text}", file=sys.stderr)
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
+    precheck(args)
     from .engine import classify
 
     bar = None
@@ -146,12 +219,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
         result = classify(
             args.raster, args.prompts, args.out, model=args.model, templates=args.templates, tile_px=args.tile,
             stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
-            threshold=args.threshold, band_map=args.band_map.split(",") if args.band_map else None,
+            threshold=args.threshold, band_map=args.band_map,
             level=args.level, batch_size=args.batch_size, runner=args.runner, device=args.device,
-            progress=progress, index=args.index, cache=not args.no_cache)
+            progress=progress, index=args.index, cache=not args.no_cache, date=args.date, overwrite=args.overwrite,
+            layer=args.layer, pixel_space=args.pixel_space, class_map=args.class_map)
     finally:
         if bar is not None:
             bar.close()
+    _warn(result.warnings)
     skipped = []
     if result.skipped_outside:
         skipped.append(f"{result.skipped_outside} outside the area")
@@ -162,11 +237,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     width = max(len(name) for name in result.counts)
     for name, n in sorted(result.counts.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<{width}}  {n:6d}  {100.0 * n / max(result.tiles, 1):5.1f} %")
-    print(f"wrote {result.out}")
+    print(f"wrote {result.out}" + (f" and {result.class_map}" if result.class_map else ""))
     return 0
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    precheck(args)
     from .index.build import run
 
     return run(args)
@@ -183,12 +259,19 @@ def _tile_ids(value: str) -> list[int]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    tile_ids = _tile_ids(args.tile_ids) if args.tile_ids else None
+    if args.text is not None:
+        validation.text(args.text)
+    precheck(args)
     from .index import search
 
     result = search(args.index, like=[_read_aoi(v) for v in args.like] if args.like else None,
-                    like_crs=args.like_crs, tile_ids=_tile_ids(args.tile_ids) if args.tile_ids else None,
-                    scene=args.scene, text=args.text, fuse=args.fuse, k=args.k, out=args.out,
-                    heatmap=args.heatmap, device=args.device)
+                    like_crs=args.like_crs, tile_ids=tile_ids, scene=args.scene, text=args.text, fuse=args.fuse,
+                    k=args.k, out=args.out, heatmap=args.heatmap, device=args.device, overwrite=args.overwrite,
+                    layer=args.layer)
+    _warn(result.warnings)
+    if args.quiet:
+        return 0
     query = f"{len(result.query_tiles)} query tile(s)" if result.query_tiles else "the text"
     print(f"{result.hits} similar tiles to {query} in {result.seconds:.2f} s ({result.search_method})")
     print(f"wrote {result.out}" + (f" and {result.heatmap}" if result.heatmap else ""))
@@ -232,10 +315,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  device=args.device)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import Cancelled
+def _attach_band_maps(argv: Sequence[str]) -> list[str]:
+    """``--band-map -,-,B04`` as ``--band-map=-,-,B04``: argparse would take a value starting with the skip token
+    ``-`` for an option."""
+    out, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--band-map" and rest and rest[0].startswith(validation.SKIP):
+            arg = f"--band-map={rest.pop(0)}"
+        out.append(arg)
+    return out
 
-    args = build_parser().parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import Cancelled  # an InputError's str() is its CLI wording
+
+    try:
+        args = build_parser().parse_args(_attach_band_maps(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # --help, --version, or a bad argument (already printed)
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ResourceError
 from .schemas import ClassifyRequest, IndexRequest, JobStatus, RasterInput, SearchRequest
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 Request = ClassifyRequest | IndexRequest | SearchRequest
 #: Finished jobs kept for GET /v1/jobs; older finished ones are forgotten first.
 MAX_FINISHED_JOBS = 500
+#: Jobs waiting to run at most; one more is refused (HTTP 429) instead of queueing without bound.
+MAX_QUEUED_JOBS = 100
 #: A request whose grid would exceed this many tiles is refused before any work (a typo such as tile_px=1).
 MAX_GRID_TILES = 1_000_000
 #: Up to this many rasters of an index request are opened (headers only) on submit; beyond, only found.
@@ -40,6 +43,10 @@ FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 class ShuttingDown(RuntimeError):
     """The queue takes no new jobs: the service is stopping."""
+
+
+class QueueFull(RuntimeError):
+    """The queue holds :data:`MAX_QUEUED_JOBS` waiting jobs; the client should retry later."""
 
 
 class UnknownJob(KeyError):
@@ -87,7 +94,7 @@ def _check_raster(r: RasterInput, open_it: bool = True):
     path = _existing(r.raster, "raster")
     if not open_it:
         return None
-    with open_raster(path, band_map=r.band_map, level=r.level) as source:
+    with open_raster(path, band_map=r.selected_band_map(), level=r.level) as source:
         return source.info
 
 
@@ -165,28 +172,39 @@ def check_request(request: Request) -> Request:
 
 def _check_request(request: Request) -> Request:
     from .models import DEFAULT_MODEL, resolve_card
-    from .outputs import check_output_path
+    from .outputs import guard_output
 
     updates: dict[str, Any] = {}
     if isinstance(request, ClassifyRequest):
-        from .engine.prompts import load_templates, parse_prompts
+        from .engine.classify import check_georeference
+        from .engine.prompts import load_templates
+        from .paths import templates_path
 
-        parse_prompts(request.prompts)
         out = _absolute(request.out, "out")
-        check_output_path(out)
         model = _model_arg(request.model)
         card = resolve_card(model or DEFAULT_MODEL)
-        if request.templates is not None:
-            load_templates(request.templates)
+        template_file = templates_path(request.templates or card.templates)
+        index = _absolute(request.index, "index") if request.index is not None else None
+        raster = _existing(request.raster, "raster")
+        load_templates(template_file)
         info = _check_raster(request)
+        guard_output(out, [raster, template_file, *info.files.values()], request.overwrite, layer=request.layer,
+                     input_dirs=[card.path, index])
+        check_georeference(info, request.pixel_space)
         _check_grid(info, request.tile_px or card.input.tile_px, request.stride, request.aoi, request.aoi_crs)
-        updates = {"raster": str(_absolute(request.raster, "raster")), "out": str(out), "model": model}
-        if request.index is not None:
-            index = _absolute(request.index, "index")
+        updates = {"raster": str(raster), "out": str(out), "model": model}
+        if request.class_map is not None:
+            class_map = _absolute(request.class_map, "class_map")
+            guard_output(class_map, [raster, template_file, *info.files.values()], request.overwrite,
+                         suffixes=(".tif", ".tiff"), what="class map", input_dirs=[card.path, index])
+            updates["class_map"] = str(class_map)
+        if index is not None:
             if index.exists() and not index.is_dir():
                 raise ValueError(f"index must be a folder, got a file: {index}")
             updates["index"] = str(index)
     elif isinstance(request, IndexRequest):
+        from .engine.classify import check_georeference
+
         model = _model_arg(request.model)
         card = resolve_card(model or DEFAULT_MODEL)
         rasters = []
@@ -194,6 +212,7 @@ def _check_request(request: Request) -> Request:
             try:
                 info = _check_raster(r, open_it=n < MAX_RASTERS_OPENED)
                 if info is not None:
+                    check_georeference(info, request.pixel_space)
                     _check_grid(info, request.tile_px or card.input.tile_px, request.stride)
             except ValueError as e:
                 raise ValueError(f"rasters[{n}]: {e}") from None
@@ -220,14 +239,13 @@ def _check_request(request: Request) -> Request:
         if request.tile_ids is not None and not request.tile_ids:
             raise ValueError("tile_ids is an empty list: give at least one tile id")
         _check_crs(request.like_crs, "like_crs")
+        from .index.store import IndexStore, guard_search_outputs
+
         out = _absolute(request.out, "out")
-        check_output_path(out)
+        heatmap = _absolute(request.heatmap, "heatmap") if request.heatmap is not None else None
+        guard_search_outputs(IndexStore.open(index), out, heatmap, request.overwrite, request.layer)
         updates = {"index": str(index), "out": str(out)}
-        if request.heatmap is not None:
-            heatmap = _absolute(request.heatmap, "heatmap")
-            check_output_path(heatmap, (".tif", ".tiff"))
-            if heatmap == out:
-                raise ValueError("the heat map and the GeoPackage need different paths")
+        if heatmap is not None:
             updates["heatmap"] = str(heatmap)
         _check_search_scene(request, index)
     else:  # pragma: no cover - the schema's discriminator admits only the three kinds
@@ -285,10 +303,11 @@ class JobQueue:
     """A FIFO of jobs run by one worker thread; thread-safe for any number of client threads."""
 
     def __init__(self, device: str = "auto", handlers: dict[str, Handler] | None = None,
-                 max_finished: int = MAX_FINISHED_JOBS):
+                 max_finished: int = MAX_FINISHED_JOBS, max_queued: int = MAX_QUEUED_JOBS):
         self.device = device
         self.handlers = dict(HANDLERS if handlers is None else handlers)
         self.max_finished = max_finished
+        self.max_queued = max_queued
         self.model_dirs: dict[str, str] = {}  # card folders used since start that list_models does not show
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._pending: list[str] = []
@@ -304,6 +323,7 @@ class JobQueue:
         """Queue a job (after :func:`check_request` unless ``check`` is False); its status, state "queued"."""
         if self._closing:
             raise ShuttingDown("the service is shutting down and takes no new jobs")
+        self._check_room()
         if check:
             request = check_request(request)
         self._remember_model_dir(getattr(request, "model", None))
@@ -311,6 +331,7 @@ class JobQueue:
         with self._wake:
             if self._closing:
                 raise ShuttingDown("the service is shutting down and takes no new jobs")
+            self._check_room(locked=True)
             self._jobs[job.id] = job
             self._pending.append(job.id)
             self._forget_old()
@@ -318,6 +339,13 @@ class JobQueue:
             status = job.status()
         log.info("job %s %s queued (%d waiting)", job.id, request.kind, len(self._pending))
         return status
+
+    def _check_room(self, locked: bool = False) -> None:
+        """QueueFull when :attr:`max_queued` jobs are waiting (checked before and after the request's checks)."""
+        waiting = len(self._pending) if locked else self.queue_length
+        if waiting >= self.max_queued:
+            raise QueueFull(f"the job queue is full ({waiting} jobs waiting, at most {self.max_queued}); "
+                            "retry when some have finished, or cancel some")
 
     def get(self, job_id: str) -> JobStatus:
         with self._lock:
@@ -438,7 +466,7 @@ class JobQueue:
             state = "succeeded"
         except Cancelled:
             state = "cancelled"
-        except ValueError as e:
+        except (ValueError, ResourceError) as e:  # a bad input, or the machine refused a write: the message says it
             error = _one_line(str(e)) or type(e).__name__
             log.info("job %s failed: %s", job.id, error)
         except Exception as e:  # noqa: BLE001 - any failure ends this job, never the worker
@@ -530,12 +558,13 @@ def run_classify(req: ClassifyRequest, ctx: JobContext):
                     stride=req.stride, aoi=req.aoi, aoi_crs=req.aoi_crs, multi_label=req.multi_label,
                     threshold=req.threshold, band_map=req.band_map, level=req.level, batch_size=req.batch_size,
                     runner=req.runner, device=ctx.device, progress=ctx.progress, cancel=ctx.cancel,
-                    index=req.index, cache=req.cache)
+                    index=req.index, cache=req.cache, date=req.date, overwrite=req.overwrite, layer=req.layer,
+                    pixel_space=req.pixel_space, class_map=req.class_map)
 
 
 def _raster_arg(r: RasterInput):
     """A raster for build_index: its path, or a dict when it carries a band map or a level."""
-    if r.band_map is None and r.level is None:
+    if r.band_map is None and r.level is None and r.date is None:
         return r.raster
     return r.model_dump(exclude_none=True)
 
@@ -545,7 +574,8 @@ def run_index(req: IndexRequest, ctx: JobContext):
 
     return build_index([_raster_arg(r) for r in req.rasters], model=req.model, tile_px=req.tile_px,
                        stride=req.stride, index=req.index, device=ctx.device, runner=req.runner,
-                       batch_size=req.batch_size, progress=ctx.progress, cancel=ctx.cancel)
+                       batch_size=req.batch_size, progress=ctx.progress, cancel=ctx.cancel,
+                       pixel_space=req.pixel_space)
 
 
 def run_search(req: SearchRequest, ctx: JobContext):
@@ -553,7 +583,7 @@ def run_search(req: SearchRequest, ctx: JobContext):
 
     return search(req.index, like=req.like, like_crs=req.like_crs, tile_ids=req.tile_ids, scene=req.scene,
                   text=req.text, fuse=req.fuse, k=req.k, out=req.out, heatmap=req.heatmap, progress=ctx.progress,
-                  cancel=ctx.cancel, device=ctx.device)
+                  cancel=ctx.cancel, device=ctx.device, overwrite=req.overwrite, layer=req.layer)
 
 
 HANDLERS: dict[str, Handler] = {"classify": run_classify, "index": run_index, "search": run_search}

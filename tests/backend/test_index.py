@@ -20,7 +20,8 @@ from conftest import SSL4EO, _require
 from tileprompt_backend.cli import main
 from tileprompt_backend.engine import Cancelled, classify
 from tileprompt_backend.index import IndexStore, build_index, default_index_dir, model_key
-from tileprompt_backend.index.store import CATALOG_FILE, EMBEDDINGS_FILE, META_FILE, SCENES_DIR, _host
+from tileprompt_backend.index.store import CATALOG_FILE, EMBEDDINGS_FILE, META_FILE, SCENES_DIR
+from tileprompt_backend.outputs import host_name
 from tileprompt_backend.models import resolve_card
 from tileprompt_backend.paths import cache_dir
 from tileprompt_backend.sentinel2 import open_raster
@@ -128,7 +129,7 @@ def test_crash_leftovers_are_never_read_as_complete(dates, s2_model, tmp_path):
     emb_file = idx / SCENES_DIR / crashed.key / EMBEDDINGS_FILE
     emb_file.write_bytes(emb_file.read_bytes()[:1000])
     # ... and a half-written temporary folder of a writer that died (pid beyond any pid_max)
-    tmp = idx / SCENES_DIR / f".tmp-{crashed.key}-{_host()}-999999999-deadbeef"
+    tmp = idx / SCENES_DIR / f".tmp-{crashed.key}-{host_name()}-999999999-deadbeef"
     tmp.mkdir()
     (tmp / EMBEDDINGS_FILE).write_bytes(b"\x93NUMPY half")
 

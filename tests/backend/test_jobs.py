@@ -37,7 +37,7 @@ def make_queue():
     queues = []
 
     def make(handler) -> JobQueue:
-        q = JobQueue(device="cpu", handlers={"classify": handler})
+        q = JobQueue(device="cpu", handlers={"classify": handler}, max_queued=10_000)
         q.start()
         queues.append(q)
         return q

@@ -43,8 +43,8 @@ def test_template_file(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("no placeholder\n", "exactly one"),
-    ("{} and {}\n", "exactly one"),
+    ("no placeholder\n", "line 1 .* has no single '{}'"),
+    ("{} and {}\n", "line 1 .* has no single '{}'"),
     ("# only comments\n", "no templates"),
 ])
 def test_bad_template_files(tmp_path, content, message):

@@ -4,6 +4,8 @@ bad inputs. Tiny untrained models: the recall figures measure the pipeline on ra
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import fiona
 import numpy as np
@@ -24,7 +26,7 @@ from tileprompt_backend.index.query import load_view, rank
 from tileprompt_backend.index.vectors import VectorIndex, numpy_topk
 from tileprompt_backend.models import load_model
 from tileprompt_backend.outputs import read_run_table
-from tileprompt_backend.schemas import MAX_K
+from tileprompt_backend.validation import MAX_K
 from tileprompt_backend.sentinel2 import BANDS
 from tileprompt_backend.tiling import reproject_geometry
 
@@ -313,15 +315,15 @@ def _bad_search_cases(eo_index, eolearn_dates, tmp_path):
     d0 = eolearn_dates[0]
     far = "POLYGON((10 10, 11 10, 11 11, 10 11, 10 10))"
     return {
-        "unknown index": ([str(tmp_path / "nope"), "--text", "forest"], "unknown index"),
+        "unknown index": ([str(tmp_path / "nope"), "--text", "forest"], "index not found"),
         "not an index": ([str(notindex), "--text", "forest"], "not a TilePrompt index"),
         "malformed WKT": ([str(eo_index), "--scene", d0, "--like", "POLYGON((1 2, 3"], "not valid WKT"),
         "outside the raster": ([str(eo_index), "--scene", d0, "--like", far, "--like-crs", "EPSG:4326"],
                                "does not overlap scene"),
         "empty text": ([str(eo_index), "--text", "  "], "search text is empty"),
-        "k zero": ([str(eo_index), "--text", "forest", "-k", "0"], "k must be a positive"),
-        "k negative": ([str(eo_index), "--text", "forest", "-k", "-3"], "k must be a positive"),
-        "k above the limit": ([str(eo_index), "--text", "forest", "-k", str(MAX_K + 1)], "k is too large"),
+        "k zero": ([str(eo_index), "--text", "forest", "-k", "0"], "k (number of results) must be between 1 and"),
+        "k negative": ([str(eo_index), "--text", "forest", "-k", "-3"], "must be between 1 and"),
+        "k above the limit": ([str(eo_index), "--text", "forest", "-k", str(MAX_K + 1)], f"and {MAX_K}, got"),
         "scene missing": ([str(eo_index), "--tile-ids", "1"], "name the scene"),
         "unknown scene": ([str(eo_index), "--tile-ids", "1", "--scene", "/no/such.tif"], "is not in index"),
         "tile id off the grid": ([str(eo_index), "--tile-ids", "30", "--scene", d0], "not on the grid"),
@@ -361,3 +363,33 @@ def test_cli_search_and_huge_k_is_clamped(eo_index, eolearn_dates, tmp_path, cap
         wkt.write_text(shapely.box(*ds.bounds).buffer(-300).wkt)
     rc = main(["search", str(eo_index), "--like", str(wkt), "--scene", eolearn_dates[4], "-k", "3", "--out", str(out)])
     assert rc == 0 and "similar tiles to" in capsys.readouterr().out
+
+
+def test_search_never_writes_over_the_index_or_its_rasters(eo_index, eolearn_dates, tmp_path, capsys):
+    """The heat map of a scene must not replace the scene (it did: a one-band float32 file, exit 0)."""
+    scene = Path(eolearn_dates[0])
+    before = scene.read_bytes()
+    rc = main(["search", str(eo_index), "--tile-ids", "6", "--scene", str(scene), "--out", str(tmp_path / "h.gpkg"),
+               "--heatmap", str(scene), "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is an input of this job" in err[0], err
+    rc = main(["search", str(eo_index), "--text", "water", "--out", str(eo_index / "catalog.gpkg")])
+    assert rc == 2 and "lies inside" in capsys.readouterr().err
+    assert scene.read_bytes() == before and not (tmp_path / "h.gpkg").exists()
+    rc = main(["search", str(eo_index), "--text", "water", "--quiet", "--out", str(tmp_path / "q.gpkg")])
+    assert rc == 0 and capsys.readouterr() == ("", "")
+
+
+def test_search_on_a_changed_raster_warns(eolearn_dates, tiny_models, tmp_path, capsys):
+    raster = tmp_path / "date0.tif"
+    raster.write_bytes(Path(eolearn_dates[0]).read_bytes())
+    index = tmp_path / "idx"
+    build_index([raster], model=str(tiny_models["aligned-s2"]), tile_px=EO_TILE, index=index, runner="torch")
+    args = ["search", str(index), "--tile-ids", "6", "-k", "3", "--out", str(tmp_path / "h.gpkg"), "--quiet"]
+    assert main(args) == 0 and capsys.readouterr().err == ""
+    os.utime(raster, ns=(raster.stat().st_atime_ns, raster.stat().st_mtime_ns + 10 ** 9))
+    assert main(args) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tileprompt: warning: date0.tif changed since it was indexed ({IndexStore.open(index).scenes()[0].completed}): "
+                   "its results come from the old embeddings (1 file(s) differ); re-index it"]
+    assert read_run_table(tmp_path / "h.gpkg")[0]["warnings"] == [err[0].removeprefix("tileprompt: warning: ")]

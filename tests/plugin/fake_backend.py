@@ -4,7 +4,8 @@
 schemas.py (Health, ModelInfo, JobStatus). A succeeded job copies a prepared GeoPackage/GeoTIFF to the request's
 ``out``/``heatmap`` path (the files are written beforehand on the main thread with QGIS's own writers).
 Behaviour knobs: ``polls_to_finish`` (running states before success), ``fail_with`` (job error), ``hang``
-(jobs never finish until cancelled), ``answer_delay_s`` (the server is slow to answer at all).
+(jobs never finish until cancelled), ``answer_delay_s`` (the server is slow to answer at all), ``refuse_unless``
+(a 422 with the backend's code and fixes until the request carries the field that agrees: overwrite ...).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ MODELS = [
 
 class FakeBackend:
     def __init__(self, files: dict, token: str = "secret-token"):
-        self.files = files  # "tiles" -> gpkg, "similar" -> gpkg, "heatmap" -> tif
+        self.files = files  # "tiles" -> gpkg, "similar" -> gpkg, "heatmap" -> tif, "classmap" -> tif
         self.token = token
         self.jobs: dict[str, dict] = {}
         self.requests: list[dict] = []  # every job request body received
         self.calls: list[tuple[str, str]] = []  # (method, path)
         self.polls_to_finish = 2
         self.fail_with: str | None = None
+        # a 422 answer (the backend's body: detail, code, fixes) for requests without the field that agrees to it
+        self.refuse_unless: tuple[str, dict] | None = None
         self.hang = False
         self.answer_delay_s = 0.0
         self.lock = threading.Lock()
@@ -86,7 +89,9 @@ class FakeBackend:
         request = job["request"]
         if job["kind"] == "classify":
             shutil.copy(self.files["tiles"], request["out"])
-            job["result"] = {"out": request["out"], "tiles": 12}
+            if request.get("class_map"):
+                shutil.copy(self.files["classmap"], request["class_map"])
+            job["result"] = {"out": request["out"], "tiles": 12, "class_map": request.get("class_map")}
         elif job["kind"] == "index":
             folder = Path(request.get("index") or Path(self.files["tiles"]).parent / "index")
             folder.mkdir(parents=True, exist_ok=True)
@@ -134,7 +139,9 @@ class FakeBackend:
                 with backend.lock:
                     if self.path == "/v1/health":
                         running = [j["id"] for j in backend.jobs.values() if j["state"] == "running"]
-                        self._send(200, {"status": "ok", "version": "0.0-fake", "device": "cpu", "torch": "2.x",
+                        self._send(200, {"status": "ok", "version": "0.0-fake", "device": "cpu",
+                                         "device_name": "Fake CPU", "default_model": "clip-vit-b32-openai",
+                                         "torch": "2.x",
                                          "onnx_providers": ["CPUExecutionProvider"], "loaded_models": [],
                                          "queue_length": 0, "running_job": running[0] if running else None})
                     elif self.path == "/v1/models":
@@ -166,6 +173,11 @@ class FakeBackend:
                     return
                 if body.get("kind") == "classify" and not Path(body.get("raster", "")).exists():
                     self._send(422, {"detail": f"raster not found: {body.get('raster')}"})
+                    return
+                if backend.refuse_unless and not body.get(backend.refuse_unless[0]):
+                    with backend.lock:
+                        backend.requests.append(body)
+                    self._send(422, backend.refuse_unless[1])
                     return
                 with backend.lock:
                     backend.requests.append(body)

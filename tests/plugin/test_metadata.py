@@ -19,10 +19,10 @@ EXPECTED = {
     "qgisMaximumVersion": "3.99",
     "version": "0.1.0",
     "author": "TilePrompt developers",
-    "email": "tileprompt@example.org",
+    "email": "tileprompt@users.noreply.github.com",
     "repository": "https://github.com/tileprompt/tileprompt",
     "tracker": "https://github.com/tileprompt/tileprompt/issues",
-    "homepage": "https://github.com/tileprompt/tileprompt",
+    "homepage": "https://github.com/tileprompt/tileprompt/tree/main/docs",
     "category": "Raster",
     "icon": "resources/icon.png",
     "experimental": "True",
@@ -60,7 +60,7 @@ def test_version_is_semantic(metadata):
 
 def test_about_names_the_backend_requirement(metadata):
     about = metadata["about"]
-    assert "backend" in about and "scripts/setup" in about
+    assert "backend" in about and "Install backend" in about and "not the plugin folder" in about
     assert "No machine-learning library" in about
 
 

@@ -76,6 +76,17 @@ def test_run_and_load_results_styles_the_layer(processing, plugin, fake_backend,
     assert [c.value() for c in layer.renderer().categories()] == ["forest", "water", "farmland"]
 
 
+def test_classify_also_writes_a_class_map(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    connect(plugin, fake_backend, isolated)
+    result = processing.runAndLoadResults("tileprompt:classify", {
+        "INPUT": scene, "PROMPTS": "forest\nwater\nfarmland", "OUTPUT": str(tmp_path / "c.gpkg"),
+        "CLASS_MAP": str(tmp_path / "c.tif")})
+    assert fake_backend.requests[-1]["class_map"] == str(tmp_path / "c.tif") == result["CLASS_MAP"]
+    assert any(lyr.source() == str(tmp_path / "c.tif") for lyr in QgsProject.instance().mapLayers().values())
+    processing.run("tileprompt:classify", {"INPUT": scene, "PROMPTS": "a\nb", "OUTPUT": str(tmp_path / "d.gpkg")})
+    assert "class_map" not in fake_backend.requests[-1]  # only when asked for
+
+
 def test_processing_finds_a_backend_started_elsewhere(processing, plugin, fake_backend, isolated, scene, tmp_path):
     fake_backend.write_state_file(isolated / "home" / "server.json")  # the default state file; the dock never attached
     assert plugin.session.connection is None
@@ -159,3 +170,78 @@ def test_cancel_from_the_feedback_cancels_the_job(processing, plugin, fake_backe
                                                     "OUTPUT": str(tmp_path / "c.gpkg")}, feedback=feedback)
     assert result.get("TILES") is None
     assert [j["state"] for j in fake_backend.jobs.values()] == ["cancelled"]
+
+
+@pytest.fixture()
+def dialogs(qgis_iface, monkeypatch):
+    """What the toolbox dialog asks of iface beyond pytest-qgis's stub: a real browser model."""
+    from qgis.gui import QgsBrowserGuiModel
+
+    model = QgsBrowserGuiModel()
+    monkeypatch.setattr(qgis_iface, "browserModel", lambda: model, raising=False)
+    return model
+
+
+def run_in_dialog(processing, algorithm, parameters):
+    """Run ``algorithm`` the way the toolbox dialog's Run button does (QgsProcessingAlgRunnerTask, worker thread)
+    and wait until the dialog has loaded its results."""
+    from conftest import wait_until
+    from processing.core.ProcessingConfig import ProcessingConfig
+
+    ProcessingConfig.setSettingValue(ProcessingConfig.KEEP_DIALOG_OPEN, True)
+    dialog = processing.createAlgorithmDialog(algorithm, parameters)
+    finished = []
+    dialog.algorithmFinished.connect(lambda ok, results: finished.append((ok, results)))
+    dialog.runAlgorithm()
+    assert wait_until(lambda: finished, 30), "the dialog's task did not finish"
+    dialog.close()
+    return finished[0]
+
+
+def test_the_toolbox_dialog_loads_its_layers(processing, dialogs, plugin, fake_backend, isolated, scene, tmp_path):
+    """QGIS 3.22's dialog runs the algorithm in a worker thread with a temporary context: a layer registered only
+    in prepareAlgorithm was dropped when the run's context replaced the dialog's (no layer, no error)."""
+    connect(plugin, fake_backend, isolated)
+    ok, results = run_in_dialog(processing, "tileprompt:classify", {
+        "INPUT": scene, "PROMPTS": "forest\nwater\nfarmland", "OUTPUT": str(tmp_path / "dialog.gpkg")})
+    assert ok and results["TILES"] == 12
+    layers = [lyr for lyr in QgsProject.instance().mapLayers().values()
+              if lyr.source() == f"{tmp_path / 'dialog.gpkg'}|layername=tiles"]
+    assert len(layers) == 1 and isinstance(layers[0].renderer(), QgsCategorizedSymbolRenderer)
+
+    ok, results = run_in_dialog(processing, "tileprompt:findsimilar", {
+        "INPUT": scene, "QUERY": query_layer(), "K": 5, "OUTPUT": str(tmp_path / "sim.gpkg"),
+        "HEATMAP": str(tmp_path / "sim.tif")})
+    sources = [lyr.source() for lyr in QgsProject.instance().mapLayers().values()]
+    assert ok and f"{tmp_path / 'sim.gpkg'}|layername=similar" in sources and str(tmp_path / "sim.tif") in sources
+
+
+def test_refusals_carry_the_processing_remedy_and_overwrite_agrees(processing, plugin, fake_backend, isolated,
+                                                                  scene, tmp_path):
+    """The backend refuses a foreign output; Processing names its own parameter, and OVERWRITE sends the consent."""
+    connect(plugin, fake_backend, isolated)
+    out = str(tmp_path / "c.gpkg")
+    fake_backend.refuse_unless = ("overwrite", {
+        "detail": f"the output {out} exists and was not written by TilePrompt; send \"overwrite\": true to replace "
+                  "it, or choose another name", "code": "output_exists",
+        "fixes": {"http": "send \"overwrite\": true to replace it, or choose another name",
+                  "processing": "tick \"Replace an existing output\", or choose another name"}})
+    errors = run_failing(processing, {"INPUT": scene, "PROMPTS": "a\nb", "OUTPUT": out})
+    assert errors.endswith("tick \"Replace an existing output\", or choose another name") and "\"overwrite\"" not in errors
+    result = processing.run("tileprompt:classify", {"INPUT": scene, "PROMPTS": "a\nb", "OUTPUT": out,
+                                                    "OVERWRITE": True})
+    assert result["TILES"] == 12 and fake_backend.requests[-1]["overwrite"] is True
+
+
+def test_band_names_skip_token_and_date(processing, plugin, fake_backend, isolated, scene, tmp_path):
+    connect(plugin, fake_backend, isolated)
+    out = str(tmp_path / "c.gpkg")
+    stack = ",".join(["B04", "B03", "B02", "B08"] * 2 + ["-"] * 5)  # the 13-band sample, read as 2 dates
+    assert "a stack of 2 dates; choose the date" in run_failing(
+        processing, {"INPUT": scene, "PROMPTS": "a\nb", "BAND_MAP": stack, "OUTPUT": out})
+    assert "A date needs band names" in run_failing(
+        processing, {"INPUT": scene, "PROMPTS": "a\nb", "DATE": 2, "OUTPUT": out})
+    processing.run("tileprompt:classify", {"INPUT": scene, "PROMPTS": "a\nb", "BAND_MAP": stack, "DATE": 2,
+                                           "PIXEL_SPACE": True, "OUTPUT": out})
+    request = fake_backend.requests[-1]
+    assert request["band_map"] == stack.split(",") and request["date"] == 2 and request["pixel_space"] is True

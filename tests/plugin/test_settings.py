@@ -15,6 +15,15 @@ VALUES = {
     Key.DEFAULT_MODEL: "clip-vit-b16-openai",
     Key.REQUEST_TIMEOUT_S: 2.5,
     Key.POLL_INTERVAL_MS: 100,
+    Key.INSTALL_DIR: "/srv/tileprompt/backend",
+    Key.INSTALL_PYTHON: "/usr/bin/python3.12",
+    Key.INSTALL_COMPUTE: "cuda",
+    Key.INDEX_URL: "https://mirror.example.org/simple",
+    Key.EXTRA_INDEX_URLS: "https://a.example.org/simple https://b.example.org/simple",
+    Key.FIND_LINKS: "/srv/wheels",
+    Key.TORCH_BACKEND: "none",
+    Key.INSTALL_CACHE: "/srv/uv-cache",
+    Key.INDEX_STRATEGY: "unsafe-best-match",
 }
 
 

@@ -12,14 +12,25 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, validation
+from ..classmap import write_class_map
+from ..errors import InputError
 from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
-from ..outputs import check_output_path, write_tiles_gpkg
+from ..outputs import WRITER_TAG, guard_output, write_tiles_gpkg
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
 from .embed import CancelFn, EmbedStats, ProgressFn, check_bands, embed_tiles
 from .head import logits, score_tiles, zero_shot_head
+from ..paths import templates_path
 from .prompts import load_templates, parse_prompts
+
+#: The remedy for a raster without georeference, in each interface's words.
+PIXEL_SPACE_FIXES = {
+    "cli": "pass --pixel-space to classify it in pixel coordinates (x = column, y = -row, as QGIS draws it)",
+    "http": 'send "pixel_space": true to classify it in pixel coordinates (x = column, y = -row, as QGIS draws it)',
+    "processing": 'tick "Classify a raster without georeference in pixel coordinates"',
+    "dock": "confirm classifying it in pixel coordinates",
+}
 
 
 @dataclass
@@ -32,7 +43,9 @@ class ClassifyResult:
     seconds: float
     encode_seconds: float
     runner: str
+    warnings: list[str] = field(default_factory=list)  # what the user should know: pixel space, a re-embedded raster
     run: dict = field(repr=False, default_factory=dict)
+    class_map: Path | None = None  # the class-map GeoTIFF, when asked for
 
     @property
     def tiles_per_second(self) -> float:
@@ -49,8 +62,11 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              threshold: float = 0.5, band_map: Sequence[str] | None = None, level: str | None = None,
              batch_size: int = 32, runner: str = "auto", device: str = "auto",
              progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-             index: str | Path | None = None, cache: bool = True) -> ClassifyResult:
-    """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically).
+             index: str | Path | None = None, cache: bool = True, date: int | None = None,
+             overwrite: bool = False, layer: str | None = None, pixel_space: bool = False,
+             class_map: str | Path | None = None) -> ClassifyResult:
+    """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically),
+    and with ``class_map`` also the class-map GeoTIFF (``classmap.py``: one pixel per tile, class and scores).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
 
@@ -61,27 +77,46 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     Prompt sentences are cached per model too (``index.textcache``): sentences seen before cost no text
     tower. ``cache=False`` does none of this. Scores are computed from float16-rounded tile embeddings either
     way (the index stores float16), so a result is the same with or without the index.
+
+    ``band_map`` may skip bands (``-``) and, with ``date``, name a stack of several dates
+    (``validation.select_date``). ``out`` passes ``outputs.guard_output`` with every input of the run
+    (``overwrite`` replaces a file TilePrompt did not write; ``layer`` adds a layer to a result GeoPackage).
+    A raster without georeference is refused unless ``pixel_space``: then tiles are in QGIS's pixel
+    coordinates (x = column, y = -row) and the result carries a warning.
     """
     started, t0 = _now(), time.perf_counter()
-    out = check_output_path(out)
+    threshold = validation.threshold(threshold)
+    batch_size = validation.batch_size(batch_size)
+    tile_px, stride = validation.tile_px(tile_px), validation.stride(stride)
+    band_map = validation.select_date(validation.band_map(band_map), date)
     classes = parse_prompts(prompts)
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
     card = resolve_card(model or DEFAULT_MODEL)
-    template_list = load_templates(templates or card.templates)
+    template_file = templates_path(templates or card.templates)
+    template_list = load_templates(template_file)
+    warnings: list[str] = []
 
     with open_raster(raster, band_map=band_map, level=level) as source:
         info = source.info
+        out = guard_output(out, [raster, template_file, *info.files.values()], overwrite, layer=layer,
+                           input_dirs=[card.path, index])
+        if class_map is not None:
+            class_map = guard_output(class_map, [raster, template_file, *info.files.values()], overwrite,
+                                     suffixes=(".tif", ".tiff"), what="class map", input_dirs=[card.path, index])
+        note = check_georeference(info, pixel_space)
+        if note:
+            warnings.append(note)
         grid = make_grid(info, tile_px or card.input.tile_px, stride, aoi=aoi, aoi_crs=aoi_crs)
         if not len(grid):
             raise ValueError("no tiles to classify in the area of interest")
         from ..index.build import required_bands  # the index package imports the engine: import here
-        from ..index.reuse import cached_embeddings, store_embeddings
+        from ..index.reuse import cached_embeddings, changed_since_indexed, store_embeddings
         from ..index.textcache import CachedTextEncoder
 
         cached = cached_embeddings(card, info, band_map, level, grid, index) if cache else None
+        if cache and cached is None:
+            note = changed_since_indexed(card, info, band_map, level, grid, index)
+            if note:
+                warnings.append(note)
         check_bands(info, required_bands(card, info), card.id)
         loaded = cached_model(card, device=device) if cached is None else None
 
@@ -96,6 +131,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
 
         stats = EmbedStats()
         features = []
+        cells: list[tuple[int, int]] = []  # (row, col) of each feature, for the class map
+        cell_scores = []
         counts = Counter({c.name: 0 for c in classes})
         if cached is not None:
             run_name, run_device = f"index ({cached.runner})", "none"
@@ -119,6 +156,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
                 props = _tile_attributes(tile, classes, s, i, multi_label)
                 counts[props["class"]] += 1
                 features.append((tile.polygon, props))
+            if class_map is not None:
+                cells.extend((tile.row, tile.col) for tile in tiles)
+                cell_scores.append(np.asarray(s.scores, dtype=np.float32))
         stored = None
         if keep and features:
             stored = store_embeddings(loaded.card, info, band_map, level, grid, index, kept_tiles, kept_emb,
@@ -147,6 +187,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "raster_layout": info.layout,
         "raster_level": info.level,
         "raster_bands": list(info.bands),
+        "band_map": band_map,
+        "date": date,
+        "pixel_space": not info.georeferenced,
         "bands_used": list(required_bands(card, info)),
         "prompts": [{"class": c.name, "phrases": list(c.phrases), "column": c.column} for c in classes],
         "templates": template_list,
@@ -163,12 +206,32 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "skipped_outside": grid.skipped_outside,
         "skipped_nodata": stats.skipped_nodata,
         "counts": dict(counts),
+        "warnings": warnings,
+        "class_map": str(class_map) if class_map is not None else None,
     }
-    write_tiles_gpkg(out, info.crs, _fields(classes, multi_label), features, run)
+    write_tiles_gpkg(out, info.crs, _fields(classes, multi_label), features, run, layer=layer or "tiles",
+                     add_layer=layer is not None)
+    if class_map is not None:
+        rows, cols = np.asarray(cells, dtype=np.int64).reshape(-1, 2).T
+        write_class_map(class_map, info.crs, grid.transform, grid.tile_px, grid.stride, (grid.n_rows, grid.n_cols),
+                        rows, cols, np.concatenate(cell_scores), [c.name for c in classes],
+                        [c.column for c in classes], {WRITER_TAG: run["run_id"], "TILEPROMPT_MODEL": card.id})
     seconds = time.perf_counter() - t0
     return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
-                          encode_seconds=stats.encode_seconds, runner=run_name, run=run)
+                          encode_seconds=stats.encode_seconds, runner=run_name, warnings=warnings, run=run,
+                          class_map=class_map)
+
+
+def check_georeference(info, pixel_space: bool) -> str | None:
+    """Refuse a raster without georeference unless ``pixel_space``; then the warning every interface shows."""
+    if info.georeferenced:
+        return None
+    if not pixel_space:
+        raise InputError(f"the raster has no georeference (no CRS, no geotransform): {info.path}", "no_georeference",
+                         PIXEL_SPACE_FIXES)
+    return ("the raster has no georeference: tiles are in pixel coordinates (x = column, y = -row) without a CRS; "
+            "they overlay the image in QGIS, not a map")
 
 
 def _fields(classes, multi_label: bool) -> dict[str, str]:

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..paths import resources_dir
+from .. import validation
+from ..paths import templates_path
 
 MAX_CLASSES = 256
 MAX_PHRASE_CHARS = 200
-DEFAULT_TEMPLATES = "templates/satellite.txt"
+#: A templates file is a short text file; anything larger is not one.
+MAX_TEMPLATES_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class PromptClass:
 def parse_prompts(text: str | Iterable[str]) -> list[PromptClass]:
     """Parse ``"forest | woodland; water"`` (or a list of such lines) into classes; bad input -> ValueError."""
     lines = [text] if isinstance(text, str) else list(text)
+    for line in lines:
+        validation.plain_text(str(line), "prompts")
     entries = [e.strip() for line in lines for e in re.split(r"[;\n]", line)]
     classes: list[PromptClass] = []
     seen: dict[str, str] = {}
@@ -69,21 +73,27 @@ def load_templates(path: str | Path | None = None) -> list[str]:
 
     A relative path that does not exist is looked up in the bundled resources (cards name ``templates/...``).
     """
-    if path is None:
-        path = DEFAULT_TEMPLATES
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = resources_dir() / path
-    if not path.is_file():
-        raise ValueError(f"templates file not found: {path}")
+    path = templates_path(path)
+    if path.stat().st_size > MAX_TEMPLATES_BYTES:
+        raise ValueError(f"not a templates file (larger than {MAX_TEMPLATES_BYTES // 1000} kB): {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"not a templates file (not UTF-8 text): {path}") from None
     templates = []
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # errors name the line, never its text: the file may be anything the user (or a client) pointed at
+    for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         line = line.replace("{c}", "{}")
         if line.count("{}") != 1 or re.search(r"\{(?!\})|(?<!\{)\}", line.replace("{}", "")):
-            raise ValueError(f"{path}:{n}: a template needs exactly one '{{}}' (or '{{c}}') placeholder: {raw!r}")
+            raise ValueError(f"not a templates file: line {n} of {path} has no single '{{}}' (or '{{c}}') "
+                             "placeholder for the class")
+        try:
+            validation.plain_text(line, "template")
+        except ValueError:
+            raise ValueError(f"not a templates file: line {n} of {path} holds a control character") from None
         templates.append(line)
     if not templates:
         raise ValueError(f"templates file has no templates: {path}")

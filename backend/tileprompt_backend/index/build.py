@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .. import validation
+from ..engine.classify import check_georeference
 from ..engine.embed import Cancelled, EmbedStats, embed_tiles
 from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
 from ..models.downloads import ensure_weights
@@ -78,13 +80,11 @@ def raster_inputs(rasters: Sequence[Any]) -> list[tuple[str, list[str] | None, s
         d = item.model_dump() if hasattr(item, "model_dump") else dict(item) if isinstance(item, dict) else None
         if d is None or not d.get("raster"):
             raise ValueError(f"a raster to index must be a path or {{'raster': path, 'band_map', 'level'}}, got {item!r}")
-        unknown = set(d) - {"raster", "band_map", "level"}
+        unknown = set(d) - {"raster", "band_map", "level", "date"}
         if unknown:
-            raise ValueError(f"unknown raster field(s) {sorted(unknown)} (valid: raster, band_map, level)")
-        band_map = d.get("band_map")
-        if isinstance(band_map, str):
-            band_map = [b.strip() for b in band_map.split(",")]
-        out.append((os.fspath(d["raster"]), list(band_map) if band_map else None, d.get("level")))
+            raise ValueError(f"unknown raster field(s) {sorted(unknown)} (valid: raster, band_map, date, level)")
+        band_map = validation.select_date(validation.band_map(d.get("band_map") or None), d.get("date"))
+        out.append((os.fspath(d["raster"]), band_map, d.get("level")))
     if not out:
         raise ValueError("no rasters to index")
     return out
@@ -126,22 +126,24 @@ def search_method_for(store: IndexStore) -> str:
 def build_index(rasters: Sequence[Any], model: str | None = None, tile_px: int | None = None,
                 stride: int | None = None, index: str | Path | None = None, device: str = "auto",
                 runner: str = "auto", progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                batch_size: int = 32) -> IndexResult:
+                batch_size: int = 32, pixel_space: bool = False) -> IndexResult:
     """Embed every tile of ``rasters`` into an index (default: the cache's index for model + tile + stride).
 
     Scenes already complete in the index are reused; every input is validated before the model loads.
     ``cancel()`` returning True raises :class:`~tileprompt_backend.engine.Cancelled`; scenes finished before it
-    stay complete, the one in progress leaves nothing.
+    stay complete, the one in progress leaves nothing. A raster without georeference is refused unless
+    ``pixel_space`` (as in classify).
     """
-    return _build(rasters, model, tile_px, stride, index, device, runner, progress, cancel, batch_size)
+    return _build(rasters, model, tile_px, stride, index, device, runner, progress, cancel, batch_size,
+                  pixel_space=pixel_space)
 
 
 def _build(rasters, model, tile_px, stride, index, device, runner, progress, cancel, batch_size,
-           also_in: IndexStore | None = None) -> IndexResult:
+           also_in: IndexStore | None = None, pixel_space: bool = False) -> IndexResult:
     t0 = time.perf_counter()
     inputs = raster_inputs(rasters)
-    if batch_size < 1:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
+    batch_size = validation.batch_size(batch_size)
+    tile_px, stride = validation.tile_px(tile_px), validation.stride(stride)
     if runner not in BACKENDS:
         raise ValueError(f"unknown runner backend {runner!r} (valid: {', '.join(BACKENDS)})")
     if device not in DEVICES:
@@ -158,6 +160,7 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
     for raster, band_map, level in inputs:
         with open_raster(raster, band_map=band_map, level=level) as source:
             info = source.info
+            check_georeference(info, pixel_space)
             required_bands(card, info)  # a raster the model cannot read fails here, before any work
             grid = make_grid(info, tile, step)
             fp = scene_fingerprint(info, band_map, level)
@@ -233,8 +236,7 @@ def _inputs_from_args(args: argparse.Namespace) -> list[dict]:
                     if line.strip() and not line.lstrip().startswith("#")]
     if not rasters:
         raise ValueError("no rasters to index: give RASTER... or --scene-list FILE")
-    band_map = args.band_map.split(",") if args.band_map else None
-    return [{"raster": r, "band_map": band_map, "level": args.level} for r in rasters]
+    return [{"raster": r, "band_map": args.band_map, "date": args.date, "level": args.level} for r in rasters]
 
 
 def _print_result(r: IndexResult, world: int = 1) -> None:
@@ -261,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = build_index(inputs, model=args.model, tile_px=args.tile, stride=args.stride, index=args.index,
-                             device=args.device, runner=args.runner, progress=progress, batch_size=args.batch_size)
+                             device=args.device, runner=args.runner, progress=progress, batch_size=args.batch_size,
+                             pixel_space=args.pixel_space)
     finally:
         if bar is not None:
             bar.close()
@@ -305,7 +308,7 @@ def _run_distributed(args: argparse.Namespace, inputs: list[dict]) -> int:
         try:
             if mine:
                 r = _build(mine, args.model, args.tile, args.stride, shard, args.device, args.runner, None, None,
-                           args.batch_size, also_in=main)
+                           args.batch_size, also_in=main, pixel_space=args.pixel_space)
                 outcome.update(asdict(r), index=str(r.index))
             else:
                 outcome.update(scenes=0, tiles=0, computed=0, reused=0, skipped_nodata=0)

@@ -26,15 +26,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import shapely
 
-from .. import __version__
+from .. import __version__, validation
 from ..engine.embed import Cancelled
 from ..engine.head import class_embedding, l2_normalize
-from ..outputs import check_output_path, write_tiles_gpkg
-from ..schemas import MAX_K
+from ..outputs import WRITER_TAG, write_tiles_gpkg
 from ..tiling import make_grid, reproject_geometry
 from . import ann, vectors
 from .heatmap import write_heatmap
-from .store import IndexStore, SceneRecord, weights_hash
+from .reuse import stale_files
+from .store import IndexStore, SceneRecord, guard_search_outputs, weights_hash
 
 FUSE = ("mean", "max")
 FIELDS = {"id": "int", "scene": "str", "row": "int", "col": "int", "rank": "int", "similarity": "float",
@@ -54,6 +54,7 @@ class SearchResult:
     search_method: str
     scene: str | None = None  # the raster the query tiles (and the heat map) belong to
     k: int = 0  # results asked for after clamping to the tiles available
+    warnings: list[str] = field(default_factory=list)  # e.g. scenes whose raster changed since indexing
     run: dict = field(repr=False, default_factory=dict)
 
 
@@ -285,12 +286,15 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
            tile_ids: list[int] | None = None, scene: str | None = None, text: str | None = None,
            fuse: str = "mean", k: int = 50, out: str | Path, heatmap: str | Path | None = None,
            progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-           device: str = "auto") -> SearchResult:
+           device: str = "auto", overwrite: bool = False, layer: str | None = None) -> SearchResult:
     """Rank the tiles of ``index`` by similarity to a query and write the top ``k`` to ``out`` (layer ``similar``).
 
     Exactly one of ``like`` (geometries), ``tile_ids`` or ``text``. ``k`` above the number of candidate tiles
-    is clamped to it; above :data:`~tileprompt_backend.schemas.MAX_K` it is an error. Every bad input is a
+    is clamped to it; above :data:`~tileprompt_backend.validation.MAX_K` it is an error. Every bad input is a
     ValueError naming it; ``cancel()`` returning True raises ``Cancelled`` before anything is written.
+    ``out`` and ``heatmap`` pass ``outputs.guard_output`` against the index and every indexed raster file
+    (``overwrite``, ``layer``: as for classify). A scene whose raster changed since it was indexed is
+    searched on its old embeddings, with a warning.
     """
     started, t0 = _now(), time.perf_counter()
     steps = 4
@@ -309,19 +313,12 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
                          + (f" (got {' and '.join(given)})" if given else ""))
     if like is not None and not like:
         raise ValueError("no query geometries given")
-    if text is not None and not str(text).strip():
-        raise ValueError("search text is empty: type a description, e.g. \"river with sand banks\"")
+    text = validation.text(text)
     if fuse not in FUSE:
         raise ValueError(f"unknown fuse {fuse!r} (valid: {', '.join(FUSE)})")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive number of results, got {k!r}")
-    if k > MAX_K:
-        raise ValueError(f"k is too large ({k}, at most {MAX_K})")
-    out = check_output_path(out)
-    heatmap = check_output_path(heatmap, (".tif", ".tiff")) if heatmap is not None else None
-    if heatmap is not None and heatmap.resolve() == out.resolve():
-        raise ValueError("the heat map and the GeoPackage need different paths")
+    k = validation.k(int(k) if isinstance(k, np.integer) else k)
     store = IndexStore.open(index)
+    out, heatmap = guard_search_outputs(store, out, heatmap, overwrite, layer)
     step(0)
 
     view = load_view(store)
@@ -363,6 +360,7 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
     rows, sims, qj = rank(view, queries, k_eff, exclude)
     scene_idx, hit_tiles = view.locate(rows)
     hits = [Hit(view.scenes[s], int(t), float(v), labels[j]) for s, t, v, j in zip(scene_idx, hit_tiles, sims, qj)]
+    warnings = stale_warnings([scene_rec] + [h.scene for h in hits])
     out_scene = scene_rec if scene_rec is not None else (hits[0].scene if hits else view.scenes[0])
     features = _features(store, hits, out_scene)
     step(3)
@@ -378,14 +376,31 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
         "k_effective": k_eff, "hits": len(hits), "index_scenes": len(view.scenes), "index_tiles": view.n,
         "search_method": view.vectors.description, "crs_of_scene": out_scene.raster,
         "heatmap": str(heatmap) if heatmap is not None else None,
+        "warnings": warnings,
     }
     if heatmap is not None:
         _heatmap(view, scene_pos, queries, query_ids, heatmap, run)
-    write_tiles_gpkg(out, out_scene.rasterio_crs(), FIELDS, features, run, layer=LAYER)
+    write_tiles_gpkg(out, out_scene.rasterio_crs(), FIELDS, features, run, layer=layer or LAYER,
+                     add_layer=layer is not None)
     step(4)
     return SearchResult(out=out, heatmap=heatmap, hits=len(hits), query_tiles=list(query_ids),
                         seconds=time.perf_counter() - t0, search_method=view.vectors.description,
-                        scene=scene_rec.raster if scene_rec is not None else None, k=k_eff, run=run)
+                        scene=scene_rec.raster if scene_rec is not None else None, k=k_eff, warnings=warnings,
+                        run=run)
+
+
+def stale_warnings(scenes: Sequence[SceneRecord | None]) -> list[str]:
+    """One warning per distinct scene whose raster files changed (or vanished) since it was indexed."""
+    notes, seen = [], set()
+    for s in scenes:
+        if s is None or s.key in seen:
+            continue
+        seen.add(s.key)
+        changed = stale_files(s)
+        if changed:
+            notes.append(f"{s.name} changed since it was indexed ({s.completed}): its results come from the "
+                         f"old embeddings ({len(changed)} file(s) differ); re-index it")
+    return notes
 
 
 def _features(store: IndexStore, hits: list[Hit], out_scene: SceneRecord) -> list[tuple[Any, dict]]:
@@ -423,5 +438,5 @@ def _heatmap(view: IndexView, scene_pos: int, queries: np.ndarray, query_ids: Se
     rows = view.store.tile_rows(scene, ids[keep])
     windows = np.array([rows[int(t)][2:6] for t in ids[keep]], dtype=np.int64).reshape(-1, 4)
     write_heatmap(path, scene, windows, values[keep],
-                  tags={"tileprompt_run": run["run_id"], "query": run["text"] or run["query_kind"],
+                  tags={WRITER_TAG: run["run_id"], "query": run["text"] or run["query_kind"],
                         "scene": scene.raster, "tile_px": view.store.tile_px, "stride": view.store.stride})

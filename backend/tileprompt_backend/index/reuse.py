@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -74,6 +75,42 @@ def cached_embeddings(card, info, band_map, level, grid, index: str | Path | Non
         log.warning("%s", e)
         return None
     return CachedScene(store, record)
+
+
+def changed_since_indexed(card, info, band_map, level, grid, index: str | Path | None) -> str | None:
+    """A note when the index (``index`` or the default one) holds this raster (same path, band map, level) but
+    from files that have changed since: its embeddings are stale and the tiles are embedded anew."""
+    mk = model_key(card, grid.tile_px, grid.stride)
+    if mk is None:
+        return None
+    root = Path(index).expanduser() if index is not None else default_index_dir(mk)
+    if not (root / META_FILE).is_file():
+        return None
+    try:
+        store = IndexStore.open(root)
+        fp = scene_fingerprint(info, band_map, level)
+        old = [s for s in store.scenes() if s.raster == fp["raster"] and s.band_map == fp["band_map"]
+               and s.level == level]
+    except ValueError:
+        return None
+    if not old:
+        return None
+    return (f"{Path(info.path).name} changed since it was indexed ({old[0].completed}): its tiles are embedded "
+            "anew")
+
+
+def stale_files(record: SceneRecord) -> list[str]:
+    """The files of an indexed scene that are missing or differ (size, mtime) from when it was indexed."""
+    changed = []
+    for path, size, mtime_ns in record.info.get("fingerprint", {}).get("files", []):
+        try:
+            st = os.stat(path)
+        except OSError:
+            changed.append(path)
+            continue
+        if st.st_size != size or st.st_mtime_ns != mtime_ns:
+            changed.append(path)
+    return changed
 
 
 def store_embeddings(card, info, band_map, level, grid, index: str | Path | None, tiles: Sequence,

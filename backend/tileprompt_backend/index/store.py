@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import time
 import uuid
@@ -38,6 +37,7 @@ import numpy as np
 from affine import Affine
 
 from .. import __version__
+from ..outputs import guard_output, host_name, pid_alive, resource_error
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -246,17 +246,26 @@ class SceneRecord:
         return CRS.from_wkt(self.crs) if self.crs else None
 
 
-_SCENE_COLUMNS = ("scene_id", "key", "raster", "band_map", "level", "crs", "transform", "width", "height", "n_rows",
-                  "n_cols", "tiles", "skipped_nodata", "info", "runner", "completed")
+# Whole SQL statements, never assembled from strings (Bandit B608): the scene row by column name, the IN lists as
+# one JSON array parameter (json_each).
+_INSERT_SCENE = ("INSERT INTO scenes (scene_id, key, raster, band_map, level, crs, transform, width, height, n_rows, "
+                 "n_cols, tiles, skipped_nodata, info, runner, completed) VALUES (:scene_id, :key, :raster, :band_map, "
+                 ":level, :crs, :transform, :width, :height, :n_rows, :n_cols, :tiles, :skipped_nodata, :info, :runner, "
+                 ":completed)")
 _JSON_COLUMNS = ("band_map", "transform", "info")
 
 
-def _record_from_row(row: Sequence[Any]) -> SceneRecord:
-    d = dict(zip(_SCENE_COLUMNS, row))
-    for c in _JSON_COLUMNS:
-        d[c] = json.loads(d[c]) if d[c] is not None else None
-    d["transform"] = tuple(d["transform"])
-    return SceneRecord(**d)
+def _scene_records(cursor: sqlite3.Cursor) -> list[SceneRecord]:
+    """The scene records of a ``SELECT * FROM scenes ...`` cursor (columns matched by name)."""
+    names = [d[0] for d in cursor.description]
+    records = []
+    for row in cursor.fetchall():
+        d = dict(zip(names, row))
+        for c in _JSON_COLUMNS:
+            d[c] = json.loads(d[c]) if d[c] is not None else None
+        d["transform"] = tuple(d["transform"])
+        records.append(SceneRecord(**d))
+    return records
 
 
 def scene_record(info, fingerprint: dict[str, Any], key: str, grid, band_map, level) -> SceneRecord:
@@ -315,20 +324,6 @@ def _remove_tree(path: Path) -> None:
     except OSError:
         trash = path
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0
-    return True
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"
 
 
 # --- the store -------------------------------------------------------------------------------------------------
@@ -421,6 +416,11 @@ class IndexStore:
         try:
             con.execute("PRAGMA synchronous=FULL")
             yield con
+        except (sqlite3.Error, OSError) as e:  # a full disk or read-only folder: say so, not SQLite's words
+            clear = resource_error(e, self.catalog_path)
+            if clear is not None:
+                raise clear from None
+            raise
         finally:
             con.close()
 
@@ -432,20 +432,22 @@ class IndexStore:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                try:
+                    con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (a full disk does that)
                 raise
             con.execute("COMMIT")
 
     # -- reading --
     def scenes(self) -> list[SceneRecord]:
         with self._connect() as con:
-            rows = con.execute(f"SELECT {', '.join(_SCENE_COLUMNS)} FROM scenes ORDER BY scene_id").fetchall()
-        return [_record_from_row(r) for r in rows]
+            return _scene_records(con.execute("SELECT * FROM scenes ORDER BY scene_id"))
 
     def scene(self, key: str) -> SceneRecord | None:
         with self._connect() as con:
-            row = con.execute(f"SELECT {', '.join(_SCENE_COLUMNS)} FROM scenes WHERE key = ?", (key,)).fetchone()
-        return _record_from_row(row) if row else None
+            found = _scene_records(con.execute("SELECT * FROM scenes WHERE key = ?", (key,)))
+        return found[0] if found else None
 
     def tile_ids(self, scene: SceneRecord) -> np.ndarray:
         """Tile id of each embedding row of ``scene`` (int64, in row order)."""
@@ -476,12 +478,10 @@ class IndexStore:
         out: dict[int, tuple] = {}
         ids = [int(t) for t in tile_ids]
         with self._connect() as con:
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                q = (f"SELECT tile_id, row, col, col_off, row_off, width, height, geom FROM tiles "
-                     f"WHERE scene_id = ? AND tile_id IN ({','.join('?' * len(chunk))})")
-                for r in con.execute(q, (scene.scene_id, *chunk)):
-                    out[int(r[0])] = tuple(r[1:])
+            for r in con.execute("SELECT tile_id, row, col, col_off, row_off, width, height, geom FROM tiles "
+                                 "WHERE scene_id = ? AND tile_id IN (SELECT value FROM json_each(?))",
+                                 (scene.scene_id, json.dumps(ids))):
+                out[int(r[0])] = tuple(r[1:])
         return out
 
     def embeddings(self, scene: SceneRecord) -> np.ndarray:
@@ -527,7 +527,7 @@ class IndexStore:
             return
         with self._write_lock() as con:
             keys = {r[0] for r in con.execute("SELECT key FROM scenes")}
-            host = _host()
+            host = host_name()
             for p in scenes_dir.iterdir():
                 if p.name.startswith(".tmp-"):
                     parts = p.name.split("-")
@@ -536,7 +536,7 @@ class IndexStore:
                     except (IndexError, ValueError):
                         p_host, pid = "", -1
                     age = time.time() - p.stat().st_mtime
-                    if (p_host == host and not _pid_alive(pid)) or age > STALE_TMP_SECONDS:
+                    if (p_host == host and not pid_alive(pid)) or age > STALE_TMP_SECONDS:
                         shutil.rmtree(p, ignore_errors=True)
                 elif p.name.startswith(".trash-"):
                     shutil.rmtree(p, ignore_errors=True)
@@ -560,8 +560,8 @@ class IndexStore:
         record.tiles = len(tiles)
         record.completed = _now()
         tmp = self._tmp_dir(record.key)
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             with open(tmp / EMBEDDINGS_FILE, "wb") as f:
                 np.save(f, emb)
                 f.flush()
@@ -572,6 +572,11 @@ class IndexStore:
             rows = [(int(t.id), int(t.row), int(t.col), int(t.window.col_off), int(t.window.row_off),
                      int(t.window.width), int(t.window.height), i, t.polygon.wkb) for i, t in enumerate(tiles)]
             return self._commit(tmp, record, rows)
+        except OSError as e:
+            clear = resource_error(e, self.root / SCENES_DIR / record.key)
+            if clear is not None:
+                raise clear from None
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -599,7 +604,7 @@ class IndexStore:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _tmp_dir(self, key: str) -> Path:
-        return self.root / SCENES_DIR / f".tmp-{key}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return self.root / SCENES_DIR / f".tmp-{key}-{host_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def _commit(self, folder: Path, record: SceneRecord, rows: Sequence[tuple]) -> SceneRecord:
         """Rename a finished scene folder into place and write its tile rows and then its scene row, atomically.
@@ -610,10 +615,9 @@ class IndexStore:
         stale_dirs: list[Path] = []
         scenes_dir = self.root / SCENES_DIR
         with self._write_lock() as con:
-            existing = con.execute(f"SELECT {', '.join(_SCENE_COLUMNS)} FROM scenes WHERE key = ?",
-                                   (record.key,)).fetchone()
+            existing = _scene_records(con.execute("SELECT * FROM scenes WHERE key = ?", (record.key,)))
             if existing:
-                return _record_from_row(existing)
+                return existing[0]
             final = self.scene_dir(record.key)
             _remove_tree(final)  # left by a writer that crashed between rename and commit
             os.replace(folder, final)
@@ -633,8 +637,7 @@ class IndexStore:
             for c in _JSON_COLUMNS:
                 values[c] = json.dumps(values[c], default=str) if values[c] is not None else None
             # the scene row is the completion marker: written last, in the same transaction as its tiles
-            con.execute(f"INSERT INTO scenes ({', '.join(_SCENE_COLUMNS)}) VALUES "
-                        f"({', '.join('?' * len(_SCENE_COLUMNS))})", [values[c] for c in _SCENE_COLUMNS])
+            con.execute(_INSERT_SCENE, values)
         for d in stale_dirs:
             _remove_tree(d)
         return record
@@ -648,3 +651,21 @@ class IndexStore:
         with self._connect() as con:
             keys = [r[0] for r in con.execute("SELECT key FROM scenes ORDER BY scene_id")]
         return _sha(keys)
+
+
+def guard_search_outputs(store: IndexStore, out: str | Path, heatmap: str | Path | None, overwrite: bool = False,
+                         layer: str | None = None) -> tuple[Path, Path | None]:
+    """``outputs.guard_output`` for a search's GeoPackage and heat map: neither may be the index, any file in
+    it, nor any raster file it was built from (the heat map of a scene must not replace the scene)."""
+    inputs = []
+    for s in store.scenes():
+        inputs.append(s.raster)
+        inputs.extend(f[0] for f in s.info.get("fingerprint", {}).get("files", []))
+    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=[store.root])
+    if heatmap is None:
+        return out, None
+    heatmap = guard_output(heatmap, inputs, overwrite, suffixes=(".tif", ".tiff"), what="heat map",
+                           input_dirs=[store.root])
+    if heatmap.resolve() == out.resolve():
+        raise ValueError("the heat map and the GeoPackage need different paths")
+    return out, heatmap

@@ -8,6 +8,7 @@ encodes only the sentences it has not seen, and loads the model only when there 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sqlite3
@@ -69,13 +70,12 @@ class CachedTextEncoder:
             con = self._connect()
             try:
                 uniq = list(dict.fromkeys(texts))
-                for i in range(0, len(uniq), 500):
-                    chunk = uniq[i:i + 500]
-                    q = f"SELECT sentence, dim, emb FROM text WHERE sentence IN ({','.join('?' * len(chunk))})"
-                    for sentence, dim, blob in con.execute(q, chunk):
-                        v = np.frombuffer(blob, dtype=np.float32)
-                        if dim == self.card.embed_dim and len(v) == dim:
-                            out[sentence] = v
+                rows = con.execute("SELECT sentence, dim, emb FROM text WHERE sentence IN "
+                                   "(SELECT value FROM json_each(?))", (json.dumps(uniq),))
+                for sentence, dim, blob in rows:
+                    v = np.frombuffer(blob, dtype=np.float32)
+                    if dim == self.card.embed_dim and len(v) == dim:
+                        out[sentence] = v
             finally:
                 con.close()
         except sqlite3.Error as e:  # a damaged cache is only slower

@@ -33,6 +33,9 @@ class ModelCache:
         self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._runners: dict[tuple, Runner] = {}
         self._lock = threading.RLock()  # held while loading, so two threads never build the same model twice
+        # held only while the two dicts change or are read: /v1/health never waits for a model load (which can
+        # take longer than a client's timeout on a busy CPU)
+        self._state = threading.Lock()
         self.loads = 0  # models actually built (cache misses)
 
     def model(self, card: ModelCard | str | Path, device: str = "auto", image_size: int | None = None) -> LoadedModel:
@@ -41,14 +44,16 @@ class ModelCache:
         key = (card.card_hash(), str(card.path), _files_stamp(card), resolve_device(device), image_size)
         with self._lock:
             if key in self._models:
-                self._models.move_to_end(key)
+                with self._state:
+                    self._models.move_to_end(key)
                 return self._models[key]
             model = load_model(card, device=device, image_size=image_size)
             self.loads += 1
-            self._models[key] = model
-            while len(self._models) > self.max_models:
-                _, old = self._models.popitem(last=False)
-                self._runners = {k: v for k, v in self._runners.items() if k[0] != id(old)}
+            with self._state:
+                self._models[key] = model
+                while len(self._models) > self.max_models:
+                    _, old = self._models.popitem(last=False)
+                    self._runners = {k: v for k, v in self._runners.items() if k[0] != id(old)}
         log.info("loaded model %s on %s (%d in memory)", card.id, model.device, len(self._models))
         return model
 
@@ -59,21 +64,22 @@ class ModelCache:
                 runner = make_runner(model, backend=backend, device=device)
                 if not any(m is model for m in self._models.values()):
                     return runner  # a model from outside the cache: don't pin its runner
-                self._runners[key] = runner
+                with self._state:
+                    self._runners[key] = runner
             return self._runners[key]
 
     def loaded(self) -> list[str]:
         """Ids of the models in memory, most recently used last."""
-        with self._lock:
+        with self._state:
             return [m.card.id for m in self._models.values()]
 
     def providers(self) -> list[str]:
         """ONNX Runtime providers that the cached runners' sessions actually got."""
-        with self._lock:
+        with self._state:
             return list(dict.fromkeys(p for r in self._runners.values() for p in getattr(r, "providers", [])))
 
     def clear(self) -> None:
-        with self._lock:
+        with self._lock, self._state:
             self._models.clear()
             self._runners.clear()
 

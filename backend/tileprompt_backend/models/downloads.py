@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from http.client import HTTPException
@@ -39,11 +40,19 @@ Transport = Callable[[str, Path], None]
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+#: What urllib_transport opens: the publishers' web addresses, and local mirrors (file://).
+URL_SCHEMES = ("https", "http", "file")
+
+
 def urllib_transport(url: str, dest: Path) -> None:
     """Stream ``url`` into ``dest`` (http(s) or file://); a short read is an error."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise ValueError(f"weights can be downloaded over {', '.join(URL_SCHEMES)}, not {scheme or 'no'} URLs: {url}")
     request = urllib.request.Request(url, headers={"User-Agent": f"tileprompt/{__version__}"})
     log.warning("downloading %s", url)  # can take minutes: say so even when logging is not configured
-    with urllib.request.urlopen(request, timeout=60) as response, open(dest, "wb") as out:
+    # The scheme is one of URL_SCHEMES (checked above), so B310's file:/custom-scheme concern does not apply.
+    with urllib.request.urlopen(request, timeout=60) as response, open(dest, "wb") as out:  # nosec B310
         expected = response.headers.get("Content-Length")
         shutil.copyfileobj(response, out, 1 << 20)
     if expected is not None and dest.stat().st_size != int(expected):

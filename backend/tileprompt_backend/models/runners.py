@@ -184,6 +184,13 @@ def _auto_cpu(model: LoadedModel) -> Runner:
     return candidates[choice]()
 
 
+def device_name(device: str) -> str:
+    """What runs the jobs, for people: the GPU's name on cuda, else the CPU model."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return cpu_name()
+
+
 def cpu_name() -> str:
     """The CPU model, so a measured choice is redone on other hardware (a copied cache, a moved venv)."""
     try:

@@ -1,33 +1,23 @@
-"""Sentinel-2 support: the band catalogue, product readers and the model-input conversions (scaling, RGB composite)."""
+"""Sentinel-2 support: the band catalogue, product readers and the model-input conversions (scaling, RGB composite).
 
-from .bands import (
-    BAND_GSD,
-    BANDS,
-    EUROSAT_ORDER,
-    FILLABLE_BANDS,
-    L2A_BANDS,
-    RGB_BANDS,
-    normalize_band_name,
-    try_band_name,
-)
-from .composite import RGB_DIVISORS, rgb_composite, scale_reflectance
-from .readers import RGB_NAMES, RasterInfo, RasterSource, describe_bands, open_raster
+Names are imported on first use (PEP 562), so the band catalogue (``sentinel2.bands``) is importable without
+importing rasterio through the readers.
+"""
 
-__all__ = [
-    "BAND_GSD",
-    "BANDS",
-    "EUROSAT_ORDER",
-    "FILLABLE_BANDS",
-    "L2A_BANDS",
-    "RGB_BANDS",
-    "RGB_DIVISORS",
-    "RGB_NAMES",
-    "RasterInfo",
-    "RasterSource",
-    "describe_bands",
-    "normalize_band_name",
-    "open_raster",
-    "rgb_composite",
-    "scale_reflectance",
-    "try_band_name",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    **{name: "bands" for name in ("BAND_GSD", "BANDS", "EUROSAT_ORDER", "FILLABLE_BANDS", "L2A_BANDS", "RGB_BANDS",
+                                  "normalize_band_name", "try_band_name")},
+    **{name: "composite" for name in ("RGB_DIVISORS", "rgb_composite", "scale_reflectance")},
+    **{name: "readers" for name in ("RGB_NAMES", "RasterInfo", "RasterSource", "describe_bands", "open_raster")},
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

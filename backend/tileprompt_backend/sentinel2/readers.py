@@ -40,12 +40,16 @@ from rasterio.transform import array_bounds
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from .. import validation
+from ..errors import InputError
 from .bands import BANDS, EUROSAT_ORDER, FILLABLE_BANDS, L2A_BANDS, normalize_band_name, try_band_name
 
-__all__ = ["RGB_NAMES", "BlockLayout", "RasterInfo", "RasterSource", "describe_bands", "open_raster"]
+__all__ = ["PIXEL_SPACE", "RGB_NAMES", "BlockLayout", "RasterInfo", "RasterSource", "describe_bands", "open_raster"]
 
 #: Band names of a plain RGB raster.
 RGB_NAMES: tuple[str, str, str] = ("R", "G", "B")
+#: The grid of a raster without georeference, as QGIS draws it: x = column, y = -row (the image spans y -H..0).
+PIXEL_SPACE = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 #: File types recognised as per-band files inside a folder.
 BAND_FILE_SUFFIXES = frozenset({".tif", ".tiff", ".jp2"})
 #: Levels accepted by ``open_raster(level=...)``.
@@ -76,6 +80,7 @@ class RasterInfo:
     nodata: float
     layout: str
     files: dict[str, str] = field(default_factory=dict)
+    georeferenced: bool = True  # False: no CRS and no geotransform; ``transform`` is then PIXEL_SPACE
 
     @property
     def res(self) -> tuple[float, float]:
@@ -377,23 +382,25 @@ def _identify_bands(dataset, path: Path, band_map) -> tuple[str, str, dict[str, 
         name = _band_from_filename(path)[0]
         if name:
             return "s2", "band-files", {name: 1}
-    raise ValueError(f"cannot tell which Sentinel-2 bands the {dataset.count} band(s) are (no band descriptions); "
-                     f"pass a band map, e.g. band_map=['B02', 'B03', 'B04', ...]: {path}")
+    example = (["B04", "B03", "B02", "B08"] + [validation.SKIP] * dataset.count)[:dataset.count]
+    raise InputError(f"cannot tell which Sentinel-2 bands the {dataset.count} band(s) are (no band descriptions), "
+                     f"so a band map must name them: {path}", "band_map", validation.band_map_fixes(example))
 
 
 def _parse_band_map(band_map, count: int, path: Path) -> dict[str, int]:
-    """A list (file order) or {1-based index: name} -> {canonical name: index}."""
+    """A list (file order, ``-`` skips a band) or {1-based index: name} -> {canonical name: index}."""
     if isinstance(band_map, Mapping):
         items = list(band_map.items())
         bad = [k for k, _ in items if not isinstance(k, numbers.Integral) or not 1 <= k <= count]
         if bad:
             raise ValueError(f"band_map indices {bad} are outside 1..{count} (the raster has {count} bands): {path}")
     else:
-        if isinstance(band_map, str):
-            band_map = [band_map]
-        if len(band_map) != count:
-            raise ValueError(f"band_map names {len(band_map)} bands but the raster has {count}: {path}")
-        items = list(enumerate(band_map, start=1))
+        names = validation.band_map(band_map)
+        if len(names) != count:
+            example = (names + [validation.SKIP] * count)[:count]
+            raise InputError(f"the band map names {len(names)} bands but the raster has {count}: {path}",
+                             "band_map", validation.band_map_fixes(example))
+        items = [(i, name) for i, name in enumerate(names, start=1) if name != validation.SKIP]
     if not items:
         raise ValueError(f"band_map names no bands: {path}")
     names = [(int(index), _map_name(name, path)) for index, name in items]
@@ -406,8 +413,8 @@ def _map_name(name, path: Path) -> str:
         return text.upper()
     canonical = try_band_name(text)
     if canonical is None:
-        raise ValueError(f"unknown band name {name!r} in band_map (expected Sentinel-2 names like "
-                         f"B02, B8A, or R/G/B): {path}")
+        raise InputError(f"unknown band name {name!r} in the band map (expected Sentinel-2 names like B02, B8A, "
+                         f"or R/G/B): {path}", "band_map", validation.band_map_fixes(["B04", "B03", "B02"]))
     return canonical
 
 
@@ -415,7 +422,8 @@ def _unique(pairs: Sequence[tuple[int, str]], path: Path, what: str = "raster ba
     mapping: dict[str, int] = {}
     dupes = sorted({name for _, name in pairs if sum(1 for _, n in pairs if n == name) > 1})
     if dupes:
-        raise ValueError(f"duplicate bands {', '.join(dupes)} among the {what}: {path}")
+        raise InputError(f"duplicate bands {', '.join(dupes)} among the {what}: {path}", "band_map_date",
+                         validation.band_map_fixes([n for _, n in pairs], date=1))
     if any(n in RGB_NAMES for _, n in pairs) and not all(n in RGB_NAMES for _, n in pairs):
         raise ValueError(f"band_map mixes R/G/B with Sentinel-2 band names: {path}")
     for index, name in pairs:
@@ -439,8 +447,9 @@ def _thirteen_band_order(dataset, path: Path) -> tuple[str, str, dict[str, int]]
     if darkest == eurosat_b10:
         return "s2", "eurosat", {name: i + 1 for i, name in enumerate(EUROSAT_ORDER)}
     where = "no valid pixels" if darkest is None else f"the darkest band is #{darkest + 1}"
-    raise ValueError(f"cannot tell the order of this 13-band raster without band descriptions ({where}; the cirrus "
-                     f"band B10 should be #{canonical_b10 + 1} or #{eurosat_b10 + 1}); pass a band map: {path}")
+    raise InputError(f"cannot tell the order of this 13-band raster without band descriptions ({where}; the cirrus "
+                     f"band B10 should be #{canonical_b10 + 1} or #{eurosat_b10 + 1}): {path}", "band_map",
+                     validation.band_map_fixes(BANDS))
 
 
 def _darkest_band(dataset) -> int | None:
@@ -461,18 +470,20 @@ def _single_dataset_source(dataset, path: Path, kind: str, layout: str, mapping:
                            level: str | None) -> RasterSource:
     order = RGB_NAMES if kind == "rgb" else BANDS
     bands = tuple(b for b in order if b in mapping)
+    georeferenced = dataset.crs is not None or not dataset.transform.is_identity
     info = RasterInfo(
         path=str(path),
         kind=kind,
         level="unknown" if kind == "rgb" else _detect_level(path, bands, level),
         bands=bands,
         crs=dataset.crs,
-        transform=dataset.transform,
+        transform=dataset.transform if georeferenced else PIXEL_SPACE,
         width=dataset.width,
         height=dataset.height,
         nodata=_nodata(dataset),
         layout=layout,
         files={b: str(path) for b in bands},
+        georeferenced=georeferenced,
     )
     refs = {b: _BandRef(dataset, mapping[b]) for b in bands}
     return RasterSource(info, refs, [dataset])

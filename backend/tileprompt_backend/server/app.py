@@ -2,7 +2,7 @@
 
 Errors: a bad request is a 422 whose ``detail`` is one line naming the input (schema errors and the eager
 checks of :func:`tileprompt_backend.jobs.check_request` alike); an unknown job id is a 404; a missing or
-wrong token a 401; a job posted while the service stops a 503. Every error body is ``{"detail": "..."}``.
+wrong token a 401; a job posted while the queue is full a 429, while the service stops a 503. Every error body is ``{"detail": "..."}``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .. import __version__
-from ..jobs import JobQueue, ShuttingDown, UnknownJob
+from ..errors import InputError
+from ..jobs import JobQueue, QueueFull, ShuttingDown, UnknownJob
 from ..schemas import ErrorBody, Health, JobRequest, JobStatus, ModelInfo
 from .deps import Queue, TokenGate, require_token
 
@@ -27,6 +28,8 @@ log = logging.getLogger("tileprompt_backend.server")
 API_PREFIX = "/v1"
 #: Seconds the service waits, when it stops, for the worker to finish cancelling the running job.
 SHUTDOWN_WAIT = 30.0
+#: Retry-After (s) of a 429 answer to a job posted while the queue is full.
+QUEUE_RETRY_AFTER_S = 10
 
 _errors = {401: {"model": ErrorBody, "description": "missing or wrong bearer token"}}
 _bad_request = {422: {"model": ErrorBody, "description": "the request names a bad input (detail says which)"}}
@@ -46,9 +49,12 @@ def health(request: Request, queue: Queue) -> Health:
     import torch
 
     from ..index.query import loaded_indexes
+    from ..models import DEFAULT_MODEL
+    from ..models.runners import device_name
 
     providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
-    return Health(version=__version__, device=queue.device, torch=torch.__version__, onnx_providers=providers,
+    return Health(version=__version__, device=queue.device, device_name=device_name(queue.device),
+                  default_model=DEFAULT_MODEL, torch=torch.__version__, onnx_providers=providers,
                   loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job,
                   vector_indexes=loaded_indexes())
 
@@ -68,7 +74,9 @@ def list_models(queue: Queue) -> list[ModelInfo]:
 
 
 @jobs.post("/jobs", response_model=JobStatus, status_code=status.HTTP_201_CREATED, responses=_bad_request | {
-    503: {"model": ErrorBody, "description": "the service is shutting down"}}, summary="Queue a job")
+    503: {"model": ErrorBody, "description": "the service is shutting down"},
+    429: {"model": ErrorBody, "description": "the queue is full (jobs.MAX_QUEUED_JOBS waiting); retry later"}},
+    summary="Queue a job")
 def submit_job(job: Annotated[JobRequest, Body()], queue: Queue) -> JobStatus:
     return queue.submit(job)
 
@@ -142,25 +150,40 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def _error_body(detail: str, exc: BaseException | None = None) -> dict[str, Any]:
+    """``{"detail": ...}``, plus ``code`` and ``fixes`` for an InputError (each interface phrases the remedy)."""
+    body: dict[str, Any] = {"detail": " ".join(detail.split())}
+    if isinstance(exc, InputError):
+        body.update(code=exc.code, fixes=exc.fixes)
+    return body
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    lines = []
+    lines, cause = [], None
     for err in exc.errors():
         kind, ctx = err.get("type"), err.get("ctx") or {}
         if kind == "json_invalid":
             lines.append(f"the body is not valid JSON: {ctx.get('error', 'decode error')}")
         elif kind == "union_tag_not_found":
             lines.append('body: "kind" is missing (one of: classify, index, search)')
+        elif kind == "value_error" and isinstance(ctx.get("error"), ValueError):
+            # a check of validation.py: its own words (an InputError with the HTTP remedy), not pydantic's prefix
+            error = ctx["error"]
+            cause = cause or (error if isinstance(error, InputError) else None)
+            text = error.message("http") if isinstance(error, InputError) else str(error)
+            lines.append(f"{_location(tuple(err.get('loc', ())))}: {text}")
         else:
             lines.append(f"{_location(tuple(err.get('loc', ())))}: {err.get('msg', 'invalid')}")
     detail = "; ".join(dict.fromkeys(lines)) or "invalid request"
     log.info("422 %s %s: %s", request.method, request.url.path, detail[:500])
-    return JSONResponse({"detail": detail}, status_code=422)
+    return JSONResponse(_error_body(detail, cause), status_code=422)
 
 
 async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
-    detail = " ".join(str(exc).split()) or type(exc).__name__
-    log.info("422 %s %s: %s", request.method, request.url.path, detail[:500])
-    return JSONResponse({"detail": detail}, status_code=422)
+    detail = (exc.message("http") if isinstance(exc, InputError) else str(exc)) or type(exc).__name__
+    body = _error_body(detail, exc)
+    log.info("422 %s %s: %s", request.method, request.url.path, body["detail"][:500])
+    return JSONResponse(body, status_code=422)
 
 
 async def _unknown_job_error(request: Request, exc: UnknownJob) -> JSONResponse:
@@ -169,6 +192,11 @@ async def _unknown_job_error(request: Request, exc: UnknownJob) -> JSONResponse:
 
 async def _shutting_down(request: Request, exc: ShuttingDown) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=503)
+
+
+async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+    log.info("429 %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": str(QUEUE_RETRY_AFTER_S)})
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -192,6 +220,10 @@ def create_app(queue: JobQueue, token: str) -> FastAPI:
     async def lifespan(app: FastAPI):
         queue.start()
         log.info("worker started (device %s)", queue.device)
+        # Probe ONNX Runtime's providers now, before the state file says "ready": done lazily, the first health
+        # check (the plugin's, 10 s timeout) took 32 s on a loaded 2-core machine and the dock showed the new
+        # backend as not answering.
+        await anyio.to_thread.run_sync(lambda: _onnx_providers(app))
         yield
         await anyio.to_thread.run_sync(lambda: queue.shutdown(SHUTDOWN_WAIT))
 
@@ -212,6 +244,7 @@ def create_app(queue: JobQueue, token: str) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(UnknownJob, _unknown_job_error)
     app.add_exception_handler(ShuttingDown, _shutting_down)
+    app.add_exception_handler(QueueFull, _queue_full)
     app.add_exception_handler(ValueError, _value_error)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(TokenGate, token=token)
