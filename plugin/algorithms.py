@@ -40,7 +40,7 @@ from .bands import validate_band_map
 from .client import BackendError
 from .i18n import tr
 from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, job_warnings, run_jobs
-from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query, SearchParameters
+from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query, SearchParameters, parse_offset
 from .prompts import PromptError, parse_prompts, prompts_to_request
 from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_class_map, \
     style_graduated, style_pseudocolor
@@ -74,7 +74,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
     """Common parameters (raster, bands, model, tiles) and the job loop."""
 
     INPUT, USE_PRODUCT, BAND_MAP, DATE, LEVEL = "INPUT", "USE_PRODUCT", "BAND_MAP", "DATE", "LEVEL"
-    OVERWRITE, PIXEL_SPACE = "OVERWRITE", "PIXEL_SPACE"
+    OFFSET, OVERWRITE, PIXEL_SPACE = "OFFSET", "OVERWRITE", "PIXEL_SPACE"
     MODEL, TILE, OVERLAP, RESOLUTION, OUTPUT = "MODEL", "TILE", "OVERLAP", "RESOLUTION", "OUTPUT"
 
     def __init__(self, session):
@@ -108,7 +108,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
     def _add_raster_parameters(self):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
         self.addParameter(QgsProcessingParameterString(
-            self.MODEL, tr("Model id (empty: the backend's default)"),
+            self.MODEL, tr("Model id (empty: the best model for the layer)"),
             defaultValue=self.session.settings.get(Key.DEFAULT_MODEL) or None, optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.TILE, tr("Tile size in pixels (0: the model's)"), compat.NUMBER_INTEGER, 0, False, 0, 4096))
@@ -125,6 +125,9 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
                 0, False, 0, 64),
             QgsProcessingParameterEnum(self.LEVEL, tr("Sentinel-2 processing level"),
                                        [tr("detect"), "L1C", "L2A"], defaultValue=0),
+            QgsProcessingParameterString(
+                self.OFFSET, tr("Sentinel-2 baseline offset to subtract: auto (from the product's metadata or name), "
+                                "none, or DN (1000 for baseline 04.00+)"), defaultValue="auto", optional=True),
             QgsProcessingParameterNumber(
                 self.RESOLUTION, tr("Export resolution (m/px) for layers without a local file (0: the model's)"),
                 compat.NUMBER_DOUBLE, 0.0, False, 0.0),
@@ -164,7 +167,9 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         level = LEVELS[self.parameterAsEnum(parameters, self.LEVEL, context)]
         use_product = self.parameterAsBoolean(parameters, self.USE_PRODUCT, context)
         try:
-            raster = replace(raster_input_from_layer(layer, use_product, band_map, level, export_extent), date=date)
+            offset = parse_offset(self.parameterAsString(parameters, self.OFFSET, context))
+            raster = replace(raster_input_from_layer(layer, use_product, band_map, level, export_extent, offset),
+                             date=date)
             gsd = self.parameterAsDouble(parameters, self.RESOLUTION, context) or \
                 self.session.model_info(self._model(parameters, context)).get("gsd_m")
             return prepare_raster(raster, gsd, self.session.settings.cache_dir() / "exports", layer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,9 @@ class BackendClient:
         return self.request("GET", "/models", what=tr("Listing models"))
 
     def submit(self, job_request: dict) -> dict:
+        if job_request.get("kind") == "fetch":  # downloads have their own route: POST /models/{id}/fetch
+            model = urllib.parse.quote(str(job_request.get("model", "")), safe="")
+            return self.request("POST", f"/models/{model}/fetch", what=tr("Starting the download"))
         return self.request("POST", "/jobs", job_request, what=tr("Starting the {kind} job").format(
             kind=job_request.get("kind", "")))
 
@@ -241,6 +245,11 @@ class AsyncClient(QObject):
 
     def models(self, callback) -> None:
         self.get("/models", callback, tr("Listing models"))
+
+    def default_model(self, raster_fields: dict, callback) -> None:
+        """The model the backend would use for a raster (``{"model", "reason"}``); fields as in a job request."""
+        query = {k: (",".join(v) if isinstance(v, (list, tuple)) else str(v)) for k, v in raster_fields.items()}
+        self.get("/models/default?" + urllib.parse.urlencode(query), callback, tr("Choosing the model"))
 
     def _finished(self, reply) -> None:
         timer, callback, what = self._pending.pop(reply, (None, None, ""))

@@ -67,6 +67,7 @@ from .parameters import (
     Query,
     RasterInput,
     SearchParameters,
+    parse_offset,
 )
 from .prompts import (
     PromptError,
@@ -81,6 +82,11 @@ from .settings import Key, ProjectState, Settings
 from .sources import LayerSource, inspect_layer
 
 MAX_K = 10_000
+AUTO_MODEL = ""  # the model combo's data for "Automatic (best model for the layer)"
+OFFSET_CHOICES = (("auto", "detect from the product's metadata XML or _Nxxxx_ name (baseline 04.00 and later: "
+                           "1000 DN)"),
+                  ("none", "subtract nothing"),
+                  ("1000", "subtract 1000 DN from every band (products of baseline 04.00 and later, 2022 on)"))
 #: Characters a combo box shows at its minimum width (longer items are elided, and listed in full when open).
 COMBO_MIN_CHARS = 10
 LIGHT_COLORS = {"down": "#9e9e9e", "starting": "#f0ad00", "up": "#2e9d3a", "error": "#d9302c"}
@@ -103,6 +109,19 @@ def model_summary(model: dict) -> str:
     if not model.get("trained", True):
         text += " · " + tr("⚠ untrained (random weights): results are meaningless")
     return text
+
+
+def weights_summary(model: dict) -> str:
+    """'weights: about 605 MB to download · licence: CC-BY-4.0' (downloaded models say so)."""
+    text = tr("weights: {state}").format(state=model.get("weights") or tr("downloaded"))
+    if model.get("license"):
+        text += " · " + tr("licence: {licence}").format(licence=model["license"])
+    return text
+
+
+def needs_download(model: dict) -> bool:
+    """A listed model whose weights are not on the backend's machine (it must not run until downloaded)."""
+    return bool(model) and model.get("downloaded", True) is False
 
 
 def editor_text(text: str) -> str:
@@ -142,6 +161,8 @@ class TilePromptDock(QgsDockWidget):
     attachRequested = pyqtSignal()  # noqa: N815
     diagnosticsRequested = pyqtSignal()  # noqa: N815
     refreshModelsRequested = pyqtSignal()  # noqa: N815
+    downloadRequested = pyqtSignal(str)  # noqa: N815  model id whose weights to download
+    autoModelRequested = pyqtSignal(object)  # noqa: N815  raster request fields (dict) to choose a model for
     settingsRequested = pyqtSignal()  # noqa: N815
     helpRequested = pyqtSignal()  # noqa: N815
     clearSketchRequested = pyqtSignal(str)  # noqa: N815  purpose ("area"/"query")
@@ -157,6 +178,9 @@ class TilePromptDock(QgsDockWidget):
         self.query: Query | None = None
         self._result_rows: list = []  # (layer id, feature id) per row of the results table
         self._busy = False
+        self.auto_choice: dict | None = None  # {"model", "reason"} the backend picked for the layer (automatic)
+        self.auto_error: str = ""
+        self._auto_fields: dict | None = None  # the raster the pending automatic choice is for
 
         container = QWidget(self)
         outer = QVBoxLayout(container)
@@ -237,7 +261,14 @@ class TilePromptDock(QgsDockWidget):
         self.refresh_models_button.setText("⟳")
         self.refresh_models_button.setToolTip(tr("Reload the model list from the backend"))
         self.refresh_models_button.clicked.connect(self.refreshModelsRequested)
+        self.download_button = QPushButton(tr("Download"), box)
+        self.download_button.setObjectName("tilepromptDownloadButton")
+        self.download_button.setToolTip(tr("Download this model's weights on the backend (progress and Cancel "
+                                           "below; an interrupted download continues where it stopped)"))
+        self.download_button.clicked.connect(self._request_download)
+        self.download_button.setVisible(False)
         model_row.addWidget(self.model_combo)
+        model_row.addWidget(self.download_button)
         model_row.addWidget(self.refresh_models_button)
         form.addRow(tr("Model"), model_row)
         self.model_label = QLabel(box)
@@ -256,6 +287,7 @@ class TilePromptDock(QgsDockWidget):
                                          "folder, so that every band the model needs is read"))
         self.product_check.setChecked(True)
         self.product_check.toggled.connect(self._fill_band_table)
+        self.product_check.toggled.connect(lambda _checked: self._raster_changed())
         form.addRow("", self.product_check)
         self.band_table = QTableWidget(0, 2, box)
         self.band_table.setHorizontalHeaderLabels([tr("Band"), tr("Holds (B01..B12, B8A, R/G/B; - skips it)")])
@@ -279,7 +311,17 @@ class TilePromptDock(QgsDockWidget):
         self.level_combo.addItem(tr("detect"), None)
         self.level_combo.addItem("L1C", "L1C")
         self.level_combo.addItem("L2A", "L2A")
+        self.level_combo.currentIndexChanged.connect(lambda _index: self._raster_changed())
         form.addRow(tr("S2 level"), self.level_combo)
+        self.offset_combo = QComboBox(box)
+        self.offset_combo.setEditable(True)  # another number of DN may be typed
+        for value, tip in OFFSET_CHOICES:
+            self.offset_combo.addItem(value)
+            self.offset_combo.setItemData(self.offset_combo.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
+        self.offset_combo.setToolTip(tr("Processing-baseline offset to remove from Sentinel-2 DN: auto, none, or "
+                                        "a number of DN"))
+        self.offset_combo.currentTextChanged.connect(lambda _text: self._raster_changed())
+        form.addRow(tr("S2 offset"), self.offset_combo)
         return box
 
     def _classify_tab(self) -> QWidget:
@@ -497,23 +539,36 @@ class TilePromptDock(QgsDockWidget):
         self.stop_button.setEnabled(started_here and state in ("up", "starting"))
         self.attach_button.setEnabled(state != "starting")
 
-    def set_models(self, models: list, backend_default: str | None = None) -> None:
+    def set_models(self, models: list) -> None:
         """Fill the model picker from /v1/models, keeping a model selected: the current one, else the one the user
-        last chose, else the backend's default (the documented default model), else the first."""
-        wanted = self.current_model() or self.settings.get(Key.DEFAULT_MODEL) or backend_default
+        last chose, else the first entry, "Automatic": the backend picks the best model for the layer (what it
+        does for a request without a model)."""
+        wanted = self.model_combo.currentData() if self.model_combo.count() else self.settings.get(
+            Key.DEFAULT_MODEL)
         self.models = {m["id"]: m for m in models if isinstance(m, dict) and "id" in m}
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
+        if self.models:
+            self.model_combo.addItem(tr("Automatic (best model for the layer)"), AUTO_MODEL)
         for model in models:
-            self.model_combo.addItem(model["id"], model["id"])
-            tip = "\n".join(t for t in (model.get("title"), model.get("description")) if t)
+            state = "" if model.get("downloaded", True) else "  ⤓"
+            self.model_combo.addItem(model["id"] + state, model["id"])
+            tip = "\n".join(t for t in (model.get("title"), model.get("summary"), model.get("description"),
+                                         weights_summary(model)) if t)
             self.model_combo.setItemData(self.model_combo.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
-        index = self.model_combo.findData(wanted) if wanted else -1
+        index = self.model_combo.findData(wanted) if wanted is not None else -1
         self.model_combo.setCurrentIndex(max(index, 0) if self.model_combo.count() else -1)
         self.model_combo.blockSignals(False)
         self._on_model_changed()
 
+    def automatic(self) -> bool:
+        return self.model_combo.count() > 0 and self.model_combo.currentData() == AUTO_MODEL
+
     def current_model(self) -> str | None:
+        """The model to run: the one picked, or in automatic mode the backend's choice for the layer (None while
+        unknown: the backend then chooses when the job runs)."""
+        if self.automatic():
+            return (self.auto_choice or {}).get("model")
         data = self.model_combo.currentData()
         return str(data) if data else None
 
@@ -521,18 +576,74 @@ class TilePromptDock(QgsDockWidget):
         return self.models.get(self.current_model() or "", {})
 
     def _on_model_changed(self, *_args) -> None:
+        self._request_auto_choice()
+        self._show_model()
+
+    def _show_model(self) -> None:
         info = self.current_model_info()
-        text = model_summary(info) if info else tr("Start or attach a backend to list models.")
-        if info.get("title"):
-            text = f"{info['title']}<br>{text}"
-        self.model_label.setText(text)
+        lines = []
+        if self.automatic():
+            if self.auto_choice:
+                lines.append(tr("Automatic: {reason}").format(reason=self.auto_choice.get("reason", "")))
+            else:
+                lines.append(self.auto_error or tr("Automatic: the backend picks the best model for the layer."))
         if info:
-            self.model_label.setToolTip(info.get("description", ""))
+            if info.get("title"):
+                lines.append(info["title"])
+            lines.append(model_summary(info))
+            lines.append(weights_summary(info))
+            if needs_download(info):
+                lines.append(tr("⚠ Not downloaded yet: press Download before running."))
+        elif not self.models:
+            lines.append(tr("Start or attach a backend to list models."))
+        self.model_label.setText("<br>".join(lines))
+        self.model_label.setToolTip((info or {}).get("summary", ""))
+        self.download_button.setVisible(needs_download(info) and bool(info.get("downloadable", True)))
+        self.download_button.setEnabled(not self._busy)
+
+    def _request_download(self) -> None:
+        model = self.current_model()
+        if model:
+            self.downloadRequested.emit(model)
+
+    def _request_auto_choice(self) -> None:
+        """In automatic mode, ask (through the plugin) which model the backend picks for the layer."""
+        self.auto_choice, self.auto_error = None, ""
+        if not self.automatic() or not self.models:
+            return
+        try:
+            raster = self.raster_input()
+        except ParameterError as exc:
+            self.auto_error = tr("Automatic: {error}").format(error=str(exc))
+            return
+        if raster.kind is InputKind.EXPORT:
+            self.auto_error = tr("Automatic: the backend picks the model when the exported layer is ready.")
+            return
+        self._auto_fields = raster.request_fields()
+        self.autoModelRequested.emit(self._auto_fields)
+
+    def set_auto_choice(self, choice: dict | None, error: str = "", fields: dict | None = None) -> None:
+        """The backend's answer to :attr:`autoModelRequested`: ``{"model", "reason"}``, or an error to show.
+        An answer for another raster than the last one asked about (the layer changed since) is ignored."""
+        if fields is not None and fields != self._auto_fields:
+            return
+        self.auto_choice = choice if isinstance(choice, dict) and choice.get("model") else None
+        self.auto_error = tr("Automatic: {error}").format(error=error) if error else ""
+        self._show_model()
+
+    def check_weights(self) -> None:
+        """Refuse to run a model whose weights are not on the backend's machine (never run one blindly)."""
+        info = self.current_model_info()
+        if needs_download(info):
+            raise ParameterError(tr("The weights of {model} are not downloaded ({state}). Press Download next to "
+                                    "the model, then run again.").format(model=info["id"],
+                                                                         state=info.get("weights", "")))
 
     def _remember_model(self, *_args) -> None:
-        """The user picked a model: preselect it next time (a model selected by filling the list is not a choice)."""
-        if self.current_model():
-            self.settings.set(Key.DEFAULT_MODEL, self.current_model())
+        """The user picked a model (or Automatic): preselect it next time (a model selected by filling the list is
+        not a choice)."""
+        if self.model_combo.count():
+            self.settings.set(Key.DEFAULT_MODEL, str(self.model_combo.currentData() or AUTO_MODEL))
 
     # ------------------------------------------------------------------------------------------------ layer
     def current_layer(self) -> QgsRasterLayer | None:
@@ -544,6 +655,12 @@ class TilePromptDock(QgsDockWidget):
         has_product = self.layer_source is not None and self.layer_source.product is not None
         self.product_check.setVisible(has_product)
         self._fill_band_table()
+        self._raster_changed()
+
+    def _raster_changed(self) -> None:
+        """What the job would read changed: in automatic mode, the model may change too."""
+        self._request_auto_choice()
+        self._show_model()
 
     def _use_product(self) -> bool:
         return bool(self.layer_source and self.layer_source.product and self.product_check.isChecked())
@@ -613,21 +730,28 @@ class TilePromptDock(QgsDockWidget):
         """The chosen date of a multi-date band map, or None."""
         return self.date_spin.value() or None if self.date_spin.isVisibleTo(self) else None
 
+    def offset(self) -> str | float:
+        try:
+            return parse_offset(self.offset_combo.currentText())
+        except ValueError as exc:
+            raise ParameterError(tr("S2 offset: {error}").format(error=str(exc))) from None
+
     def raster_input(self, export_extent: Extent | None = None) -> RasterInput:
         layer = self.current_layer()
         if layer is None or self.layer_source is None:
             raise ParameterError(tr("Choose a raster layer."))
         level = self.level_combo.currentData()
+        offset = self.offset()
         if self.layer_source.needs_export:
             if export_extent is None:
                 export_extent = self._layer_extent(layer)
             return RasterInput(layer.id(), layer.name(), InputKind.EXPORT, "", self.band_map(), level, export_extent,
-                               self.band_date())
+                               self.band_date(), offset)
         if self._use_product():
             return RasterInput(layer.id(), layer.name(), InputKind.PRODUCT_FOLDER,
-                               str(self.layer_source.product.folder), None, level)
+                               str(self.layer_source.product.folder), None, level, offset=offset)
         return RasterInput(layer.id(), layer.name(), InputKind.FILE, self.layer_source.path, self.band_map(), level,
-                           date=self.band_date())
+                           date=self.band_date(), offset=offset)
 
     def _canvas_extent(self) -> Extent:
         canvas = self.iface.mapCanvas()
@@ -777,6 +901,7 @@ class TilePromptDock(QgsDockWidget):
     def classify_parameters(self) -> ClassifyParameters:
         """The one object a classification run needs, from the widgets; ParameterError/PromptError if invalid."""
         classes = parse_prompts(self.prompt_edit.toPlainText())
+        self.check_weights()
         area = self.area()
         raster = self.raster_input(self._area_extent(area))
         output = self.output_widget.filePath().strip() or None
@@ -829,6 +954,7 @@ class TilePromptDock(QgsDockWidget):
     def _search_parameters(self, query: Query) -> SearchParameters:
         # A layer without a file is exported whole (web tiles: the map extent, see _layer_extent): the index
         # covers the scene, the query selects in it.
+        self.check_weights()
         return SearchParameters(
             raster=self.raster_input(), query=query, model=self.current_model(),
             tile_px=self.tile_spin.value() or None, overlap_px=self.overlap_spin.value(), k=self.k_spin.value(),
@@ -923,7 +1049,7 @@ class TilePromptDock(QgsDockWidget):
     def set_busy(self, busy: bool, text: str = "") -> None:
         self._busy = busy
         for button in (self.run_button, self.draw_rect_button, self.draw_polygon_button, self.selected_query_button,
-                       self.text_button, self.search_again_button):
+                       self.text_button, self.search_again_button, self.download_button):
             button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
         self.set_indeterminate(False)

@@ -47,12 +47,33 @@ class JobCancelled:
 JobOutcome = Union[JobSucceeded, JobFailed, JobCancelled]
 
 
+#: Job stages in which ``bytes_done``/``bytes_total`` (not tiles) measure progress: the model's weights.
+WEIGHT_STAGES = ("downloading weights", "checking weights", "converting weights", "loading the model")
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
 def describe_status(status: dict) -> str:
-    """'classify: 120 / 288 tiles, 51 tiles/s, about 3 s left' (or 'index: queued')."""
+    """'classify: 120 / 288 tiles, 51 tiles/s, about 3 s left', 'fetch: downloading weights 120 / 605 MB, about
+    40 s left' (or 'index: queued')."""
     kind, state = status.get("kind", "job"), status.get("state", "")
     done, total = int(status.get("done") or 0), int(status.get("total") or 0)
     if state == "queued":
         return tr("{kind}: queued").format(kind=kind)
+    stage = status.get("stage")
+    if state == "running" and stage in WEIGHT_STAGES:
+        got, size = int(status.get("bytes_done") or 0), status.get("bytes_total")
+        text = f"{kind}: {stage}"
+        if size:
+            text += f" {_megabytes(got)} / {_megabytes(int(size))}"
+        elif got:
+            text += f" {_megabytes(got)}"
+        eta = status.get("eta_seconds")
+        if eta is not None and stage == "downloading weights":
+            text += tr(", about {eta:.0f} s left").format(eta=eta)
+        return text
     if not total:
         if state == "running":  # before the first batch: loading the model, opening the raster, warming up
             return tr("{kind}: preparing (loading the model, reading the first tiles)").format(kind=kind)
@@ -82,9 +103,12 @@ def job_warnings(statuses) -> list[str]:
 
 
 def fraction_done(index: int, count: int, status: dict) -> float:
-    """Overall progress in [0, 1] of job ``index`` of ``count`` at ``status``."""
+    """Overall progress in [0, 1] of job ``index`` of ``count`` at ``status`` (bytes while weights download)."""
     total = int(status.get("total") or 0)
-    inner = 1.0 if status.get("state") == "succeeded" else (int(status.get("done") or 0) / total if total else 0.0)
+    done = int(status.get("done") or 0)
+    if status.get("stage") in WEIGHT_STAGES and status.get("bytes_total"):
+        total, done = int(status["bytes_total"]), int(status.get("bytes_done") or 0)
+    inner = 1.0 if status.get("state") == "succeeded" else (done / total if total else 0.0)
     return min(1.0, (index + min(inner, 1.0)) / max(count, 1))
 
 

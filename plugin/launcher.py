@@ -2,7 +2,8 @@
 
 The backend runs in its own venv (torch, rasterio ...), never in QGIS's Python. It is a child process with a
 cleaned environment (no PYTHONPATH/PYTHONHOME or QGIS's PROJ/GDAL paths, which would make the venv's own GDAL
-read QGIS's data files), its output goes to a log file, and it is ready when its state file appears (the server
+read QGIS's data files) plus the proxy QGIS is configured with (``proxy_environment``: model downloads go through
+it), its output goes to a log file, and it is ready when its state file appears (the server
 writes it once it accepts connections). Nothing here blocks the UI thread except ``stop()``, which waits at most
 a few seconds for the process to exit.
 """
@@ -20,6 +21,7 @@ from qgis.PyQt.QtCore import QObject, QTimer, pyqtSignal
 
 from .client import BackendUnavailable, Connection
 from .i18n import tr
+from .installer.proxy import qgis_proxy_environment
 
 #: Variables that point a Python or GDAL/PROJ at QGIS's own installation; the backend venv must not inherit them.
 SCRUBBED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "QGIS_PREFIX_PATH", "PROJ_LIB",
@@ -35,6 +37,27 @@ def backend_environment(base: dict | None = None, extra: dict | None = None) -> 
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+#: Hosts the backend never reaches through a proxy: the loopback it serves on.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def proxy_environment() -> dict:
+    """The proxy QGIS is configured with (Settings > Options > Network) for the backend's downloads:
+    :func:`~.installer.proxy.qgis_proxy_environment` (what uv gets too), in both spellings (urllib reads lower case
+    first), with the loopback never proxied. Nothing when QGIS uses no proxy or the system's (the environment
+    already has that one).
+
+    HTTP proxies work for every download; a SOCKS5 proxy (``ALL_PROXY``) reaches Hugging Face downloads when the
+    backend venv has ``socksio``; plain-URL downloads need an HTTP proxy.
+    """
+    env = qgis_proxy_environment()
+    if not env:
+        return {}
+    excluded = [h for h in env.pop("NO_PROXY", "").split(",") if h]
+    env["NO_PROXY"] = ",".join(dict.fromkeys([*LOOPBACK, *excluded]))
+    return {**env, **{name.lower(): value for name, value in env.items()}}
 
 
 def tail(path: str | Path, lines: int = 40) -> str:

@@ -44,6 +44,26 @@ class Extent:
         return f"POLYGON (({x0!r} {y0!r}, {x1!r} {y0!r}, {x1!r} {y1!r}, {x0!r} {y1!r}, {x0!r} {y0!r}))"
 
 
+#: What the offset option takes (backend: validation.offset, the same rule and limit; a test holds them together).
+OFFSET_MODES = ("auto", "none")
+MAX_OFFSET_DN = 10000.0
+
+
+def parse_offset(text) -> str | float:
+    """The Sentinel-2 baseline-offset option: "auto" (empty too), "none" or a number of DN in 0..10000."""
+    value = str(text if text is not None else "").strip().lower() or "auto"
+    if value in OFFSET_MODES:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"offset must be 'auto', 'none' or a number of DN (e.g. 1000), got {text!r}") from None
+    if not 0 <= number <= MAX_OFFSET_DN:
+        raise ValueError(f"offset must be 'auto', 'none' or a number of DN between 0 and {MAX_OFFSET_DN:g}, "
+                         f"got {text!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class RasterInput:
     """The layer a job reads, and how the backend gets at its pixels."""
@@ -56,11 +76,13 @@ class RasterInput:
     level: str | None = None  # "L1C" / "L2A" when the user says so; None = detected by the backend
     export_extent: Extent | None = None  # EXPORT only: the part of the layer to export
     date: int | None = None  # which date of a multi-date band map (names repeated per date) to read
+    offset: str | float = "auto"  # Sentinel-2 baseline offset: "auto" (from the product), "none" or DN
 
     def with_path(self, path: str, band_map: tuple[str, ...] | None = None) -> RasterInput:
         """The same input, now readable by path (after an export)."""
         return RasterInput(self.layer_id, self.layer_name, InputKind.FILE, path,
-                           band_map if band_map is not None else self.band_map, self.level, None, self.date)
+                           band_map if band_map is not None else self.band_map, self.level, None, self.date,
+                           self.offset)
 
     def request_fields(self) -> dict:
         if self.kind is InputKind.EXPORT:
@@ -72,6 +94,8 @@ class RasterInput:
                 fields["date"] = self.date
         if self.level:
             fields["level"] = self.level
+        if self.offset != "auto":
+            fields["offset"] = self.offset
         return fields
 
 
@@ -103,7 +127,7 @@ def _tile_fields(model: str | None, tile_px: int | None, overlap_px: int, model_
 class ClassifyParameters:
     raster: RasterInput
     prompts: str  # one class per line, synonyms after "|", no comments (prompts.prompts_to_request)
-    model: str | None = None  # None = the backend's default
+    model: str | None = None  # None = the best model for the layer, as the backend chooses it
     prompt_set: str = ""  # the saved set the prompts came from, if any ("bundled:land-cover")
     templates: str | None = None  # templates file; None = the model card's
     area: Area = field(default_factory=Area)

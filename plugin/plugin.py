@@ -24,14 +24,14 @@ from qgis.PyQt.QtWidgets import QApplication, QFileDialog, QMessageBox
 from .client import BackendUnavailable, Connection
 from .compat import QAction
 from .diagnostics import report
-from .dock import TilePromptDock
+from .dock import TilePromptDock, needs_download
 from .i18n import Translator, tr
 from .installer import commands, record
 from .installer.interpreters import nvidia_gpu
 from .installer.proxy import qgis_proxy_environment
 from .installer.task import InstallCancelled, InstallFailed, InstallPlan, InstallSucceeded, InstallTask
 from .jobs import JobCancelled, JobFailed, JobSucceeded, job_warnings
-from .launcher import BackendLauncher, backend_environment
+from .launcher import BackendLauncher, backend_environment, proxy_environment
 from .maptools import PolygonTool, RectangleTool, Sketches
 from .metadata import docs_url, plugin_version
 from .options import PAGE_NAME, BackendOptionsFactory
@@ -76,7 +76,7 @@ class TilePromptPlugin:
         self.settings = Settings()
         self._draw_purpose = "area"
         self._connections: list = []
-        self._model_ids: list = []
+        self._models_shown: list = []
         self.install_task = None
         self.options_factory = None
         self.last_error = ""  # the last error the user was shown (Diagnostics)
@@ -129,6 +129,8 @@ class TilePromptPlugin:
             (self.dock.attachRequested, self.attach_backend),
             (self.dock.diagnosticsRequested, self.copy_diagnostics),
             (self.dock.refreshModelsRequested, self._refresh_models),
+            (self.dock.downloadRequested, self.download_model),
+            (self.dock.autoModelRequested, self._choose_model),
             (self.dock.settingsRequested, self.show_settings),
             (self.dock.helpRequested, self.open_help),
             (self.dock.clearSketchRequested, self._clear_sketch),
@@ -269,7 +271,8 @@ class TilePromptPlugin:
         try:
             self.launcher.start(self.settings.backend_executable(), state_file, log,
                                 port=self.settings.get(Key.BACKEND_PORT),
-                                timeout_s=self.settings.get(Key.START_TIMEOUT_S), env=backend_environment())
+                                timeout_s=self.settings.get(Key.START_TIMEOUT_S),
+                                env=backend_environment(extra=proxy_environment()))
         except BackendUnavailable as exc:
             self.dock.set_backend_state("error", str(exc), False)
             self._message(str(exc), Qgis.MessageLevel.Critical, 0)
@@ -342,10 +345,9 @@ class TilePromptPlugin:
         else:
             state = "down"
         self.dock.set_backend_state(state, session.describe(), started_here)
-        ids = [m.get("id") for m in session.models]
-        if ids != self._model_ids:
-            self._model_ids = ids
-            self.dock.set_models(session.models, (session.health or {}).get("default_model"))
+        if session.models != self._models_shown:  # new ids, or a model's download state changed
+            self._models_shown = list(session.models)
+            self.dock.set_models(session.models)
         self._check_backend_version()
 
     def _check_backend_version(self) -> None:
@@ -512,10 +514,21 @@ class TilePromptPlugin:
     def _exports_dir(self):
         return self.settings.cache_dir() / "exports"
 
+    def _refuse_without_weights(self, model: dict) -> bool:
+        """A model whose weights are not downloaded is never run blindly: say so and point at Download."""
+        if not needs_download(model):
+            return False
+        self._message(tr("The weights of {model} are not downloaded ({state}): press Download next to the model in "
+                         "the TilePrompt dock.").format(model=model["id"], state=model.get("weights", "")),
+                      Qgis.MessageLevel.Warning, 10)
+        return True
+
     def run_classify(self, params: ClassifyParameters):
         if not self._can_run():
             return None
         model = self.session.model_info(params.model)
+        if self._refuse_without_weights(model):
+            return None
         try:
             raster = prepare_raster(params.raster, model.get("gsd_m"), self._exports_dir())
             params = replace(params, raster=raster)
@@ -599,6 +612,41 @@ class TilePromptPlugin:
         for text in job_warnings(outcome.statuses):
             self._message(text, Qgis.MessageLevel.Warning, 0)
 
+    # ------------------------------------------------------------------------------------------- models
+    def download_model(self, model_id: str):
+        """Run the backend's download of ``model_id`` as a job: progress and Cancel in the dock."""
+        if not self._can_run():
+            return None
+        title = tr("TilePrompt: download {model}").format(model=model_id)
+        return self._start_task(title, [{"kind": "fetch", "model": model_id}],
+                                lambda outcome: self._download_done(outcome, model_id))
+
+    def _download_done(self, outcome, model_id: str):
+        self.current_task = None
+        if self.dock is None:
+            return
+        self.dock.set_busy(False)
+        if isinstance(outcome, JobSucceeded):
+            self.dock.progress.setValue(100)
+            self.dock.set_status(tr("{model} downloaded.").format(model=model_id))
+            self._message(tr("{model} downloaded.").format(model=model_id), Qgis.MessageLevel.Success, 5)
+            self.session.refresh_models()
+        else:
+            self._report_unsuccessful(outcome)
+            if isinstance(outcome, JobCancelled):
+                self.dock.set_status(tr("Download cancelled; Download again continues where it stopped."))
+
+    def _choose_model(self, raster_fields: dict):
+        """Ask the backend which model it picks for the dock's layer (automatic mode) and show the answer."""
+        if self.session is None or not self.session.connected:
+            return
+
+        def done(data, error, dock=self.dock):
+            if dock is not None and dock is self.dock:
+                dock.set_auto_choice(data, str(error) if error is not None else "", raster_fields)
+
+        self.session.default_model(raster_fields, done)
+
     def _report_unsuccessful(self, outcome):
         if isinstance(outcome, JobFailed):
             message = outcome.message_for("dock")
@@ -613,6 +661,8 @@ class TilePromptPlugin:
         if not self._can_run():
             return None
         model = self.session.model_info(params.model)
+        if self._refuse_without_weights(model):
+            return None
         try:
             raster = prepare_raster(params.raster, model.get("gsd_m"), self._exports_dir())
             params = replace(params, raster=raster)

@@ -83,7 +83,7 @@ def plan_search(params: SearchParameters, session: BackendSession, out: str, hea
 
 
 def raster_input_from_layer(layer: QgsRasterLayer, use_product: bool = True, band_map: tuple | None = None,
-                            level: str | None = None, export_extent=None) -> RasterInput:
+                            level: str | None = None, export_extent=None, offset: str | float = "auto") -> RasterInput:
     """A RasterInput for ``layer`` without the dock (Processing): detected band names unless ``band_map``."""
     source = inspect_layer(layer)
     detected = tuple(source.file_bands) if source.file_bands and all(source.file_bands) else None
@@ -94,7 +94,10 @@ def raster_input_from_layer(layer: QgsRasterLayer, use_product: bool = True, ban
             rect = layer.extent()
             export_extent = Extent(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum(),
                                    compat.crs_to_string(layer.crs()))
-        return RasterInput(layer.id(), layer.name(), InputKind.EXPORT, "", band_map or detected, level, export_extent)
+        return RasterInput(layer.id(), layer.name(), InputKind.EXPORT, "", band_map or detected, level, export_extent,
+                           offset=offset)
     if source.product is not None and use_product:
-        return RasterInput(layer.id(), layer.name(), InputKind.PRODUCT_FOLDER, str(source.product.folder), None, level)
-    return RasterInput(layer.id(), layer.name(), InputKind.FILE, source.path, band_map or detected, level)
+        return RasterInput(layer.id(), layer.name(), InputKind.PRODUCT_FOLDER, str(source.product.folder), None, level,
+                           offset=offset)
+    return RasterInput(layer.id(), layer.name(), InputKind.FILE, source.path, band_map or detected, level,
+                       offset=offset)

@@ -30,6 +30,7 @@ class BackendSession(QObject):
         self.models: list[dict] = []
         self.error: str = ""
         self._async: AsyncClient | None = None
+        self._models_pending = False
         self._timer = QTimer(self)
         self._timer.setInterval(HEALTH_INTERVAL_MS)
         self._timer.timeout.connect(self.refresh_health)
@@ -65,6 +66,7 @@ class BackendSession(QObject):
             self._async = None
         had = self.connection is not None
         self.connection, self.health, self.models, self.error = None, None, [], ""
+        self._models_pending = False
         if had:
             self.changed.emit()
 
@@ -76,8 +78,8 @@ class BackendSession(QObject):
         was_up = self.health is not None
         if error is None and isinstance(data, dict):
             self.health, self.error = data, ""
-            if not was_up:
-                self.refresh_models()
+            if (not was_up or not self.models) and not self._models_pending:
+                self.refresh_models()  # up again, or the first list timed out (a backend still importing): ask
         else:
             self.health, self.error = None, str(error)
             if was_up:
@@ -89,8 +91,10 @@ class BackendSession(QObject):
     def refresh_models(self, on_result=None) -> None:
         if self._async is None:
             return
+        self._models_pending = True
 
         def done(data, error):
+            self._models_pending = False
             if error is None and isinstance(data, list):
                 self.models = [m for m in data if isinstance(m, dict)]
                 self.changed.emit()
@@ -98,6 +102,13 @@ class BackendSession(QObject):
                 on_result(error)
 
         self._async.models(done)
+
+    def default_model(self, raster_fields: dict, on_result) -> None:
+        """Ask which model the backend picks for a raster: ``on_result(choice dict or None, error or None)``."""
+        if self._async is None:
+            on_result(None, None)
+            return
+        self._async.default_model(raster_fields, on_result)
 
     def model_info(self, model_id: str | None) -> dict:
         if model_id:

@@ -44,7 +44,7 @@ class Key(Enum):
     AUTO_ATTACH = ("backend/autoAttach", True)  # attach at start-up to a backend that is already running
     START_TIMEOUT_S = ("backend/startTimeoutSeconds", 180)
     CACHE_DIR = ("cacheDir", "")  # "" = $XDG_CACHE_HOME/tileprompt-plugin
-    DEFAULT_MODEL = ("defaultModel", "")  # "" = the backend's default
+    DEFAULT_MODEL = ("defaultModel", "")  # the model the user last picked; "" = Automatic (the backend picks)
     REQUEST_TIMEOUT_S = ("network/timeoutSeconds", 10.0)
     POLL_INTERVAL_MS = ("network/pollMilliseconds", 250)
 

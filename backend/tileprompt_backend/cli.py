@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
     q.set_defaults(func=cmd_search)
 
-    m = sub.add_parser("models", help="list, create and fetch model cards")
+    m = sub.add_parser("models", help="list, fetch, import and export model cards")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    ml = msub.add_parser("list", help="list the model cards found")
+    ml = msub.add_parser("list", help="list the model cards found, with licence and download state")
     ml.add_argument("pattern", nargs="?", default="*")
     ml.add_argument("--json", action="store_true", help="print the cards as JSON")
     ml.set_defaults(func=cmd_models_list)
@@ -113,9 +113,30 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("family", choices=["clip", "aligned-s2"])
     mt.add_argument("--out", required=True, help="directory to write the card into")
     mt.set_defaults(func=cmd_models_tiny)
-    mf = msub.add_parser("fetch", help="download the real weights of a model (needs internet)")
-    mf.add_argument("name")
+    mf = msub.add_parser("fetch", help="download the real weights of a model (needs internet)",
+                         description="Download a model's weights (Hugging Face files into its cache; other URLs "
+                                     "resume an interrupted download), check them and convert them to safetensors. "
+                                     "HF_HUB_OFFLINE=1: caches only; HF_ENDPOINT: a mirror; HF_TOKEN: gated files; "
+                                     "https_proxy/no_proxy: a proxy.")
+    mf.add_argument("name", help="model id or model directory")
+    mf.add_argument("--quiet", action="store_true", help="no progress bar")
     mf.set_defaults(func=cmd_models_fetch)
+    me = msub.add_parser("export", help="copy a downloaded model (card and all its weights) to a folder",
+                         description="Write ID with every weight file it needs to DIR/ID, with a listing of sha256 "
+                                     "digests, for `tileprompt models import DIR/ID` on a machine without internet.")
+    me.add_argument("name", metavar="ID", help="model id or model directory")
+    me.add_argument("out", metavar="DIR", help="existing folder to write ID/ into")
+    me.set_defaults(func=cmd_models_export)
+    mi = msub.add_parser("import", help="add a model from an export folder, or from a local checkpoint file",
+                         description="SOURCE is a folder written by `tileprompt models export`, or the name of a "
+                                     "checkpoint importer followed by a local FILE in that publisher's layout "
+                                     "(every downloadable bundled card is one: `models import remoteclip-vit-b32 "
+                                     "RemoteCLIP-ViT-B-32.pt`). `--list` shows the importers.")
+    mi.add_argument("source", metavar="SOURCE", nargs="?", help="export folder, or importer name")
+    mi.add_argument("file", metavar="FILE", nargs="?", help="checkpoint file (with an importer name)")
+    mi.add_argument("--replace", action="store_true", help="replace a model of the same id in the models folder")
+    mi.add_argument("--list", action="store_true", help="list the checkpoint importers")
+    mi.set_defaults(func=cmd_models_import)
 
     s = sub.add_parser("serve", help="run the local HTTP service the QGIS plugin talks to",
                        description="Serve the /v1 API on the loopback interface with a fresh bearer token; the "
@@ -134,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_encoder_arguments(p: argparse.ArgumentParser, band_map_help: str) -> None:
     """Model, tile grid, band reading and runner options: the same for classify and index."""
-    p.add_argument("--model", help="model id or model directory (default: clip-vit-b32-openai)")
+    p.add_argument("--model", help="model id or model directory (default: the best card for the raster: the "
+                                   "multispectral one for a Sentinel-2 product that has its bands, else RGB)")
     p.add_argument("--tile", type=_checked(validation.tile_px), help="tile size in pixels (default: the model card's)")
     p.add_argument("--stride", type=_checked(validation.stride),
                    help="distance between tiles in pixels (default: the tile size)")
@@ -144,6 +166,9 @@ def _add_encoder_arguments(p: argparse.ArgumentParser, band_map_help: str) -> No
     p.add_argument("--date", type=_checked(validation.date), metavar="N",
                    help="the date to read from a multi-date band map (1 = first)")
     p.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
+    p.add_argument("--offset", default="auto", type=_checked(validation.offset), metavar="auto|none|N",
+                   help="Sentinel-2 processing-baseline offset to subtract (baseline 04.00+, 2022 on): auto = from "
+                        "the product's metadata XML or _Nxxxx_ name (default), none, or N DN for every band")
     p.add_argument("--pixel-space", action="store_true",
                    help="accept a raster without georeference: tiles in pixel coordinates (x = column, y = -row, "
                         "as QGIS draws it), without a CRS")
@@ -202,36 +227,32 @@ def _warn(warnings: Sequence[str]) -> None:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     precheck(args)
+    from .bars import StageBars, tile_bar
     from .engine import classify
+    from .models import download_hooks
 
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=0, unit="tile", desc="classify", file=sys.stderr, dynamic_ncols=True)
-
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    progress, close = tile_bar("classify", args.quiet)
+    bars = StageBars(args.quiet)
     try:
-        result = classify(
-            args.raster, args.prompts, args.out, model=args.model, templates=args.templates, tile_px=args.tile,
-            stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
-            threshold=args.threshold, band_map=args.band_map,
-            level=args.level, batch_size=args.batch_size, runner=args.runner, device=args.device,
-            progress=progress, index=args.index, cache=not args.no_cache, date=args.date, overwrite=args.overwrite,
-            layer=args.layer, pixel_space=args.pixel_space, class_map=args.class_map)
+        with download_hooks(progress=bars):  # a model not downloaded yet: bars for its download first
+            result = classify(
+                args.raster, args.prompts, args.out, model=args.model, templates=args.templates, tile_px=args.tile,
+                stride=args.stride, aoi=_read_aoi(args.aoi), aoi_crs=args.aoi_crs, multi_label=args.multi_label,
+                threshold=args.threshold, band_map=args.band_map, level=args.level, offset=args.offset,
+                batch_size=args.batch_size, runner=args.runner, device=args.device, progress=progress,
+                index=args.index, cache=not args.no_cache, date=args.date, overwrite=args.overwrite,
+                layer=args.layer, pixel_space=args.pixel_space, class_map=args.class_map)
     finally:
-        if bar is not None:
-            bar.close()
+        bars.close()
+        close()
     _warn(result.warnings)
     skipped = []
     if result.skipped_outside:
         skipped.append(f"{result.skipped_outside} outside the area")
     if result.skipped_nodata:
         skipped.append(f"{result.skipped_nodata} nodata")
+    if result.model_reason:
+        print(f"model {result.model_reason}")
     print(f"{result.tiles} tiles classified in {result.seconds:.1f} s ({result.tiles_per_second:.1f} tiles/s, "
           f"runner {result.runner})" + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
     width = max(len(name) for name in result.counts)
@@ -280,16 +301,33 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     from .models import list_models
+    from .models.downloads import weights_state
 
     cards = list_models(args.pattern)
     if args.json:
-        print(json.dumps([dict(c.to_json(), path=str(c.path)) for c in cards], indent=2))
+        print(json.dumps([dict(c.to_json(), path=str(c.path), weights=weights_state(c).describe())
+                          for c in cards], indent=2))
         return 0
     if not cards:
         print(f"no model cards match {args.pattern!r}")
-    for card in cards:
-        print(f"{card.id:32s} {card.describe()}")
+        return 0
+    rows = [(c.id, c.family, _input_text(c), weights_state(c).describe(), "trained" if c.trained else "UNTRAINED",
+             c.license.split(" (")[0]) for c in cards]
+    head = ("ID", "FAMILY", "INPUT", "WEIGHTS", "TRAINED", "LICENCE")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
+    for row, card in zip([head] + rows, [None] + cards):
+        print("  ".join(f"{v:<{w}}" for v, w in zip(row, widths)) + "  " + row[-1])
+        if card is not None:
+            print(f"    {card.description or card.title}")
     return 0
+
+
+def _input_text(card) -> str:
+    inp = card.input
+    if inp.modality == "rgb":
+        return "RGB"
+    bands = inp.bands
+    return f"S2 {inp.level} {len(bands)} bands ({bands[0]}..{bands[-1]})"
 
 
 def cmd_models_tiny(args: argparse.Namespace) -> int:
@@ -301,11 +339,66 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
-    from .models import fetch
+    from .bars import StageBars
+    from .models import download_hooks, fetch, resolve_card
+    from .models.downloads import weights_state
 
-    card = fetch(args.name)
+    card = resolve_card(args.name)
+    state = weights_state(card)
+    url = card.provenance.get("license_url")
+    print(f"{card.id}: {card.title}\n  licence: {card.license}" + (f" - {url}" if url else "") +
+          f"\n  weights: {state.describe()}", file=sys.stderr)
+    bars = StageBars(args.quiet)
+    try:
+        with download_hooks(progress=bars):
+            card = fetch(card.path)
+    except KeyboardInterrupt:
+        bars.close()  # before the message, so it is not drawn over
+        print("tileprompt: download interrupted; run the same command to continue where it stopped",
+              file=sys.stderr)
+        return EXIT_CANCELLED
+    finally:
+        bars.close()
     print(f"fetched {card.id!r} into {card.path}")
     return 0
+
+
+def cmd_models_export(args: argparse.Namespace) -> int:
+    from .models import export_model
+
+    with _checking_bar():
+        out = export_model(args.name, Path(args.out))
+    print(f"exported to {out} (import it with `tileprompt models import {out}`)")
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from .models import import_checkpoint, import_model, list_importers
+
+    if args.list:
+        for importer in list_importers():
+            print(f"{importer.name:24s} {importer.description}")
+        return 0
+    if not args.source:
+        raise ValueError("give an export folder, or an importer name and a checkpoint FILE (--list shows them)")
+    with _checking_bar():
+        if args.file is not None:
+            card = import_checkpoint(args.source, Path(args.file), replace=args.replace)
+        elif Path(args.source).expanduser().is_dir():
+            card = import_model(Path(args.source), replace=args.replace)
+        else:
+            raise ValueError(f"{args.source!r} is not a folder; to import a checkpoint file give an importer name "
+                             "and the FILE (`tileprompt models import --list`)")
+    print(f"imported {card.id!r} into {card.path}")
+    return 0
+
+
+def _checking_bar():
+    """Progress bars for the long steps of export/import (hashing, converting)."""
+    from .bars import StageBars
+    from .models import download_hooks
+
+    return download_hooks(progress=StageBars())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ResourceError
-from .schemas import ClassifyRequest, IndexRequest, JobStatus, RasterInput, SearchRequest
+from .schemas import ClassifyRequest, FetchRequest, IndexRequest, JobStatus, RasterInput, SearchRequest
 
 log = logging.getLogger(__name__)
 
-Request = ClassifyRequest | IndexRequest | SearchRequest
+Request = ClassifyRequest | IndexRequest | SearchRequest | FetchRequest
 #: Finished jobs kept for GET /v1/jobs; older finished ones are forgotten first.
 MAX_FINISHED_JOBS = 500
 #: Jobs waiting to run at most; one more is refused (HTTP 429) instead of queueing without bound.
@@ -39,6 +39,9 @@ MAX_GRID_TILES = 1_000_000
 #: Up to this many rasters of an index request are opened (headers only) on submit; beyond, only found.
 MAX_RASTERS_OPENED = 32
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+#: The stages a job reports (JobStatus.stage); the download stages come from models.progress.
+DOWNLOADING = "downloading weights"
+PROCESSING = "processing tiles"
 
 
 class ShuttingDown(RuntimeError):
@@ -87,6 +90,14 @@ def _model_arg(model: str | None) -> str | None:
     return model
 
 
+def check_raster_input(r: RasterInput):
+    """A client's raster: absolute, existing and readable; its RasterInfo (the default-model route uses this)."""
+    try:
+        return _check_raster(r)
+    except OSError as e:
+        raise ValueError(f"cannot use the path: {e.strerror or e}") from None
+
+
 def _check_raster(r: RasterInput, open_it: bool = True):
     """The raster exists and (``open_it``) opens; returns its RasterInfo (None when not opened)."""
     from .sentinel2 import open_raster
@@ -94,7 +105,7 @@ def _check_raster(r: RasterInput, open_it: bool = True):
     path = _existing(r.raster, "raster")
     if not open_it:
         return None
-    with open_raster(path, band_map=r.selected_band_map(), level=r.level) as source:
+    with open_raster(path, band_map=r.selected_band_map(), level=r.level, offset=r.offset) as source:
         return source.info
 
 
@@ -170,8 +181,17 @@ def check_request(request: Request) -> Request:
         raise ValueError(f"cannot use the path{where}: {e.strerror or e}") from None
 
 
+def _card_for(model: str | None, info):
+    """The named card, or the best one for a raster (None: the default of no raster)."""
+    from .models import DEFAULT_MODEL, choose_model, resolve_card
+
+    if model:
+        return resolve_card(model)
+    return choose_model(info).card if info is not None else resolve_card(DEFAULT_MODEL)
+
+
 def _check_request(request: Request) -> Request:
-    from .models import DEFAULT_MODEL, resolve_card
+    from .models import resolve_card
     from .outputs import guard_output
 
     updates: dict[str, Any] = {}
@@ -182,12 +202,16 @@ def _check_request(request: Request) -> Request:
 
         out = _absolute(request.out, "out")
         model = _model_arg(request.model)
-        card = resolve_card(model or DEFAULT_MODEL)
-        template_file = templates_path(request.templates or card.templates)
+        card = resolve_card(model) if model else None
         index = _absolute(request.index, "index") if request.index is not None else None
         raster = _existing(request.raster, "raster")
+        info = None
+        if card is None:  # no model named: the raster's default, as the engine picks it (the raster must open)
+            info = _check_raster(request)
+            card = _card_for(None, info)
+        template_file = templates_path(request.templates or card.templates)
         load_templates(template_file)
-        info = _check_raster(request)
+        info = info or _check_raster(request)
         guard_output(out, [raster, template_file, *info.files.values()], request.overwrite, layer=request.layer,
                      input_dirs=[card.path, index])
         check_georeference(info, request.pixel_space)
@@ -206,11 +230,13 @@ def _check_request(request: Request) -> Request:
         from .engine.classify import check_georeference
 
         model = _model_arg(request.model)
-        card = resolve_card(model or DEFAULT_MODEL)
+        card = resolve_card(model) if model else None
         rasters = []
         for n, r in enumerate(request.rasters):
             try:
                 info = _check_raster(r, open_it=n < MAX_RASTERS_OPENED)
+                if card is None:  # no model named: the first raster's default, as the index build picks it
+                    card = _card_for(None, info)
                 if info is not None:
                     check_georeference(info, request.pixel_space)
                     _check_grid(info, request.tile_px or card.input.tile_px, request.stride)
@@ -248,7 +274,15 @@ def _check_request(request: Request) -> Request:
         if heatmap is not None:
             updates["heatmap"] = str(heatmap)
         _check_search_scene(request, index)
-    else:  # pragma: no cover - the schema's discriminator admits only the three kinds
+    elif isinstance(request, FetchRequest):
+        from .models.fetch import downloadable
+
+        model = _model_arg(request.model)
+        card = resolve_card(model)
+        if not downloadable(card):
+            raise ValueError(f"model {card.id!r} names no weights to download")
+        updates = {"model": model}
+    else:  # pragma: no cover - the schema's discriminator admits only these kinds
         raise ValueError(f"unknown job kind {getattr(request, 'kind', None)!r}")
     return request.model_copy(update=updates)
 
@@ -272,17 +306,31 @@ class Job:
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     t_started: float | None = None  # perf_counter when it started running
     t_finished: float | None = None
+    t_tiles: float | None = None  # perf_counter of the first tile progress
+    stage: str | None = None
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    t_stage: float | None = None  # perf_counter when the current stage began
+    bytes_at_stage: int = 0  # bytes already there when the stage began (a resumed download)
 
     def status(self) -> JobStatus:
         rate = eta = None
-        if self.t_started is not None and self.done > 0:
-            elapsed = (self.t_finished or time.perf_counter()) - self.t_started
+        now = self.t_finished or time.perf_counter()
+        # tiles per second count from the start, or from the first tile when weights were downloaded first
+        since = self.t_tiles if self.t_stage is not None else self.t_started
+        if since is not None and self.done > 0:
+            elapsed = now - since
             if elapsed > 0:
                 rate = self.done / elapsed
                 if self.state == "running" and self.total >= self.done:
                     eta = (self.total - self.done) / rate
+        elif self.state == "running" and self.stage == DOWNLOADING and self.bytes_total and self.t_stage:
+            elapsed, got = now - self.t_stage, self.bytes_done - self.bytes_at_stage
+            if elapsed > 0 and got > 0:
+                eta = (self.bytes_total - self.bytes_done) / (got / elapsed)
         return JobStatus(id=self.id, kind=self.request.kind, state=self.state, done=self.done, total=self.total,
-                         rate=rate, eta_seconds=eta, created=self.created, started=self.started,
+                         rate=rate, eta_seconds=eta, stage=self.stage, bytes_done=self.bytes_done,
+                         bytes_total=self.bytes_total, created=self.created, started=self.started,
                          finished=self.finished, result=self.result, error=self.error,
                          cancel_requested=self.cancel.is_set(), request=self.request.model_dump(mode="json"))
 
@@ -452,17 +500,29 @@ class JobQueue:
 
     def _execute(self, job: Job) -> None:
         from .engine import Cancelled
+        from .models.progress import download_hooks
 
         def progress(done: int, total: int) -> None:
             with self._lock:
+                if job.t_tiles is None:
+                    job.t_tiles = time.perf_counter()
+                job.stage = PROCESSING
                 job.done, job.total = int(done), int(total)
+
+        def stage(name: str, done: int, total: int | None) -> None:
+            with self._lock:
+                if name != job.stage:
+                    job.stage, job.t_stage, job.bytes_at_stage = name, time.perf_counter(), int(done)
+                job.bytes_done, job.bytes_total = int(done), total
 
         ctx = JobContext(device=self.device, progress=progress, cancel=job.cancel.is_set)
         state, result, error = "failed", None, None
         try:
             if job.cancel.is_set():
                 raise Cancelled("cancelled before it started")
-            result = summarise(self.handlers[job.request.kind](job.request, ctx))
+            # the job's model may still have to be downloaded: the status shows that stage, and a cancel stops it
+            with download_hooks(progress=stage, cancel=job.cancel.is_set):
+                result = summarise(self.handlers[job.request.kind](job.request, ctx))
             state = "succeeded"
         except Cancelled:
             state = "cancelled"
@@ -556,15 +616,16 @@ def run_classify(req: ClassifyRequest, ctx: JobContext):
 
     return classify(req.raster, req.prompts, req.out, model=req.model, templates=req.templates, tile_px=req.tile_px,
                     stride=req.stride, aoi=req.aoi, aoi_crs=req.aoi_crs, multi_label=req.multi_label,
-                    threshold=req.threshold, band_map=req.band_map, level=req.level, batch_size=req.batch_size,
-                    runner=req.runner, device=ctx.device, progress=ctx.progress, cancel=ctx.cancel,
+                    threshold=req.threshold, band_map=req.band_map, level=req.level, offset=req.offset,
+                    batch_size=req.batch_size, runner=req.runner, device=ctx.device, progress=ctx.progress,
+                    cancel=ctx.cancel,
                     index=req.index, cache=req.cache, date=req.date, overwrite=req.overwrite, layer=req.layer,
                     pixel_space=req.pixel_space, class_map=req.class_map)
 
 
 def _raster_arg(r: RasterInput):
-    """A raster for build_index: its path, or a dict when it carries a band map or a level."""
-    if r.band_map is None and r.level is None and r.date is None:
+    """A raster for build_index: its path, or a dict when it carries a band map, a date, a level or an offset."""
+    if r.band_map is None and r.level is None and r.date is None and r.offset == "auto":
         return r.raster
     return r.model_dump(exclude_none=True)
 
@@ -586,4 +647,13 @@ def run_search(req: SearchRequest, ctx: JobContext):
                   cancel=ctx.cancel, device=ctx.device, overwrite=req.overwrite, layer=req.layer)
 
 
-HANDLERS: dict[str, Handler] = {"classify": run_classify, "index": run_index, "search": run_search}
+def run_fetch(req: FetchRequest, ctx: JobContext):
+    from .models import fetch
+    from .models.downloads import weights_state
+
+    card = fetch(req.model)
+    return {"model": card.id, "path": str(card.path), "weights": weights_state(card).describe()}
+
+
+HANDLERS: dict[str, Handler] = {"classify": run_classify, "index": run_index, "search": run_search,
+                                "fetch": run_fetch}

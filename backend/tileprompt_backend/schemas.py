@@ -30,6 +30,9 @@ class RasterInput(_Strict):
     date: Annotated[int | None, *_checked(validation.date, minimum=1, maximum=validation.MAX_DATES)] = Field(
         None, description="the date to read from a multi-date band map (1 = first)")
     level: Literal["L1C", "L2A"] | None = None
+    offset: Annotated[str | float, AfterValidator(validation.offset)] = Field(
+        "auto", description='Sentinel-2 processing-baseline offset to subtract: "auto" (from the product\'s metadata '
+                            'or name), "none", or a number of DN (0 to 10000)')
 
     @model_validator(mode="after")
     def _one_date(self):
@@ -103,19 +106,29 @@ class SearchRequest(_Strict):
                           "instead of replacing the file")
 
 
-JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest], Field(discriminator="kind")]
+class FetchRequest(_Strict):
+    kind: Literal["fetch"] = "fetch"
+    model: str = Field(..., min_length=1, description="model id (or model directory) whose weights to download")
+
+
+JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest, FetchRequest], Field(discriminator="kind")]
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class JobStatus(BaseModel):
     id: str
-    kind: Literal["classify", "index", "search"]
+    kind: Literal["classify", "index", "search", "fetch"]
     state: JobState
     done: int = 0  # tiles processed
     total: int = 0  # tiles to process (0 while unknown)
     rate: float | None = None  # tiles per second
-    eta_seconds: float | None = None
+    eta_seconds: float | None = None  # of the tiles, or of the download while stage is "downloading weights"
+    # what the job is doing now: "downloading weights", "checking weights", "converting weights", "loading the
+    # model" (its model's weights are being fetched), then "processing tiles"; None while queued
+    stage: str | None = None
+    bytes_done: int = 0  # of the current download stage
+    bytes_total: int | None = None  # None while unknown
     created: str
     started: str | None = None
     finished: str | None = None
@@ -136,7 +149,14 @@ class ModelInfo(BaseModel):
     image_size: int
     embed_dim: int
     trained: bool
-    description: str
+    description: str  # one line: modality, bands, GSD, tile, untrained warning
+    summary: str = ""  # one line: what the model is and is good at
+    license: str = "unknown"
+    license_url: str | None = None
+    downloaded: bool = True  # every weight file is on this machine
+    weights: str = "downloaded"  # "downloaded", "605 MB to download", "to download (size unknown)"
+    download_bytes: int | None = None  # still to download (None when unknown)
+    downloadable: bool = False  # POST /v1/models/{id}/fetch can get what is missing
     path: str | None = None  # the card's folder
 
 
@@ -151,12 +171,17 @@ class VectorIndexInfo(BaseModel):
     memory_mb: float = Field(description="float16 embeddings plus the search structure, in memory")
 
 
+class ModelChoiceInfo(BaseModel):
+    model: str  # the card chosen for the raster
+    reason: str  # why, in one line
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
     device: str
     device_name: str = Field("", description="the GPU's name when the device is cuda, else the CPU model")
-    default_model: str = Field("", description="the model a request without one gets")
+    default_model: str = Field("", description="the card used when neither a model nor a raster says which")
     torch: str
     onnx_providers: list[str]
     loaded_models: list[str]

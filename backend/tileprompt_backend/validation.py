@@ -30,6 +30,9 @@ MAX_TEXT_CHARS = 2_000
 SKIP = "-"
 #: Most dates a band map may describe (a stack of 64 dates x 13 bands is already an unusual file).
 MAX_DATES = 64
+#: The Sentinel-2 processing-baseline offset: these words, or a number of DN up to MAX_OFFSET_DN.
+OFFSET_MODES = ("auto", "none")
+MAX_OFFSET_DN = 10000.0
 #: Prompt separators and line breaks are allowed; every other control character is refused.
 _ALLOWED_CONTROLS = {"\n", "\r", "\t"}
 
@@ -233,6 +236,26 @@ def layer(value: Any) -> str | None:
         raise ValueError(f"layer name {value!r} is not usable: letters, digits and _ (at most 63, not starting "
                          "with a digit), not tileprompt_runs and not a GeoPackage system name")
     return value
+
+
+def offset(value: Any) -> str | float:
+    """The Sentinel-2 processing-baseline offset to subtract: "auto" (also None or empty: read from the product),
+    "none", or a number of DN in 0..MAX_OFFSET_DN (sentinel2/offset.py)."""
+    if value is None:
+        return "auto"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in OFFSET_MODES or not text:
+            return text or "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"offset must be 'auto', 'none' or a number of DN (e.g. 1000), got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_OFFSET_DN:
+        raise ValueError(f"offset must be 'auto', 'none' or a number of DN between 0 and {MAX_OFFSET_DN:g}, "
+                         f"got {value!r}")
+    return float(value)
 
 
 # --- paths --------------------------------------------------------------------------------------------------

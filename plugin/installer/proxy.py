@@ -10,7 +10,7 @@ password must be typed into the proxy settings. Credentials are never written to
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 PROXY_SCHEMES = {"HttpProxy": "http", "HttpCachingProxy": "http", "Socks5Proxy": "socks5"}
 
@@ -26,7 +26,9 @@ def proxy_environment(enabled: bool, kind: str, host: str, port: int | str, user
         auth = quote(user, safe="") + (":" + quote(password, safe="") if password else "") + "@"
     url = f"{scheme}://{auth}{host}" + (f":{int(port)}" if str(port).strip() not in ("", "0") else "")
     env = {"ALL_PROXY": url} if scheme == "socks5" else {"HTTP_PROXY": url, "HTTPS_PROXY": url}
-    hosts = [re.sub(r"^[a-z]+://", "", e).strip("/ ") for e in excluded if e and e.strip()]
+    # QGIS lists URL prefixes; NO_PROXY matches host names (a path would never match)
+    hosts = [(urlsplit(e.strip()).hostname or "") if "://" in e else e.strip().strip("/") for e in excluded if e]
+    hosts = [h for h in hosts if h]
     if hosts:
         env["NO_PROXY"] = ",".join(hosts)
     return env

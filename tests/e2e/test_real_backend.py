@@ -234,6 +234,50 @@ def test_requests_match_the_openapi_schema(attached, eo_box, real_backend, tmp_p
     assert {"id", "modality", "bands", "gsd_m", "tile_px", "trained"} <= set(schemas["ModelInfo"]["properties"])
 
 
+def test_download_progress_and_cancel_from_the_dock(attached, backend_home, real_backend, eo_box):
+    """A model whose weights are not here: the dock refuses to run it, downloads it with progress through a real
+    backend job, cancels mid-way, and a second Download continues where the first stopped."""
+    from fileserver import FileServer
+
+    home, _env = backend_home
+    tiny = home / "models" / "tiny-s2"
+    text_weights = (tiny / "text_tower.safetensors").read_bytes()
+    with FileServer() as files:
+        files.faults.chunk, files.faults.throttle_s = 64 * 1024, 0.05  # ~6 MB in ~5 s
+        card = home / "models" / "remote-s2"
+        card.mkdir()
+        (card / "image_tower.safetensors").write_bytes((tiny / "image_tower.safetensors").read_bytes())
+        spec = json.loads((tiny / "model.json").read_text())
+        spec.update(id="remote-s2", sources={"text_tower.safetensors": {
+            "url": files.add("/text.safetensors", text_weights), "convert": "safetensors", "size": len(text_weights)}})
+        (card / "model.json").write_text(json.dumps(spec))
+        dock = attached.dock
+        dock.layer_combo.setLayer(band_layer(eo_box))
+        attached.session.refresh_models()
+        assert wait_until(lambda: dock.model_combo.findData("remote-s2") >= 0, 30)
+        dock.model_combo.setCurrentIndex(dock.model_combo.findData("remote-s2"))
+        assert not dock.download_button.isHidden() and " MB to download" in dock.model_label.text()
+        dock.prompt_edit.setPlainText(PROMPTS)
+        dock.run_button.click()
+        assert attached.current_task is None  # never run blindly
+
+        dock.download_button.click()
+        task = attached.current_task
+        assert wait_until(lambda: "downloading weights" in dock.status_label.text() and dock.progress.value() > 0,
+                          60), dock.status_label.text()
+        dock.cancel_button.click()
+        assert wait_until(lambda: attached.current_task is None, 30)
+        assert task.outcome.status["state"] == "cancelled"
+        assert get_job(real_backend, task.outcome.status["id"])["state"] == "cancelled"
+        assert not (card / "text_tower.safetensors").exists() and not dock.download_button.isHidden()
+        assert list((home / "cache" / "downloads").glob("text.safetensors-*.part"))  # kept for the next try
+
+        files.faults.throttle_s = 0.0
+        dock.download_button.click()
+        assert wait_until(lambda: attached.current_task is None, 60)
+        assert files.gets("/text.safetensors")[-1].range.startswith("bytes=")  # continued
+        assert wait_until(lambda: dock.download_button.isHidden(), 30)
+        assert (card / "text_tower.safetensors").read_bytes() == text_weights
 def test_picture_without_georeference_overlays_its_result_in_qgis(attached, qgis_processing, tmp_path):
     """A plain RGB TIFF (no CRS, no geotransform) opened in QGIS beside its result layer: refused until the user
     ticks pixel coordinates, then every tile lies on the image as QGIS draws it (x 0..W, y -H..0)."""

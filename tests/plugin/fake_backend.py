@@ -6,6 +6,9 @@ schemas.py (Health, ModelInfo, JobStatus). A succeeded job copies a prepared Geo
 Behaviour knobs: ``polls_to_finish`` (running states before success), ``fail_with`` (job error), ``hang``
 (jobs never finish until cancelled), ``answer_delay_s`` (the server is slow to answer at all), ``refuse_unless``
 (a 422 with the backend's code and fixes until the request carries the field that agrees: overwrite ...).
+``models`` is what /v1/models lists (add :data:`ZOO_MODEL`, not downloaded, to test downloads: POST
+/v1/models/{id}/fetch runs a "fetch" job whose status reports ``stage``/``bytes_done``); /v1/models/default
+answers ``default_choice``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ MODELS = [
      "bands": ["R", "G", "B"], "gsd_m": 1.0, "tile_px": 224, "image_size": 224, "embed_dim": 512, "trained": True,
      "description": "OpenAI CLIP"},
 ]
+for _m in MODELS:
+    _m.update(downloaded=True, weights="downloaded", download_bytes=None, downloadable=False, license="MIT",
+              summary=_m["title"])
+#: A model whose weights are not on the backend's machine yet.
+ZOO_MODEL = {"id": "georsclip-vit-b32", "title": "GeoRSCLIP ViT-B/32 (RS5M), RGB", "family": "clip", "modality": "rgb",
+             "bands": [], "gsd_m": 10.0, "tile_px": 64, "image_size": 224, "embed_dim": 512, "trained": True,
+             "description": "RGB", "summary": "CLIP ViT-B/32 fine-tuned on RS5M", "license": "CC-BY-4.0",
+             "downloaded": False, "weights": "about 605 MB to download", "download_bytes": 605_000_000,
+             "downloadable": True}
+FETCH_BYTES = 605_000_000
 
 
 class FakeBackend:
@@ -42,6 +55,10 @@ class FakeBackend:
         self.refuse_unless: tuple[str, dict] | None = None
         self.hang = False
         self.answer_delay_s = 0.0
+        self.models = [dict(m) for m in MODELS]
+        self.models_errors = 0  # the next N model lists fail (503), as a backend still importing may time out
+        self.default_choice = {"model": "tiny-aligned-s2", "reason": "tiny-aligned-s2: best multispectral model "
+                                                                   "that reads this product's bands"}
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -69,7 +86,8 @@ class FakeBackend:
     def _new_job(self, body: dict) -> dict:
         now = time.strftime("%Y-%m-%dT%H:%M:%S")
         job = {"id": uuid.uuid4().hex[:12], "kind": body.get("kind"), "state": "queued", "done": 0, "total": 0,
-               "rate": None, "eta_seconds": None, "created": now, "started": None, "finished": None,
+               "rate": None, "eta_seconds": None, "stage": None, "bytes_done": 0, "bytes_total": None,
+               "created": now, "started": None, "finished": None,
                "result": None, "error": None, "request": body, "_polls": 0}
         self.jobs[job["id"]] = job
         return job
@@ -78,9 +96,15 @@ class FakeBackend:
         if job["state"] in ("succeeded", "failed", "cancelled"):
             return
         job["_polls"] += 1
-        job["state"], job["total"], job["started"] = "running", 12, job["started"] or job["created"]
-        job["done"] = min(12, job["_polls"] * 4)
-        job["rate"], job["eta_seconds"] = 40.0, 0.1
+        if job["kind"] == "fetch":
+            job["state"], job["started"], job["stage"] = "running", job["started"] or job["created"], \
+                "downloading weights"
+            job["bytes_total"], job["bytes_done"] = FETCH_BYTES, min(FETCH_BYTES, job["_polls"] * FETCH_BYTES // 4)
+            job["eta_seconds"] = 3.0
+        else:
+            job["state"], job["total"], job["started"] = "running", 12, job["started"] or job["created"]
+            job["done"] = min(12, job["_polls"] * 4)
+            job["rate"], job["eta_seconds"] = 40.0, 0.1
         if self.hang or job["_polls"] < self.polls_to_finish:
             return
         if self.fail_with:
@@ -102,6 +126,11 @@ class FakeBackend:
             if request.get("heatmap"):
                 shutil.copy(self.files["heatmap"], request["heatmap"])
             job["result"] = {"out": request["out"], "heatmap": request.get("heatmap")}
+        elif job["kind"] == "fetch":
+            for model in self.models:
+                if model["id"] == request["model"]:
+                    model.update(downloaded=True, weights="downloaded", download_bytes=None)
+            job["result"] = {"model": request["model"], "weights": "downloaded"}
         job["state"], job["done"], job["finished"] = "succeeded", 12, job["created"]
 
     @staticmethod
@@ -144,8 +173,13 @@ class FakeBackend:
                                          "torch": "2.x",
                                          "onnx_providers": ["CPUExecutionProvider"], "loaded_models": [],
                                          "queue_length": 0, "running_job": running[0] if running else None})
+                    elif self.path == "/v1/models" and backend.models_errors:
+                        backend.models_errors -= 1
+                        self._send(503, {"detail": "busy"})
                     elif self.path == "/v1/models":
-                        self._send(200, MODELS)
+                        self._send(200, backend.models)
+                    elif self.path.startswith("/v1/models/default?"):
+                        self._send(200, backend.default_choice)
                     elif self.path.startswith("/v1/jobs/"):
                         job = backend.jobs.get(self.path.rsplit("/", 1)[1])
                         if job is None:
@@ -164,6 +198,12 @@ class FakeBackend:
                     body = json.loads(self.rfile.read(length) or b"{}")
                 except ValueError:
                     self._send(422, {"detail": "body is not JSON"})
+                    return
+                if self.path.startswith("/v1/models/") and self.path.endswith("/fetch"):
+                    body = {"kind": "fetch", "model": self.path.split("/")[3]}
+                    with backend.lock:
+                        backend.requests.append(body)
+                        self._send(201, backend.public(backend._new_job(body)))
                     return
                 if self.path != "/v1/jobs":
                     self._send(404, {"detail": "not found"})

@@ -179,7 +179,7 @@ def pick_model(dock, model_id):
 
 
 def test_models_and_their_one_line_description(dock):
-    assert dock.model_combo.count() == 2
+    assert dock.model_combo.count() == 3 and dock.automatic()  # "Automatic" first, then the two models
     pick_model(dock, "tiny-aligned-s2")
     text = dock.model_label.text()
     assert "S2 · 13 bands (B01..B12) · 10 m/px · tile 32 px" in text and "untrained" in text
@@ -189,15 +189,17 @@ def test_models_and_their_one_line_description(dock):
     assert dock.current_model() == "tiny-aligned-s2"
 
 
-def test_the_documented_default_model_is_preselected_until_the_user_picks_one(qgis_iface, isolated):
+def test_automatic_is_preselected_until_the_user_picks_a_model(qgis_iface, isolated):
     """The trial: the first model of the list (alphabetical) was preselected and then remembered as if chosen."""
     first = TilePromptDock(qgis_iface)
-    first.set_models(MODELS, backend_default="clip-vit-b32-openai")  # the backend's health names its default
-    assert first.current_model() == "clip-vit-b32-openai" and Settings().get(Key.DEFAULT_MODEL) == ""
+    first.set_models(MODELS)
+    assert first.automatic() and Settings().get(Key.DEFAULT_MODEL) == ""  # what the backend does without a model
     pick_model(first, "tiny-aligned-s2")
     second = TilePromptDock(qgis_iface)
-    second.set_models(MODELS, backend_default="clip-vit-b32-openai")
-    assert second.current_model() == "tiny-aligned-s2"  # the user's pick wins over the default
+    second.set_models(MODELS)
+    assert second.current_model() == "tiny-aligned-s2"  # the user's pick is remembered
+    pick_model(second, "")  # and so is going back to Automatic
+    assert Settings().get(Key.DEFAULT_MODEL) == "" and second.automatic()
     for dock in (first, second):
         dock.deleteLater()
 

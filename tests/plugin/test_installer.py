@@ -186,7 +186,8 @@ def test_cpu_installs_take_pytorchs_cpu_wheels_and_cuda_lets_uv_match_the_driver
 
 # --- proxy --------------------------------------------------------------------------------------------------------
 def test_qgis_proxy_settings_become_proxy_variables():
-    env = proxy.proxy_environment(True, "HttpProxy", "proxy.corp", 3128, "ana", "p@ss:w", ["*.corp", "https://x.org/"])
+    env = proxy.proxy_environment(True, "HttpProxy", "proxy.corp", 3128, "ana", "p@ss:w",
+                                    ["*.corp", "https://x.org/maps/"])
     assert env["HTTPS_PROXY"] == env["HTTP_PROXY"] == "http://ana:p%40ss%3Aw@proxy.corp:3128"
     assert env["NO_PROXY"] == "*.corp,x.org"
     assert proxy.proxy_environment(True, "Socks5Proxy", "s", 1080) == {"ALL_PROXY": "socks5://s:1080"}

@@ -67,7 +67,7 @@ def test_start_from_the_dock_and_stop(plugin, fake_venv, qgis_iface):
     plugin.settings.set(Key.BACKEND_VENV, str(fake_venv))
     plugin.dock.start_button.click()
     assert plugin.dock.backend_state == "starting" and not plugin.dock.start_button.isEnabled()
-    assert wait_until(lambda: plugin.dock.backend_state == "up" and plugin.dock.model_combo.count() == 2, 20)
+    assert wait_until(lambda: plugin.dock.backend_state == "up" and plugin.dock.model_combo.count() == 3, 20)
     assert plugin.dock.stop_button.isEnabled()
     assert "started by this QGIS" in plugin.copy_diagnostics()
     plugin.dock.stop_button.click()
@@ -88,3 +88,32 @@ def test_start_without_a_backend_venv_explains(plugin, qgis_iface, isolated):
     plugin.start_backend()
     assert plugin.dock.backend_state == "error"
     assert any("scripts/setup" in m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical))
+
+
+def test_the_backend_gets_the_proxy_qgis_uses(plugin, fake_venv, monkeypatch):
+    from qgis.core import QgsSettings
+
+    from tileprompt_plugin.plugin.launcher import proxy_environment
+
+    settings = QgsSettings()
+    keys = ("proxy/proxyEnabled", "proxy/proxyType", "proxy/proxyHost", "proxy/proxyPort", "proxy/proxyUser",
+            "proxy/proxyPassword", "proxy/noProxyUrls")
+    before = {k: settings.value(k) for k in keys if settings.contains(k)}
+    assert proxy_environment() == {}  # no proxy configured: the environment is left as it is
+    for key, value in zip(keys, (True, "HttpProxy", "proxy.example", "3128", "ana", "p@ss:word",
+                                 ["https://intranet.example/maps", "10.1.2.3"])):
+        settings.setValue(key, value)
+    try:
+        env = proxy_environment()
+        assert env["https_proxy"] == env["HTTP_PROXY"] == "http://ana:p%40ss%3Aword@proxy.example:3128"
+        assert env["no_proxy"] == "127.0.0.1,localhost,::1,intranet.example,10.1.2.3" == env["NO_PROXY"]
+        started = {}
+        monkeypatch.setattr(plugin.launcher, "start", lambda *a, **kw: started.update(kw))
+        plugin.settings.set(Key.BACKEND_VENV, str(fake_venv))
+        plugin.start_backend()
+        assert started["env"]["https_proxy"] == env["https_proxy"] and "PYTHONPATH" not in started["env"]
+    finally:
+        for key in keys:
+            settings.remove(key)
+        for key, value in before.items():
+            settings.setValue(key, value)

@@ -113,3 +113,21 @@ def test_extent_wkt_is_a_closed_ring():
     from qgis.core import QgsGeometry
     geometry = QgsGeometry.fromWkt(wkt)
     assert geometry.isGeosValid() and geometry.area() == 4
+
+
+def test_the_offset_option_follows_the_backends_rule():
+    from tileprompt_plugin.plugin import parameters
+
+    tree = ast.parse((PLUGIN_DIR / "backend" / "tileprompt_backend" / "validation.py").read_text())
+    constants = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                 for t in node.targets if isinstance(t, ast.Name) and t.id in ("MAX_OFFSET_DN", "OFFSET_MODES")}
+    assert constants == {"MAX_OFFSET_DN": parameters.MAX_OFFSET_DN, "OFFSET_MODES": parameters.OFFSET_MODES}
+    assert parameters.parse_offset("") == "auto" and parameters.parse_offset(" None") == "none"
+    assert parameters.parse_offset("1000") == 1000.0
+    for bad in ("-1", "10001", "x"):
+        with pytest.raises(ValueError, match="offset must be"):
+            parameters.parse_offset(bad)
+    raster = RasterInput("l", "S2", InputKind.FILE, "/d/s2.tif", offset=1000.0)
+    assert raster.request_fields()["offset"] == 1000.0 and "offset" not in RASTER.request_fields()
+    assert raster.with_path("/d/x.tif").offset == 1000.0
+    assert "offset" in FIELDS["RasterInput"]

@@ -63,7 +63,14 @@ def test_classify_through_processing_run(processing, plugin, fake_backend, isola
     request = fake_backend.requests[-1]
     assert request["raster"] == scene.source() and request["band_map"][0] == "B01"
     assert (request["tile_px"], request["multi_label"], request["threshold"]) == (64, True, 0.4)
+    assert "offset" not in request  # auto: the backend reads the product's baseline
     assert QgsVectorLayer(result["OUTPUT"], "x", "ogr").featureCount() == 12
+    processing.run("tileprompt:classify", {"INPUT": scene, "PROMPTS": "a\nb", "OFFSET": "1000",
+                                           "OUTPUT": str(tmp_path / "o.gpkg")})
+    assert fake_backend.requests[-1]["offset"] == 1000.0
+    errors = run_failing(processing, {"INPUT": scene, "PROMPTS": "a\nb", "OFFSET": "20000",
+                                      "OUTPUT": str(tmp_path / "p.gpkg")})
+    assert "offset must be 'auto', 'none' or a number of DN between 0 and 10000" in errors
 
 
 def test_run_and_load_results_styles_the_layer(processing, plugin, fake_backend, isolated, scene, tmp_path):

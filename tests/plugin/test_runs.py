@@ -179,6 +179,85 @@ def test_diagnostics_are_copied_to_the_clipboard(ready):
         assert expected in text, expected
 
 
+def _add_zoo_model(plugin, fake_backend):
+    from fake_backend import ZOO_MODEL
+
+    fake_backend.models.append(dict(ZOO_MODEL))
+    plugin.session.refresh_models()
+    assert wait_until(lambda: plugin.dock.model_combo.findData(ZOO_MODEL["id"]) >= 0, 10)
+    plugin.dock.model_combo.setCurrentIndex(plugin.dock.model_combo.findData(ZOO_MODEL["id"]))
+    return ZOO_MODEL["id"]
+
+
+def test_a_model_without_weights_is_never_run_blindly(ready, fake_backend, qgis_iface):
+    model = _add_zoo_model(ready, fake_backend)
+    dock = ready.dock
+    assert not dock.download_button.isHidden()
+    assert "about 605 MB to download" in dock.model_label.text() and "CC-BY-4.0" in dock.model_label.text()
+    n = len(fake_backend.requests)
+    dock.run_button.click()
+    assert ready.current_task is None and len(fake_backend.requests) == n  # nothing was sent
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert any(f"weights of {model} are not downloaded" in m and "Download" in m for m in warnings)
+
+
+def test_download_shows_progress_and_cancels(ready, fake_backend, qgis_iface):
+    model = _add_zoo_model(ready, fake_backend)
+    dock = ready.dock
+    fake_backend.hang = True
+    dock.download_button.click()
+    assert ready.current_task is not None and dock.cancel_button.isEnabled()
+    assert wait_until(lambda: "downloading weights" in dock.status_label.text() and dock.progress.value() > 0, 10)
+    assert "/ 605 MB" in dock.status_label.text() and "s left" in dock.status_label.text()
+    assert ("POST", f"/v1/models/{model}/fetch") in fake_backend.calls
+    dock.cancel_button.click()
+    assert wait_until(lambda: ready.current_task is None, 10)
+    assert [j["state"] for j in fake_backend.jobs.values() if j["kind"] == "fetch"] == ["cancelled"]
+    assert "Download again continues" in dock.status_label.text()
+    assert not dock.download_button.isHidden()
+
+    fake_backend.hang = False
+    dock.download_button.click()
+    assert wait_until(lambda: ready.current_task is None, 10)
+    assert any(f"{model} downloaded" in m for m in messages(qgis_iface, Qgis.MessageLevel.Success))
+    assert wait_until(lambda: dock.download_button.isHidden(), 10)  # the list was refreshed: downloaded now
+    assert "weights: downloaded" in dock.model_label.text()
+    dock.run_button.click()
+    assert wait_until(lambda: ready.current_task is None, 15)
+    assert fake_backend.requests[-1]["kind"] == "classify" and fake_backend.requests[-1]["model"] == model
+
+
+def test_automatic_model_shows_and_runs_the_backends_choice(ready, fake_backend):
+    dock = ready.dock
+    dock.model_combo.setCurrentIndex(0)
+    assert dock.automatic()
+    assert wait_until(lambda: dock.auto_choice is not None, 10)
+    assert "Automatic: tiny-aligned-s2: best multispectral model" in dock.model_label.text()
+    asked = [path for method, path in fake_backend.calls if path.startswith("/v1/models/default?")]
+    assert asked and "raster=" in asked[-1]
+    dock.offset_combo.setEditText("none")  # the raster changed: the choice is asked for again
+    assert dock.auto_choice is None
+    assert wait_until(lambda: dock.auto_choice is not None, 10)
+    assert any("offset=none" in path for _method, path in fake_backend.calls)
+    dock.run_button.click()
+    assert wait_until(lambda: ready.current_task is None, 15)
+    request = fake_backend.requests[-1]
+    assert request["model"] == "tiny-aligned-s2" and request["offset"] == "none"
+    dock.offset_combo.setEditText("lots")
+    dock.run_button.click()
+    assert ready.current_task is None and "offset must be 'auto', 'none' or a number" in dock.status_label.text()
+
+
+def test_a_model_list_that_failed_is_asked_for_again(plugin, fake_backend, isolated):
+    """A backend busy importing its models may not answer the first list in time: the next health check asks again."""
+    fake_backend.models_errors = 1
+    plugin.attach_backend(fake_backend.write_state_file(isolated / "home" / "server.json"))
+    assert wait_until(lambda: plugin.session.connected, 10)
+    assert wait_until(lambda: ("GET", "/v1/models") in fake_backend.calls and not plugin.session._models_pending, 10)
+    assert plugin.session.models == []
+    plugin.session.refresh_health()  # what the 5 s timer does
+    assert wait_until(lambda: len(plugin.session.models) == 2, 10)
+    assert plugin.dock.model_combo.count() == 3
 def test_diagnostics_name_the_installation_its_log_and_the_last_error(ready, fake_backend, monkeypatch, tmp_path):
     from tileprompt_plugin.plugin import settings as settings_module
     from tileprompt_plugin.plugin.installer import locations, record

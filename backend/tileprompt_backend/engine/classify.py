@@ -15,7 +15,7 @@ import numpy as np
 from .. import __version__, validation
 from ..classmap import write_class_map
 from ..errors import InputError
-from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
+from ..models import cached_model, cached_runner, choose_model, resolve_card
 from ..outputs import WRITER_TAG, guard_output, write_tiles_gpkg
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
@@ -45,6 +45,8 @@ class ClassifyResult:
     runner: str
     warnings: list[str] = field(default_factory=list)  # what the user should know: pixel space, a re-embedded raster
     run: dict = field(repr=False, default_factory=dict)
+    model: str = ""  # the card used
+    model_reason: str | None = None  # why, when no model was named (the layer's default)
     class_map: Path | None = None  # the class-map GeoTIFF, when asked for
 
     @property
@@ -60,8 +62,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              templates: str | Path | None = None, tile_px: int | None = None, stride: int | None = None,
              aoi: str | dict | None = None, aoi_crs: str | None = None, multi_label: bool = False,
              threshold: float = 0.5, band_map: Sequence[str] | None = None, level: str | None = None,
-             batch_size: int = 32, runner: str = "auto", device: str = "auto",
-             progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+             offset: str | float | None = "auto", batch_size: int = 32, runner: str = "auto",
+             device: str = "auto", progress: ProgressFn | None = None, cancel: CancelFn | None = None,
              index: str | Path | None = None, cache: bool = True, date: int | None = None,
              overwrite: bool = False, layer: str | None = None, pixel_space: bool = False,
              class_map: str | Path | None = None) -> ClassifyResult:
@@ -69,6 +71,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     and with ``class_map`` also the class-map GeoTIFF (``classmap.py``: one pixel per tile, class and scores).
 
     All inputs are validated before the model loads; every bad input is a ValueError naming the problem.
+    ``model`` None picks the best card for the raster (``models.choose_model``); the result says which and why.
+    ``offset`` ("auto", "none" or DN) is the Sentinel-2 processing-baseline offset reads subtract; the run
+    metadata records what was applied and why.
 
     Tile embeddings come from an index when the raster (same files, band map, level) is complete in it for
     this model, tile size and stride: ``index`` (a folder), else the default cache index of the model + tile +
@@ -90,13 +95,17 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     tile_px, stride = validation.tile_px(tile_px), validation.stride(stride)
     band_map = validation.select_date(validation.band_map(band_map), date)
     classes = parse_prompts(prompts)
-    card = resolve_card(model or DEFAULT_MODEL)
-    template_file = templates_path(templates or card.templates)
-    template_list = load_templates(template_file)
+    offset = validation.offset(offset)
+    card = resolve_card(model) if model else None
     warnings: list[str] = []
 
-    with open_raster(raster, band_map=band_map, level=level) as source:
+    with open_raster(raster, band_map=band_map, level=level, offset=offset) as source:
         info = source.info
+        choice = choose_model(info) if card is None else None
+        if choice is not None:  # no model named: the best card for this layer
+            card = choice.card
+        template_file = templates_path(templates or card.templates)
+        template_list = load_templates(template_file)
         out = guard_output(out, [raster, template_file, *info.files.values()], overwrite, layer=layer,
                            input_dirs=[card.path, index])
         if class_map is not None:
@@ -177,6 +186,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "model_title": card.title,
         "model_card_hash": card.card_hash(),
         "model_trained": card.trained,
+        "model_choice": choice.reason if choice is not None else "named by the user",
         "runner": run_name,
         "device": run_device,
         "embeddings_index": (str(cached.store.root) if cached is not None else str(stored) if stored else None),
@@ -187,6 +197,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "raster_layout": info.layout,
         "raster_level": info.level,
         "raster_bands": list(info.bands),
+        "offset": info.offset.to_json(),
         "band_map": band_map,
         "date": date,
         "pixel_space": not info.georeferenced,
@@ -220,6 +231,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
                           encode_seconds=stats.encode_seconds, runner=run_name, warnings=warnings, run=run,
+                          model=card.id, model_reason=choice.reason if choice is not None else None,
                           class_map=class_map)
 
 

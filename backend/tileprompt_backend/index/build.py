@@ -28,7 +28,7 @@ import numpy as np
 from .. import validation
 from ..engine.classify import check_georeference
 from ..engine.embed import Cancelled, EmbedStats, embed_tiles
-from ..models import DEFAULT_MODEL, cached_model, cached_runner, resolve_card
+from ..models import cached_model, cached_runner, choose_model, resolve_card
 from ..models.downloads import ensure_weights
 from ..models.loading import DEVICES, LoadedModel
 from ..models.runners import BACKENDS
@@ -56,6 +56,8 @@ class IndexResult:
     index_scenes: int = 0  # scenes in the whole index
     index_tiles: int = 0  # tiles in the whole index
     scene_keys: list[str] = field(default_factory=list)
+    model: str = ""  # the card used
+    model_reason: str | None = None  # why, when no model was named (the first raster's default)
 
 
 @dataclass
@@ -63,28 +65,33 @@ class _Planned:
     raster: str
     band_map: list[str] | None
     level: str | None
+    offset: str | float | None
     key: str
     fingerprint: dict[str, Any]
     grid_tiles: int
 
 
-def raster_inputs(rasters: Sequence[Any]) -> list[tuple[str, list[str] | None, str | None]]:
-    """(raster, band_map, level) for each item: a path, a dict or a ``schemas.RasterInput``."""
+RASTER_FIELDS = ("raster", "band_map", "date", "level", "offset")
+
+
+def raster_inputs(rasters: Sequence[Any]) -> list[tuple[str, list[str] | None, str | None, str | float | None]]:
+    """(raster, band_map, level, offset) for each item: a path, a dict or a ``schemas.RasterInput``."""
     if isinstance(rasters, (str, os.PathLike, dict)) or not rasters:
         rasters = [rasters] if rasters else []
     out = []
     for item in rasters:
         if isinstance(item, (str, os.PathLike)):
-            out.append((os.fspath(item), None, None))
+            out.append((os.fspath(item), None, None, None))
             continue
         d = item.model_dump() if hasattr(item, "model_dump") else dict(item) if isinstance(item, dict) else None
         if d is None or not d.get("raster"):
-            raise ValueError(f"a raster to index must be a path or {{'raster': path, 'band_map', 'level'}}, got {item!r}")
-        unknown = set(d) - {"raster", "band_map", "level", "date"}
+            raise ValueError(f"a raster to index must be a path or {{'raster': path, 'band_map', 'level', 'offset'}}, "
+                             f"got {item!r}")
+        unknown = set(d) - set(RASTER_FIELDS)
         if unknown:
-            raise ValueError(f"unknown raster field(s) {sorted(unknown)} (valid: raster, band_map, date, level)")
+            raise ValueError(f"unknown raster field(s) {sorted(unknown)} (valid: {', '.join(sorted(RASTER_FIELDS))})")
         band_map = validation.select_date(validation.band_map(d.get("band_map") or None), d.get("date"))
-        out.append((os.fspath(d["raster"]), band_map, d.get("level")))
+        out.append((os.fspath(d["raster"]), band_map, d.get("level"), validation.offset(d.get("offset"))))
     if not out:
         raise ValueError("no rasters to index")
     return out
@@ -148,7 +155,8 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
         raise ValueError(f"unknown runner backend {runner!r} (valid: {', '.join(BACKENDS)})")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r} (valid: {', '.join(DEVICES)})")
-    card = ensure_weights(resolve_card(model or DEFAULT_MODEL))
+    card, choice = index_card(model, inputs)
+    card = ensure_weights(card)
     tile, step = _tile_params(card, tile_px, stride)
     mk = _model_key_or_fail(card, tile, step)
     root = Path(index).expanduser() if index is not None else default_index_dir(mk)
@@ -157,15 +165,15 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
 
     # 1. validate every raster and key it (cheap: opens headers only)
     planned: dict[str, _Planned] = {}
-    for raster, band_map, level in inputs:
-        with open_raster(raster, band_map=band_map, level=level) as source:
+    for raster, band_map, level, offset in inputs:
+        with open_raster(raster, band_map=band_map, level=level, offset=offset) as source:
             info = source.info
             check_georeference(info, pixel_space)
             required_bands(card, info)  # a raster the model cannot read fails here, before any work
             grid = make_grid(info, tile, step)
             fp = scene_fingerprint(info, band_map, level)
             key = scene_key(fp, mk)
-            planned.setdefault(key, _Planned(raster, band_map, level, key, fp, len(grid)))
+            planned.setdefault(key, _Planned(raster, band_map, level, offset, key, fp, len(grid)))
 
     complete = {s.key: s for s in store.scenes()}
     if also_in is not None:
@@ -197,13 +205,24 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
         index=store.root, scenes=len(planned), tiles=sum(r.tiles for r in records.values()), computed=computed,
         reused=reused, skipped_nodata=sum(r.skipped_nodata for r in records.values()),
         seconds=time.perf_counter() - t0, search_method=search_method_for(store),
-        index_scenes=len(store.scenes()), index_tiles=index_tiles, scene_keys=list(planned))
+        index_scenes=len(store.scenes()), index_tiles=index_tiles, scene_keys=list(planned), model=card.id,
+        model_reason=choice.reason if choice is not None else None)
+
+
+def index_card(model: str | None, inputs: Sequence[tuple]) -> tuple[Any, Any]:
+    """(card, choice): the named model, or the best card for the first raster (``models.choose_model``)."""
+    if model:
+        return resolve_card(model), None
+    raster, band_map, level, offset = inputs[0]
+    with open_raster(raster, band_map=band_map, level=level, offset=offset) as source:
+        choice = choose_model(source.info)
+    return choice.card, choice
 
 
 def embed_scene(store: IndexStore, p: _Planned, tile: int, step: int, loaded, run_engine, batch_size: int,
                 progress: ProgressFn | None, cancel: CancelFn | None) -> tuple[SceneRecord, int]:
     """Embed one scene's usable tiles and commit them; returns (committed record, tiles encoded)."""
-    with open_raster(p.raster, band_map=p.band_map, level=p.level) as source:
+    with open_raster(p.raster, band_map=p.band_map, level=p.level, offset=p.offset) as source:
         info = source.info
         fp = scene_fingerprint(info, p.band_map, p.level)
         if fp != p.fingerprint:
@@ -236,11 +255,14 @@ def _inputs_from_args(args: argparse.Namespace) -> list[dict]:
                     if line.strip() and not line.lstrip().startswith("#")]
     if not rasters:
         raise ValueError("no rasters to index: give RASTER... or --scene-list FILE")
-    return [{"raster": r, "band_map": args.band_map, "date": args.date, "level": args.level} for r in rasters]
+    return [{"raster": r, "band_map": args.band_map, "date": args.date, "level": args.level, "offset": args.offset}
+            for r in rasters]
 
 
 def _print_result(r: IndexResult, world: int = 1) -> None:
     ranks = f" on {world} ranks" if world > 1 else ""
+    if r.model_reason:
+        print(f"model {r.model_reason}")
     print(f"indexed {r.scenes} scene(s), {r.tiles} tiles in {r.seconds:.1f} s{ranks}: {r.computed} computed, "
           f"{r.reused} reused, {r.skipped_nodata} nodata tiles skipped")
     print(f"index {r.index}: {r.index_scenes} scene(s), {r.index_tiles} tiles; search: {r.search_method}")
@@ -251,23 +273,19 @@ def run(args: argparse.Namespace) -> int:
     inputs = _inputs_from_args(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _run_distributed(args, inputs)
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=0, unit="tile", desc="index", file=sys.stderr, dynamic_ncols=True)
+    from ..bars import StageBars, tile_bar
+    from ..models import download_hooks
 
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total, bar.n = total, done
-            bar.refresh()
-
+    progress, close = tile_bar("index", args.quiet)
+    bars = StageBars(args.quiet)
     try:
-        result = build_index(inputs, model=args.model, tile_px=args.tile, stride=args.stride, index=args.index,
-                             device=args.device, runner=args.runner, progress=progress, batch_size=args.batch_size,
-                             pixel_space=args.pixel_space)
+        with download_hooks(progress=bars):  # a model not downloaded yet: bars for its download first
+            result = build_index(inputs, model=args.model, tile_px=args.tile, stride=args.stride, index=args.index,
+                                 device=args.device, runner=args.runner, progress=progress,
+                                 batch_size=args.batch_size, pixel_space=args.pixel_space)
     finally:
-        if bar is not None:
-            bar.close()
+        bars.close()
+        close()
     _print_result(result)
     return 0
 
@@ -287,13 +305,13 @@ def _run_distributed(args: argparse.Namespace, inputs: list[dict]) -> int:
         setup: list[Any] = [None]
         if rank == 0:
             try:
-                card = ensure_weights(resolve_card(args.model or DEFAULT_MODEL))
+                card = ensure_weights(index_card(args.model, raster_inputs(inputs))[0])
                 tile, step = _tile_params(card, args.tile, args.stride)
                 mk = _model_key_or_fail(card, tile, step)
                 root = Path(args.index).expanduser() if args.index else default_index_dir(mk)
                 store = IndexStore.create_or_open(root, mk)
                 store.cleanup()
-                setup[0] = {"root": str(store.root), "run": uuid.uuid4().hex[:8]}
+                setup[0] = {"root": str(store.root), "run": uuid.uuid4().hex[:8], "model": str(card.path)}
             except (ValueError, OSError) as e:
                 setup[0] = {"error": str(e)}
         dist.broadcast_object_list(setup, src=0)
@@ -307,8 +325,8 @@ def _run_distributed(args: argparse.Namespace, inputs: list[dict]) -> int:
         outcome: dict[str, Any] = {"rank": rank}
         try:
             if mine:
-                r = _build(mine, args.model, args.tile, args.stride, shard, args.device, args.runner, None, None,
-                           args.batch_size, also_in=main, pixel_space=args.pixel_space)
+                r = _build(mine, setup[0]["model"], args.tile, args.stride, shard, args.device, args.runner, None,
+                           None, args.batch_size, also_in=main, pixel_space=args.pixel_space)
                 outcome.update(asdict(r), index=str(r.index))
             else:
                 outcome.update(scenes=0, tiles=0, computed=0, reused=0, skipped_nodata=0)

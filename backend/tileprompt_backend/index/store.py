@@ -186,14 +186,18 @@ def raster_files(info) -> list[str]:
 
 
 def scene_fingerprint(info, band_map: Sequence[str] | None, level: str | None) -> dict[str, Any]:
-    """What identifies a scene's pixels: path, files with size and mtime, band map, level, detected bands."""
+    """What identifies a scene's pixels: path, files with size and mtime, band map, level, detected bands, and the
+    baseline offset subtracted (only when one is: scenes without an offset keep the keys they had before)."""
     files = []
     for f in raster_files(info):
         st = os.stat(f)
         files.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
-    return {"raster": str(Path(info.path).resolve()), "files": files,
-            "band_map": list(band_map) if band_map is not None else None, "level": level,
-            "detected": [info.kind, info.level, list(info.bands), info.layout, info.width, info.height]}
+    fingerprint = {"raster": str(Path(info.path).resolve()), "files": files,
+                   "band_map": list(band_map) if band_map is not None else None, "level": level,
+                   "detected": [info.kind, info.level, list(info.bands), info.layout, info.width, info.height]}
+    if info.offset.applied:
+        fingerprint["offset_dn"] = {b: info.offset.dn[b] for b in sorted(info.offset.dn)}
+    return fingerprint
 
 
 def scene_key(fingerprint: dict[str, Any], mk: ModelKey) -> str:
@@ -277,7 +281,8 @@ def scene_record(info, fingerprint: dict[str, Any], key: str, grid, band_map, le
         transform=(t.a, t.b, t.c, t.d, t.e, t.f), width=int(info.width), height=int(info.height),
         n_rows=grid.n_rows, n_cols=grid.n_cols, tiles=0, skipped_nodata=0,
         info={"fingerprint": fingerprint, "kind": info.kind, "detected_level": info.level,
-              "bands": list(info.bands), "layout": info.layout, "nodata": info.nodata})
+              "bands": list(info.bands), "layout": info.layout, "nodata": info.nodata,
+              "offset": info.offset.to_json()})
 
 
 # --- file helpers ----------------------------------------------------------------------------------------------

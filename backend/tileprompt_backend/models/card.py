@@ -18,6 +18,7 @@ from ..sentinel2.bands import BANDS, normalize_band_name
 CARD_FILE = "model.json"
 FAMILIES = ("clip", "aligned-s2")
 MODALITIES = ("rgb", "s2")
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class InputSpec:
     gsd_m: float = 10.0
     mean: tuple[float, ...] | None = None  # optional per-channel normalisation after scaling
     std: tuple[float, ...] | None = None
+    interpolation: str | None = None  # s2: resize to image_size ("bilinear" default, or "bicubic")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class ModelCard:
     # where weight files named by the card can be downloaded from: {file: {"url", "sha256" (hex or prefix), "convert"}}
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None  # one line for model lists: what the model is and what it is good at
+    preference: int = 0  # > 0: may be chosen as the default for a layer it reads, the highest first (choice.py)
     path: Path | None = None  # the card's directory; None for cards not on disk
 
     # --- derived ---
@@ -71,11 +75,26 @@ class ModelCard:
         d = asdict(self)
         d.pop("path")
         d["input"]["bands"] = list(self.input.bands)
+        for key in _OPTIONAL:  # fields added later are written only when set
+            if d[key] == ModelCard.__dataclass_fields__[key].default:
+                del d[key]
+        if d["input"]["interpolation"] is None:
+            del d["input"]["interpolation"]
         return d
 
+    @property
+    def license(self) -> str:
+        """The weights' licence as the card's provenance states it ("unknown" when it does not)."""
+        return str(self.provenance.get("license") or "unknown")
+
     def card_hash(self) -> str:
-        """sha256 of the card's JSON (stable key order): identifies a model version in outputs and caches."""
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+        """sha256 of the card's JSON (stable key order): identifies a model version in outputs and caches.
+
+        The one-line description and the default preference do not change what the model computes, so they are
+        left out: editing them keeps indexes and ONNX exports keyed by the hash.
+        """
+        data = {k: v for k, v in self.to_json().items() if k not in _OPTIONAL}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
         """One line for pickers: modality, bands, GSD, untrained warning."""
@@ -83,6 +102,9 @@ class ModelCard:
         what = "RGB" if inp.modality == "rgb" else f"Sentinel-2 {len(inp.bands)} bands"
         warn = "" if self.trained else " - UNTRAINED (random weights, for tests and demos)"
         return f"{self.title}: {what}, {inp.gsd_m:g} m GSD, tile {inp.tile_px} px, dim {self.embed_dim}{warn}"
+
+
+_OPTIONAL = ("description", "preference")
 
 
 def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
@@ -111,6 +133,9 @@ def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
         if raw_in.get(key) is not None:
             raw_in[key] = tuple(float(v) for v in raw_in[key])
     inp = InputSpec(**raw_in)
+    if inp.interpolation is not None and inp.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"model card {where}: unknown input interpolation {inp.interpolation!r} "
+                         f"(valid: {', '.join(INTERPOLATIONS)})")
     card = ModelCard(
         id=need(data, "id", where),
         family=family,
@@ -127,6 +152,8 @@ def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
         weights=data.get("weights"),
         sources={str(k): dict(v) for k, v in data.get("sources", {}).items()},
         provenance=dict(data.get("provenance", {})),
+        description=data.get("description"),
+        preference=int(data.get("preference", 0)),
         path=path,
     )
     if card.input.image_size <= 0 or card.input.tile_px <= 0:

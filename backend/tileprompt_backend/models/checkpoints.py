@@ -1,15 +1,20 @@
-"""Pure functions that turn published checkpoints into the state dicts our towers load.
+"""Published checkpoints -> the state dicts our towers load: one reader per checkpoint layout.
 
-One filter per checkpoint source (like timm's ``checkpoint_filter_fn``); the strict key check comes after,
-in the loader, so a filter never hides a mismatch.
+One pure filter per checkpoint source (like timm's ``checkpoint_filter_fn``); the strict key check comes after,
+in the loader, so a filter never hides a mismatch. :data:`CONVERTERS` names the layouts a card's ``sources``
+(``"convert"``) and ``tileprompt models import`` accept. Pickles are read with ``torch.load(weights_only=True)``:
+the unpickler rebuilds tensors and plain containers only and runs no code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from .weights import read_weights
 
 # zhu-xlab's raw MoCo-v3 files keep the encoder under DataParallel's "module." and MoCo's "base_encoder.";
 # DINO files use "backbone."; torchgeo's re-published file is already a flat timm state dict.
@@ -63,3 +68,69 @@ def ssl4eo_checkpoint_filter(state_dict: Mapping[str, torch.Tensor]) -> dict[str
             continue
         out[key] = value
     return out
+
+
+# Llama3-MS-CLIP's Lightning module (IBM/MS-CLIP msclip/model/model_arch.py, CLIPDualEncoderModel) keeps the open_clip
+# model at clip_base_model.model and registers the same module again as image_encoder.model and text_encoder.model,
+# so its state dict holds every tensor up to three times; "temperature" is the training loss's own parameter.
+_MSCLIP_MODEL = "clip_base_model.model."
+_MSCLIP_ALIASES = ("image_encoder.model.", "text_encoder.model.")
+_MSCLIP_TRAINING_ONLY = ("temperature",)
+
+
+def msclip_checkpoint_filter(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Llama3-MS-CLIP checkpoint -> open_clip keys: strip ``clip_base_model.model.``, drop the alias copies (checked
+    equal to the model's tensors) and the loss temperature. Other keys are kept for the strict check to list."""
+    out = {k[len(_MSCLIP_MODEL):]: v for k, v in state_dict.items() if k.startswith(_MSCLIP_MODEL)}
+    for key, value in state_dict.items():
+        if key.startswith(_MSCLIP_MODEL) or key in _MSCLIP_TRAINING_ONLY:
+            continue
+        alias = next((a for a in _MSCLIP_ALIASES if key.startswith(a)), None)
+        if alias is None:
+            out[key] = value
+            continue
+        base = key[len(alias):]
+        copy = out.get(base)
+        same = copy is not None and (copy is value or (copy.shape == value.shape and torch.equal(copy, value)))
+        if not same:
+            raise ValueError(f"checkpoint key {key} is not a copy of {_MSCLIP_MODEL}{base}: not an MS-CLIP checkpoint")
+    return out
+
+
+def read_torch_checkpoint(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``, memory-mapped when the file allows it (training checkpoints carry
+    optimizer state that is never read into memory then)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) pickles cannot be mapped
+
+
+def torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, plain or inside ``{"state_dict": ...}``/``{"model": ...}``, ``module.`` stripped
+    (RemoteCLIP, GeoRSCLIP, open_clip training checkpoints such as SkyCLIP's)."""
+    return strip_module_prefix(unwrap_state_dict(read_torch_checkpoint(path)))
+
+
+#: Checkpoint layouts: name -> function reading a downloaded (or local) file into a state dict.
+CONVERTERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
+    "safetensors": read_weights,
+    "torch-state-dict": torch_state_dict,
+    "ssl4eo-moco": lambda path: ssl4eo_checkpoint_filter(torch_state_dict(path)),
+    "msclip": lambda path: msclip_checkpoint_filter(torch_state_dict(path)),
+}
+
+
+def convert_checkpoint(path: Path, layout: str) -> dict[str, torch.Tensor]:
+    """Read ``path`` in checkpoint ``layout``; an unreadable file is one ValueError naming it."""
+    if layout not in CONVERTERS:
+        raise ValueError(f"unknown checkpoint layout {layout!r} (valid: {', '.join(sorted(CONVERTERS))})")
+    try:
+        return CONVERTERS[layout](path)
+    except ValueError as e:
+        raise ValueError(f"{path.name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file; make them one clear error
+        raise ValueError(f"{path.name}: not a usable {layout} checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None

@@ -8,6 +8,10 @@ Card fields:
 - base weights: ``"pretrained": "<open_clip tag>"`` (downloaded into the cache on first use) or
   ``"weights": "model.safetensors"`` (a full open_clip state dict in the card's folder).
 - ``text_tower``: ``{}`` or ``{"arch": <the same arch>, "context_length": 77}``, descriptive only.
+- multispectral: with ``input.modality`` ``"s2"`` the ViT's patch embedding takes the card's ``input.bands``
+  (``visual.conv1`` becomes ``Conv2d(len(bands), width, patch, patch, bias=False)``, as Llama3-MS-CLIP's);
+  ``image_tower.in_chans``, when given, must equal the number of bands. The card's ``input.scale``,
+  ``mean``/``std`` (per band) and ``interpolation`` say how DN become the tower's input.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from torch import nn
 
 from ..paths import cache_dir
 from .card import ModelCard
@@ -26,7 +31,7 @@ from .towers import ClipImageTower, set_open_clip_image_size
 from .weights import SEEDS, card_weights, check_keys, load_strict, read_weights, seeded
 
 OPEN_CLIP = "open_clip:"
-_IMAGE_KEYS = {"arch", "open_clip_config", "weights"}
+_IMAGE_KEYS = {"arch", "open_clip_config", "weights", "in_chans"}
 _TEXT_KEYS = {"arch", "context_length"}
 
 
@@ -124,8 +129,7 @@ class Clip(Family):
         where = f"model {card.id!r}"
         check_fields(card.image_tower, _IMAGE_KEYS, f"{where} image_tower")
         check_fields(card.text_tower, _TEXT_KEYS, f"{where} text_tower")
-        if card.input.modality != "rgb":
-            raise ValueError(f"{where}: a clip model takes RGB input (input.modality 'rgb')")
+        in_chans = _input_channels(card, where)
         name, config = open_clip_spec(card.image_tower, f"{where} image_tower")
         if card.text_tower.get("arch", card.image_tower.get("arch")) != card.image_tower.get("arch"):
             raise ValueError(f"{where}: a clip model has one arch for both towers")
@@ -134,6 +138,8 @@ class Clip(Family):
 
         with seeded(SEEDS["model"]):
             model = create_open_clip(config, quick_gelu=tag.get("quick_gelu", False))
+            if in_chans != 3:
+                set_patch_embed_channels(model.visual, in_chans, where)
         files = []
         base = open_clip_weights(card, name, card.pretrained, card.weights, "open_clip model")
         if base is not None:
@@ -149,7 +155,31 @@ class Clip(Family):
             files.append(path)
         set_open_clip_image_size(model.visual, image_size, where)
 
-        mean = card.input.mean or tuple(tag.get("mean", open_clip.OPENAI_DATASET_MEAN))
-        std = card.input.std or tuple(tag.get("std", open_clip.OPENAI_DATASET_STD))
+        if card.input.modality == "rgb":
+            mean = card.input.mean or tuple(tag.get("mean", open_clip.OPENAI_DATASET_MEAN))
+            std = card.input.std or tuple(tag.get("std", open_clip.OPENAI_DATASET_STD))
+        else:  # per-band statistics come from the card only (open_clip's are RGB)
+            mean, std = card.input.mean, card.input.std
         return Towers(ClipImageTower(model.visual).eval(), model, open_clip_tokenizer(name, config),
                       mean, std, tuple(files))
+
+
+def _input_channels(card: ModelCard, where: str) -> int:
+    """3 for an RGB card; the number of bands for a multispectral one (checked against ``image_tower.in_chans``)."""
+    if card.input.modality == "rgb":
+        if card.image_tower.get("in_chans", 3) != 3:
+            raise ValueError(f"{where}: an RGB card's image tower takes 3 channels, not {card.image_tower['in_chans']}")
+        return 3
+    n = len(card.input.bands)
+    if card.image_tower.get("in_chans", n) != n:
+        raise ValueError(f"{where}: image_tower.in_chans {card.image_tower['in_chans']} but the card lists {n} bands")
+    return n
+
+
+def set_patch_embed_channels(visual: nn.Module, in_chans: int, where: str) -> None:
+    """Give an open_clip ViT's patch embedding ``in_chans`` input channels (fresh weights, seeded by the caller)."""
+    conv = getattr(visual, "conv1", None)
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"{where}: only open_clip ViT towers (visual.conv1) can take {in_chans} bands")
+    visual.conv1 = nn.Conv2d(in_chans, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
+                             bias=conv.bias is not None)

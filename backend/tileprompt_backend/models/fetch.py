@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from .card import ModelCard
-from .downloads import Transport, download_dir, ensure_weights, missing_weights
+from .downloads import download_dir, ensure_weights, missing_weights, remove_downloaded
 from .loading import load_model
+from .progress import report
 from .registry import get_family, list_models, resolve_card
+
+#: The stage a fetch reports while it builds the model once to check the downloaded weights fit it.
+LOADING = "loading the model"
 
 
 def downloadable(card: ModelCard) -> bool:
@@ -16,13 +19,13 @@ def downloadable(card: ModelCard) -> bool:
     return bool(card.sources) or bool(get_family(card.family).pretrained_tags(card))
 
 
-def fetch(name: str | Path, transport: Transport | None = None, models_dir: Path | None = None) -> ModelCard:
+def fetch(name: str | Path, models_dir: Path | None = None) -> ModelCard:
     """Download the weights of model ``name`` (a known id or a card folder) that are not here yet.
 
     Files a card names go into its folder (a bundled card is copied to ``models_dir``, default the user
     models folder, first); open_clip tags go into the shared cache. The model is then loaded once on the
     CPU, so a checkpoint that does not fit its card fails here, with the keys listed, and is removed.
-    Returns the card to use from now on.
+    Progress and cancel: :func:`~.progress.download_hooks`. Returns the card to use from now on.
     """
     card = resolve_card(name)
     if not downloadable(card):
@@ -31,15 +34,13 @@ def fetch(name: str | Path, transport: Transport | None = None, models_dir: Path
     files, _ = missing_weights(card)
     target = download_dir(card, models_dir)
     new_folder = bool(files) and not target.exists()
+    card = ensure_weights(card, models_dir)  # removes what it wrote when a download fails or is cancelled
     try:
-        card = ensure_weights(card, transport, models_dir)
+        report(LOADING, 0, None)
         load_model(card, device="cpu")
     except ValueError:
-        # What we just downloaded does not fit (or did not arrive): leave nothing that looks usable.
-        if new_folder:
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            for f in files:
-                (target / f).unlink(missing_ok=True)
+        # What we just downloaded does not fit the card: leave nothing that looks usable.
+        remove_downloaded(target, files, new_folder)
         raise
     return card
+

@@ -43,6 +43,9 @@ class LoadedModel:
     def channels(self) -> int:
         return 3 if self.card.input.modality == "rgb" else len(self.card.input.bands)
 
+    def _scaled_to_input(self, scaled: np.ndarray) -> np.ndarray:
+        return reflectance_pixels(scaled, self.image_size, self.mean, self.std, self.card.input.interpolation)
+
     def required_bands(self, info) -> tuple[str, ...]:
         """The bands to read from a raster (a ``RasterInfo``), in the order :meth:`preprocess` expects."""
         inp = self.card.input
@@ -78,7 +81,7 @@ class LoadedModel:
         clip_range = inp.scale.get("clip")
         refl = scale_reflectance(raw, float(inp.scale.get("divide", 10000.0)),
                                  tuple(clip_range) if clip_range is not None else None)
-        return reflectance_pixels(refl, self.image_size, self.mean, self.std)
+        return self._scaled_to_input(refl)
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """(N, D) float32 L2-normalised text embeddings (the card's text tower and tokenizer)."""
@@ -100,7 +103,8 @@ class LoadedModel:
         unit = smooth_noise(n, self.channels, self.image_size, seed)
         if self.card.input.modality == "rgb":
             return clip_pixels(unit, self.image_size, self.mean, self.std)
-        return reflectance_pixels(unit * 0.5, self.image_size, self.mean, self.std)  # typical reflectance range
+        divide = float(self.card.input.scale.get("divide", 10000.0))
+        return self._scaled_to_input(unit * 5000.0 / divide)  # reflectance 0-0.5 (DN 0-5000) in the card's scale
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.card.id!r}, device={self.device!r}, image_size={self.image_size})"
@@ -151,6 +155,6 @@ def load_model(card: ModelCard | str | Path, device: str = "auto", image_size: i
     if size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     device = resolve_device(device)
-    card = ensure_weights(card)
+    card = ensure_weights(card)  # first use: download (progress and cancel: progress.download_hooks)
     towers = get_family(card.family).build(card, size)
     return LoadedModel(card, device, size, towers)

@@ -40,11 +40,17 @@ def clip_pixels(rgb: np.ndarray, size: int, mean: Sequence[float], std: Sequence
 
 
 def reflectance_pixels(refl: np.ndarray, size: int, mean: Sequence[float] | None = None,
-                       std: Sequence[float] | None = None) -> np.ndarray:
-    """(N, C, h, w) reflectance -> model input (N, C, size, size): bilinear, no antialiasing (no overshoot)."""
+                       std: Sequence[float] | None = None, interpolation: str | None = None) -> np.ndarray:
+    """(N, C, h, w) scaled bands -> model input (N, C, size, size).
+
+    Bilinear without antialiasing by default (values stay within the input range); ``"bicubic"`` for cards
+    whose publisher resized that way (Llama3-MS-CLIP: torchvision's bicubic Resize; tiles are enlarged, where
+    antialiasing does nothing).
+    """
     x = _tensor(refl)
     if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        mode = interpolation or "bilinear"
+        x = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=False)
     return _normalise(x, mean, std)
 
 

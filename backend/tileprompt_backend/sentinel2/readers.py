@@ -2,7 +2,7 @@
 
     src = open_raster(path, band_map=None, level=None)
     src.info                      -> RasterInfo (grid = the finest band's grid, i.e. 10 m for S2 products)
-    src.read(window, bands)       -> float32 raw DN, shape (len(bands), window.height, window.width)
+    src.read(window, bands)       -> float32 DN, baseline offset removed, (len(bands), window.height, window.width)
     src.close() / context manager
 
 Layouts (see ../shared/data/README.md):
@@ -14,7 +14,8 @@ Layouts (see ../shared/data/README.md):
     ``R10m/R20m/R60m`` sub-folders (``..._B02_10m.jp2``); a ``.SAFE`` or ``GRANULE`` folder is searched for it;
   * EuroSAT 13-band tifs (B8A last) -> re-ordered (layout ``"eurosat"``).
 20 m and 60 m bands are resampled onto the 10 m grid (bilinear, GDAL warper). L2A's missing B10 is zero-filled on
-request. Datasets stay open for the life of the source; reads are serialised by a per-source lock.
+request. The processing-baseline offset of 2022+ products is subtracted on every read (offset.py decides what
+applies, once per product). Datasets stay open for the life of the source; reads are serialised by a per-source lock.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import re
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from rasterio.windows import Window
 from .. import validation
 from ..errors import InputError
 from .bands import BANDS, EUROSAT_ORDER, FILLABLE_BANDS, L2A_BANDS, normalize_band_name, try_band_name
+from .offset import NO_OFFSET, Offset, detect_offset, subtract_offset
 
 __all__ = ["PIXEL_SPACE", "RGB_NAMES", "BlockLayout", "RasterInfo", "RasterSource", "describe_bands", "open_raster"]
 
@@ -81,6 +83,7 @@ class RasterInfo:
     layout: str
     files: dict[str, str] = field(default_factory=dict)
     georeferenced: bool = True  # False: no CRS and no geotransform; ``transform`` is then PIXEL_SPACE
+    offset: Offset = NO_OFFSET  # the processing-baseline offset every read subtracts
 
     @property
     def res(self) -> tuple[float, float]:
@@ -159,8 +162,8 @@ class RasterSource:
         GDAL datasets must not be shared between threads."""
         if self._open_args is None:
             raise ValueError(f"this raster source cannot be reopened (not made by open_raster): {self.info.path}")
-        path, band_map, level = self._open_args
-        return open_raster(path, band_map=band_map, level=level)
+        path, band_map, level, offset = self._open_args
+        return open_raster(path, band_map=band_map, level=level, offset=offset)
 
     def block_layout(self, bands: Sequence[str] | None = None) -> list[BlockLayout]:
         """The storage layout of every file read for ``bands`` (default: all bands), one entry per file."""
@@ -185,8 +188,9 @@ class RasterSource:
         return out
 
     def read(self, window: Window, bands: Sequence[str], fill_missing: bool = True) -> np.ndarray:
-        """Read ``bands`` over ``window`` of the reference grid as float32 raw DN, (len(bands), height, width).
+        """Read ``bands`` over ``window`` of the reference grid as float32 DN, (len(bands), height, width).
 
+        The product's processing-baseline offset (``info.offset``) is already subtracted, clipped at 0.
         Pixels outside the raster are ``info.nodata``. A band the product lacks is zero-filled when it is in
         FILLABLE_BANDS and ``fill_missing``; otherwise ValueError names it.
         """
@@ -217,6 +221,7 @@ class RasterSource:
                     continue
                 data = dataset.read(indexes, window=src_window, out_dtype=np.float32)
                 out[rows, r0 - row:r1 - row, c0 - col:c1 - col] = data
+        subtract_offset(out, names, self.info.offset, self.info.nodata)
         return out
 
     def _resolve(self, bands: Sequence[str], fill_missing: bool) -> list[str | None]:
@@ -269,25 +274,42 @@ def open_raster(
     path: str | os.PathLike,
     band_map: Sequence[str] | Mapping[int, str] | None = None,
     level: str | None = None,
+    offset: str | float | None = "auto",
 ) -> RasterSource:
     """Open a Sentinel-2 product (multiband file, band-file folder, SAFE IMG_DATA, EuroSAT tif) or an RGB raster.
 
     ``band_map`` names the bands of a multiband file: a list (one name per band, in file order) or
-    ``{band_index (1-based): name}``. ``level`` ("L1C"/"L2A") overrides detection. Every bad input is a
-    ValueError naming the problem and the path.
+    ``{band_index (1-based): name}``. ``level`` ("L1C"/"L2A") overrides detection. ``offset`` ("auto", "none"
+    or a number of DN) says what processing-baseline offset reads subtract (see ``offset.py``). Every bad input
+    is a ValueError naming the problem and the path.
     """
     p = Path(os.fspath(path)).expanduser()
     if not p.exists():
         raise ValueError(f"raster not found: {p}")
     explicit = _check_level(level, p)
+    mode = validation.offset(offset)
     if p.is_dir():
         if band_map is not None:
             raise ValueError(f"band_map applies to a single multiband file, not a folder of band files: {p}")
         source = _open_folder(p, explicit)
     else:
         source = _open_file(p, band_map, explicit)
-    source._open_args = (path, band_map, level)
+    try:
+        source.info = _with_offset(source.info, p, mode)
+    except BaseException:
+        source.close()
+        raise
+    source._open_args = (path, band_map, level, offset)
     return source
+
+
+def _with_offset(info: RasterInfo, path: Path, mode: str | float) -> RasterInfo:
+    if info.kind != "s2":
+        if not isinstance(mode, str) and mode:
+            raise ValueError(f"an offset of {mode:g} DN applies to Sentinel-2 products; this is a plain RGB "
+                             f"raster: {path}")
+        return info
+    return replace(info, offset=detect_offset(path, info.bands, mode))
 
 
 # ---------------------------------------------------------------------------------------------------------------

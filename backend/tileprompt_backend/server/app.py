@@ -14,14 +14,14 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Body, Depends, FastAPI, Request, status
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..errors import InputError
 from ..jobs import JobQueue, QueueFull, ShuttingDown, UnknownJob
-from ..schemas import ErrorBody, Health, JobRequest, JobStatus, ModelInfo
+from ..schemas import ErrorBody, FetchRequest, Health, JobRequest, JobStatus, ModelChoiceInfo, ModelInfo, RasterInput
 from .deps import Queue, TokenGate, require_token
 
 log = logging.getLogger("tileprompt_backend.server")
@@ -49,11 +49,10 @@ jobs = APIRouter(tags=["jobs"])
 def health(request: Request, queue: Queue) -> Health:
     import torch
 
-    from ..models import DEFAULT_MODEL
-    from ..models.runners import device_name
+    from ..defaults import DEFAULT_MODEL  # not ..models: health must answer without importing the ML stack
 
     providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
-    return Health(version=__version__, device=queue.device, device_name=device_name(queue.device),
+    return Health(version=__version__, device=queue.device, device_name=_device_name(request.app),
                   default_model=DEFAULT_MODEL, torch=torch.__version__, onnx_providers=providers,
                   loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job,
                   vector_indexes=_loaded_indexes())
@@ -78,6 +77,29 @@ def list_models(queue: Queue) -> list[ModelInfo]:
             except ValueError:
                 continue  # the folder went away since; nothing to list
     return [model_info(c) for c in sorted(cards.values(), key=lambda c: (c.id, str(c.path)))]
+
+
+@models.get("/models/default", response_model=ModelChoiceInfo, responses=_bad_request,
+            summary="The model used for a raster when none is named, and why")
+def default_model(raster: Annotated[str, Query(min_length=1, description="raster path (absolute)")],
+                  band_map: Annotated[str | None, Query(description="band names of a multiband file, "
+                                                                    "comma-separated")] = None,
+                  level: Annotated[str | None, Query(pattern="^(L1C|L2A)$")] = None,
+                  offset: Annotated[str, Query(description="auto, none or DN")] = "auto") -> ModelChoiceInfo:
+    from .. import validation
+    from ..jobs import check_raster_input
+    from ..models import choose_model
+
+    r = RasterInput(raster=raster, band_map=band_map.split(",") if band_map else None, level=level,
+                    offset=validation.offset(offset))
+    choice = choose_model(check_raster_input(r))
+    return ModelChoiceInfo(model=choice.card.id, reason=choice.reason)
+
+
+@models.post("/models/{model_id}/fetch", response_model=JobStatus, status_code=status.HTTP_201_CREATED,
+             responses=_bad_request, summary="Download a model's weights as a job (progress: stage, bytes_done)")
+def fetch_model(model_id: str, queue: Queue) -> JobStatus:
+    return queue.submit(FetchRequest(model=model_id))
 
 
 @jobs.post("/jobs", response_model=JobStatus, status_code=status.HTTP_201_CREATED, responses=_bad_request | {
@@ -105,10 +127,17 @@ def cancel_job(job_id: str, queue: Queue) -> JobStatus:
 
 
 def model_info(card) -> ModelInfo:
+    from ..models.downloads import weights_state
+    from ..models.fetch import downloadable
+
     inp = card.input
+    state = weights_state(card)
     return ModelInfo(id=card.id, title=card.title, family=card.family, modality=inp.modality, bands=list(inp.bands),
                      gsd_m=inp.gsd_m, tile_px=inp.tile_px, image_size=inp.image_size, embed_dim=card.embed_dim,
-                     trained=card.trained, description=card.describe(),
+                     trained=card.trained, description=card.describe(), summary=card.description or card.title,
+                     license=card.license, license_url=card.provenance.get("license_url"),
+                     downloaded=state.downloaded, weights=state.describe(),
+                     download_bytes=None if state.downloaded else state.bytes, downloadable=downloadable(card),
                      path=str(card.path) if card.path is not None else None)
 
 
@@ -123,6 +152,14 @@ def _onnx_providers(app: FastAPI) -> list[str]:
         if getattr(app.state, "onnx_providers", None) is None:
             app.state.onnx_providers = session_providers(app.state.queue.device)
         return list(app.state.onnx_providers)
+
+
+def _device_name(app: FastAPI) -> str:
+    if getattr(app.state, "device_name", None) is None:  # found once (at start): it imports the models package
+        from ..models.runners import device_name
+
+        app.state.device_name = device_name(app.state.queue.device)
+    return app.state.device_name
 
 
 def session_providers(device: str) -> list[str]:
@@ -230,7 +267,7 @@ def create_app(queue: JobQueue, token: str) -> FastAPI:
         # Probe ONNX Runtime's providers now, before the state file says "ready": done lazily, the first health
         # check (the plugin's, 10 s timeout) took 32 s on a loaded 2-core machine and the dock showed the new
         # backend as not answering.
-        await anyio.to_thread.run_sync(lambda: _onnx_providers(app))
+        await anyio.to_thread.run_sync(lambda: (_onnx_providers(app), _device_name(app)))
         yield
         await anyio.to_thread.run_sync(lambda: queue.shutdown(SHUTDOWN_WAIT))
 
@@ -241,6 +278,7 @@ def create_app(queue: JobQueue, token: str) -> FastAPI:
     app.state.queue = queue
     app.state.token = token
     app.state.onnx_providers = None
+    app.state.device_name = None
     for router in (system, models, jobs):
         app.include_router(router, prefix=API_PREFIX, dependencies=[Depends(require_token)], responses=_errors)
 
