@@ -11,12 +11,14 @@ inside the repository): ``scene-13b.tif`` (one 13-band deflate GeoTIFF, predicto
    strip reader (one read per grid row, the reader before this change) and the slab reader with 1 and N threads,
    on both layouts; interleaved rounds over the same grid rows, medians.
 2. **classify**: ``engine.classify`` on the multiband scene (tile 120 px, 8,463 tiles) with a near-free encoder
-   (the tiny aligned-s2 card, one torch thread: ``--tiny-threads``) and with ViT-S/16 (untrained full-size aligned-s2 card, ``runner=auto``), each in a
-   fresh process (as the CLI runs it; ONNX exports prepared beforehand by a warm-up process), for this checkout
-   and, with ``--baseline-ref``, for another revision of ``backend/`` (``git archive``, e.g. the merge base with
-   main) in the same run, interleaved. Saved: wall seconds, tiles/s, peak resident memory of the process
-   (its own ``VmHWM``: a child's ``ru_maxrss`` includes its parent's peak), and the time split: setup (until the first batch: open, grid, model, text head),
-   encoder (preprocess + forward), waiting for the reader, the rest (scoring, the GeoPackage).
+   (the tiny aligned-s2 card on one torch thread, ``--tiny-threads``) and with ViT-S/16 (untrained full-size
+   aligned-s2 card, ``runner=auto``), each in a fresh process (as the CLI runs it; ONNX exports prepared
+   beforehand by a warm-up process), for this checkout and, with ``--baseline-ref``, for another revision of
+   ``backend/`` (``git archive``, e.g. the merge base with main) in the same run, interleaved. Saved: wall
+   seconds, tiles/s, CPU milliseconds per tile (the whole process, every thread), peak resident memory (the
+   process's own ``VmHWM``: a child's ``ru_maxrss`` includes its parent's peak), and the time split: setup (until
+   the first batch: open, grid, model, text head), encoder (preprocess + forward), waiting for the reader, the
+   rest (scoring, the GeoPackage).
 
 The load average (``os.getloadavg``) is recorded before and after every measurement: the machine may be shared.
 Figures, not assertions; targets are printed as PASS/MISS lines.
@@ -130,7 +132,10 @@ t1 = time.perf_counter()
 s = marks["stats"]
 with open("/proc/self/status") as f:  # this process's own high-water mark (ru_maxrss would include the parent's)
     hwm_mb = int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024
-print(json.dumps({"peak_rss_mb": hwm_mb, "wall_s": t1 - t0, "process_s": t1 - t_start, "tiles": r.tiles, "skipped_nodata": r.skipped_nodata,
+import resource
+ru = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds of every thread: holds under load, unlike wall time
+print(json.dumps({"peak_rss_mb": hwm_mb, "cpu_s": ru.ru_utime + ru.ru_stime, "wall_s": t1 - t0,
+                  "process_s": t1 - t_start, "tiles": r.tiles, "skipped_nodata": r.skipped_nodata,
                   "runner": r.runner, "encode_s": s.encode_seconds, "wait_s": s.wait_seconds,
                   "setup_s": marks["first_batch"] - t0, "after_last_batch_s": t1 - marks["last_batch"]}))
 """
@@ -146,7 +151,7 @@ def run_child(backend: Path, args: dict, cache: Path, threads: int | None = None
         raise RuntimeError(f"classify child failed ({proc.returncode}): {proc.stderr[-2000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out.update(load_before=before, load_after=load(), torch_threads=threads or os.cpu_count(),
-               tiles_per_s=out["tiles"] / out["wall_s"],
+               tiles_per_s=out["tiles"] / out["wall_s"], cpu_ms_per_tile=1e3 * out["cpu_s"] / out["tiles"],
                outside_encoder_share=(out["wall_s"] - out["encode_s"]) / out["wall_s"])
     return out
 
@@ -172,13 +177,15 @@ def bench_classify(scene: Path, work: Path, versions: dict[str, Path], models: d
                         "model": str(card.path), "tile": TILE, "runner": runner}
                 res = run_child(versions[version], args, work / f"cache-{version}", threads[model_name])
                 results.setdefault(model_name, {}).setdefault(version, []).append(res)
-                print(f"  classify {model_name:6s} {version:9s} {res['wall_s']:7.1f} s  {res['tiles_per_s']:7.1f} tiles/s"
-                      f"  peak {res['peak_rss_mb']:6.0f} MB  encoder {res['encode_s']:6.1f} s  wait {res['wait_s']:5.1f} s"
+                print(f"  classify {model_name:6s} {version:9s} {res['wall_s']:7.1f} s  {res['tiles_per_s']:7.1f} "
+                      f"tiles/s  {res['cpu_ms_per_tile']:5.1f} ms CPU/tile  peak {res['peak_rss_mb']:6.0f} MB  "
+                      f"encoder {res['encode_s']:6.1f} s  wait {res['wait_s']:5.1f} s"
                       f"  setup {res['setup_s']:4.1f} s  tail {res['after_last_batch_s']:4.1f} s  outside "
                       f"{100 * res['outside_encoder_share']:4.1f} %  ({res['runner']}, load {res['load_before'][0]})",
                       flush=True)
     summary = {m: {v: {k: statistics.median(x[k] for x in runs) for k in
-                       ("wall_s", "tiles_per_s", "peak_rss_mb", "encode_s", "wait_s", "outside_encoder_share")}
+                       ("wall_s", "tiles_per_s", "cpu_ms_per_tile", "peak_rss_mb", "encode_s", "wait_s",
+                        "outside_encoder_share")}
                    for v, runs in per.items()} for m, per in results.items()}
     return {"runs": results, "median": summary}
 
@@ -188,7 +195,8 @@ def baseline_backend(ref: str, work: Path) -> Path:
     dest = work / f"baseline-{sha[:12]}"
     if not (dest / "backend" / "tileprompt_backend").is_dir():
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "backend", "resources"], capture_output=True, check=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "backend", "resources"],
+                                 capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     return dest / "backend"
 
@@ -252,7 +260,8 @@ def report(result: dict) -> None:
     tiny, vit = c.get("tiny", {}).get("this"), c.get("vits16", {}).get("this")
     if tiny:
         ok = tiny["tiles_per_s"] >= 1000
-        print(f"{'PASS' if ok else 'MISS'}: near-free encoder pipeline {tiny['tiles_per_s']:.0f} tiles/s (target >= 1000)")
+        print(f"{'PASS' if ok else 'MISS'}: near-free encoder pipeline {tiny['tiles_per_s']:.0f} tiles/s "
+              "(target >= 1000)")
     for name, row in (("near-free encoder", tiny), ("ViT-S/16", vit)):
         if row:
             ok = row["peak_rss_mb"] <= 1536
