@@ -40,7 +40,8 @@ from .bands import validate_band_map
 from .client import BackendError
 from .i18n import tr
 from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, job_warnings, run_jobs
-from .parameters import Area, AreaMode, ClassifyParameters, Extent, Fuse, Query, SearchParameters, parse_offset
+from .parameters import Area, AreaMode, ClassifyParameters, CrossModal, Extent, Fuse, Query, SearchParameters, \
+    parse_offset
 from .prompts import PromptError, parse_prompts, prompts_to_request
 from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_class_map, \
     style_graduated, style_pseudocolor
@@ -381,7 +382,7 @@ class _SearchBase(TilePromptAlgorithm):
             self.HEATMAP, tr("Similarity heat map"), optional=True, createByDefault=False))
         self._add_overwrite_parameter()
 
-    def _prepare_search(self, parameters, context, query: Query):
+    def _prepare_search(self, parameters, context, query: Query, cross: CrossModal | None = None):
         raster = self._raster_input(parameters, context)
         tile, overlap = self._tiles(parameters, context)
         fuse = Fuse.MEAN
@@ -390,7 +391,8 @@ class _SearchBase(TilePromptAlgorithm):
         self.params = SearchParameters(raster=raster, query=query, model=self._model(parameters, context),
                                        tile_px=tile, overlap_px=overlap,
                                        k=self.parameterAsInt(parameters, self.K, context), fuse=fuse,
-                                       overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context))
+                                       overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context),
+                                       cross=cross)
         out = self._output_path(parameters, self.OUTPUT, context)
         heatmap = self._destination(parameters, self.HEATMAP, context) or None
         index_dir = self.parameterAsFile(parameters, self.INDEX, context) or None
@@ -415,7 +417,7 @@ class _SearchBase(TilePromptAlgorithm):
 
 
 class FindSimilarAlgorithm(_SearchBase):
-    QUERY, FUSE = "QUERY", "FUSE"
+    QUERY, FUSE, QUERY_RASTER, QUERY_MODEL = "QUERY", "FUSE", "QUERY_RASTER", "QUERY_MODEL"
 
     def name(self):
         return "findsimilar"
@@ -435,7 +437,31 @@ class FindSimilarAlgorithm(_SearchBase):
         self.addParameter(QgsProcessingParameterEnum(
             self.FUSE, tr("Several query tiles"), [tr("mean of the query tiles"), tr("best match of any query tile")],
             defaultValue=0))
+        for parameter in (
+                QgsProcessingParameterRasterLayer(self.QUERY_RASTER, tr("Cross-modal: the query polygons lie on this "
+                                                                        "layer (e.g. an RGB orthophoto)"),
+                                                  optional=True),
+                QgsProcessingParameterString(self.QUERY_MODEL, tr("Cross-modal: model of that layer (same embedding "
+                                                                  "space as the model above)"), optional=True)):
+            parameter.setFlags(parameter.flags() | compat.PARAM_FLAG_ADVANCED)
+            self.addParameter(parameter)
         self._add_search_outputs()
+
+    def _cross_modal(self, parameters, context) -> CrossModal | None:
+        layer = self.parameterAsRasterLayer(parameters, self.QUERY_RASTER, context)
+        model = self.parameterAsString(parameters, self.QUERY_MODEL, context).strip()
+        if layer is None:
+            if model:
+                raise QgsProcessingException(tr("A query model needs the layer the query polygons lie on."))
+            return None
+        if not model:
+            raise QgsProcessingException(tr("Name the model of the query layer (one of the same embedding space)."))
+        try:
+            raster = raster_input_from_layer(layer)
+            gsd = self.session.model_info(model).get("gsd_m")
+            return CrossModal(prepare_raster(raster, gsd, self.session.settings.cache_dir() / "exports", layer), model)
+        except ValueError as exc:
+            raise QgsProcessingException(str(exc)) from None
 
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802
         source = self.parameterAsSource(parameters, self.QUERY, context)
@@ -445,7 +471,7 @@ class FindSimilarAlgorithm(_SearchBase):
         if not wkts:
             raise QgsProcessingException(tr("The query layer has no (selected) features."))
         query = Query(wkts, compat.crs_to_string(source.sourceCrs()))
-        return self._prepare_search(parameters, context, query)
+        return self._prepare_search(parameters, context, query, self._cross_modal(parameters, context))
 
 
 class TextSearchAlgorithm(_SearchBase):

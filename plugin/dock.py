@@ -61,6 +61,7 @@ from .parameters import (
     Area,
     AreaMode,
     ClassifyParameters,
+    CrossModal,
     Extent,
     Fuse,
     InputKind,
@@ -464,6 +465,21 @@ class TilePromptDock(QgsDockWidget):
         self.query_layer_combo.setFilters(compat.POLYGON_LAYER_FILTER)
         self.query_layer_combo.setAllowEmptyLayer(True)
         form.addRow(tr("Polygons"), self.query_layer_combo)
+        cross_row = QHBoxLayout()
+        self.cross_layer_combo = QgsMapLayerComboBox(tab)
+        self.cross_layer_combo.setFilters(compat.RASTER_LAYER_FILTER)
+        self.cross_layer_combo.setAllowEmptyLayer(True)
+        self.cross_layer_combo.setLayer(None)
+        self.cross_layer_combo.setToolTip(tr("Cross-modal search: take the query region from this layer (for example "
+                                             "an RGB orthophoto) instead of the searched layer; empty: the searched "
+                                             "layer itself"))
+        self.cross_model_combo = QComboBox(tab)
+        self.cross_model_combo.setToolTip(tr("The model that embeds the query layer: one of the same embedding space "
+                                             "as the searched layer's model (a teacher and the encoders aligned to "
+                                             "it)"))
+        cross_row.addWidget(self.cross_layer_combo, 1)
+        cross_row.addWidget(self.cross_model_combo, 1)
+        form.addRow(tr("Query from"), cross_row)
         text_row = QHBoxLayout()
         self.text_edit = QLineEdit(tab)
         self.text_edit.setPlaceholderText(tr("describe what to find, e.g. a solar farm"))
@@ -575,11 +591,44 @@ class TilePromptDock(QgsDockWidget):
     def current_model_info(self) -> dict:
         return self.models.get(self.current_model() or "", {})
 
+    def _fill_cross_models(self) -> None:
+        """Offer the models that share the current model's embedding space (cross-modal query models)."""
+        info = self.current_model_info()
+        space = info.get("space") if info else None
+        keep = self.cross_model_combo.currentData()
+        same = [m for m in self.models.values() if space and m.get("space") == space and m["id"] != info.get("id")]
+        self.cross_model_combo.clear()
+        for model in same:
+            self.cross_model_combo.addItem(model["id"], model["id"])
+        if not same:
+            self.cross_model_combo.addItem(tr("no other model of this model's embedding space"), None)
+        self.cross_model_combo.setEnabled(bool(same))
+        index = self.cross_model_combo.findData(keep) if keep else -1
+        self.cross_model_combo.setCurrentIndex(max(index, 0))
+
+    def cross_modal(self) -> CrossModal | None:
+        """The cross-modal query source, or None (query geometries on the searched layer, its own model)."""
+        layer = self.cross_layer_combo.currentLayer()
+        if layer is None or layer == self.current_layer():
+            return None
+        model = self.cross_model_combo.currentData()
+        if not model:
+            raise ParameterError(tr("No model shares the embedding space of {model}: a query from another layer "
+                                    "needs one (for example the CLIP an encoder was aligned to).").format(
+                                        model=self.current_model() or "?"))
+        from .runs import raster_input_from_layer
+
+        try:
+            return CrossModal(raster_input_from_layer(layer), model)
+        except ValueError as exc:
+            raise ParameterError(str(exc)) from None
+
     def _on_model_changed(self, *_args) -> None:
         self._request_auto_choice()
         self._show_model()
 
     def _show_model(self) -> None:
+        self._fill_cross_models()  # the query models of the shown model's embedding space
         info = self.current_model_info()
         lines = []
         if self.automatic():
@@ -958,7 +1007,8 @@ class TilePromptDock(QgsDockWidget):
         return SearchParameters(
             raster=self.raster_input(), query=query, model=self.current_model(),
             tile_px=self.tile_spin.value() or None, overlap_px=self.overlap_spin.value(), k=self.k_spin.value(),
-            fuse=Fuse(self.fuse_combo.currentData()), heatmap=self.heatmap_check.isChecked())
+            fuse=Fuse(self.fuse_combo.currentData()), heatmap=self.heatmap_check.isChecked(),
+            cross=None if query.is_text else self.cross_modal())
 
     def set_query(self, geometries: list[QgsGeometry], crs: QgsCoordinateReferenceSystem) -> None:
         self.query = Query(tuple(geometry_wkt(g) for g in geometries), compat.crs_to_string(crs))

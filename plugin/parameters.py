@@ -180,6 +180,15 @@ class Query:
 
 
 @dataclass(frozen=True)
+class CrossModal:
+    """Query tiles taken from another raster and embedded by another model of the searched model's embedding space
+    (an RGB orthophoto region -> the Sentinel-2 tiles like it, and back)."""
+
+    raster: RasterInput
+    model: str
+
+
+@dataclass(frozen=True)
 class SearchParameters:
     raster: RasterInput
     query: Query
@@ -190,6 +199,7 @@ class SearchParameters:
     fuse: Fuse = Fuse.MEAN
     heatmap: bool = True
     overwrite: bool = False  # replace outputs TilePrompt did not write (Processing's OVERWRITE)
+    cross: CrossModal | None = None  # geometry queries only
 
     def index_request(self, index_dir: str | None = None, model_tile_px: int | None = None) -> dict:
         """Index the raster (None: into the backend's cache, keyed by model, tile and stride - the same index a
@@ -212,6 +222,9 @@ class SearchParameters:
             if self.query.crs:
                 request["like_crs"] = self.query.crs
             request["fuse"] = self.fuse.value
+            if self.cross is not None:  # the geometries lie on the query raster, embedded by its model
+                request["scene"] = self.cross.raster.path
+                request["query_model"] = self.cross.model
         if heatmap:
             request["heatmap"] = heatmap
         if self.overwrite:

@@ -666,6 +666,10 @@ class TilePromptPlugin:
         try:
             raster = prepare_raster(params.raster, model.get("gsd_m"), self._exports_dir())
             params = replace(params, raster=raster)
+            if params.cross is not None:  # the query layer, readable by path too
+                query_gsd = self.session.model_info(params.cross.model).get("gsd_m")
+                params = replace(params, cross=replace(params.cross, raster=prepare_raster(
+                    params.cross.raster, query_gsd, self._exports_dir())))
             results = self.settings.cache_dir() / "results"
             stem = raster.layer_name + ("_text" if params.query.is_text else "_similar")
             out = new_output(results, stem)

@@ -20,6 +20,15 @@ from . import __version__, validation
 RUNNERS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino")
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
+#: Commands with their own parsers (``python -m tileprompt_backend.training.<module>`` under torchrun too).
+DELEGATED = {
+    "prepare-data": ("tileprompt_backend.training.prepare",
+                     "write a training dataset (BigEarthNet, class folders, your rasters + polygons) as shards"),
+    "train": ("tileprompt_backend.training.command",
+              "train models: patch (PAINT), align (Mind the Modality Gap); `tileprompt train --help`"),
+    "evaluate": ("tileprompt_backend.training.evaluate",
+                 "zero-shot mAP/accuracy and RGB<->MS Recall@K of cards on a shard dataset"),
+}
 
 
 def _checked(check):
@@ -93,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scene", metavar="RASTER",
                    help="the scene --like/--tile-ids refer to and the heat map covers (needed when the index "
                         "holds several)")
+    q.add_argument("--query-model", metavar="CARD",
+                   help="cross-modal search: embed the --like region of --scene (any raster, e.g. an RGB "
+                        "orthophoto) with this card, which must share the index card's embedding space")
+    q.add_argument("--query-tile", type=_checked(validation.tile_px), metavar="PX",
+                   help="tile size on --scene for --query-model (default: the index tiles' ground size)")
     q.add_argument("-k", type=_checked(validation.k), default=50, help="number of results (default: 50)")
     q.add_argument("--fuse", choices=["mean", "max"], default="mean",
                    help="mean: one query from the mean of the query tiles; max: each tile queries, best kept")
@@ -137,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--replace", action="store_true", help="replace a model of the same id in the models folder")
     mi.add_argument("--list", action="store_true", help="list the checkpoint importers")
     mi.set_defaults(func=cmd_models_import)
+
+    # Training commands parse their own options (tileprompt_backend.training.command); listed here for --help.
+    for name, (_, text) in DELEGATED.items():
+        d = sub.add_parser(name, help=text, add_help=False)
+        d.add_argument("args", nargs=argparse.REMAINDER)
 
     s = sub.add_parser("serve", help="run the local HTTP service the QGIS plugin talks to",
                        description="Serve the /v1 API on the loopback interface with a fresh bearer token; the "
@@ -217,7 +236,9 @@ def precheck(args: argparse.Namespace) -> None:
         index = validation.existing_path(args.index, "index")
         from .index.store import IndexStore, guard_search_outputs  # numpy and SQLite, not the ML stack
 
-        guard_search_outputs(IndexStore.open(index), args.out, args.heatmap, args.overwrite, args.layer)
+        query_raster = validation.existing_path(args.scene, "raster") if args.query_model and args.scene else None
+        guard_search_outputs(IndexStore.open(index), args.out, args.heatmap, args.overwrite, args.layer,
+                             query_raster=query_raster)
 
 
 def _warn(warnings: Sequence[str]) -> None:
@@ -289,7 +310,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     result = search(args.index, like=[_read_aoi(v) for v in args.like] if args.like else None,
                     like_crs=args.like_crs, tile_ids=tile_ids, scene=args.scene, text=args.text, fuse=args.fuse,
                     k=args.k, out=args.out, heatmap=args.heatmap, device=args.device, overwrite=args.overwrite,
-                    layer=args.layer)
+                    layer=args.layer, query_model=args.query_model, query_tile=args.query_tile)
     _warn(result.warnings)
     if args.quiet:
         return 0
@@ -423,8 +444,16 @@ def _attach_band_maps(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import Cancelled  # an InputError's str() is its CLI wording
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:  # training commands parse their own options
+        import importlib
+
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        if argv[0] == "train":
+            return module.train_main(argv[1:])
+        return module.main(argv[1:], prog=f"tileprompt {argv[0]}")
     try:
-        args = build_parser().parse_args(_attach_band_maps(sys.argv[1:] if argv is None else argv))
+        args = build_parser().parse_args(_attach_band_maps(argv))
     except SystemExit as e:  # --help, --version, or a bad argument (already printed)
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     try:

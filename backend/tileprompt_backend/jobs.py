@@ -168,6 +168,20 @@ def _check_search_scene(request: SearchRequest, index: Path) -> None:
                          f"(ids 0..{n_tiles - 1}, {scene.n_rows} rows x {scene.n_cols} columns)")
 
 
+def _check_cross_modal(request: SearchRequest, index: Path, updates: dict) -> None:
+    """A cross-modal query: geometries on a raster (indexed or not) embedded by a card of the index's space."""
+    from .index import IndexStore
+    from .index.crossmodal import check_cross_modal
+
+    if request.like is None or request.scene is None:
+        raise ValueError("query_model (cross-modal search) needs query geometries (like) and the raster they lie "
+                         "on (scene)")
+    scene = _absolute(request.scene, "scene")
+    check_cross_modal(IndexStore.open(index), request.query_model, str(scene), request.like, request.like_crs,
+                      request.query_tile)
+    updates["scene"] = str(scene)
+
+
 def check_request(request: Request) -> Request:
     """Validate what is cheap to validate before queueing; a ValueError names the bad input.
 
@@ -269,11 +283,15 @@ def _check_request(request: Request) -> Request:
 
         out = _absolute(request.out, "out")
         heatmap = _absolute(request.heatmap, "heatmap") if request.heatmap is not None else None
-        guard_search_outputs(IndexStore.open(index), out, heatmap, request.overwrite, request.layer)
+        guard_search_outputs(IndexStore.open(index), out, heatmap, request.overwrite, request.layer,
+                             query_raster=request.scene if request.query_model is not None else None)
         updates = {"index": str(index), "out": str(out)}
         if heatmap is not None:
             updates["heatmap"] = str(heatmap)
-        _check_search_scene(request, index)
+        if request.query_model is not None:
+            _check_cross_modal(request, index, updates)
+        else:
+            _check_search_scene(request, index)
     elif isinstance(request, FetchRequest):
         from .models.fetch import downloadable
 
@@ -644,7 +662,8 @@ def run_search(req: SearchRequest, ctx: JobContext):
 
     return search(req.index, like=req.like, like_crs=req.like_crs, tile_ids=req.tile_ids, scene=req.scene,
                   text=req.text, fuse=req.fuse, k=req.k, out=req.out, heatmap=req.heatmap, progress=ctx.progress,
-                  cancel=ctx.cancel, device=ctx.device, overwrite=req.overwrite, layer=req.layer)
+                  cancel=ctx.cancel, device=ctx.device, overwrite=req.overwrite, layer=req.layer,
+                  query_model=req.query_model, query_tile=req.query_tile)
 
 
 def run_fetch(req: FetchRequest, ctx: JobContext):

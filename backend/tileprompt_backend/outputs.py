@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import time
@@ -102,6 +103,95 @@ def guard_output(path: str | Path, inputs: Iterable[str | Path | None] = (), ove
         raise InputError(f"the {what} {path} exists and was not written by TilePrompt", "output_exists",
                          OVERWRITE_FIXES)
     return path
+
+
+def guard_folder_output(path: str | Path, ours, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
+                        what: str = "output folder") -> Path:
+    """The check of a *folder* output (a trained model card, a training dataset, an evaluation report).
+
+    Like :func:`guard_output`: in an existing writable folder, and never one of ``inputs`` nor inside or around one
+    (replacing a folder that holds an input would delete it) - whatever ``overwrite`` says. Stricter than it for
+    an existing folder, which is replaced whole: only when ``ours(path)`` (this kind of output, written by
+    TilePrompt) *and* ``overwrite``; a folder TilePrompt did not write is never replaced.
+    """
+    path = Path(path).expanduser()
+    parent = path.parent.resolve()
+    if not parent.is_dir():
+        raise InputError(f"the {what}'s parent folder does not exist: {parent}", "output_folder_missing",
+                         {k: "create it, or choose another place" for k in OVERWRITE_FIXES})
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"the {what}'s parent folder is not writable: {parent}", "output_folder_read_only",
+                         {k: "choose another place" for k in OVERWRITE_FIXES})
+    target = path.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).expanduser().resolve()
+        if source == target or target in source.parents or source in target.parents:
+            raise InputError(f"the {what} {path} is, holds or lies inside an input of this job ({Path(item)}): "
+                             "writing it would destroy the input", "output_is_input",
+                             {k: "choose another place" for k in OVERWRITE_FIXES})
+    if path.exists() or path.is_symlink():
+        if not path.is_dir() or not ours(path):
+            raise InputError(f"the {what} {path} exists and is not one TilePrompt wrote", "output_exists",
+                             {k: "choose another name (a folder TilePrompt did not write is never replaced)"
+                              for k in OVERWRITE_FIXES})
+        if not overwrite:
+            raise InputError(f"the {what} {path} exists", "output_exists", OVERWRITE_FIXES)
+    return path
+
+
+@contextmanager
+def staged_folder(out: str | Path) -> Iterator[Path]:
+    """An empty hidden folder beside ``out`` to write a folder output into: when the block ends without an error
+    it replaces ``out`` whole (:func:`replace_folder`); it is removed in any case, so an error or Ctrl-C leaves
+    ``out`` as it was. ``out`` must have passed :func:`guard_folder_output`."""
+    out = Path(out)
+    tmp = partial_path(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(staged: Path, out: Path) -> None:
+    """Rename the complete folder ``staged`` to ``out`` (a sibling): an existing ``out``, already checked by
+    :func:`guard_folder_output`, is renamed aside first and removed only once the new folder stands in its place
+    (put back if the new one cannot be moved in), so ``out`` is the old folder or the new one, never a mix."""
+    staged, out = Path(staged), Path(out)
+    fsync_dir(staged)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    try:
+        staged.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (renames into it) to disk; a no-op where the filesystem refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders
+    finally:
+        os.close(fd)
 
 
 def written_by_tileprompt(path: str | Path) -> bool:

@@ -104,6 +104,12 @@ class SearchRequest(_Strict):
     layer: Annotated[str | None, AfterValidator(validation.layer)] = Field(
         None, description="add the hits as this new layer of an existing result GeoPackage TilePrompt wrote, "
                           "instead of replacing the file")
+    query_model: str | None = Field(None, description="cross-modal search: the card that embeds the like region of "
+                                                      "the scene raster (any raster, e.g. an RGB orthophoto); it must "
+                                                      "share the index card's embedding space")
+    query_tile: Annotated[int | None, *_checked(validation.tile_px, minimum=1, maximum=validation.MAX_TILE_PX)] = \
+        Field(None, description="tile size on the scene raster for query_model (default: the index tiles' ground "
+                                "size)")
 
 
 class FetchRequest(_Strict):
@@ -158,6 +164,7 @@ class ModelInfo(BaseModel):
     download_bytes: int | None = None  # still to download (None when unknown)
     downloadable: bool = False  # POST /v1/models/{id}/fetch can get what is missing
     path: str | None = None  # the card's folder
+    space: str | None = None  # embedding space (cards of one space can query each other); None: weights not here yet
 
 
 class VectorIndexInfo(BaseModel):

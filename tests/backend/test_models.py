@@ -478,6 +478,32 @@ def test_torch_bf16_runner_stays_close_to_fp32(tiny_models):
     assert cos.min() > 0.99
 
 
+def test_health_questions_do_not_wait_for_a_runner_being_built(tiny_models, monkeypatch):
+    """A first runner (ONNX export and int8 probe: seconds to minutes) must not block what /v1/health asks."""
+    import threading
+    import time
+
+    from tileprompt_backend.models import cache as cache_module
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_make_runner(model, backend="auto", device=None):
+        started.set()
+        release.wait(10)
+        return SimpleNamespace(providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(cache_module, "make_runner", slow_make_runner)
+    models = cache_module.ModelCache()
+    model = models.model(tiny_models["clip"], device="cpu")
+    worker = threading.Thread(target=models.runner, args=(model,))
+    worker.start()
+    assert started.wait(10)
+    t0 = time.perf_counter()
+    assert models.loaded() == ["tiny-clip"] and models.providers() == []
+    assert time.perf_counter() - t0 < 1.0  # answered while the runner is still being built
+    release.set()
+    worker.join(10)
+    assert models.providers() == ["CPUExecutionProvider"]
 def test_the_model_cache_reports_without_waiting_for_a_load(tiny_models):
     """/v1/health asks what is loaded while the worker may be loading a 1.7 GB model or exporting it to ONNX."""
     import threading

@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import fiona
 import pytest
@@ -115,6 +116,34 @@ def test_new_layer_keeps_the_file_and_its_runs(tmp_path):
     assert read_run_table(out) == [{"kind": "classify", "layer": "tiles"}, {"kind": "search", "k": 5, "layer": "second"}]
     with fiona.open(out, layer="tiles") as tiles:
         assert len(tiles) == 2
+
+
+def test_replace_folder_swaps_whole_folders(tmp_path, monkeypatch):
+    out = tmp_path / "card"
+    staged = tmp_path / ".card.partial"
+    staged.mkdir()
+    (staged / "model.json").write_text("new")
+    outputs.replace_folder(staged, out)  # no folder yet: a rename
+    assert (out / "model.json").read_text() == "new" and not staged.exists()
+    staged.mkdir()
+    (staged / "weights.safetensors").write_text("newer")
+    outputs.replace_folder(staged, out)  # the old folder goes whole: none of its files survive in the new one
+    assert sorted(p.name for p in out.iterdir()) == ["weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card"]  # no .old folder left behind
+    staged.mkdir()
+    real_rename = Path.rename
+
+    def failing(self, target):  # the new folder cannot be moved in
+        if self == staged:
+            raise OSError("disk gone")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        outputs.replace_folder(staged, out)
+    monkeypatch.undo()
+    assert (out / "weights.safetensors").read_text() == "newer"  # the old folder is back under its name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".card.old-")]
 
 
 def test_dead_writers_partials_are_swept(tmp_path):

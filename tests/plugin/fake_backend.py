@@ -25,10 +25,10 @@ MODELS = [
     {"id": "tiny-aligned-s2", "title": "Tiny untrained aligned-s2 model", "family": "aligned-s2", "modality": "s2",
      "bands": ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"],
      "gsd_m": 10.0, "tile_px": 32, "image_size": 32, "embed_dim": 32, "trained": False,
-     "description": "random weights, for tests"},
+     "description": "random weights, for tests", "space": "clip-vit-b32-openai@0123456789abcdef"},
     {"id": "clip-vit-b32-openai", "title": "CLIP ViT-B/32 (OpenAI)", "family": "clip", "modality": "rgb",
      "bands": ["R", "G", "B"], "gsd_m": 1.0, "tile_px": 224, "image_size": 224, "embed_dim": 512, "trained": True,
-     "description": "OpenAI CLIP"},
+     "description": "OpenAI CLIP", "space": "clip-vit-b32-openai@0123456789abcdef"},
 ]
 for _m in MODELS:
     _m.update(downloaded=True, weights="downloaded", download_bytes=None, downloadable=False, license="MIT",

@@ -222,6 +222,31 @@ def test_search_parameters(dock, sample_files):
     assert text.query.text == "a harbour" and text.raster.path == str(sample_files["s2"])
 
 
+def test_cross_modal_query_from_another_layer(dock, sample_files):
+    """Query polygons on another layer (an RGB image), embedded by a model of the searched model's space."""
+    searched, rgb = add_raster(sample_files["s2"]), add_raster(sample_files["plain"], "orthophoto")
+    dock.layer_combo.setLayer(searched)
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData("tiny-aligned-s2"))
+    assert [dock.cross_model_combo.itemData(i) for i in range(dock.cross_model_combo.count())] == \
+        ["clip-vit-b32-openai"]
+    emitted = capture(dock.searchRequested)
+    dock.set_query([QgsGeometry.fromRect(QgsRectangle(0, 0, 10, 10))], QgsCoordinateReferenceSystem("EPSG:32633"))
+    dock.request_similar_search()
+    assert emitted[-1].cross is None  # no query layer chosen: the searched layer and its model
+    dock.cross_layer_combo.setLayer(rgb)
+    params = dock.request_similar_search()
+    assert params.cross.model == "clip-vit-b32-openai" and params.cross.raster.path == str(sample_files["plain"])
+    request = params.search_request("/idx", "/o.gpkg")
+    assert request["scene"] == str(sample_files["plain"]) and request["query_model"] == "clip-vit-b32-openai"
+    dock.text_edit.setText("a harbour")
+    assert dock.request_text_search().cross is None  # text queries use the index's own text tower
+    # a model no other card shares a space with: nothing to offer, and a clear refusal
+    dock.set_models([dict(m, space=f"own-{m['id']}") for m in MODELS])
+    assert not dock.cross_model_combo.isEnabled()
+    assert dock.request_similar_search() is None
+    assert "embedding space" in dock.status_label.text()
+
+
 def test_restore_state(dock):
     dock.restore_state({"prompts": "x\ny", "tile_px": 48, "overlap_px": 8, "multi_label": True, "threshold": 0.3})
     assert dock.prompt_edit.toPlainText() == "x\ny"

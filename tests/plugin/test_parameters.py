@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import PLUGIN_DIR
-from tileprompt_plugin.plugin.parameters import (Area, AreaMode, ClassifyParameters, Extent, Fuse, InputKind, Query,
-                                                 RasterInput, SearchParameters)
+from tileprompt_plugin.plugin.parameters import (Area, AreaMode, ClassifyParameters, CrossModal, Extent, Fuse, InputKind,
+                                                 Query, RasterInput, SearchParameters)
 
 SCHEMAS = PLUGIN_DIR / "backend" / "tileprompt_backend" / "schemas.py"
 
@@ -93,6 +93,10 @@ def test_search_requests_have_only_schema_fields():
     assert search == {"kind": "search", "index": "/idx", "k": 7, "out": "/o.gpkg", "scene": "/data/s2.tif",
                       "like": ["POLYGON ((0 0, 1 0, 1 1, 0 0))"], "like_crs": "EPSG:4326", "fuse": "max",
                       "heatmap": "/h.tif"}
+    cross = SearchParameters(raster=RASTER, query=like.query, cross=CrossModal(
+        RasterInput("l2", "ortho", InputKind.FILE, "/data/ortho.tif"), "clip")).search_request("/idx", "/o.gpkg")
+    assert set(cross) <= FIELDS["SearchRequest"]
+    assert cross["scene"] == "/data/ortho.tif" and cross["query_model"] == "clip"
     text = SearchParameters(raster=RASTER, query=Query(text="a lake")).search_request("/idx", "/o.gpkg")
     assert text["text"] == "a lake" and "like" not in text and "heatmap" not in text
     with pytest.raises(ValueError, match="draw"):

@@ -125,6 +125,22 @@ def test_find_similar_and_text_search(processing, plugin, fake_backend, isolated
     assert QgsVectorLayer(result["OUTPUT"], "t", "ogr").featureCount() == 5  # what the fake returns
 
 
+def test_find_similar_cross_modal(processing, plugin, fake_backend, isolated, scene, sample_files, tmp_path):
+    """Query polygons on an RGB layer, embedded by a model of the searched model's embedding space."""
+    connect(plugin, fake_backend, isolated)
+    rgb = QgsRasterLayer(str(sample_files["plain"]), "orthophoto")
+    QgsProject.instance().addMapLayer(rgb)
+    processing.run("tileprompt:findsimilar", {
+        "INPUT": scene, "MODEL": "tiny-aligned-s2", "QUERY": query_layer(), "QUERY_RASTER": rgb,
+        "QUERY_MODEL": "clip-vit-b32-openai", "K": 5, "OUTPUT": str(tmp_path / "x.gpkg")})
+    index, search = fake_backend.requests[-2:]
+    assert index["model"] == "tiny-aligned-s2" and index["rasters"][0]["raster"] == str(sample_files["s2"])
+    assert search["query_model"] == "clip-vit-b32-openai" and search["scene"] == str(sample_files["plain"])
+    errors = run_failing(processing, {"INPUT": scene, "QUERY": query_layer(), "QUERY_RASTER": rgb,
+                                      "OUTPUT": str(tmp_path / "y.gpkg")}, "tileprompt:findsimilar")
+    assert "Name the model of the query layer" in errors
+
+
 def test_build_index(processing, plugin, fake_backend, isolated, scene, tmp_path):
     connect(plugin, fake_backend, isolated)
     result = processing.run("tileprompt:buildindex", {"INPUT": scene, "TILE": 32, "OVERLAP": 8})

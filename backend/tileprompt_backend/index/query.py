@@ -216,19 +216,26 @@ def text_vector(store: IndexStore, text: str, device: str = "auto") -> np.ndarra
 
 # --- queries -----------------------------------------------------------------------------------------------------
 
-def like_tiles(view: IndexView, scene_pos: int, like: Sequence[str], like_crs: str | None) -> list[int]:
-    """Indexed tiles under query geometries, chosen like an area of interest chooses tiles (tiling.make_grid)."""
-    scene = view.scenes[scene_pos]
-    info = scene.grid_info()
+def tiles_under(info, tile_px: int, stride: int | None, like: Sequence[str], like_crs: str | None,
+                raster: str) -> set[int]:
+    """Ids of the grid's tiles under any of the query geometries (``raster`` names the raster in messages)."""
     ids: set[int] = set()
     for i, geom in enumerate(like):
         where = f"query geometry {i + 1} of {len(like)}" if len(like) > 1 else "query geometry"
         try:
-            grid = make_grid(info, view.store.tile_px, view.store.stride, aoi=geom, aoi_crs=like_crs)
+            grid = make_grid(info, tile_px, stride, aoi=geom, aoi_crs=like_crs)
         except ValueError as e:
             raise ValueError(f"{where}: " + str(e).replace("area of interest", "geometry").replace(
-                "the raster", f"scene {scene.name}")) from None
+                "the raster", raster)) from None
         ids.update(t.id for t in grid.tiles)
+    return ids
+
+
+def like_tiles(view: IndexView, scene_pos: int, like: Sequence[str], like_crs: str | None) -> list[int]:
+    """Indexed tiles under query geometries, chosen like an area of interest chooses tiles (tiling.make_grid)."""
+    scene = view.scenes[scene_pos]
+    ids = tiles_under(scene.grid_info(), view.store.tile_px, view.store.stride, like, like_crs,
+                      f"scene {scene.name}")
     indexed = sorted(t for t in ids if view.has_tile(scene_pos, t))
     if not indexed:
         raise ValueError(f"no indexed tiles under the query geometry: the {len(ids)} tile(s) it covers on scene "
@@ -286,10 +293,13 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
            tile_ids: list[int] | None = None, scene: str | None = None, text: str | None = None,
            fuse: str = "mean", k: int = 50, out: str | Path, heatmap: str | Path | None = None,
            progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-           device: str = "auto", overwrite: bool = False, layer: str | None = None) -> SearchResult:
+           device: str = "auto", overwrite: bool = False, layer: str | None = None,
+           query_model: str | None = None, query_tile: int | None = None) -> SearchResult:
     """Rank the tiles of ``index`` by similarity to a query and write the top ``k`` to ``out`` (layer ``similar``).
 
-    Exactly one of ``like`` (geometries), ``tile_ids`` or ``text``. ``k`` above the number of candidate tiles
+    Exactly one of ``like`` (geometries), ``tile_ids`` or ``text``. With ``query_model``, ``like`` lies on the
+    raster ``scene`` (indexed or not) and its tiles are embedded by that card, which must share the index card's
+    embedding space (cross-modal search, :mod:`.crossmodal`). ``k`` above the number of candidate tiles
     is clamped to it; above :data:`~tileprompt_backend.validation.MAX_K` it is an error. Every bad input is a
     ValueError naming it; ``cancel()`` returning True raises ``Cancelled`` before anything is written.
     ``out`` and ``heatmap`` pass ``outputs.guard_output`` against the index and every indexed raster file
@@ -316,16 +326,29 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
     text = validation.text(text)
     if fuse not in FUSE:
         raise ValueError(f"unknown fuse {fuse!r} (valid: {', '.join(FUSE)})")
+    if query_model is not None and (like is None or scene is None):
+        raise ValueError("a query model (cross-modal search) needs query geometries (like) and the raster they lie on "
+                         "(scene / --scene RASTER)")
+    query_tile = validation.tile_px(query_tile)
     k = validation.k(int(k) if isinstance(k, np.integer) else k)
     store = IndexStore.open(index)
-    out, heatmap = guard_search_outputs(store, out, heatmap, overwrite, layer)
+    out, heatmap = guard_search_outputs(store, out, heatmap, overwrite, layer,
+                                        query_raster=scene if query_model is not None else None)
     step(0)
 
     view = load_view(store)
     step(1)
-    scene_rec = store.find_scene(scene, view.scenes) if scene is not None else (
-        view.scenes[0] if len(view.scenes) == 1 else None)
-    if scene_rec is None and (like is not None or tile_ids is not None):
+    if query_model is not None:  # ``scene`` is the query raster; it may or may not be one of the index's scenes
+        from .crossmodal import cross_modal_queries
+
+        cross = cross_modal_queries(store, query_model, scene, like, like_crs, query_tile, device, cancel)
+        indexed = [s for s in view.scenes if s.raster == str(Path(scene).expanduser().resolve())]
+        scene_rec = indexed[0] if len(indexed) == 1 else view.scenes[0] if len(view.scenes) == 1 else None
+    else:
+        cross = None
+        scene_rec = store.find_scene(scene, view.scenes) if scene is not None else (
+            view.scenes[0] if len(view.scenes) == 1 else None)
+    if scene_rec is None and cross is None and (like is not None or tile_ids is not None):
         raise ValueError(f"index {store.root} holds {len(view.scenes)} scenes: name the scene the query "
                          "geometries or tile ids refer to (scene / --scene RASTER)")
     if scene_rec is None and heatmap is not None:
@@ -339,6 +362,15 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
         queries = text_vector(store, text, device=device)[None, :]
         labels = [str(text).strip()]
         kind = "text"
+    elif cross is not None:
+        kind = "like-cross-modal"
+        if fuse == "mean" or len(cross.vectors) == 1:
+            queries = l2_normalize(cross.vectors.mean(axis=0, keepdims=True))
+            labels = [f"{cross.model}: " + (f"tile {cross.tile_ids[0]}" if len(cross.tile_ids) == 1
+                                            else f"mean of tiles {_describe_tiles(cross.tile_ids)}")]
+        else:
+            queries = cross.vectors
+            labels = [f"{cross.model}: tile {t}" for t in cross.tile_ids]
     else:
         query_ids = (like_tiles(view, scene_pos, like, like_crs) if like is not None
                      else check_tile_ids(view, scene_pos, tile_ids))
@@ -376,6 +408,11 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
         "k_effective": k_eff, "hits": len(hits), "index_scenes": len(view.scenes), "index_tiles": view.n,
         "search_method": view.vectors.description, "crs_of_scene": out_scene.raster,
         "heatmap": str(heatmap) if heatmap is not None else None,
+        "query_model": cross.model if cross is not None else None,
+        "query_space": cross.space if cross is not None else None,
+        "query_raster": cross.raster if cross is not None else None,
+        "query_tile_px": cross.tile_px if cross is not None else None,
+        "query_raster_tiles": list(cross.tile_ids) if cross is not None else None,
         "warnings": warnings,
     }
     if heatmap is not None:
@@ -383,7 +420,8 @@ def search(index: str | Path, *, like: list[str] | None = None, like_crs: str | 
     write_tiles_gpkg(out, out_scene.rasterio_crs(), FIELDS, features, run, layer=layer or LAYER,
                      add_layer=layer is not None)
     step(4)
-    return SearchResult(out=out, heatmap=heatmap, hits=len(hits), query_tiles=list(query_ids),
+    return SearchResult(out=out, heatmap=heatmap, hits=len(hits),
+                        query_tiles=list(query_ids) if cross is None else list(cross.tile_ids),
                         seconds=time.perf_counter() - t0, search_method=view.vectors.description,
                         scene=scene_rec.raster if scene_rec is not None else None, k=k_eff, warnings=warnings,
                         run=run)

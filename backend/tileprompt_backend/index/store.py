@@ -19,7 +19,6 @@ the same raster (same band map and level) is dropped when the new one commits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,7 +36,8 @@ import numpy as np
 from affine import Affine
 
 from .. import __version__
-from ..outputs import guard_output, host_name, pid_alive, resource_error
+from ..models.identity import short_sha, weights_hash  # weights_hash: also imported from here by query, textcache
+from ..outputs import fsync_dir, guard_output, host_name, pid_alive, resource_error
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -90,58 +90,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _sha(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+_sha = short_sha
 
 
 # --- keys ------------------------------------------------------------------------------------------------------
-
-def _memo_file() -> Path:
-    return cache_dir() / "index" / "weights-sha256.json"
-
-
-def file_sha256_cached(path: Path) -> str:
-    """sha256 of a weight file, remembered per (path, size, mtime) so big checkpoints are hashed once."""
-    from ..models.downloads import file_sha256
-
-    st = path.stat()
-    memo_key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    memo_path = _memo_file()
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if memo_key in memo:
-        return memo[memo_key]
-    digest = file_sha256(path)
-    memo[memo_key] = digest
-    try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=0))
-        tmp.replace(memo_path)
-    except OSError:
-        pass  # a read-only cache only costs re-hashing next time
-    return digest
-
-
-def weights_hash(card) -> str | None:
-    """Content hash of the card's weight files; seeded cards (no files) hash their seeds and library versions."""
-    from ..models.downloads import weight_paths
-
-    paths = weight_paths(card)
-    if paths is None:
-        return None
-    if paths:
-        return _sha(sorted((p.name, file_sha256_cached(p)) for p in paths))
-    import open_clip
-    import timm
-    import torch
-
-    from ..models.weights import SEEDS
-
-    return _sha({"seeds": SEEDS, "versions": [torch.__version__, timm.__version__, open_clip.__version__]})
-
 
 @dataclass(frozen=True)
 class ModelKey:
@@ -291,19 +243,6 @@ def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders
     finally:
         os.close(fd)
 
@@ -659,18 +598,24 @@ class IndexStore:
 
 
 def guard_search_outputs(store: IndexStore, out: str | Path, heatmap: str | Path | None, overwrite: bool = False,
-                         layer: str | None = None) -> tuple[Path, Path | None]:
+                         layer: str | None = None, query_raster: str | Path | None = None) -> tuple[Path, Path | None]:
     """``outputs.guard_output`` for a search's GeoPackage and heat map: neither may be the index, any file in
-    it, nor any raster file it was built from (the heat map of a scene must not replace the scene)."""
+    it, nor any raster file it was built from (the heat map of a scene must not replace the scene), nor the
+    query raster of a cross-modal search (a file, or a folder of band files)."""
     inputs = []
     for s in store.scenes():
         inputs.append(s.raster)
         inputs.extend(f[0] for f in s.info.get("fingerprint", {}).get("files", []))
-    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=[store.root])
+    dirs = [store.root]
+    if query_raster is not None:
+        inputs.append(query_raster)
+        if Path(query_raster).expanduser().is_dir():
+            dirs.append(query_raster)
+    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=dirs)
     if heatmap is None:
         return out, None
     heatmap = guard_output(heatmap, inputs, overwrite, suffixes=(".tif", ".tiff"), what="heat map",
-                           input_dirs=[store.root])
+                           input_dirs=dirs)
     if heatmap.resolve() == out.resolve():
         raise ValueError("the heat map and the GeoPackage need different paths")
     return out, heatmap

@@ -10,6 +10,7 @@ from .checkpoints import msclip_checkpoint_filter, ssl4eo_checkpoint_filter
 from .choice import DEFAULT_MODEL, ModelChoice, choose_model
 from .fetch import fetch
 from .importers import import_checkpoint, list_importers, register_importer
+from . import mtmg  # noqa: E402,F401  (registers the mtmg-patched / mtmg-aligned importers)
 from .loading import LoadedModel, load_model
 from .onnx_export import check_onnx_parity, export_onnx
 from .progress import download_hooks

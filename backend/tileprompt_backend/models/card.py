@@ -58,6 +58,9 @@ class ModelCard:
     provenance: dict[str, Any] = field(default_factory=dict)
     description: str | None = None  # one line for model lists: what the model is and what it is good at
     preference: int = 0  # > 0: may be chosen as the default for a layer it reads, the highest first (choice.py)
+    # the embedding space the card's towers live in: "<teacher id>@<weights hash>"; a teacher and the students
+    # aligned to it share one (None: the card's own, see models.identity.space_of)
+    space: str | None = None
     path: Path | None = None  # the card's directory; None for cards not on disk
 
     # --- derived ---
@@ -90,8 +93,8 @@ class ModelCard:
     def card_hash(self) -> str:
         """sha256 of the card's JSON (stable key order): identifies a model version in outputs and caches.
 
-        The one-line description and the default preference do not change what the model computes, so they are
-        left out: editing them keeps indexes and ONNX exports keyed by the hash.
+        The one-line description, the default preference and the embedding space's name do not change what the
+        model computes, so they are left out: editing them keeps indexes and ONNX exports keyed by the hash.
         """
         data = {k: v for k, v in self.to_json().items() if k not in _OPTIONAL}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -104,7 +107,7 @@ class ModelCard:
         return f"{self.title}: {what}, {inp.gsd_m:g} m GSD, tile {inp.tile_px} px, dim {self.embed_dim}{warn}"
 
 
-_OPTIONAL = ("description", "preference")
+_OPTIONAL = ("description", "preference", "space")
 
 
 def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
@@ -152,10 +155,13 @@ def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
         weights=data.get("weights"),
         sources={str(k): dict(v) for k, v in data.get("sources", {}).items()},
         provenance=dict(data.get("provenance", {})),
+        space=data.get("space"),
         description=data.get("description"),
         preference=int(data.get("preference", 0)),
         path=path,
     )
+    if card.space is not None and (not isinstance(card.space, str) or not card.space.strip()):
+        raise ValueError(f"model card {where}: space must be a non-empty string, got {card.space!r}")
     if card.input.image_size <= 0 or card.input.tile_px <= 0:
         raise ValueError(f"model card {where}: image_size and tile_px must be positive")
     return card

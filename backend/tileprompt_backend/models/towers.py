@@ -17,8 +17,12 @@ class ClipImageTower(nn.Module):
         super().__init__()
         self.visual = visual
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The un-normalised embedding (what alignment training distils)."""
+        return self.visual(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(x), dim=-1)
+        return F.normalize(self.features(x), dim=-1)
 
 
 class S2ImageTower(nn.Module):
@@ -29,8 +33,12 @@ class S2ImageTower(nn.Module):
         self.backbone = backbone
         self.proj = proj
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The un-normalised embedding (what alignment training distils)."""
+        return self.proj(self.backbone(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(self.backbone(x)), dim=-1)
+        return F.normalize(self.features(x), dim=-1)
 
 
 def _check_patch(size: int, patch: int, where: str) -> int:

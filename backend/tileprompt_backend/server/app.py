@@ -138,7 +138,16 @@ def model_info(card) -> ModelInfo:
                      license=card.license, license_url=card.provenance.get("license_url"),
                      downloaded=state.downloaded, weights=state.describe(),
                      download_bytes=None if state.downloaded else state.bytes, downloadable=downloadable(card),
-                     path=str(card.path) if card.path is not None else None)
+                     path=str(card.path) if card.path is not None else None, space=_space(card))
+
+
+def _space(card) -> str | None:
+    from ..models.identity import space_of
+
+    try:
+        return space_of(card)
+    except ValueError:  # weights not downloaded yet: the space is known once they are
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
