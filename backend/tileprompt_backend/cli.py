@@ -17,7 +17,7 @@ from typing import Sequence
 from . import __version__, validation
 
 #: Runner backends (models.runners.BACKENDS; repeated here so `tileprompt --help` starts without torch).
-RUNNERS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
+RUNNERS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino")
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
 #: Commands with their own parsers (``python -m tileprompt_backend.training.<module>`` under torchrun too).

@@ -50,7 +50,7 @@ class TileParams(_Strict):
         Field(None, description="tile size in pixels (default: the card's)")
     stride: Annotated[int | None, *_checked(validation.stride, minimum=1, maximum=validation.MAX_TILE_PX)] = \
         Field(None, description="pixels between tiles (default: the tile size)")
-    runner: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8"] = Field(
+    runner: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino"] = Field(
         "auto", description="image tower engine (auto: by device, see docs/models.md)")
     batch_size: Annotated[int, *_checked(validation.batch_size, minimum=1, maximum=validation.MAX_BATCH)] = Field(
         32, description="tiles per encoder batch (a cancel acts between batches)")
@@ -199,6 +199,17 @@ class ModelInfo(BaseModel):
     space: str | None = None  # embedding space (cards of one space can query each other); None: weights not here yet
 
 
+class VectorIndexInfo(BaseModel):
+    """An index loaded for search in this process, and how its vectors are searched (docs/index.md)."""
+
+    index: str
+    tiles: int
+    search_method: str
+    recall: float | None = Field(None, description="recall@50 against exact search, measured when tuned")
+    latency_ms: float | None = Field(None, description="median single-query latency measured when tuned")
+    memory_mb: float = Field(description="float16 embeddings plus the search structure, in memory")
+
+
 class ModelChoiceInfo(BaseModel):
     model: str  # the card chosen for the raster
     reason: str  # why, in one line
@@ -215,6 +226,7 @@ class Health(BaseModel):
     loaded_models: list[str]
     queue_length: int
     running_job: str | None = None
+    vector_indexes: list[VectorIndexInfo] = []
 
 
 class ErrorBody(BaseModel):

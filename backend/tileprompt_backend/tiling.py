@@ -217,5 +217,12 @@ def nodata_fraction(cube: np.ndarray, nodata: float) -> float:
     """Share of pixels whose every band equals ``nodata`` (or is NaN), for a (C, H, W) array."""
     if cube.size == 0:
         return 1.0
-    empty = np.all((cube == nodata) | np.isnan(cube), axis=0)
-    return float(empty.mean())
+    # only pixels whose first band is nodata can be empty: check the other bands there alone (the engine calls
+    # this for every tile, and most pixels are valid)
+    first = cube[0]
+    maybe = (first == nodata) | np.isnan(first)
+    if not maybe.any():
+        return 0.0
+    rest = cube[:, maybe]
+    empty = np.all((rest == nodata) | np.isnan(rest), axis=0)
+    return float(empty.sum() / first.size)

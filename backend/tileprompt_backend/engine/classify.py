@@ -184,6 +184,9 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         raise ValueError(f"every tile in the area is nodata ({stats.skipped_nodata} tiles skipped); "
                          "nothing to classify")
 
+    # the parallel reader may hand batches over out of grid order: the layer lists tiles in grid order
+    order = np.argsort([t.id for t in tiles], kind="stable")
+    tiles, emb16 = [tiles[i] for i in order], emb16[order]
     emb = emb16.astype(np.float32)
     raster_path = str(Path(raster).resolve())
     linear, correction, example_rows = zero_shot_linear(head, card.logit_scale), None, {}

@@ -498,6 +498,9 @@ class IndexStore:
         if emb.ndim != 2 or emb.shape[1] != self.embed_dim or len(emb) != len(tiles):
             raise ValueError(f"index {self.root}: {emb.shape} embeddings for {len(tiles)} tiles of dim "
                              f"{self.embed_dim}")
+        order = np.argsort(np.fromiter((t.id for t in tiles), np.int64, len(tiles)), kind="stable")
+        if np.any(order != np.arange(len(order))):  # the reader may go stripe by stripe: store in tile-id order
+            tiles, emb = [tiles[i] for i in order], emb[order]
         record.tiles = len(tiles)
         record.completed = _now()
         tmp = self._tmp_dir(record.key)
