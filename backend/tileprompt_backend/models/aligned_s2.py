@@ -99,6 +99,8 @@ class AlignedS2(Family):
         check_fields(spec, _IMAGE_KEYS, f"{where} image_tower")
         if card.input.modality != "s2":
             raise ValueError(f"{where}: an aligned-s2 model takes Sentinel-2 bands (input.modality 's2')")
+        if card.adapters:
+            raise ValueError(f"{where}: retrieval adapters apply to clip cards (open_clip towers), not aligned-s2")
         backbone = _create_backbone(card, spec, f"{where} image_tower")
         proj_dim = int(spec.get("proj_dim", card.embed_dim))
         if proj_dim != card.embed_dim:

@@ -61,6 +61,9 @@ class ModelCard:
     # the embedding space the card's towers live in: "<teacher id>@<weights hash>"; a teacher and the students
     # aligned to it share one (None: the card's own, see models.identity.space_of)
     space: str | None = None
+    # retrieval adapters attached to a clip card's towers on load: {"method", "config", "weights"}
+    # (models/adapters; None: the plain model)
+    adapters: dict[str, Any] | None = None
     path: Path | None = None  # the card's directory; None for cards not on disk
 
     # --- derived ---
@@ -77,6 +80,8 @@ class ModelCard:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
+        if d["adapters"] is None:  # plain cards keep their JSON and hash; adapters change the model: hashed
+            del d["adapters"]
         d["input"]["bands"] = list(self.input.bands)
         for key in _OPTIONAL:  # fields added later are written only when set
             if d[key] == ModelCard.__dataclass_fields__[key].default:
@@ -156,6 +161,7 @@ def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
         sources={str(k): dict(v) for k, v in data.get("sources", {}).items()},
         provenance=dict(data.get("provenance", {})),
         space=data.get("space"),
+        adapters=_adapters(data.get("adapters"), where),
         description=data.get("description"),
         preference=int(data.get("preference", 0)),
         path=path,
@@ -165,6 +171,20 @@ def card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
     if card.input.image_size <= 0 or card.input.tile_px <= 0:
         raise ValueError(f"model card {where}: image_size and tile_px must be positive")
     return card
+
+
+def _adapters(raw: Any, where: str) -> dict[str, Any] | None:
+    """The card's ``adapters`` field: its shape here; the method and its config are checked on load."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("method"), str) or not isinstance(raw.get("weights"), str):
+        raise ValueError(f"model card {where}: adapters must be an object with 'method' and 'weights' (and 'config')")
+    unknown = set(raw) - {"method", "config", "weights"}
+    if unknown:
+        raise ValueError(f"model card {where}: unknown adapters field(s) {sorted(unknown)}")
+    if not isinstance(raw.get("config", {}), dict):
+        raise ValueError(f"model card {where}: adapters.config must be an object")
+    return {"method": raw["method"], "config": dict(raw.get("config", {})), "weights": raw["weights"]}
 
 
 def read_card(directory: str | Path) -> ModelCard:

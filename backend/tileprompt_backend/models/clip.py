@@ -12,6 +12,8 @@ Card fields:
   (``visual.conv1`` becomes ``Conv2d(len(bands), width, patch, patch, bias=False)``, as Llama3-MS-CLIP's);
   ``image_tower.in_chans``, when given, must equal the number of bands. The card's ``input.scale``,
   ``mean``/``std`` (per band) and ``interpolation`` say how DN become the tower's input.
+- ``adapters`` (optional): HarMA or RDB retrieval adapters attached to both towers after the base weights load
+  (``models/adapters``), their weights in a file of the card's folder.
 """
 
 from __future__ import annotations
@@ -108,6 +110,20 @@ def open_clip_weights(card: ModelCard, name: str | None, tag: str | None, weight
     return None
 
 
+def load_adapters(model: torch.nn.Module, card: ModelCard, where: str) -> Path:
+    """Attach the card's adapters to ``model`` and load their weights (exactly the adapter keys); returns the file."""
+    from .adapters import adapter_state_dict, attach_adapters
+
+    spec = card.adapters
+    with seeded(SEEDS["model"]):
+        attach_adapters(model, spec["method"], spec.get("config"), f"{where} adapters")
+    path = card_weights(card, spec["weights"])
+    sd = read_weights(path)
+    check_keys(f"{where}: adapter weights {spec['weights']}", adapter_state_dict(model), sd)
+    model.load_state_dict(sd, strict=False)
+    return path
+
+
 def check_embed_dim(card: ModelCard, config: dict, what: str) -> None:
     if int(config["embed_dim"]) != card.embed_dim:
         raise ValueError(f"model {card.id!r}: {what} embeds into {config['embed_dim']} dimensions, "
@@ -117,7 +133,8 @@ def check_embed_dim(card: ModelCard, config: dict, what: str) -> None:
 @register_family("clip")
 class Clip(Family):
     def weight_files(self, card: ModelCard) -> list[str]:
-        return [f for f in (card.weights, card.image_tower.get("weights")) if f]
+        adapters = card.adapters["weights"] if card.adapters else None
+        return [f for f in (card.weights, card.image_tower.get("weights"), adapters) if f]
 
     def pretrained_tags(self, card: ModelCard) -> list[tuple[str, str]]:
         if not card.pretrained:
@@ -153,6 +170,8 @@ class Clip(Family):
             check_keys(f"{where}: visual tower overlay {overlay}", visual, sd)  # only visual.*, all of them
             model.load_state_dict(sd, strict=False)
             files.append(path)
+        if card.adapters:
+            files.append(load_adapters(model, card, where))
         set_open_clip_image_size(model.visual, image_size, where)
 
         if card.input.modality == "rgb":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..sentinel2.bands import FILLABLE_BANDS, RGB_BANDS
 from ..sentinel2.composite import rgb_composite, scale_reflectance
 from . import aligned_s2, clip  # noqa: F401  (importing registers the families)
+from .adapters import text_sees_padding
 from .card import ModelCard
 from .downloads import ensure_weights
 from .preprocess import clip_pixels, reflectance_pixels, smooth_noise
@@ -34,6 +35,15 @@ class LoadedModel:
         self.image_files: tuple[Path, ...] = towers.image_files
         self._text = towers.text_model.to(device).eval()
         self._tokenizer = towers.tokenizer
+
+    @property
+    def text_model(self) -> torch.nn.Module:
+        """The module behind :meth:`encode_text` (for a clip card: the whole open_clip model, both towers)."""
+        return self._text
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """(N, context) token ids of the card's tokenizer, on the CPU."""
+        return self._tokenizer(list(texts))
 
     @property
     def embed_dim(self) -> int:
@@ -114,11 +124,12 @@ def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
     """open_clip's ``encode_text`` (unnormalised), run only over the longest sentence's tokens, not all 77.
 
     Exact for CLIP text towers: the attention mask is causal, so no position before the end-of-text token sees
-    the padding after it, and the pooled feature is read at the end-of-text token. About 6-7x faster for
+    the padding after it, and the pooled feature is read at the end-of-text token. Retrieval adapters mask
+    padding too (models/adapters), except HarMA's released-code mode, which takes open_clip's path. About 6-7x faster for
     prompt-length sentences. Other text towers (HF, SigLIP-style pooling) take open_clip's own path.
     """
     causal = isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None
-    if not causal or model.text_pool_type != "argmax":
+    if not causal or model.text_pool_type != "argmax" or text_sees_padding(model):
         return model.encode_text(tokens)
     length = int((tokens != 0).sum(dim=1).max().clamp(min=1))  # 0 pads; every sentence ends with its EOT
     tokens = tokens[:, :length]

@@ -106,3 +106,54 @@ def color_augment(rgb: np.ndarray, divisor: float, rng: np.random.Generator, aug
         sigma = float(rng.uniform(*aug.blur_sigma))
         u = TF.gaussian_blur(u, kernel_size=list(aug.blur_kernel), sigma=[sigma, sigma])
     return (u.numpy() * np.float32(divisor)).astype(np.float32)
+
+
+#: The operations of ALBEF's ``RandomAugment(2, 7, ...)`` that HarMA's training transform uses (method notes §3.6).
+RAND_AUGMENT_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
+                    "TranslateX", "TranslateY", "Rotate")
+
+
+@dataclass(frozen=True)
+class RandAugment:
+    """ALBEF's RandomAugment: ``n`` operations drawn (with replacement), each applied with probability 0.5 at
+    ``magnitude`` (of 10): enhance factor m/10 x 1.8 + 0.1, shear m/10 x 0.3, translation m/10 x 10 px at 224 px
+    (scaled to the tile's size here, as our tiles are augmented before the resize), rotation m/10 x 30 degrees;
+    shear, translation and rotation take a random sign and fill with grey (128)."""
+
+    n: int = 2
+    magnitude: float = 7.0
+    ops: tuple[str, ...] = RAND_AUGMENT_OPS
+    fill: int = 128
+
+
+def rand_augment(rgb: np.ndarray, rng: np.random.Generator, aug: RandAugment = RandAugment()) -> np.ndarray:
+    """Apply :class:`RandAugment` to a (3, H, W) uint8 RGB image (torchvision's functions on uint8 tensors)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    img = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.uint8))
+    level = aug.magnitude / 10.0
+    size = img.shape[-1]
+    for name in rng.choice(aug.ops, size=aug.n):
+        if rng.random() < 0.5:
+            continue
+        sign = -1.0 if rng.random() < 0.5 else 1.0
+        fill = [float(aug.fill)] * 3
+        if name == "AutoContrast":
+            img = TF.autocontrast(img)
+        elif name == "Equalize":
+            img = TF.equalize(img)
+        elif name == "Brightness":
+            img = TF.adjust_brightness(img, level * 1.8 + 0.1)
+        elif name == "Sharpness":
+            img = TF.adjust_sharpness(img, level * 1.8 + 0.1)
+        elif name in ("ShearX", "ShearY"):
+            degrees = sign * math.degrees(math.atan(level * 0.3))  # PIL's shear factor as torchvision's angle
+            shear = [degrees, 0.0] if name == "ShearX" else [0.0, degrees]
+            img = TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=fill)
+        elif name in ("TranslateX", "TranslateY"):
+            pixels = int(round(sign * level * 10.0 * size / 224.0))
+            shift = [pixels, 0] if name == "TranslateX" else [0, pixels]
+            img = TF.affine(img, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], fill=fill)
+        elif name == "Rotate":
+            img = TF.rotate(img, sign * level * 30.0, fill=fill)
+    return img.numpy()

@@ -10,6 +10,7 @@ patched CLIP its own (``"<id>@<weights hash>"``), an aligned student its teacher
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -47,10 +48,23 @@ def check_card_output(out: str | Path, overwrite: bool, inputs: Iterable[str | P
     return guard_folder_output(out, _written_by_training, overwrite, inputs, "model card folder")
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link when the file system allows (a base model's weights cost no space twice), else a copy.
+
+    Safe for weight files: they are only ever replaced by renaming a new file into place, never rewritten.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Mapping[str, torch.Tensor]],
                        copies: Mapping[str, Path] | None = None, overwrite: bool = False,
                        own_space: bool = False) -> ModelCard:
-    """Write a card folder atomically: ``tensors`` {file: state dict} as safetensors, ``copies`` {file: source}.
+    """Write a card folder atomically: ``tensors`` {file: state dict} as safetensors, ``copies`` {file: source}
+    (hard-linked where possible).
 
     ``own_space``: the card's ``space`` becomes ``"<id>@<hash of its weight files>"`` (a new teacher space).
     The card is loaded once (strict key checks) before it is moved into place.
@@ -60,7 +74,7 @@ def write_trained_card(out: Path, data: dict[str, Any], tensors: Mapping[str, Ma
         for name, sd in tensors.items():
             write_weights(sd, tmp / name)
         for name, src in (copies or {}).items():
-            shutil.copy2(src, tmp / name)
+            link_or_copy(Path(src), tmp / name)
         data = dict(data)
         data["provenance"] = dict(data.get("provenance", {}), software=f"{TRAINER} (tileprompt {__version__})")
         card = card_from_dict(data, tmp)

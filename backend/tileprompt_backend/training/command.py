@@ -32,6 +32,10 @@ METHODS: dict[str, tuple[str, str]] = {
               "cross-modal alignment: distil a patched CLIP image tower into a 13-band Sentinel-2 ViT"),
     "cmid": ("tileprompt_backend.training.cmid",
              "CMID: self-supervised pre-training of a Sentinel-2 ViT (MIM + global MoCo + local distillation)"),
+    "harma": ("tileprompt_backend.training.harma",
+              "HarMA: retrieval adapters (gated, shared across towers) on a frozen CLIP, from captioned images"),
+    "rdb": ("tileprompt_backend.training.rdb",
+            "RDB: asymmetric retrieval adapters (differential / hierarchical attention) with the dual-task loss"),
 }
 
 
@@ -61,11 +65,11 @@ def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, lr: float, weight_decay: float,
-                      warmup: int | None, grad_clip: float = 1.0, paper: str = "paper") -> None:
+                      warmup: int | None, grad_clip: float = 1.0, paper: str = "paper", seed: int = 42) -> None:
     """The options every training has; the defaults given are the method's published recipe.
 
-    ``warmup=None``: the method derives the warm-up from its own option (CMID: ``--warmup-epochs``) unless
-    ``--warmup-steps`` is given.
+    ``warmup=None``: the method sizes its warm-up itself (CMID: ``--warmup-epochs``; others a share of the run)
+    unless ``--warmup-steps`` is given.
     """
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="model card folder to write at the end")
@@ -82,7 +86,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, 
                    help=f"auto: bf16 autocast on GPUs ({paper}: bf16) and on CPUs with bf16 units "
                         "(AVX512-BF16/AMX), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained module (the reference does)")
-    g.add_argument("--seed", type=int, default=42, help=f"random seed (default and {paper}: 42)")
+    g.add_argument("--seed", type=int, default=seed, help=f"random seed (default and {paper}: {seed})")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader processes decoding and augmenting samples per rank (0: none)")
     g.add_argument("--quiet", action="store_true", help="no progress bar (log lines still go to the metrics log)")
@@ -101,8 +105,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, batch: int, epochs: float, 
     o.add_argument("--weight-decay", type=float, default=weight_decay,
                    help=f"weight decay (default and {paper}: {weight_decay:g})")
     o.add_argument("--warmup-steps", type=int, default=warmup,
-                   help=f"linear warm-up steps before the cosine decay (default and {paper}: {warmup})"
-                   if warmup is not None else "linear warm-up steps before the cosine decay (default: see below)")
+                   help=f"linear warm-up steps before the decay (default and {paper}: {warmup})" if warmup is not None
+                   else "linear warm-up steps before the decay (default: the method's own rule, see below)")
     o.add_argument("--grad-clip", type=float, default=grad_clip,
                    help=f"clip the gradient norm to this (0: off; default and {paper}: {grad_clip:g})")
     o.add_argument("--shuffle-buffer", type=int, default=1000,

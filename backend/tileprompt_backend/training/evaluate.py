@@ -1,9 +1,11 @@
-"""Zero-shot classification and cross-modal retrieval on a shard dataset; ``tileprompt evaluate``.
+"""Zero-shot classification, cross-modal and image-text retrieval on a shard dataset; ``tileprompt evaluate``.
 
 Mind the Modality Gap §IV-B: each class embedding is the normalised mean of its prompts' embeddings (the card's
 text tower), each tile is scored by cosine with them; mAP (macro) for multi-label tasks, top-1 accuracy for
 multi-class ones. Retrieval pairs each tile's multispectral embedding (an ``aligned-s2`` card) with its RGB
 composite's embedding (the CLIP card of the same space) and ranks the whole split both ways (R@1/5/10/20/50).
+On a captioned dataset (``prepare-data captions``, ``--captions templated``) the card's image and text towers
+are also scored on image->text and text->image R@1/5/10 and mR (``retrieval_eval``: HarMA's and RDB's protocol).
 Every split is embedded in parallel over torchrun ranks and gathered on rank 0.
 """
 
@@ -28,6 +30,7 @@ from .inputs import model_input
 from .loop import autocast, resolve_precision
 from .losses import zero_shot_logits
 from .metrics import RECALL_KS, ClassScores, chance_recall, cross_modal_recall, mean_average_precision, top1_accuracy
+from .retrieval_eval import embed_captioned, format_recall, text_retrieval_markdown, text_retrieval_report
 
 log = logging.getLogger(__name__)
 DEFAULT_EVAL_BATCH = 256  # the reference's evaluation batch
@@ -136,7 +139,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
     p = parser_for(prog, "Zero-shot classification (mAP for multi-label tasks, top-1 accuracy for multi-class "
                          "ones, per class) of a card on a shard dataset, and with an RGB card of the same embedding "
-                         "space, MS->RGB and RGB->MS Recall@1/5/10/20/50 over the whole split.\n"
+                         "space, MS->RGB and RGB->MS Recall@1/5/10/20/50 over the whole split; on a captioned "
+                         "dataset image->text and text->image Recall@1/5/10 and mR (an image's rank is its best "
+                         "caption's).\n"
                          "Writes report.json, report.md and PNG plots into --out.")
     p.add_argument("--model", required=True, help="the card to evaluate (id or folder)")
     p.add_argument("--data", required=True, help="a shard dataset (tileprompt prepare-data)")
@@ -197,6 +202,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     if rgb_card is not None:
         models.append(load_model(rgb_card, device=d.device.type))
     emb = embed_split(models, spec, args.split, d, args.batch_size, args.limit, args.precision)
+    captions = None
+    if spec.manifest.get("captions"):  # the images are embedded above: only the captions here
+        captions = embed_captioned(models[0], spec, args.split, d, args.batch_size, args.limit, args.precision,
+                                   embed_images=False)
     if emb is None:
         return None
     report: dict[str, Any] = {"model": card.id, "model_space": card.space or None, "data": str(spec.root),
@@ -213,6 +222,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     if len(models) == 2:
         report["rgb_model"] = models[1].card.id
         report["retrieval"] = retrieval_report(emb[0].embeddings, emb[1].embeddings)
+    if captions is not None:
+        captions.images = emb[0].embeddings  # the same split, limit and file order
+        report["text_retrieval"] = text_retrieval_report(captions, spec, args.split)
     write_report(report, out, spec)
     return report
 
@@ -254,6 +266,8 @@ def markdown_report(report: dict[str, Any], plots: list[str]) -> str:
         for name, key in (("MS -> RGB", "ms_to_rgb"), ("RGB -> MS", "rgb_to_ms"), ("chance", "chance")):
             lines.append(f"| {name} | " + " | ".join(_pct(r[key][k]) for k in ks) + " |")
         lines.append("")
+    if report.get("text_retrieval"):
+        lines += text_retrieval_markdown(report["text_retrieval"], report["model"])
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -313,6 +327,8 @@ def _print_report(report: dict[str, Any] | None) -> None:
     if r:
         for key in ("ms_to_rgb", "rgb_to_ms"):
             print(f"{key.replace('_to_', '->').upper():8s} " + "  ".join(f"R@{k} {_pct(v)}" for k, v in r[key].items()))
+    if report.get("text_retrieval"):
+        print(f"image-text retrieval: {format_recall(report['text_retrieval'])}")
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "tileprompt evaluate") -> int:

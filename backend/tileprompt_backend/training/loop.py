@@ -1,10 +1,18 @@
 """The training loop every method shares: AdamW or Adan, cosine schedule with linear warm-up, gradient clipping,
 bf16 autocast on CUDA, DDP, progress and metrics log, checkpoints every N steps, resume, and Ctrl-C.
 
-A method supplies the trainable module and ``loss_fn(model, batch) -> (loss, metrics)`` (and optionally
-``after_step(step)``, e.g. an EMA teacher update); the loop owns everything else. The schedule is the Mind the
-Modality Gap / PAINT one (method notes §2.7): lr = base x (step + 1) / warmup during warm-up, then
-base x 0.5 x (1 + cos(pi x e / E)) over the rest; ``min_lr`` raises the floor of the cosine (CMID decays to 1e-6).
+A method supplies the trainable module and ``loss_fn(model, batch) -> (loss, metrics)``; the loop owns
+everything else. Schedules (``LoopConfig.schedule``), all per optimizer step:
+
+- ``cosine`` (Mind the Modality Gap / PAINT, method notes §2.7): lr = base x (step + 1) / warmup during warm-up,
+  then base x 0.5 x (1 + cos(pi x e / E)) over the rest; ``min_lr`` raises the floor of the cosine (CMID decays
+  to 1e-6);
+- ``linear`` (HarMA's code, method notes §3.6): the same warm-up, then a linear decay to 0;
+- ``step`` (RDB §4.2): base x gamma ** floor(step / step_every), after the warm-up if any.
+
+Optimisers: AdamW, or Adan (timm; CMID). Parameters named by ``no_decay`` (biases, norms, loss weights), or with
+``decay_filter`` timm's rule, get no weight decay; ``after_step(step)`` runs after every optimizer step (EMA
+teachers, validation).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from .runlog import RunLog
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp32")
 OPTIMIZERS = ("adamw", "adan")
+SCHEDULES = ("cosine", "linear", "step")
 
 
 @dataclass
@@ -48,6 +57,11 @@ class LoopConfig:
     decay_filter: bool = False  # no weight decay on biases, norms and the module's no_weight_decay() (timm's rule)
     min_lr: float = 0.0  # the cosine ends here instead of 0
     broadcast_buffers: bool = True  # DDP copies rank 0's buffers every forward; off when ranks update them alike
+    schedule: str = "cosine"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    step_every: int = 0  # "step" schedule: steps between decays
+    step_gamma: float = 1.0  # "step" schedule: factor per decay
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
@@ -63,11 +77,13 @@ def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, rest) / rest))
 
 
-def make_optimizer(module: nn.Module, config: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(module: nn.Module, config: LoopConfig, device: torch.device,
+                   no_decay: Callable[[str], bool] | None = None) -> torch.optim.Optimizer:
     """AdamW (torch) or Adan (timm, CMID's optimiser: betas 0.98/0.92/0.99, eps 1e-8) over the trainable parameters.
 
     ``decay_filter`` leaves biases, 1-D parameters (norms) and the names in ``module.no_weight_decay()`` out of
-    weight decay, as timm's ``filter_bias_and_bn`` does (the CMID reference trains so).
+    weight decay, as timm's ``filter_bias_and_bn`` does (the CMID reference trains so); otherwise the parameters
+    whose names ``no_decay`` accepts get none. ``betas``/``eps`` apply to AdamW.
     """
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")
@@ -78,12 +94,45 @@ def make_optimizer(module: nn.Module, config: LoopConfig, device: torch.device) 
         groups = [g for g in param_groups_weight_decay(module, config.weight_decay, no_weight_decay_list=skip)
                   if g["params"]]
     else:
-        groups = [{"params": [p for p in module.parameters() if p.requires_grad]}]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if no_decay is None or not no_decay(n)],
+                   "weight_decay": config.weight_decay}]
+        plain = [p for n, p in named if no_decay is not None and no_decay(n)]
+        if plain:
+            groups.append({"params": plain, "weight_decay": 0.0})
     if config.optimizer == "adan":
         from timm.optim import Adan
 
         return Adan(groups, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+                             weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+
+def linear_with_warmup(step: int, warmup: int, total: int) -> float:
+    """The multiplier at step ``step``: (step + 1) / warmup during warm-up, then (total - step) / (total - warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    rest = max(1, total - warmup)
+    return max(0.0, (total - step) / rest)
+
+
+def step_decay(step: int, warmup: int, every: int, gamma: float) -> float:
+    """The multiplier at step ``step``: the warm-up, then ``gamma ** floor(step / every)``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return gamma ** (step // every) if every > 0 else 1.0
+
+
+def lr_multiplier(config: LoopConfig) -> Callable[[int], float]:
+    """The schedule of ``config`` as a function of the optimizer step."""
+    if config.schedule == "cosine":
+        floor = config.min_lr / config.lr if config.lr > 0 else 0.0
+        return lambda s: cosine_with_warmup(s, config.warmup_steps, config.total_steps, floor)
+    if config.schedule == "linear":
+        return lambda s: linear_with_warmup(s, config.warmup_steps, config.total_steps)
+    if config.schedule == "step":
+        return lambda s: step_decay(s, config.warmup_steps, config.step_every, config.step_gamma)
+    raise ValueError(f"unknown schedule {config.schedule!r} (valid: {', '.join(SCHEDULES)})")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -120,19 +169,18 @@ class Trainer:
     """Train ``module`` (all its parameters with requires_grad) for ``config.total_steps`` optimizer steps."""
 
     def __init__(self, module: nn.Module, config: LoopConfig, d: Dist, run_dir: Path, resume_key: dict[str, Any],
-                 samples_per_step: int, desc: str, quiet: bool = False):
+                 samples_per_step: int, desc: str, quiet: bool = False,
+                 no_decay: Callable[[str], bool] | None = None):
         self.module, self.config, self.d, self.run_dir = module, config, d, Path(run_dir)
         self.resume_key = resume_key
         self.samples_per_step, self.desc, self.quiet = samples_per_step, desc, quiet
         self.precision = resolve_precision(config.precision, d.device)
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("nothing to train: the module has no trainable parameters")
-        self.optimizer = make_optimizer(module, config, d.device)
-        floor = config.min_lr / config.lr if config.lr > 0 else 0.0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: cosine_with_warmup(s, config.warmup_steps, config.total_steps, floor))
-        self.params = params
+        self.optimizer = make_optimizer(module, config, d.device, no_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(config))
+        self.params = [p for _, p in named]
         self.step = 0
 
     # --- resume -------------------------------------------------------------------------------------------------
@@ -176,10 +224,8 @@ class Trainer:
     # --- training -----------------------------------------------------------------------------------------------
     def fit(self, batches: Iterator[list[Any]], loss_fn: LossFn, steps_per_epoch: int,
             after_step: Callable[[int], None] | None = None) -> LoopResult:
-        """Run optimizer steps ``self.step`` .. ``total_steps`` over ``batches`` (one per step, this rank's part).
-
-        ``after_step(step)`` runs after each optimizer step (``step`` = steps done), before logging and saving.
-        """
+        """Run optimizer steps ``self.step`` .. ``total_steps`` over ``batches`` (one per step, this rank's part);
+        ``after_step(step)`` runs after each one (every rank)."""
         resumed_from = self.step
         total = self.config.total_steps
         if self.step >= total:

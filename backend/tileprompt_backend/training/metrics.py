@@ -1,4 +1,5 @@
-"""Evaluation metrics: zero-shot mAP (multi-label), top-1 accuracy (multi-class), cross-modal Recall@K.
+"""Evaluation metrics: zero-shot mAP (multi-label), top-1 accuracy (multi-class), cross-modal Recall@K, and
+image-text retrieval Recall@K with mean recall (HarMA / RDB protocol).
 
 Average precision is torchmetrics' (exact, no thresholds). Classes without a single positive sample have no
 defined AP and are left out of the macro mean, as the reference code's torchmetrics did (it returned NaN for
@@ -110,3 +111,67 @@ def cross_modal_recall(ms, rgb, ks: Sequence[int] = RECALL_KS) -> dict[str, dict
 def chance_recall(n: int, ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
     """Recall@K of a random ranking over a gallery of ``n``: K / n (capped at 1)."""
     return {int(k): min(1.0, k / n) if n else math.nan for k in ks}
+
+
+#: The cut-offs of image-text retrieval (RSICD / RSITMD tables: R@1, R@5, R@10 and their mean mR).
+RETRIEVAL_KS = (1, 5, 10)
+
+
+#: Similarities closer than this count as equal (identical captions encoded in different batches differ by float noise).
+TIE_TOLERANCE = 1e-6
+
+
+def image_text_recall(images, texts, text_image, ks: Sequence[int] = RETRIEVAL_KS) -> dict:
+    """Image->text and text->image Recall@K and mean recall of N images and their M captions (cosine).
+
+    ``text_image[j]`` is the index of caption j's image. Image->text: an image's rank is that of its best-ranked
+    own caption; text->image: a caption's rank is that of its image (HarMA's evaluation; RDB Eq. 15, HarMA Eq. 9:
+    ``mR`` = the mean of the six recalls). Ties (similarities within ``TIE_TOLERANCE``, e.g. the same caption
+    written for two images) are broken at random and R@K is its expectation over tie orders: counting ties for
+    the query would credit a template caption shared by hundreds of tiles as found at rank 1 for all of them.
+    """
+    img = torch.nn.functional.normalize(_tensor(images, torch.float32), dim=-1)
+    txt = torch.nn.functional.normalize(_tensor(texts, torch.float32), dim=-1)
+    owner = _tensor(text_image, torch.long).reshape(-1)
+    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1] or len(owner) != len(txt):
+        raise ValueError(f"images {tuple(img.shape)}, texts {tuple(txt.shape)} and {len(owner)} caption owners "
+                         "do not fit together")
+    if len(img) == 0 or len(txt) == 0:
+        raise ValueError("no images or no captions: recall is undefined")
+    if int(owner.min()) < 0 or int(owner.max()) >= len(img):
+        raise ValueError("a caption names an image index outside the images")
+    if len(torch.unique(owner)) != len(img):
+        raise ValueError("every image needs at least one caption")
+    sims = (img @ txt.T).double()  # (N, M)
+    own = torch.zeros_like(sims, dtype=torch.bool)
+    own[owner, torch.arange(len(txt))] = True
+    # image -> text: above = other captions more similar than the best own one; tied own / other captions
+    best = sims.masked_fill(~own, float("-inf")).max(dim=1).values[:, None]
+    tied = (sims - best).abs() <= TIE_TOLERANCE
+    above = ((sims > best) & ~tied & ~own).sum(1)
+    tied_own, tied_other = (tied & own).sum(1), (tied & ~own).sum(1)
+    # text -> image: the same for a caption's one image
+    mine = sims[owner, torch.arange(len(txt))][None, :]
+    tied_t = (sims - mine).abs() <= TIE_TOLERANCE
+    above_t = ((sims > mine) & ~tied_t).sum(0)
+    out = {"i2t": {int(k): float(_first_in_top(above, tied_own, tied_other, k).mean()) for k in ks},
+           "t2i": {int(k): float(_first_in_top(above_t, torch.ones_like(above_t), tied_t.sum(0) - 1, k).mean())
+                   for k in ks},
+           "images": len(img), "captions": len(txt)}
+    out["mR"] = float(np.mean(list(out["i2t"].values()) + list(out["t2i"].values())))
+    return out
+
+
+def _first_in_top(above: torch.Tensor, tied_own: torch.Tensor, tied_other: torch.Tensor, k: int) -> torch.Tensor:
+    """P(a positive is among the first k) when ``above`` items come first, then the tied group in random order.
+
+    The first positive of the tied group lands within the top k unless the first ``m = k - above`` tied items
+    are all others: 1 - C(others, m) / C(others + positives, m) (hypergeometric); 0 if m <= 0.
+    """
+    m = k - above
+    n = tied_own + tied_other
+    none_first = torch.ones(len(above), dtype=torch.float64)
+    for i in range(k):
+        factor = ((tied_other - i).clamp(min=0) / (n - i).clamp(min=1)).double()
+        none_first = torch.where(i < m, none_first * factor, none_first)
+    return torch.where(m > 0, 1.0 - none_first, torch.zeros_like(none_first))

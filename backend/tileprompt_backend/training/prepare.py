@@ -8,7 +8,11 @@ Sources:
                JPEGs; any such layout); EuroSAT's ten folders get CLIP_benchmark's class names and templates
   rasters      your own rasters (GeoTIFF/COG, band folders, SAFE IMG_DATA) cut into tiles; with --labels
                POLYGONS --field NAME each tile gets the majority class under the polygons (and its coverage),
-               split spatially in blocks of tiles; without --labels the tiles are unlabelled (alignment data)
+               split spatially in blocks of tiles; without --labels the tiles are unlabelled (alignment data);
+               --captions templated adds captions made from the label names and their shares of each tile
+               (templated, not written by people: the manifest says so) for HarMA / RDB retrieval training
+  captions     an image-text retrieval set: RSICD / RSITMD caption files (rsitmd_train.json, rsitmd_val.json,
+               rsitmd_test.json, or one dataset_rsitmd.json) and --images DIR; classes from file-name prefixes
 
 The output folder is the CLIP_benchmark layout the Mind the Modality Gap code reads (classnames.txt,
 zeroshot_classification_templates.txt, train/val/test with nshards.txt, nsamples.txt and N.tar shards) plus
@@ -27,7 +31,9 @@ from .data.folders import EUROSAT_TEMPLATES
 from .data.shards import DEFAULT_SAMPLES_PER_SHARD, DatasetWriter, check_dataset_output
 from .data.splits import hash_split, parse_fractions
 
-SOURCES = ("bigearthnet", "folders", "rasters")
+SOURCES = ("bigearthnet", "folders", "rasters", "captions")
+RASTER_TEMPLATES = ["a satellite photo of {c}.", "a satellite image of {c}.", "satellite imagery of {c}.",
+                    "a centered satellite photo of {c}.", "an aerial view of {c}."]
 
 
 def build_parser(prog: str = "tileprompt prepare-data") -> argparse.ArgumentParser:
@@ -67,8 +73,15 @@ def build_parser(prog: str = "tileprompt prepare-data") -> argparse.ArgumentPars
     r.add_argument("--keep-unlabelled", action="store_true", help="keep tiles without a label, unlabelled")
     r.add_argument("--block", type=int, default=4,
                    help="spatial split: blocks of N x N tiles go to one split together (default: 4)")
+    r.add_argument("--captions", choices=["templated"],
+                   help="templated: give each labelled tile captions made from its classes' shares (retrieval "
+                        "training data; tiles without a class share of at least 5 %% are left out)")
     r.add_argument("--band-map", help="comma-separated band names of a multiband file, in file order")
     r.add_argument("--level", choices=["L1C", "L2A"], help="processing level when it cannot be detected")
+    c = p.add_argument_group("captions")
+    c.add_argument("--images", help="folder of the images the caption files name")
+    c.add_argument("--name", help="what the captions are (default: the caption files' name before the split, e.g. "
+                                  "rsitmd)")
     return p
 
 
@@ -88,8 +101,10 @@ def prepare(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.source != "rasters" and (args.labels or args.field):
-        raise ValueError("--labels and --field apply to the rasters source")
+    if args.source != "rasters" and (args.labels or args.field or args.captions):
+        raise ValueError("--labels, --field and --captions apply to the rasters source")
+    if args.source != "captions" and args.images:
+        raise ValueError("--images applies to the captions source")
     info = {"source": {"kind": args.source, "inputs": [str(Path(i).expanduser().resolve()) for i in args.inputs]}}
 
     if args.source == "bigearthnet":
@@ -116,10 +131,17 @@ def prepare(args: argparse.Namespace) -> dict:
         if named:  # official split files: files they do not list are left out
             items = ((split, s) for split, s in items if split is not None)
         items = _with_hash_split(items, fractions, args.seed)
+    elif args.source == "captions":
+        items, classes, task, info["captions"] = _caption_items(args)
+        templates = RASTER_TEMPLATES
     else:
         items, classes, task = _raster_items(args, fractions)
-        templates = ["a satellite photo of {c}.", "a satellite image of {c}.", "satellite imagery of {c}.",
-                     "a centered satellite photo of {c}.", "an aerial view of {c}."]
+        templates = RASTER_TEMPLATES
+        if args.captions:
+            info["captions"] = {"source": "templated", "templated": True,
+                                "how": "label names and their shares of the tile under the polygons, put into "
+                                       "fixed sentence patterns (training.data.captions.PATTERNS)"}
+            items = _with_templated_captions(items)
     if args.templates:
         from ..engine.prompts import load_templates
 
@@ -160,6 +182,8 @@ def _raster_items(args: argparse.Namespace, fractions) -> tuple[Iterator, list[s
 
     if bool(args.labels) != bool(args.field):
         raise ValueError("--labels and --field go together (the polygons and the attribute holding the class)")
+    if args.captions and not args.labels:
+        raise ValueError("--captions templated makes captions from labels: give --labels and --field")
     polygons = read_polygons(args.labels, args.field, args.layer) if args.labels else None
     classes = class_list(polygons, args.classes.split(";") if args.classes else None) if polygons else []
     task = "none" if polygons is None else ("multi-label" if args.multi_label_threshold else "multi-class")
@@ -169,6 +193,31 @@ def _raster_items(args: argparse.Namespace, fractions) -> tuple[Iterator, list[s
         keep_unlabelled=args.keep_unlabelled, block=args.block, fractions=fractions, seed=args.seed,
         band_map=args.band_map.split(",") if args.band_map else None, level=args.level, limit=args.limit)
     return items, classes, task
+
+
+def _caption_items(args: argparse.Namespace) -> tuple[Iterator, list[str], str, dict]:
+    from .data.captions import caption_classes, iter_captioned_images, read_caption_files
+
+    if not args.images:
+        raise ValueError("the captions source needs --images DIR (the folder of the images the files name)")
+    splits = read_caption_files(args.inputs)
+    classes = caption_classes(splits)
+    name = args.name or Path(args.inputs[0]).stem.split("_")[0].lower()
+    info = {"source": name, "templated": False, "files": [Path(f).name for f in args.inputs],
+            "per_split": {s: {"images": len(v), "captions": sum(len(c) for c in v.values())}
+                          for s, v in splits.items()}}
+    items = iter_captioned_images(splits, args.images, classes, name, args.limit)
+    return items, classes, "multi-class" if classes else "none", info
+
+
+def _with_templated_captions(items: Iterator) -> Iterator:
+    from .data.captions import templated_captions
+
+    for split, sample in items:
+        captions = templated_captions(sample.meta.get("shares", {}))
+        if captions:
+            sample.meta["captions"] = captions
+            yield split, sample
 
 
 def _summary(manifest: dict) -> None:

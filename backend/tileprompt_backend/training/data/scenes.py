@@ -29,7 +29,7 @@ import numpy as np
 from affine import Affine
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ...engine.embed import read_tile_rows
+from ...engine.reading import read_tile_rows
 from ...sentinel2 import open_raster
 from ...tiling import MAX_NODATA_FRACTION, make_grid, nodata_fraction
 from .rasters import raster_slug

@@ -246,8 +246,10 @@ def _channels(image: np.ndarray, meta: dict, spec: DatasetSpec) -> tuple[tuple[s
     return bands, level
 
 
-def _decode_target(raw: dict[str, Any], spec: DatasetSpec) -> np.ndarray | int:
+def _decode_target(raw: dict[str, Any], spec: DatasetSpec) -> np.ndarray | int | None:
     if spec.target_key not in raw:
+        if spec.manifest:  # ours: the writer leaves the target out of unlabelled samples (--keep-unlabelled)
+            return None
         raise ValueError(f"has no {spec.target_key} member")
     data = raw[spec.target_key]
     if spec.target_key == "cls":

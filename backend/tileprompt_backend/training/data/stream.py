@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .samples import Sample
@@ -152,8 +153,11 @@ def _identity(item: Any) -> Any:
 
 def batches(stream: TrainStream, workers: int = 0) -> Iterator[list[Any]]:
     """Lists of ``stream.batch`` items, read by ``workers`` DataLoader processes (0: in this process)."""
+    # Its own generator: starting a loader draws a seed, which from torch's global generator would shift every
+    # later random draw (dropout) of a resumed run against the uninterrupted one.
     loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_identity,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
+                        persistent_workers=False, prefetch_factor=4 if workers else None,
+                        generator=torch.Generator().manual_seed(stream.seed))
     it = iter(loader)
     while True:
         yield [next(it) for _ in range(stream.batch)]
