@@ -15,6 +15,12 @@ Data: one folder per class holding the images (EuroSAT_MS: 13-band GeoTIFFs; Eur
 cards read ``--data``; RGB cards read ``--data-rgb`` when given (the published RGB protocol), else the RGB
 composite of ``--data``. Other datasets: ``--classes FILE`` (JSON {folder: class name}) and ``--templates FILE``.
 
+``--few-shot``: the few-shot correction measurement of docs/corrections.md on the same embeddings
+(``bench_fewshot_change.fewshot_eval``): half of each class's images (every other one, in file order) are the
+pool examples are drawn from, the other half the test set; zero-shot against the prototype blend and the probe
+with 1, 5 and 10 examples per class, ``--draws`` random example sets each. Images have no grid neighbours, so
+context-aware refinement is not measured here (bench_fewshot_change.py measures it on eo-box tiles).
+
 Weights: each card's are downloaded on first use (``tileprompt models fetch``); ``--skip-missing`` evaluates only
 the cards already downloaded. This needs the real weights and the full EuroSAT (27,000 images); it has not been
 run on the project's machines, which cannot download them (see docs/models.md).
@@ -103,7 +109,7 @@ def metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(card_id: str, data: Path, data_rgb: Path | None, classes: dict[str, str], templates: list[str],
-             limit: int | None, batch: int, device: str, offset: str) -> dict:
+             limit: int | None, batch: int, device: str, offset: str, few_shot_draws: int = 0) -> dict:
     t0 = time.perf_counter()
     model = load_model(card_id, device=device)
     root = data_rgb if (model.card.input.modality == "rgb" and data_rgb is not None) else data
@@ -116,7 +122,25 @@ def evaluate(card_id: str, data: Path, data_rgb: Path | None, classes: dict[str,
     result.update(model=model.card.id, card_hash=model.card.card_hash(), data=str(root), images=len(paths),
                   modality=model.card.input.modality, image_size=model.image_size,
                   seconds=round(time.perf_counter() - t0, 2))
+    if few_shot_draws:
+        result["few_shot"] = few_shot(emb, labels, head, model.logit_scale, few_shot_draws)
     return result
+
+
+def few_shot(emb: np.ndarray, labels: np.ndarray, head: np.ndarray, logit_scale: float, draws: int) -> dict:
+    """Few-shot correction accuracy on these embeddings (every other image of a class: the example pool)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fewshot_change",
+                                                  Path(__file__).resolve().parent / "bench_fewshot_change.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pool = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        pool[np.flatnonzero(labels == c)[::2]] = True
+    if pool.all() or not pool.any():
+        return {"skipped": "needs at least 2 images of a class (one example, one to test)"}
+    return bench.fewshot_eval(emb, labels, pool, head, logit_scale, draws=draws)
 
 
 def _git_commit() -> str | None:
@@ -138,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--offset", default="auto", help="Sentinel-2 baseline offset: auto, none or DN")
+    p.add_argument("--few-shot", action="store_true",
+                   help="also measure few-shot correction (1/5/10 examples per class) on the same embeddings")
+    p.add_argument("--draws", type=int, default=20, help="random example sets per count for --few-shot")
     p.add_argument("--skip-missing", action="store_true", help="only cards whose weights are downloaded")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "zero-shot.json")
     args = p.parse_args(argv)
@@ -158,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for card in cards:
         try:
             r = evaluate(card, args.data, args.data_rgb, classes, templates, args.limit, args.batch, args.device,
-                         args.offset)
+                         args.offset, args.draws if args.few_shot else 0)
         except ValueError as e:
             print(f"{card:28s} skipped: {e}", file=sys.stderr)
             results.append({"model": card, "error": str(e)})
@@ -166,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"{r['model']:28s} {r['images']:7d} {100 * r['accuracy']:6.2f}% {100 * r['macro_map']:6.2f}% "
               f"{r['seconds']:7.1f}")
+        for k, methods in r.get("few_shot", {}).get("few_shot", {}).items():
+            print(f"{'':28s} {k:2d} examples per class: " + ", ".join(
+                f"{name} {100 * m['acc']['mean']:.2f}%" for name, m in methods.items()))
     load.append(os.getloadavg())
     record = {"protocol": "CLIP_benchmark zero-shot classification (top-1 micro accuracy, macro mAP)",
               "classes": classes, "templates": templates, "offset": args.offset, "results": results,

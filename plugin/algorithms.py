@@ -1,4 +1,5 @@
-"""Processing algorithms of the ``tileprompt`` provider: classify, build an index, find similar, text search.
+"""Processing algorithms of the ``tileprompt`` provider: classify (with optional few-shot examples and
+context-aware refinement), build an index, find similar, text search, change between two dates.
 
 Each runs in three steps, as Processing schedules them:
 ``prepareAlgorithm`` (UI thread): reads layers, exports a layer the backend cannot open, finds the backend;
@@ -32,6 +33,7 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
+    QgsProcessingParameterVectorLayer,
 )
 from qgis.PyQt.QtGui import QIcon
 
@@ -39,11 +41,12 @@ from . import compat
 from .bands import validate_band_map
 from .client import BackendError
 from .i18n import tr
+from .corrections import read_run, run_classes
 from .jobs import JobCancelled, JobFailed, JobSucceeded, describe_status, fraction_done, job_warnings, run_jobs
-from .parameters import Area, AreaMode, ClassifyParameters, CrossModal, Extent, Fuse, Query, SearchParameters, \
-    parse_offset
+from .parameters import Area, AreaMode, ChangeParameters, ClassifyParameters, CrossModal, Extent, Fuse, Query, \
+    SearchParameters, parse_offset
 from .prompts import PromptError, parse_prompts, prompts_to_request
-from .results import SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_class_map, \
+from .results import CHANGE_LAYER, SIMILAR_LAYER, TILES_LAYER, class_counts, style_categorized, style_class_map, \
     style_graduated, style_pseudocolor
 from .runs import plan_search, prepare_raster, raster_input_from_layer
 from .settings import ICON_PATH, Key
@@ -106,8 +109,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
         return super().flags() | compat.ALG_FLAG_CAN_CANCEL | compat.ALG_FLAG_SUPPORTS_BATCH
 
     # --- parameters ---------------------------------------------------------------------------------------
-    def _add_raster_parameters(self):
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
+    def _add_model_parameters(self):
         self.addParameter(QgsProcessingParameterString(
             self.MODEL, tr("Model id (empty: the best model for the layer)"),
             defaultValue=self.session.settings.get(Key.DEFAULT_MODEL) or None, optional=True))
@@ -115,6 +117,10 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
             self.TILE, tr("Tile size in pixels (0: the model's)"), compat.NUMBER_INTEGER, 0, False, 0, 4096))
         self.addParameter(QgsProcessingParameterNumber(
             self.OVERLAP, tr("Tile overlap in pixels"), compat.NUMBER_INTEGER, 0, False, 0, 4095))
+
+    def _add_raster_parameters(self):
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
+        self._add_model_parameters()
         advanced = [
             QgsProcessingParameterBoolean(
                 self.USE_PRODUCT, tr("Read the whole product folder when the layer is one band file of it"), True),
@@ -259,7 +265,7 @@ class TilePromptAlgorithm(QgsProcessingAlgorithm):
 class ClassifyAlgorithm(TilePromptAlgorithm):
     PROMPTS, TEMPLATES, EXTENT, AOI = "PROMPTS", "TEMPLATES", "EXTENT", "AOI"
     MULTI_LABEL, THRESHOLD, TILES, COUNTS = "MULTI_LABEL", "THRESHOLD", "TILES", "CLASS_COUNTS"
-    CLASS_MAP = "CLASS_MAP"
+    EXAMPLES, CONTEXT, CLASS_MAP = "EXAMPLES", "CONTEXT", "CLASS_MAP"
 
     def name(self):
         return "classify"
@@ -273,7 +279,9 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
                   "synonyms after |. Needs a running TilePrompt backend (start it from the TilePrompt dock). "
                   "Output: a GeoPackage layer 'tiles' with class, score, runner-up, margin and one score per class; "
                   "optionally a class-map GeoTIFF (one pixel per tile: class index, score and per-class score "
-                  "bands, coloured like the layer).")
+                  "bands, coloured like the layer). Examples (optional) correct the classification with a few tiles: "
+                  "a TilePrompt result whose tiles you re-classed (its 'example' or 'class' field), or polygons with "
+                  "a 'class' field. Context-aware refines each tile with the layer's own tiles (single label).")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._add_raster_parameters()
@@ -287,6 +295,11 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         # 0 and 1 are refused by the backend's own check (exclusive bounds), as from the CLI and HTTP
         self.addParameter(QgsProcessingParameterNumber(
             self.THRESHOLD, tr("Multi-label threshold (between 0 and 1)"), compat.NUMBER_DOUBLE, 0.5, False, 0.0, 1.0))
+        self.addParameter(QgsProcessingParameterVectorLayer(
+            self.EXAMPLES, tr("Examples: a corrected TilePrompt result, or polygons with a 'class' field"),
+            [compat.SOURCE_VECTOR_POLYGON], optional=True))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.CONTEXT, tr("Context-aware (refine with the layer's own tiles)"), False))
         templates = QgsProcessingParameterFile(self.TEMPLATES, tr("Templates file (empty: the model's)"),
                                                compat.FILE_BEHAVIOR_FILE, "txt", optional=True)
         templates.setFlags(templates.flags() | compat.PARAM_FLAG_ADVANCED)
@@ -325,6 +338,7 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         except PromptError as exc:
             raise QgsProcessingException(tr("Prompts: {error}").format(error=exc)) from None
         self.class_order = [c.name for c in classes]
+        examples = self._examples(parameters, context)
         area = self._area(parameters, context)
         export_extent = None
         if area.wkt:
@@ -338,7 +352,8 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
             overlap_px=overlap, multi_label=self.parameterAsBoolean(parameters, self.MULTI_LABEL, context),
             threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
             overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context),
-            pixel_space=self.parameterAsBoolean(parameters, self.PIXEL_SPACE, context))
+            pixel_space=self.parameterAsBoolean(parameters, self.PIXEL_SPACE, context),
+            context=self.parameterAsBoolean(parameters, self.CONTEXT, context), examples=examples)
         out = self._output_path(parameters, self.OUTPUT, context)
         class_map = self._destination(parameters, self.CLASS_MAP, context) or None
         model_tile = self.session.model_info(self.params.model).get("tile_px")
@@ -354,6 +369,21 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
             self._styles[self.CLASS_MAP] = (None, _styler(style_class_map))
         return True
 
+    def _examples(self, parameters, context) -> str | None:
+        """The examples layer's file (the backend reads files); a layer without one is refused."""
+        layer = self.parameterAsVectorLayer(parameters, self.EXAMPLES, context)
+        if layer is None:
+            return None
+        path = layer.source().split("|", 1)[0]
+        if layer.providerType() != "ogr" or not path:
+            raise QgsProcessingException(tr("Save the examples layer {layer} to a file (GeoPackage) first.").format(
+                layer=layer.name()))
+        if layer.isEditable() and layer.isModified():
+            raise QgsProcessingException(tr("Save the edits of the examples layer {layer} first.").format(
+                layer=layer.name()))
+        self.class_order += [c for c in run_classes(read_run(path)) if c not in self.class_order]
+        return path
+
     def finish(self, outcome, context, feedback):
         from qgis.core import QgsVectorLayer
 
@@ -363,6 +393,13 @@ class ClassifyAlgorithm(TilePromptAlgorithm):
         self._outputs[self.TILES] = sum(counts.values())
         self._outputs[self.COUNTS] = json.dumps(dict(counts), sort_keys=True)
         feedback.pushInfo(tr("{n} tiles: {counts}").format(n=sum(counts.values()), counts=dict(counts)))
+        result = outcome.status.get("result") or {}
+        if result.get("correction"):
+            feedback.pushInfo(tr("Corrected with {n} examples: {per_class}").format(
+                n=result["correction"].get("examples"), per_class=result["correction"].get("per_class")))
+        if result.get("transductive"):
+            feedback.pushInfo(tr("Context-aware: {n} tiles changed class, {s:.2f} s.").format(
+                n=result["transductive"].get("changed"), s=result["transductive"].get("seconds", 0.0)))
         return {k: v for k, v in self._outputs.items() if not k.endswith("_PATH")}
 
 
@@ -545,4 +582,82 @@ class BuildIndexAlgorithm(TilePromptAlgorithm):
         return dict(self._outputs)
 
 
-ALGORITHMS = (ClassifyAlgorithm, BuildIndexAlgorithm, FindSimilarAlgorithm, TextSearchAlgorithm)
+class ChangeAlgorithm(TilePromptAlgorithm):
+    BEFORE, AFTER, PROMPTS, BECAME, HEATMAP, PAIRS = "BEFORE", "AFTER", "PROMPTS", "BECAME", "HEATMAP", "PAIRS"
+
+    def name(self):
+        return "change"
+
+    def displayName(self):  # noqa: N802
+        return tr("What changed between two dates")
+
+    def shortHelpString(self):  # noqa: N802
+        return tr("Indexes two rasters of the same place (once), pairs their tiles by footprint (other CRS or offset "
+                  "grids are matched by overlap) and ranks the after raster's tiles by embedding change (1 - cosine), "
+                  "or by the increase of a class ('became': e.g. flooded field). Classes (optional) give each tile its "
+                  "class before and after. Output: layer 'change' (rank, score, change, became, class before/after) "
+                  "and an optional heat map.")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer(self.BEFORE, tr("Before (earlier date)")))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.AFTER, tr("After (later date)")))
+        self._add_model_parameters()
+        self.addParameter(QgsProcessingParameterString(
+            self.PROMPTS, tr("Classes for class before/after (optional, one per line)"), multiLine=True,
+            optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            self.BECAME, tr("Rank by what became this class (optional)"), optional=True))
+        self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, tr("Change")))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.HEATMAP, tr("Change heat map"), optional=True, createByDefault=False))
+        self._add_overwrite_parameter()
+        self.addOutput(QgsProcessingOutputNumber(self.PAIRS, tr("Number of tiles ranked")))
+
+    def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 (UI thread)
+        layers = [self.parameterAsRasterLayer(parameters, name, context) for name in (self.BEFORE, self.AFTER)]
+        if any(layer is None for layer in layers):
+            raise QgsProcessingException(tr("Choose the raster layers of both dates."))
+        tile, overlap = self._tiles(parameters, context)
+        prompts = self.parameterAsString(parameters, self.PROMPTS, context).strip()
+        became = self.parameterAsString(parameters, self.BECAME, context).strip()
+        try:
+            prompt_text = prompts_to_request(parse_prompts(prompts)) if prompts else None
+            became_classes = parse_prompts(became) if became else []
+        except PromptError as exc:
+            raise QgsProcessingException(tr("Classes: {error}").format(error=exc)) from None
+        if len(became_classes) > 1:
+            raise QgsProcessingException(tr("'Became' names one class."))
+        model = self._model(parameters, context)
+        gsd = self.session.model_info(model).get("gsd_m")
+        try:
+            before, after = (prepare_raster(raster_input_from_layer(layer), gsd,
+                                            self.session.settings.cache_dir() / "exports", layer) for layer in layers)
+        except ValueError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        params = ChangeParameters(before=before, after=after, model=model, tile_px=tile, overlap_px=overlap,
+                                  prompts=prompt_text, became=became_classes[0].line() if became_classes else None,
+                                  overwrite=self.parameterAsBoolean(parameters, self.OVERWRITE, context))
+        out = self._output_path(parameters, self.OUTPUT, context)
+        heatmap = self._destination(parameters, self.HEATMAP, context) or None
+        self._connect()
+        try:
+            self._requests = [params.change_request(out, heatmap, self.session.model_info(model).get("tile_px"))]
+        except ValueError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        self._outputs = {self.OUTPUT: f"{out}|layername={CHANGE_LAYER}", self.OUTPUT + "_PATH": out}
+        self._styles = {self.OUTPUT: (CHANGE_LAYER, _styler(style_graduated, "score"))}
+        if heatmap:
+            self._outputs[self.HEATMAP] = heatmap
+            self._outputs[self.HEATMAP + "_PATH"] = heatmap
+            self._styles[self.HEATMAP] = (None, _styler(style_pseudocolor))
+        return True
+
+    def finish(self, outcome, context, feedback):
+        result = outcome.status.get("result") or {}
+        self._outputs[self.PAIRS] = int(result.get("pairs") or 0)
+        feedback.pushInfo(tr("{n} tiles ranked ({unpaired} without the other date under them).").format(
+            n=result.get("pairs", "?"), unpaired=result.get("unpaired", 0)))
+        return {k: v for k, v in self._outputs.items() if not k.endswith("_PATH")}
+
+
+ALGORITHMS = (ClassifyAlgorithm, BuildIndexAlgorithm, FindSimilarAlgorithm, TextSearchAlgorithm, ChangeAlgorithm)

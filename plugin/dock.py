@@ -1,10 +1,11 @@
-"""The TilePrompt dock: backend panel, model and layer pickers, the Classify and Similar tiles tabs.
+"""The TilePrompt dock: backend panel, model and layer pickers; Classify, Similar tiles, Correct, Change tabs.
 
 The dock only turns its widgets into typed parameter objects (parameters.py) and shows what the plugin tells
 it; it starts no job, process or network call itself. Signals out: ``classifyRequested(ClassifyParameters)``,
-``searchRequested(SearchParameters)``, ``cancelRequested``, ``drawRequested(purpose, shape)``,
-``clearSketchRequested(purpose)`` and the backend buttons. Building parameters raises :class:`ParameterError`
-with a message for the user.
+``searchRequested(SearchParameters)``, ``correctRequested(CorrectParameters)`` (the Correct tab,
+correct_panel.py), ``changeRequested(ChangeParameters)`` (the Change tab, change_panel.py), ``cancelRequested``,
+``drawRequested(purpose, shape)``, ``clearSketchRequested(purpose)`` and the backend buttons. Building parameters
+raises :class:`ParameterError` with a message for the user.
 
 Layout: everything but the run panel scrolls; the run panel (progress bar, Cancel, status line) stays at the
 bottom of the dock, visible whatever the dock's height. Combo boxes do not widen the dock to their longest item
@@ -32,7 +33,6 @@ from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFormLayout,
     QGridLayout,
     QHBoxLayout,
     QHeaderView,
@@ -43,7 +43,6 @@ from qgis.PyQt.QtWidgets import (
     QProgressBar,
     QPushButton,
     QScrollArea,
-    QSizePolicy,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -55,6 +54,9 @@ from qgis.PyQt.QtWidgets import (
 
 from . import compat
 from .bands import band_map_dates, validate_band_map
+from .change_panel import ChangePanel
+from .correct_panel import CorrectPanel
+from .forms import narrow, wrapping_form
 from .i18n import tr
 from .install_panel import InstallPanel
 from .parameters import (
@@ -88,8 +90,6 @@ OFFSET_CHOICES = (("auto", "detect from the product's metadata XML or _Nxxxx_ na
                            "1000 DN)"),
                   ("none", "subtract nothing"),
                   ("1000", "subtract 1000 DN from every band (products of baseline 04.00 and later, 2022 on)"))
-#: Characters a combo box shows at its minimum width (longer items are elided, and listed in full when open).
-COMBO_MIN_CHARS = 10
 LIGHT_COLORS = {"down": "#9e9e9e", "starting": "#f0ad00", "up": "#2e9d3a", "error": "#d9302c"}
 
 
@@ -137,24 +137,11 @@ def geometry_wkt(geometry: QgsGeometry) -> str:
     return geometry.asWkt(9)
 
 
-def _narrow(combo: QComboBox) -> QComboBox:
-    """A combo box whose minimum width does not follow its longest item (a layer or prompt-set title)."""
-    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-    combo.setMinimumContentsLength(COMBO_MIN_CHARS)
-    combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-    return combo
-
-
-def _wrapping_form(parent) -> QFormLayout:
-    form = QFormLayout(parent)
-    form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
-    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-    return form
-
-
 class TilePromptDock(QgsDockWidget):
     classifyRequested = pyqtSignal(object)  # noqa: N815
     searchRequested = pyqtSignal(object)  # noqa: N815
+    correctRequested = pyqtSignal(object)  # noqa: N815
+    changeRequested = pyqtSignal(object)  # noqa: N815
     cancelRequested = pyqtSignal()  # noqa: N815
     drawRequested = pyqtSignal(str, str)  # noqa: N815  purpose ("area"/"query"), shape ("rectangle"/"polygon")
     startBackendRequested = pyqtSignal()  # noqa: N815
@@ -199,6 +186,14 @@ class TilePromptDock(QgsDockWidget):
         self.tabs = QTabWidget(body)
         self.tabs.addTab(self._classify_tab(), tr("Classify"))
         self.tabs.addTab(self._search_tab(), tr("Similar tiles"))
+        self.correct_panel = CorrectPanel(self)
+        self.correct_panel.correctRequested.connect(self.correctRequested)
+        self.correct_panel.error.connect(self.show_error)
+        self.correct_panel.message.connect(self.set_status)
+        self.tabs.addTab(self.correct_panel, tr("Correct"))
+        self.change_panel = ChangePanel(self)
+        self.change_panel.changeRequested.connect(self.request_change)
+        self.tabs.addTab(self.change_panel, tr("Change"))
         layout.addWidget(self.tabs)
         layout.addStretch(1)
         self.scroll.setWidget(body)
@@ -253,9 +248,9 @@ class TilePromptDock(QgsDockWidget):
 
     def _input_panel(self) -> QWidget:
         box = QgsCollapsibleGroupBox(tr("Model and layer"), self)
-        form = _wrapping_form(box)
+        form = wrapping_form(box)
         model_row = QHBoxLayout()
-        self.model_combo = _narrow(QComboBox(box))
+        self.model_combo = narrow(QComboBox(box))
         self.model_combo.currentIndexChanged.connect(self._on_model_changed)
         self.model_combo.activated.connect(self._remember_model)
         self.refresh_models_button = QToolButton(box)
@@ -276,7 +271,7 @@ class TilePromptDock(QgsDockWidget):
         self.model_label.setWordWrap(True)
         form.addRow("", self.model_label)
 
-        self.layer_combo = _narrow(QgsMapLayerComboBox(box))
+        self.layer_combo = narrow(QgsMapLayerComboBox(box))
         self.layer_combo.setFilters(compat.RASTER_LAYER_FILTER)
         self.layer_combo.layerChanged.connect(self._on_layer_changed)
         form.addRow(tr("Raster layer"), self.layer_combo)
@@ -308,7 +303,7 @@ class TilePromptDock(QgsDockWidget):
         self.date_label = QLabel(tr("Date"), box)
         form.addRow(self.date_label, self.date_spin)
         self.band_table.itemChanged.connect(self._show_date)
-        self.level_combo = _narrow(QComboBox(box))
+        self.level_combo = narrow(QComboBox(box))
         self.level_combo.addItem(tr("detect"), None)
         self.level_combo.addItem("L1C", "L1C")
         self.level_combo.addItem("L2A", "L2A")
@@ -327,9 +322,9 @@ class TilePromptDock(QgsDockWidget):
 
     def _classify_tab(self) -> QWidget:
         tab = QWidget(self)
-        form = _wrapping_form(tab)
+        form = wrapping_form(tab)
         sets_row = QHBoxLayout()
-        self.prompt_set_combo = _narrow(QComboBox(tab))
+        self.prompt_set_combo = narrow(QComboBox(tab))
         self.prompt_set_combo.activated.connect(self._on_prompt_set_chosen)
         self.save_set_button = QToolButton(tab)
         self.save_set_button.setText(tr("Save…"))
@@ -349,14 +344,14 @@ class TilePromptDock(QgsDockWidget):
         self.prompt_edit.setMinimumHeight(90)
         self.prompt_edit.setMaximumHeight(140)
         form.addRow(tr("Classes"), self.prompt_edit)
-        self.template_combo = _narrow(QComboBox(tab))
+        self.template_combo = narrow(QComboBox(tab))
         self.template_combo.addItem(tr("model default"), None)
         for path in template_files():
             self.template_combo.addItem(path.stem, str(path))
         form.addRow(tr("Templates"), self.template_combo)
 
         area_row = QHBoxLayout()
-        self.area_combo = _narrow(QComboBox(tab))
+        self.area_combo = narrow(QComboBox(tab))
         for mode, label in ((AreaMode.WHOLE_LAYER, tr("whole layer")), (AreaMode.MAP_EXTENT, tr("current map extent")),
                             (AreaMode.DRAWN, tr("drawn rectangle")), (AreaMode.SELECTED, tr("selected features"))):
             self.area_combo.addItem(label, mode.value)
@@ -369,7 +364,7 @@ class TilePromptDock(QgsDockWidget):
         self.clear_area_button.setText(tr("Clear"))
         self.clear_area_button.setToolTip(tr("Remove the drawn rectangle from the map"))
         self.clear_area_button.clicked.connect(self.clear_drawn_area)
-        self.area_layer_combo = _narrow(QgsMapLayerComboBox(tab))
+        self.area_layer_combo = narrow(QgsMapLayerComboBox(tab))
         self.area_layer_combo.setFilters(compat.POLYGON_LAYER_FILTER)
         self.area_layer_combo.setAllowEmptyLayer(True)
         self.area_layer_combo.setToolTip(tr("The polygon layer whose selected features are the area"))
@@ -406,7 +401,7 @@ class TilePromptDock(QgsDockWidget):
         form.addRow("", self.cells_check)
 
         mode_row = QHBoxLayout()
-        self.label_mode_combo = _narrow(QComboBox(tab))
+        self.label_mode_combo = narrow(QComboBox(tab))
         self.label_mode_combo.addItem(tr("single label (best class)"), False)
         self.label_mode_combo.addItem(tr("multi-label (every class above threshold)"), True)
         self.label_mode_combo.currentIndexChanged.connect(self._on_label_mode_changed)
@@ -417,6 +412,11 @@ class TilePromptDock(QgsDockWidget):
         mode_row.addWidget(self.label_mode_combo, 1)
         mode_row.addWidget(self.threshold_spin)
         form.addRow(tr("Labels"), mode_row)
+        self.context_check = QCheckBox(tr("context-aware (uses the layer's tiles)"), tab)
+        self.context_check.setToolTip(tr("Transductive zero-shot: similar neighbouring tiles and the layer's class "
+                                         "structure refine each tile's probabilities (single label; slower, the "
+                                         "cost is reported)"))
+        form.addRow("", self.context_check)
         self.output_widget = QgsFileWidget(tab)
         self.output_widget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
         self.output_widget.setFilter(tr("GeoPackage (*.gpkg)"))
@@ -441,7 +441,7 @@ class TilePromptDock(QgsDockWidget):
 
     def _search_tab(self) -> QWidget:
         tab = QWidget(self)
-        form = _wrapping_form(tab)
+        form = wrapping_form(tab)
         query_row = QHBoxLayout()
         self.draw_rect_button = QPushButton(tr("Rectangle"), tab)
         self.draw_rect_button.setToolTip(tr("Drag a rectangle on the map, then find tiles like it"))
@@ -461,7 +461,7 @@ class TilePromptDock(QgsDockWidget):
                        self.clear_query_button):
             query_row.addWidget(button)
         form.addRow(tr("Like"), query_row)
-        self.query_layer_combo = _narrow(QgsMapLayerComboBox(tab))
+        self.query_layer_combo = narrow(QgsMapLayerComboBox(tab))
         self.query_layer_combo.setFilters(compat.POLYGON_LAYER_FILTER)
         self.query_layer_combo.setAllowEmptyLayer(True)
         form.addRow(tr("Polygons"), self.query_layer_combo)
@@ -493,7 +493,7 @@ class TilePromptDock(QgsDockWidget):
         self.k_spin = QSpinBox(tab)
         self.k_spin.setRange(1, MAX_K)
         self.k_spin.setValue(20)
-        self.fuse_combo = _narrow(QComboBox(tab))
+        self.fuse_combo = narrow(QComboBox(tab))
         self.fuse_combo.addItem(tr("mean of the query tiles"), Fuse.MEAN.value)
         self.fuse_combo.addItem(tr("best match of any query tile"), Fuse.MAX.value)
         self.heatmap_check = QCheckBox(tr("heat map"), tab)
@@ -942,7 +942,9 @@ class TilePromptDock(QgsDockWidget):
 
     # ---------------------------------------------------------------------------------------------- classify
     def _on_label_mode_changed(self, *_args) -> None:
-        self.threshold_spin.setEnabled(bool(self.label_mode_combo.currentData()))
+        multi = bool(self.label_mode_combo.currentData())
+        self.threshold_spin.setEnabled(multi)
+        self.context_check.setEnabled(not multi)
 
     def _on_overlap_changed(self, *_args) -> None:
         self.cells_check.setEnabled(self.overlap_spin.value() > 0)
@@ -966,6 +968,7 @@ class TilePromptDock(QgsDockWidget):
             prompt_set=str(self.prompt_set_combo.currentData() or ""), templates=self.template_combo.currentData(),
             area=area, tile_px=tile, overlap_px=overlap, multi_label=bool(self.label_mode_combo.currentData()),
             threshold=round(self.threshold_spin.value(), 4), output=output,
+            context=self.context_check.isChecked() and not self.label_mode_combo.currentData(),
             centre_cells=bool(overlap) and self.cells_check.isChecked(), class_map=self.class_map_check.isChecked())
 
     def request_classify(self) -> ClassifyParameters | None:
@@ -1095,11 +1098,24 @@ class TilePromptDock(QgsDockWidget):
         layer.selectByIds([fid])
         return True
 
+    # ------------------------------------------------------------------------------------------------ change
+    def request_change(self):
+        """The Change tab's run, with this dock's model and tiles; ChangeParameters or None (error shown)."""
+        try:
+            parameters = self.change_panel.parameters(self.current_model(), self.tile_spin.value() or None,
+                                                      self.overlap_spin.value())
+        except ValueError as exc:
+            self.show_error(str(exc))
+            return None
+        self.changeRequested.emit(parameters)
+        return parameters
+
     # ------------------------------------------------------------------------------------------- run state
     def set_busy(self, busy: bool, text: str = "") -> None:
         self._busy = busy
         for button in (self.run_button, self.draw_rect_button, self.draw_polygon_button, self.selected_query_button,
-                       self.text_button, self.search_again_button, self.download_button):
+                       self.text_button, self.search_again_button, self.download_button,
+                       *self.correct_panel.action_buttons(), *self.change_panel.action_buttons()):
             button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
         self.set_indeterminate(False)
@@ -1141,6 +1157,7 @@ class TilePromptDock(QgsDockWidget):
         self.overlap_spin.setValue(int(state.get("overlap_px") or 0))
         self.label_mode_combo.setCurrentIndex(1 if state.get("multi_label") else 0)
         self.threshold_spin.setValue(float(state.get("threshold") or 0.5))
+        self.context_check.setChecked(bool(state.get("context")))
         self.cells_check.setChecked(bool(state.get("centre_cells", True)) or not state.get("overlap_px"))
         self.class_map_check.setChecked(bool(state.get("class_map")))
         index = self.template_combo.findData(state.get("templates"))

@@ -3,7 +3,7 @@
 No QGIS object crosses this boundary (a layer is named by its id), so the dock is tested by setting widgets and
 comparing the object it emits, and the plugin builds the backend's JSON request from it (``*_request``). The
 request fields are those of ``backend/tileprompt_backend/schemas.py`` (ClassifyRequest, IndexRequest,
-SearchRequest); a test holds the two together.
+SearchRequest, ChangeRequest); a test holds the two together.
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ class ClassifyParameters:
     class_map: bool = False  # also write the class-map GeoTIFF beside the GeoPackage
     overwrite: bool = False  # the user agreed to replace an output TilePrompt did not write
     pixel_space: bool = False  # the user agreed to classify a raster without georeference in pixel coordinates
+    context: bool = False  # context-aware zero-shot (transductive refinement, single-label)
+    examples: str | None = None  # few-shot correction: a result GeoPackage with re-classed tiles, or class polygons
 
     def classify_request(self, out: str, model_tile_px: int | None = None, class_map: str | None = None) -> dict:
         request = {"kind": "classify", **self.raster.request_fields(), "prompts": self.prompts, "out": out}
@@ -159,6 +161,10 @@ class ClassifyParameters:
         if self.multi_label:
             request["multi_label"] = True
             request["threshold"] = self.threshold
+        if self.context:
+            request["context"] = True
+        if self.examples:
+            request["examples"] = self.examples
         return request
 
     def to_state(self) -> dict:
@@ -230,3 +236,73 @@ class SearchParameters:
         if self.overwrite:
             request["overwrite"] = True
         return request
+
+
+@dataclass(frozen=True)
+class ChangeParameters:
+    """What changed between two dates: both layers are indexed with one model and grid, then compared."""
+
+    before: RasterInput
+    after: RasterInput
+    model: str | None = None
+    tile_px: int | None = None
+    overlap_px: int = 0
+    prompts: str | None = None  # classes for class_before / class_after (one per line, synonyms after |)
+    became: str | None = None  # rank by the increase of this class ("flooded")
+    heatmap: bool = True
+    overwrite: bool = False  # replace outputs TilePrompt did not write (Processing's OVERWRITE)
+
+    def change_request(self, out: str, heatmap: str | None = None, model_tile_px: int | None = None) -> dict:
+        request = {"kind": "change", "before": self.before.request_fields(), "after": self.after.request_fields(),
+                   "out": out}
+        request.update(_tile_fields(self.model, self.tile_px, self.overlap_px, model_tile_px))
+        if self.prompts:
+            request["prompts"] = self.prompts
+        if self.became:
+            request["became"] = self.became
+        if heatmap:
+            request["heatmap"] = heatmap
+        if self.overwrite:
+            request["overwrite"] = True
+        return request
+
+
+@dataclass(frozen=True)
+class CorrectParameters:
+    """Re-classify a TilePrompt result with the tiles whose class the analyst set (its ``example`` field)."""
+
+    layer_id: str
+    layer_name: str
+    result: str  # the result GeoPackage: its run says raster, model, prompts and grid; its tiles are the examples
+    context: bool = False
+
+
+def correction_request(run: dict, examples: str, out: str, context: bool = False) -> dict:
+    """The classify request that redoes ``run`` (a result's ``tileprompt_runs`` row) with ``examples``.
+
+    Classes the run only knew from earlier examples (no phrases) are not prompts: the stored examples in the
+    result bring them back."""
+    raster = run.get("raster")
+    prompts = [c for c in run.get("prompts") or [] if isinstance(c, dict) and c.get("phrases")]
+    if not raster or not prompts or not run.get("tile_px"):
+        raise ValueError("this layer is not a TilePrompt classification (its run table names no raster, prompts "
+                         "or tile size)")
+    request = {"kind": "classify", "raster": raster, "prompts": "\n".join(" | ".join(c["phrases"]) for c in prompts),
+               "out": out, "examples": examples, "tile_px": int(run["tile_px"])}
+    if run.get("stride") and int(run["stride"]) != int(run["tile_px"]):
+        request["stride"] = int(run["stride"])
+    for key in ("band_map", "level", "model", "aoi", "aoi_crs", "pixel_space"):
+        if run.get(key):
+            request[key] = run[key]
+    offset = run.get("offset")  # what the run asked for ("auto" again finds what it found)
+    if isinstance(offset, dict) and offset.get("mode") not in (None, "auto"):
+        request["offset"] = parse_offset(offset["mode"])
+    source = str(run.get("templates_source") or "")
+    if source.startswith("/"):  # a templates file the user chose (the card's own are relative to resources)
+        request["templates"] = source
+    if run.get("mode") == "multi-label":
+        request["multi_label"] = True
+        request["threshold"] = float(run.get("threshold") or 0.5)
+    elif context:
+        request["context"] = True
+    return request

@@ -23,6 +23,7 @@ from qgis.PyQt.QtWidgets import QApplication, QFileDialog, QMessageBox
 
 from .client import BackendUnavailable, Connection
 from .compat import QAction
+from .corrections import read_run, run_classes
 from .diagnostics import report
 from .dock import TilePromptDock, needs_download
 from .i18n import Translator, tr
@@ -35,9 +36,10 @@ from .launcher import BackendLauncher, backend_environment, proxy_environment
 from .maptools import PolygonTool, RectangleTool, Sketches
 from .metadata import docs_url, plugin_version
 from .options import PAGE_NAME, BackendOptionsFactory
-from .parameters import ClassifyParameters, SearchParameters
+from .parameters import ChangeParameters, ClassifyParameters, CorrectParameters, SearchParameters, correction_request
 from .provider import TilePromptProvider
 from .results import (
+    CHANGE_LAYER,
     SIMILAR_LAYER,
     TILES_LAYER,
     add_to_group,
@@ -122,6 +124,8 @@ class TilePromptPlugin:
             (self.dock.visibilityChanged, self.action.setChecked),
             (self.dock.classifyRequested, self.run_classify),
             (self.dock.searchRequested, self.run_search),
+            (self.dock.correctRequested, self.run_correction),
+            (self.dock.changeRequested, self.run_change),
             (self.dock.cancelRequested, self.cancel),
             (self.dock.drawRequested, self.start_drawing),
             (self.dock.startBackendRequested, self.start_backend),
@@ -549,37 +553,49 @@ class TilePromptPlugin:
 
     def _classify_done(self, outcome, params: ClassifyParameters, out: str, classes: list,
                        class_map: str | None = None, cells: tuple[int, int] | None = None):
+        def retry(failed: JobFailed) -> bool:
+            agreed = self._agreed_retry(failed, params, out)
+            if agreed is not None:
+                self.run_classify(agreed)
+            return agreed is not None
+
+        if not self._settle(outcome, retry):
+            return
+        name = result_name(", ".join(classes))
+        try:
+            layer = load_vector(out, TILES_LAYER, name)
+            layers = [layer]
+            if class_map:
+                layers.append(load_class_map(class_map, tr("{name} (raster)").format(name=name)))
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return
+        counts = style_categorized(layer, classes, centre_cells=cells)
+        add_to_group(layers)
+        self._reveal(layer)
+        self.dock.correct_panel.set_layer(layer)  # ready for corrections
+        self.dock.progress.setValue(100)
+        self.dock.show_summary(summary_rows(counts, classes), classes)
+        total = sum(counts.values())
+        self.dock.set_status(tr("{n} tiles classified; saved to {path}").format(n=total, path=out))
+        top = ", ".join(f"{name} {count}" for name, count in counts.most_common(3))
+        self._message(tr("{n} tiles classified ({top}).").format(n=total, top=top), Qgis.MessageLevel.Success, 5)
+
+    def _settle(self, outcome, retry=None) -> bool:
+        """A job ended: free the dock; True when it succeeded (its warnings are shown here). A failure is
+        reported here unless ``retry(outcome)`` ran the job again (the user agreed to what was refused); a
+        cancel too."""
         self.current_task = None
         if self.dock is None:
-            return
+            return False
         self.dock.set_busy(False)
-        if isinstance(outcome, JobFailed):
-            retry = self._agreed_retry(outcome, params, out)
-            if retry is not None:
-                self.run_classify(retry)
-                return
         if isinstance(outcome, JobSucceeded):
             self._warn(outcome)
-            name = result_name(", ".join(classes))
-            try:
-                layer = load_vector(out, TILES_LAYER, name)
-                layers = [layer]
-                if class_map:
-                    layers.append(load_class_map(class_map, tr("{name} (raster)").format(name=name)))
-            except ValueError as exc:
-                self._message(str(exc), Qgis.MessageLevel.Critical)
-                return
-            counts = style_categorized(layer, classes, centre_cells=cells)
-            add_to_group(layers)
-            self._reveal(layer)
-            self.dock.progress.setValue(100)
-            self.dock.show_summary(summary_rows(counts, classes), classes)
-            total = sum(counts.values())
-            self.dock.set_status(tr("{n} tiles classified; saved to {path}").format(n=total, path=out))
-            top = ", ".join(f"{name} {count}" for name, count in counts.most_common(3))
-            self._message(tr("{n} tiles classified ({top}).").format(n=total, top=top), Qgis.MessageLevel.Success, 5)
-        else:
-            self._report_unsuccessful(outcome)
+            return True
+        if retry is not None and isinstance(outcome, JobFailed) and retry(outcome):
+            return False
+        self._report_unsuccessful(outcome)
+        return False
 
     #: What the backend refuses until the user agrees: (question title, question, the parameter that agrees).
     QUESTIONS = {
@@ -684,12 +700,7 @@ class TilePromptPlugin:
         return self._start_task(title, plan.requests, lambda outcome: self._search_done(outcome, params, plan))
 
     def _search_done(self, outcome, params: SearchParameters, plan):
-        self.current_task = None
-        if self.dock is None:
-            return
-        self.dock.set_busy(False)
-        if not isinstance(outcome, JobSucceeded):
-            self._report_unsuccessful(outcome)
+        if not self._settle(outcome):
             return
         if params.query.is_text:
             label = f"“{params.query.text}”"
@@ -708,11 +719,86 @@ class TilePromptPlugin:
             return
         add_to_group(layers)
         self._reveal(layer)
-        self._warn(outcome)
         self.dock.progress.setValue(100)
         self.dock.show_search_results(layer)
         self.dock.set_status(tr("{n} tiles found.").format(n=layer.featureCount()))
         self._message(tr("{n} tiles found.").format(n=layer.featureCount()), Qgis.MessageLevel.Success, 4)
+
+    def run_correction(self, params: CorrectParameters):
+        """Re-classify the raster of a classified layer with the tiles marked in it (a new layer)."""
+        if not self._can_run():
+            return None
+        run = read_run(params.result)
+        out = new_output(self.settings.cache_dir() / "results", params.layer_name + "_corrected")
+        try:
+            request = correction_request(run, params.result, out, params.context)
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return None
+        title = tr("TilePrompt: correct {layer}").format(layer=params.layer_name)
+        return self._start_task(title, [request], lambda outcome: self._correction_done(outcome, params, out))
+
+    def _correction_done(self, outcome, params: CorrectParameters, out: str):
+        if not self._settle(outcome):
+            return
+        classes = run_classes(read_run(out))
+        try:
+            layer = load_vector(out, TILES_LAYER, result_name(", ".join(classes), tr("corrected")))
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return
+        counts = style_categorized(layer, classes)
+        add_to_group([layer])
+        self._reveal(layer)
+        self.dock.correct_panel.set_layer(layer)  # further corrections continue on the new layer
+        self.dock.progress.setValue(100)
+        self.dock.show_summary(summary_rows(counts, classes), classes)
+        correction = (outcome.status.get("result") or {}).get("correction") or {}
+        text = tr("{n} tiles re-classified with {m} examples.").format(n=sum(counts.values()),
+                                                                       m=correction.get("examples", "?"))
+        self.dock.set_status(text)
+        self._message(text, Qgis.MessageLevel.Success, 5)
+
+    def run_change(self, params: ChangeParameters):
+        """Index both dates and rank the after layer's tiles by change (layer + heat map)."""
+        if not self._can_run():
+            return None
+        model = self.session.model_info(params.model)
+        try:
+            before = prepare_raster(params.before, model.get("gsd_m"), self._exports_dir())
+            after = prepare_raster(params.after, model.get("gsd_m"), self._exports_dir())
+            params = replace(params, before=before, after=after)
+            results = self.settings.cache_dir() / "results"
+            out = new_output(results, after.layer_name + "_change")
+            heatmap = new_output(results, after.layer_name + "_change_heat", ".tif") if params.heatmap else None
+            request = params.change_request(out, heatmap, model.get("tile_px"))
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return None
+        title = tr("TilePrompt: what changed from {before} to {after}").format(before=before.layer_name,
+                                                                               after=after.layer_name)
+        return self._start_task(title, [request], lambda outcome: self._change_done(outcome, params, out, heatmap))
+
+    def _change_done(self, outcome, params: ChangeParameters, out: str, heatmap: str | None):
+        if not self._settle(outcome):
+            return
+        label = tr("became {cls}").format(cls=params.became.split("|")[0].strip()) if params.became else tr("change")
+        name = result_name(f"{params.before.layer_name} → {params.after.layer_name}", label)
+        try:
+            layer = load_vector(out, CHANGE_LAYER, name)
+            style_graduated(layer, "score")
+            layers = [layer]
+            if heatmap:
+                layers.append(load_heatmap(heatmap, tr("{name}, heat map").format(name=name)))
+        except ValueError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return
+        add_to_group(layers)
+        self._reveal(layer)
+        self.dock.progress.setValue(100)
+        text = tr("{n} tiles ranked by {label}.").format(n=layer.featureCount(), label=label)
+        self.dock.set_status(text)
+        self._message(text, Qgis.MessageLevel.Success, 5)
 
     def _reveal(self, layer):
         """Select the new layer in the Layers panel (which also expands the TilePrompt group)."""

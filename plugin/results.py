@@ -3,7 +3,7 @@
 UI thread only (it touches the project). Classification: layer ``tiles`` with a categorized renderer on
 ``class`` (one colour per class, stable across runs: the colour follows the class's position in the prompt list)
 and a per-class count. Similar tiles: layer ``similar`` graduated on ``similarity``; the heat map GeoTIFF with a
-pseudocolor renderer.
+pseudocolor renderer. Change between dates: layer ``change`` graduated on ``score``, its heat map likewise.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .settings import PLUGIN_DIR
 GROUP_NAME = "TilePrompt"
 TILES_LAYER = "tiles"
 SIMILAR_LAYER = "similar"
+CHANGE_LAYER = "change"
 #: Class colours by class index, shared with the backend's class-map GeoTIFF (its QML and metadata).
 PALETTE_FILE = PLUGIN_DIR / "resources" / "styles" / "palette.json"
 NAME_CHARS = 48

@@ -17,7 +17,7 @@ from typing import Sequence
 from . import __version__, validation
 
 #: Runner backends (models.runners.BACKENDS; repeated here so `tileprompt --help` starts without torch).
-RUNNERS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
+RUNNERS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino")
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
 #: Commands with their own parsers (``python -m tileprompt_backend.training.<module>`` under torchrun too).
@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "index and score bands, colours as the GeoPackage's (QML)")
     c.add_argument("--index", help="embedding index to reuse and fill (default: the cache's, per model + tile)")
     c.add_argument("--no-cache", action="store_true", help="neither reuse nor store tile and prompt embeddings")
+    c.add_argument("--examples", metavar="FILE",
+                   help="few-shot correction: a result GeoPackage whose tiles you re-classed ('example' or 'class' "
+                        "edited), or polygons with a 'class' field (see docs/corrections.md)")
+    c.add_argument("--context", action="store_true",
+                   help="context-aware zero-shot: refine each tile with the layer's similar neighbours and the "
+                        "layer's class structure (transductive; single-label; costs extra time, reported)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_classify)
 
@@ -117,6 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     q.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
     q.set_defaults(func=cmd_search)
+
+    d = sub.add_parser("change", help="what changed between two dates: tiles ranked by embedding change",
+                       description="Index BEFORE and AFTER (two dates of the same place; grids may differ in CRS or "
+                                   "offset), pair their tiles by footprint and rank them by 1 - cosine, or by the "
+                                   "increase of a class ('--became flooded'). Writes layer 'change' (see "
+                                   "docs/change.md) and optionally a heat map.")
+    d.add_argument("before", metavar="BEFORE", help="the earlier raster (GeoTIFF/COG, band-file folder, IMG_DATA)")
+    d.add_argument("after", metavar="AFTER", help="the later raster; the change layer is on its grid")
+    _add_encoder_arguments(d, band_map_help="comma-separated band names of both multiband files, in file order")
+    d.add_argument("--index", help="index folder (default: the cache's index for model + tile + stride)")
+    d.add_argument("--prompts", help='classes for class_before/class_after, e.g. "water; forest; farmland"')
+    d.add_argument("--became", metavar="CLASS",
+                   help='rank by the increase of this class\'s probability, e.g. "flooded field" (added to the '
+                        "prompts when missing)")
+    d.add_argument("--templates", help="templates file for the prompts (default: the card's)")
+    d.add_argument("-k", type=_checked(validation.k),
+                   help="write only the k highest-ranked tiles (default: every paired tile)")
+    d.add_argument("--out", required=True, help="output GeoPackage (.gpkg)")
+    d.add_argument("--heatmap", help="also write a float32 GeoTIFF of the score on the after scene's grid")
+    _add_output_arguments(d, "change layer")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_change)
 
     m = sub.add_parser("models", help="list, fetch, import and export model cards")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -218,15 +246,17 @@ def _read_aoi(value: str | None) -> str | None:
 
 def precheck(args: argparse.Namespace) -> None:
     """Check the paths and outputs of a command before it imports the ML stack (the engine checks again)."""
-    from .outputs import guard_output
+    from .outputs import guard_gpkg_and_heatmap, guard_output
     from .paths import templates_path
 
     command = args.command
     if getattr(args, "date", None) is not None or getattr(args, "band_map", None) is not None:
         validation.select_date(args.band_map, args.date)
     if command == "classify":
+        validation.context(args.context, args.multi_label)
         raster = validation.existing_path(args.raster, "raster")
-        inputs = [raster, templates_path(args.templates) if args.templates else None]
+        inputs = [raster, templates_path(args.templates) if args.templates else None,
+                  validation.examples(args.examples)]
         guard_output(args.out, inputs, args.overwrite, layer=args.layer, input_dirs=[args.index])
     elif command == "index":
         for raster in args.rasters:
@@ -240,6 +270,10 @@ def precheck(args: argparse.Namespace) -> None:
         query_raster = validation.existing_path(args.scene, "raster") if args.query_model and args.scene else None
         guard_search_outputs(IndexStore.open(index), args.out, args.heatmap, args.overwrite, args.layer,
                              query_raster=query_raster)
+    elif command == "change":
+        rasters = [validation.existing_path(r, "raster") for r in (args.before, args.after)]
+        inputs = [*rasters, templates_path(args.templates) if args.templates else None]
+        guard_gpkg_and_heatmap(args.out, args.heatmap, inputs, args.overwrite, args.layer, input_dirs=[args.index])
 
 
 def _warn(warnings: Sequence[str]) -> None:
@@ -263,7 +297,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 threshold=args.threshold, band_map=args.band_map, level=args.level, offset=args.offset,
                 batch_size=args.batch_size, runner=args.runner, device=args.device, progress=progress,
                 index=args.index, cache=not args.no_cache, date=args.date, overwrite=args.overwrite,
-                layer=args.layer, pixel_space=args.pixel_space, class_map=args.class_map)
+                layer=args.layer, pixel_space=args.pixel_space, class_map=args.class_map,
+                examples=args.examples, context=args.context)
     finally:
         bars.close()
         close()
@@ -280,6 +315,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
     width = max(len(name) for name in result.counts)
     for name, n in sorted(result.counts.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<{width}}  {n:6d}  {100.0 * n / max(result.tiles, 1):5.1f} %")
+    if result.correction:
+        c = result.correction
+        per_class = ", ".join(f"{name} {n}" for name, n in c["per_class"].items())
+        new = f"; new classes: {', '.join(c['new_classes'])}" if c["new_classes"] else ""
+        print(f"corrected with {c['examples']} examples ({per_class}){new}; {c['method']} fitted in "
+              f"{c['seconds']:.3f} s")
+    if result.transductive:
+        t = result.transductive
+        print(f"context-aware: {t['changed']} tiles changed class, {t['seconds']:.3f} s")
     print(f"wrote {result.out}" + (f" and {result.class_map}" if result.class_map else ""))
     return 0
 
@@ -317,6 +361,35 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     query = f"{len(result.query_tiles)} query tile(s)" if result.query_tiles else "the text"
     print(f"{result.hits} similar tiles to {query} in {result.seconds:.2f} s ({result.search_method})")
+    print(f"wrote {result.out}" + (f" and {result.heatmap}" if result.heatmap else ""))
+    return 0
+
+
+def cmd_change(args: argparse.Namespace) -> int:
+    precheck(args)
+    from .bars import StageBars, tile_bar
+    from .index import change_search
+    from .models import download_hooks
+
+    rasters = [{"raster": r, "band_map": args.band_map, "date": args.date, "level": args.level, "offset": args.offset}
+               for r in (args.before, args.after)]
+    progress, close = tile_bar("index", args.quiet)
+    bars = StageBars(args.quiet)
+    try:
+        with download_hooks(progress=bars):  # a model not downloaded yet: bars for its download first
+            result = change_search(rasters[0], rasters[1], out=args.out, heatmap=args.heatmap, model=args.model,
+                                   tile_px=args.tile, stride=args.stride, index=args.index, prompts=args.prompts,
+                                   became=args.became, templates=args.templates, k=args.k, device=args.device,
+                                   runner=args.runner, batch_size=args.batch_size, progress=progress,
+                                   overwrite=args.overwrite, layer=args.layer, pixel_space=args.pixel_space)
+    finally:
+        bars.close()
+        close()
+    if result.model_reason:
+        print(f"model {result.model_reason}")
+    by = f"became {result.became}" if result.became else "embedding change (1 - cosine)"
+    unpaired = f"; {result.unpaired} tiles without the other date under them" if result.unpaired else ""
+    print(f"{result.pairs} tiles ranked by {by} in {result.seconds:.1f} s ({result.computed} tiles encoded){unpaired}")
     print(f"wrote {result.out}" + (f" and {result.heatmap}" if result.heatmap else ""))
     return 0
 

@@ -24,12 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from . import validation
 from .errors import ResourceError
-from .schemas import ClassifyRequest, FetchRequest, IndexRequest, JobStatus, RasterInput, SearchRequest
+from .schemas import ChangeRequest, ClassifyRequest, FetchRequest, IndexRequest, JobStatus, RasterInput, SearchRequest
 
 log = logging.getLogger(__name__)
 
-Request = ClassifyRequest | IndexRequest | SearchRequest | FetchRequest
+Request = ClassifyRequest | IndexRequest | SearchRequest | ChangeRequest | FetchRequest
 #: Finished jobs kept for GET /v1/jobs; older finished ones are forgotten first.
 MAX_FINISHED_JOBS = 500
 #: Jobs waiting to run at most; one more is refused (HTTP 429) instead of queueing without bound.
@@ -219,6 +220,7 @@ def _check_request(request: Request) -> Request:
         card = resolve_card(model) if model else None
         index = _absolute(request.index, "index") if request.index is not None else None
         raster = _existing(request.raster, "raster")
+        examples = validation.examples(_absolute(request.examples, "examples")) if request.examples else None
         info = None
         if card is None:  # no model named: the raster's default, as the engine picks it (the raster must open)
             info = _check_raster(request)
@@ -226,14 +228,16 @@ def _check_request(request: Request) -> Request:
         template_file = templates_path(request.templates or card.templates)
         load_templates(template_file)
         info = info or _check_raster(request)
-        guard_output(out, [raster, template_file, *info.files.values()], request.overwrite, layer=request.layer,
-                     input_dirs=[card.path, index])
+        guard_output(out, [raster, template_file, examples, *info.files.values()], request.overwrite,
+                     layer=request.layer, input_dirs=[card.path, index])
         check_georeference(info, request.pixel_space)
         _check_grid(info, request.tile_px or card.input.tile_px, request.stride, request.aoi, request.aoi_crs)
         updates = {"raster": str(raster), "out": str(out), "model": model}
+        if request.examples is not None:
+            updates["examples"] = str(examples)
         if request.class_map is not None:
             class_map = _absolute(request.class_map, "class_map")
-            guard_output(class_map, [raster, template_file, *info.files.values()], request.overwrite,
+            guard_output(class_map, [raster, template_file, examples, *info.files.values()], request.overwrite,
                          suffixes=(".tif", ".tiff"), what="class map", input_dirs=[card.path, index])
             updates["class_map"] = str(class_map)
         if index is not None:
@@ -292,6 +296,46 @@ def _check_request(request: Request) -> Request:
             _check_cross_modal(request, index, updates)
         else:
             _check_search_scene(request, index)
+    elif isinstance(request, ChangeRequest):
+        from .engine.classify import check_georeference
+        from .engine.prompts import load_templates
+        from .outputs import guard_gpkg_and_heatmap
+        from .paths import templates_path
+
+        model = _model_arg(request.model)
+        card = resolve_card(model) if model else None
+        dates, files = {}, []
+        for name in ("before", "after"):
+            r = getattr(request, name)
+            try:
+                _existing(r.raster, "raster")
+                info = _check_raster(r)
+                check_georeference(info, request.pixel_space)
+                card = card or _card_for(None, info)  # no model named: the before raster's, as the engine picks
+                _check_grid(info, request.tile_px or card.input.tile_px, request.stride)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            dates[name] = r.model_copy(update={"raster": str(_absolute(r.raster, "raster"))})
+            files += [dates[name].raster, *info.files.values()]
+        if Path(dates["before"].raster).resolve() == Path(dates["after"].raster).resolve() and \
+                dates["before"].selected_band_map() == dates["after"].selected_band_map() and \
+                dates["before"].level == dates["after"].level:
+            raise ValueError("before and after are the same raster: give two dates of the same place")
+        template_file = templates_path(request.templates) if request.templates is not None else None
+        if template_file is not None:
+            load_templates(template_file)
+        index = _absolute(request.index, "index") if request.index is not None else None
+        if index is not None and index.exists() and not index.is_dir():
+            raise ValueError(f"index must be a folder, got a file: {index}")
+        out = _absolute(request.out, "out")
+        heatmap = _absolute(request.heatmap, "heatmap") if request.heatmap is not None else None
+        guard_gpkg_and_heatmap(out, heatmap, [*files, template_file], request.overwrite, request.layer,
+                               input_dirs=[index, card.path])
+        updates = {**dates, "out": str(out), "model": model}
+        if heatmap is not None:
+            updates["heatmap"] = str(heatmap)
+        if index is not None:
+            updates["index"] = str(index)
     elif isinstance(request, FetchRequest):
         from .models.fetch import downloadable
 
@@ -638,7 +682,8 @@ def run_classify(req: ClassifyRequest, ctx: JobContext):
                     batch_size=req.batch_size, runner=req.runner, device=ctx.device, progress=ctx.progress,
                     cancel=ctx.cancel,
                     index=req.index, cache=req.cache, date=req.date, overwrite=req.overwrite, layer=req.layer,
-                    pixel_space=req.pixel_space, class_map=req.class_map)
+                    pixel_space=req.pixel_space, class_map=req.class_map, examples=req.examples,
+                    context=req.context)
 
 
 def _raster_arg(r: RasterInput):
@@ -666,6 +711,16 @@ def run_search(req: SearchRequest, ctx: JobContext):
                   query_model=req.query_model, query_tile=req.query_tile)
 
 
+def run_change(req: ChangeRequest, ctx: JobContext):
+    from .index import change_search
+
+    return change_search(_raster_arg(req.before), _raster_arg(req.after), out=req.out, heatmap=req.heatmap,
+                         model=req.model, tile_px=req.tile_px, stride=req.stride, index=req.index,
+                         prompts=req.prompts, became=req.became, templates=req.templates, k=req.k,
+                         device=ctx.device, runner=req.runner, batch_size=req.batch_size, progress=ctx.progress,
+                         cancel=ctx.cancel, overwrite=req.overwrite, layer=req.layer, pixel_space=req.pixel_space)
+
+
 def run_fetch(req: FetchRequest, ctx: JobContext):
     from .models import fetch
     from .models.downloads import weights_state
@@ -675,4 +730,4 @@ def run_fetch(req: FetchRequest, ctx: JobContext):
 
 
 HANDLERS: dict[str, Handler] = {"classify": run_classify, "index": run_index, "search": run_search,
-                                "fetch": run_fetch}
+                                "change": run_change, "fetch": run_fetch}

@@ -105,6 +105,22 @@ def guard_output(path: str | Path, inputs: Iterable[str | Path | None] = (), ove
     return path
 
 
+def guard_gpkg_and_heatmap(out: str | Path, heatmap: str | Path | None, inputs: Iterable[str | Path | None] = (),
+                           overwrite: bool = False, layer: str | None = None,
+                           input_dirs: Iterable[str | Path | None] = ()) -> tuple[Path, Path | None]:
+    """:func:`guard_output` for a result GeoPackage and its optional heat map GeoTIFF (search, change search):
+    both against the same inputs, and on different paths."""
+    inputs, input_dirs = list(inputs), list(input_dirs)
+    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=input_dirs)
+    if heatmap is None:
+        return out, None
+    heatmap = guard_output(heatmap, inputs, overwrite, suffixes=(".tif", ".tiff"), what="heat map",
+                           input_dirs=input_dirs)
+    if heatmap.resolve() == out.resolve():
+        raise ValueError("the heat map and the GeoPackage need different paths")
+    return out, heatmap
+
+
 def guard_folder_output(path: str | Path, ours, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
                         what: str = "output folder") -> Path:
     """The check of a *folder* output (a trained model card, a training dataset, an evaluation report).
@@ -362,49 +378,83 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 pass
 
 
-def write_tiles_gpkg(path: str | Path, crs, fields: dict[str, str], features: Iterable[tuple[Any, dict]],
-                     run: dict[str, Any], layer: str = "tiles", add_layer: bool = False) -> Path:
-    """Write polygon features and one run-metadata row to a GeoPackage, atomically.
+#: numpy dtype of each field type a layer declares.
+_DTYPES = {"int": "int64", "float": "float64", "str": object}
 
-    ``fields`` maps attribute names to fiona types (``int``, ``float``, ``str``) in column order;
-    ``features`` yields (shapely geometry, attributes); ``run`` is stored in :data:`RUNS_TABLE` with
-    JSON-encoded values (and the layer it wrote) so the file explains itself. ``add_layer``: an existing
-    file keeps its layers and runs and receives ``layer`` (replacing a layer of that name); the copy is
-    written and renamed like a new file, so a failure leaves the file as it was.
+
+def write_layer(path: str | Path, crs, fields: dict[str, str], geometries, columns: dict[str, Any],
+                run: dict[str, Any], layer: str = "tiles", add_layer: bool = False) -> Path:
+    """Write polygons with column-wise attributes and one run-metadata row to a GeoPackage, atomically.
+
+    ``fields`` maps attribute names to ``int``, ``float`` or ``str`` in column order; ``columns`` holds one
+    sequence per field (None in a float or str column is a NULL); ``geometries`` are shapely polygons. The run
+    is stored in :data:`RUNS_TABLE` with JSON-encoded values (and the layer it wrote) so the file explains
+    itself. ``add_layer``: an existing file keeps its layers and runs and receives ``layer`` (replacing a layer
+    of that name); the copy is written and renamed like a new file, so a failure leaves the file as it was.
+    Written in one pass through GDAL (pyogrio): 100,000 tiles take about a second, a feature-by-feature writer ten.
     """
     import shutil
+    import warnings
 
-    import fiona
-    from fiona.crs import CRS as FionaCRS
-    from shapely.geometry import mapping
+    import numpy as np
+    import shapely
+    from pyogrio.raw import write
 
     path = Path(path)
-    schema = {"geometry": "Polygon", "properties": dict(fields)}
-    fcrs = None if crs is None else FionaCRS.from_wkt(crs.to_wkt()) if hasattr(crs, "to_wkt") \
-        else FionaCRS.from_user_input(crs)  # None: a raster without georeferencing (pixel coordinates)
+    wkb = shapely.to_wkb(np.asarray(geometries, dtype=object))
+    data = []
+    for name, kind in fields.items():
+        values = columns[name]
+        if kind == "float":
+            values = np.array([np.nan if v is None else v for v in values], dtype=np.float64) \
+                if isinstance(values, list) else np.asarray(values, dtype=np.float64)
+        else:
+            values = np.asarray(values, dtype=_DTYPES[kind])
+        if len(values) != len(wkb):
+            raise ValueError(f"field {name}: {len(values)} values for {len(wkb)} geometries")
+        data.append(values)
     runs = [{**run, "layer": layer}]
     with atomic_path(path) as tmp:
         if add_layer and path.exists():
             shutil.copyfile(path, tmp)
             runs = read_run_table(path) + runs
-        with fiona.open(tmp, "w", driver="GPKG", layer=layer, schema=schema, crs=fcrs) as sink:
-            sink.writerecords(
-                {"geometry": mapping(geom), "properties": props} for geom, props in features
-            )
+        with warnings.catch_warnings():  # no CRS is what a raster without georeference means (pixel space)
+            warnings.filterwarnings("ignore", message="'crs' was not provided")
+            write(tmp, wkb, data, list(fields), layer=layer, driver="GPKG", geometry_type="Polygon",
+                  crs=_crs_text(crs))
         write_run_table(tmp, runs)
     return path
 
 
+def write_tiles_gpkg(path: str | Path, crs, fields: dict[str, str], features: Iterable[tuple[Any, dict]],
+                     run: dict[str, Any], layer: str = "tiles", add_layer: bool = False) -> Path:
+    """:func:`write_layer` for features given row by row: (shapely geometry, attributes) pairs."""
+    geometries: list = []
+    columns: dict[str, list] = {name: [] for name in fields}
+    for geom, props in features:
+        geometries.append(geom)
+        for name in fields:
+            columns[name].append(props.get(name))
+    return write_layer(path, crs, fields, geometries, columns, run, layer, add_layer)
+
+
+def _crs_text(crs) -> str | None:
+    """WKT of a rasterio/pyproj CRS or a CRS string as is; None for rasters without georeferencing."""
+    if crs is None:
+        return None
+    return crs.to_wkt() if hasattr(crs, "to_wkt") else str(crs)
+
+
 def write_run_table(path: str | Path, runs: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
     """(Re)write the attributes table :data:`RUNS_TABLE`: one row per run (key -> JSON text), keys united."""
-    runs = [runs] if isinstance(runs, dict) else list(runs)
-    import fiona
+    import numpy as np
+    from pyogrio.raw import write
 
+    runs = [runs] if isinstance(runs, dict) else list(runs)
     rows = [{k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in run.items()} for run in runs]
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    schema = {"geometry": "None", "properties": {k: "str" for k in keys}}
-    with fiona.open(path, "w", driver="GPKG", layer=RUNS_TABLE, schema=schema) as table:
-        table.writerecords({"geometry": None, "properties": {k: row.get(k) for k in keys}} for row in rows)
+    write(path, None, [np.array([row.get(k) for row in rows], dtype=object) for k in keys], keys,
+          layer=RUNS_TABLE, driver="GPKG")
 
 
 def read_run_table(path: str | Path) -> list[dict[str, Any]]:

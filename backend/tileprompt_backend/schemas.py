@@ -50,7 +50,7 @@ class TileParams(_Strict):
         Field(None, description="tile size in pixels (default: the card's)")
     stride: Annotated[int | None, *_checked(validation.stride, minimum=1, maximum=validation.MAX_TILE_PX)] = \
         Field(None, description="pixels between tiles (default: the tile size)")
-    runner: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8"] = Field(
+    runner: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino"] = Field(
         "auto", description="image tower engine (auto: by device, see docs/models.md)")
     batch_size: Annotated[int, *_checked(validation.batch_size, minimum=1, maximum=validation.MAX_BATCH)] = Field(
         32, description="tiles per encoder batch (a cancel acts between batches)")
@@ -78,6 +78,15 @@ class ClassifyRequest(RasterInput, TileParams):
                                                 "per model + tile + stride)")
     cache: bool = Field(True, description="reuse the tile embeddings of an indexed raster and cached prompt "
                                           "embeddings; store a full grid's embeddings for the next run")
+    examples: str | None = Field(None, description="few-shot correction: a result GeoPackage with re-classed tiles "
+                                                   "('example' or 'class' edited), or polygons with a 'class' field")
+    context: bool = Field(False, description="context-aware zero-shot: refine with the layer's own tiles "
+                                             "(transductive, single-label; its cost is reported)")
+
+    @model_validator(mode="after")
+    def _context_single_label(self):
+        validation.context(self.context, self.multi_label)
+        return self
 
 
 class IndexRequest(TileParams):
@@ -112,19 +121,42 @@ class SearchRequest(_Strict):
                                 "size)")
 
 
+class ChangeRequest(TileParams):
+    kind: Literal["change"] = "change"
+    before: RasterInput = Field(..., description="the earlier date")
+    after: RasterInput = Field(..., description="the later date; the change layer and heat map are on its grid")
+    index: str | None = Field(None, description="index directory (default: the cache, keyed by model + tile + stride)")
+    prompts: Annotated[str | None, *_checked(validation.optional_prompts, maxLength=validation.MAX_PROMPTS_CHARS)] = \
+        Field(None, description="classes for class_before / class_after")
+    became: Annotated[str | None, *_checked(validation.became, maxLength=validation.MAX_BECAME_CHARS)] = Field(
+        None, description='rank by the increase of this class, e.g. "flooded field" (added to the prompts when '
+                          "missing)")
+    templates: str | None = Field(None, description="templates file for the prompts (default: the card's)")
+    k: Annotated[int | None, *_checked(validation.optional_k, minimum=1, maximum=validation.MAX_K)] = Field(
+        None, description="write only the k highest-ranked tiles (default: every paired tile)")
+    out: str = Field(..., min_length=1, description="output GeoPackage path (layer 'change')")
+    heatmap: str | None = Field(None, description="optional float GeoTIFF of the change score on the after grid")
+    overwrite: bool = Field(False, description="replace existing outputs that TilePrompt did not write")
+    layer: Annotated[str | None, AfterValidator(validation.layer)] = Field(
+        None, description="add the change layer under this name to an existing result GeoPackage TilePrompt wrote, "
+                          "instead of replacing the file")
+    pixel_space: bool = Field(False, description="index rasters without georeference in pixel coordinates")
+
+
 class FetchRequest(_Strict):
     kind: Literal["fetch"] = "fetch"
     model: str = Field(..., min_length=1, description="model id (or model directory) whose weights to download")
 
 
-JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest, FetchRequest], Field(discriminator="kind")]
+JobRequest = Annotated[Union[ClassifyRequest, IndexRequest, SearchRequest, ChangeRequest, FetchRequest],
+                       Field(discriminator="kind")]
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class JobStatus(BaseModel):
     id: str
-    kind: Literal["classify", "index", "search", "fetch"]
+    kind: Literal["classify", "index", "search", "change", "fetch"]
     state: JobState
     done: int = 0  # tiles processed
     total: int = 0  # tiles to process (0 while unknown)
@@ -167,6 +199,17 @@ class ModelInfo(BaseModel):
     space: str | None = None  # embedding space (cards of one space can query each other); None: weights not here yet
 
 
+class VectorIndexInfo(BaseModel):
+    """An index loaded for search in this process, and how its vectors are searched (docs/index.md)."""
+
+    index: str
+    tiles: int
+    search_method: str
+    recall: float | None = Field(None, description="recall@50 against exact search, measured when tuned")
+    latency_ms: float | None = Field(None, description="median single-query latency measured when tuned")
+    memory_mb: float = Field(description="float16 embeddings plus the search structure, in memory")
+
+
 class ModelChoiceInfo(BaseModel):
     model: str  # the card chosen for the raster
     reason: str  # why, in one line
@@ -183,6 +226,7 @@ class Health(BaseModel):
     loaded_models: list[str]
     queue_length: int
     running_job: str | None = None
+    vector_indexes: list[VectorIndexInfo] = []
 
 
 class ErrorBody(BaseModel):

@@ -64,6 +64,17 @@ def tile_polygon(transform: Affine, window: Window) -> Polygon:
     return Polygon([transform @ (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))])
 
 
+def grid_polygons(transform: Affine, col_off: np.ndarray, row_off: np.ndarray, size: int) -> np.ndarray:
+    """:func:`tile_polygon` of many square windows at once (the same corners, in the same order)."""
+    c0, r0 = np.asarray(col_off, np.float64), np.asarray(row_off, np.float64)
+    corners_c = np.stack([c0, c0 + size, c0 + size, c0, c0], axis=1)
+    corners_r = np.stack([r0, r0, r0 + size, r0 + size, r0], axis=1)
+    t = transform
+    x = t.a * corners_c + t.b * corners_r + t.c
+    y = t.d * corners_c + t.e * corners_r + t.f
+    return shapely.polygons(np.stack([x, y], axis=2))
+
+
 def grid_shape(width: int, height: int, tile_px: int, stride: int) -> tuple[int, int]:
     """(rows, cols) of a grid that covers the raster completely."""
     def count(n: int) -> int:
@@ -91,11 +102,10 @@ def make_grid(info, tile_px: int, stride: int | None = None, aoi: str | dict | B
     n_rows, n_cols = grid_shape(info.width, info.height, tile_px, stride)
     grid = TileGrid(tile_px=tile_px, stride=stride, n_rows=n_rows, n_cols=n_cols, crs=info.crs,
                     transform=info.transform)
-    all_tiles = [
-        Tile(id=r * n_cols + c, row=r, col=c, window=(w := Window(c * stride, r * stride, tile_px, tile_px)),
-             polygon=tile_polygon(info.transform, w))
-        for r in range(n_rows) for c in range(n_cols)
-    ]
+    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    polygons = grid_polygons(info.transform, cols * stride, rows * stride, tile_px)
+    all_tiles = [Tile(id=r * n_cols + c, row=r, col=c, window=Window(c * stride, r * stride, tile_px, tile_px),
+                      polygon=p) for r, c, p in zip(rows.tolist(), cols.tolist(), polygons)]
     if aoi is None:
         grid.tiles = all_tiles
         return grid
@@ -170,19 +180,30 @@ def _geojson_to_shape(obj: dict) -> BaseGeometry:
 
 def reproject_geometry(geom: BaseGeometry, src_crs, dst_crs) -> BaseGeometry:
     """Transform a geometry between CRSs with pyproj, densified first so long edges follow the projection."""
+    return reproject_geometries(np.array([geom], dtype=object), src_crs, dst_crs)[0]
+
+
+def reproject_geometries(geoms: np.ndarray, src_crs, dst_crs, segments: int = 64) -> np.ndarray:
+    """:func:`reproject_geometry` for an array of geometries in one pass: each is densified to ``segments``
+    pieces along its longest side, then every vertex goes through one pyproj transformer."""
     try:
         src, dst = CRS.from_user_input(_crs_text(src_crs)), CRS.from_user_input(_crs_text(dst_crs))
     except Exception as e:  # pyproj raises CRSError with a useful message
         raise ValueError(f"unknown CRS: {e}") from None
-    if src == dst:
-        return geom
+    geoms = np.asarray(geoms, dtype=object)
+    if src == dst or not len(geoms):
+        return geoms
     transformer = Transformer.from_crs(src, dst, always_xy=True)
-    l, b, r, t = geom.bounds
-    dense = shapely.segmentize(geom, max(r - l, t - b) / 64 or 1.0)
+    bounds = shapely.bounds(geoms)
+    longest = np.maximum(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1]) / segments
+    dense = shapely.segmentize(geoms, np.where(longest > 0, longest, 1.0))
     out = shapely.transform(dense, lambda x, y: transformer.transform(x, y), interleaved=False)
-    if not np.all(np.isfinite(out.bounds)):
+    if not np.all(np.isfinite(shapely.bounds(out))):
         raise ValueError(f"area of interest cannot be transformed from {src.to_string()} to {dst.to_string()}")
-    return out if out.is_valid else shapely.make_valid(out)
+    invalid = ~shapely.is_valid(out)
+    if invalid.any():
+        out[invalid] = shapely.make_valid(out[invalid])
+    return out
 
 
 def _crs_text(crs) -> str:
@@ -196,5 +217,12 @@ def nodata_fraction(cube: np.ndarray, nodata: float) -> float:
     """Share of pixels whose every band equals ``nodata`` (or is NaN), for a (C, H, W) array."""
     if cube.size == 0:
         return 1.0
-    empty = np.all((cube == nodata) | np.isnan(cube), axis=0)
-    return float(empty.mean())
+    # only pixels whose first band is nodata can be empty: check the other bands there alone (the engine calls
+    # this for every tile, and most pixels are valid)
+    first = cube[0]
+    maybe = (first == nodata) | np.isnan(first)
+    if not maybe.any():
+        return 0.0
+    rest = cube[:, maybe]
+    empty = np.all((rest == nodata) | np.isnan(rest), axis=0)
+    return float(empty.sum() / first.size)

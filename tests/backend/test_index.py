@@ -271,3 +271,48 @@ def test_torchrun_two_ranks_shard_and_merge(dates, s2_model, tmp_path):
         np.testing.assert_allclose(merged[k].astype(np.float32), single[k].astype(np.float32), atol=2e-3)
     # the merged index is complete: indexing again computes nothing
     assert _build(dates, s2_model, idx).computed == 0
+
+
+def test_resume_after_a_kill_mid_archive_reuses_the_finished_scenes(dates, s2_model, tmp_path):
+    """``tileprompt index`` over an archive, killed (SIGKILL) once the first scene is complete: the next run reuses
+    the finished scenes untouched (same embeddings files, not rewritten), computes only the rest, and leaves no
+    leftovers. (That an index built scene by scene equals one built at once: test_vectors.py.)"""
+    import os
+    import signal
+    import time
+
+    archive = dates + [str(p) for p in sorted(_require(SSL4EO / "s2a" / "0000200").iterdir()) if p.is_dir()]
+    scene_list = tmp_path / "scenes.txt"
+    scene_list.write_text("\n".join(archive) + "\n")
+    idx = tmp_path / "idx"
+    # batch size 1 and one thread: slow enough to be killed between scenes; the batch size is not part of the key
+    cmd = [sys.executable, "-m", "tileprompt_backend.cli", "index", "--scene-list", str(scene_list), "--model",
+           s2_model, "--tile", str(TILE), "--index", str(idx), "--runner", "torch", "--batch-size", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if (idx / CATALOG_FILE).is_file():
+            try:
+                with sqlite3.connect(idx / CATALOG_FILE, timeout=1) as con:
+                    done = con.execute("SELECT COUNT(*) FROM scenes").fetchone()[0]
+            except sqlite3.Error:
+                done = 0
+            if done >= 1:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.002)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-archive"
+    store = IndexStore.open(idx)
+    finished = {s.key: s.tiles for s in store.scenes()}
+    assert 1 <= len(finished) < len(archive)
+    files = {k: idx / SCENES_DIR / k / EMBEDDINGS_FILE for k in finished}
+    before = {k: (f.stat().st_mtime_ns, f.read_bytes()) for k, f in files.items()}
+
+    resumed = _build(archive, s2_model, idx)
+    assert resumed.reused == sum(finished.values()) and resumed.computed == resumed.tiles - resumed.reused > 0
+    assert len(IndexStore.open(idx).scenes()) == len(archive)
+    assert {k: (f.stat().st_mtime_ns, f.read_bytes()) for k, f in files.items()} == before  # reused, not rewritten
+    assert not [p for p in (idx / SCENES_DIR).iterdir() if p.name.startswith(".")]  # the killed run's leftovers
+    assert _build(archive, s2_model, idx).computed == 0

@@ -26,7 +26,7 @@ from tileprompt_backend.models import (
 )
 from tileprompt_backend.models.downloads import download_tag, missing_weights, tag_weights_path
 from tileprompt_backend.models.onnx_export import int8_cosine, onnx_file
-from tileprompt_backend.models.runners import AUTO_MIN_COSINE, cpu_has_bf16
+from tileprompt_backend.models.runners import AUTO_MIN_COSINE, cpu_has_bf16, openvino_module, openvino_precision
 from tileprompt_backend.paths import cache_dir
 from tileprompt_backend.models.tiny import TINY_TIMM_KWARGS
 from tileprompt_backend.models.weights import read_weights, write_weights
@@ -211,8 +211,8 @@ def test_int8_and_auto_runners(models, family):
         auto = make_runner(m)
         recorded = int8_cosine(onnx_file(m, int8=True))
         allowed = {"onnxruntime-cpu-int8"} if recorded >= AUTO_MIN_COSINE else set()
-        if cpu_has_bf16():  # measured against int8; chosen only if it keeps the cosine
-            allowed |= {"torch-cpu-bf16", "torch-cpu-fp32"}
+        if cpu_has_bf16() or openvino_module() is not None:  # measured; chosen only if it keeps the cosine
+            allowed |= {"torch-cpu-bf16", "torch-cpu-fp32", "openvino-cpu-bf16", "openvino-cpu-fp32"}
         assert auto.name in (allowed or {"torch-cpu-fp32"})
         assert auto.device == "cpu"
 
@@ -444,13 +444,29 @@ def test_auto_on_cpu_records_a_measured_choice(tiny_models):
 
     model = load_model(str(tiny_models["aligned-s2"]), device="cpu")
     runner = make_runner(model, "auto")
-    assert runner.name in {"onnxruntime-cpu-int8", "torch-cpu-bf16", "torch-cpu-fp32"}
+    assert runner.name in {"onnxruntime-cpu-int8", "torch-cpu-bf16", "torch-cpu-fp32", "openvino-cpu-bf16",
+                           "openvino-cpu-fp32"}
     records = list((cache_dir() / "onnx").glob(f"{model.card.card_hash()}-*-auto.json"))
-    if cpu_has_bf16() and records:
+    if (cpu_has_bf16() or openvino_module() is not None) and records:
         saved = _json.loads(records[0].read_text())
         assert saved["choice"] == runner.name
         assert saved["choice"] == max(saved["tiles_per_s"], key=saved["tiles_per_s"].get)
     assert make_runner(model, "auto").name == runner.name  # the recorded choice is reused
+
+
+@pytest.mark.skipif(openvino_module() is None, reason="openvino is not installed")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_openvino_runner_matches_eager(tiny_models, family):
+    """OpenVINO over the same exported tower: bf16 where the CPU has it (cosine > 0.99 on tiny random towers;
+    full-size figures in docs/models.md), fp32 elsewhere (equal to eager)."""
+    model = load_model(str(tiny_models[family]), device="cpu")
+    x = model.probe_batch(6, seed=4)
+    ov, fp32 = make_runner(model, "openvino"), make_runner(model, "torch")
+    assert ov.name == f"openvino-cpu-{openvino_precision()}" and ov.device == "cpu"
+    y = ov(x)
+    np.testing.assert_allclose(_unit(y), 1.0, atol=1e-5)
+    assert (y * fp32(x)).sum(1).min() > (0.99 if ov.precision == "bf16" else 0.99999)
+    assert ov(model.probe_batch(0)).shape == (0, model.embed_dim)
 
 
 def test_torch_bf16_runner_stays_close_to_fp32(tiny_models):

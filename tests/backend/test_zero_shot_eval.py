@@ -49,3 +49,21 @@ def test_runs_on_real_eurosat_samples(zero_shot_eval, tiny_models, tmp_path):
     for r in (s2, clip):
         assert min(abs(r["accuracy"] - k / 3) for k in range(4)) < 1e-6 and 0 < r["macro_map"] <= 1
         assert set(r["per_class_ap"]) == {"0", "5", "9"}  # AnnualCrop, Pasture, SeaLake
+
+
+def test_few_shot_measurement_on_the_same_embeddings(zero_shot_eval, tiny_models, tmp_path):
+    """--few-shot adds docs/corrections.md's measurement (bench_fewshot_change.fewshot_eval) to each card."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 16))
+    labels = np.repeat(np.arange(3), 6)
+    emb = centres[labels] + 0.3 * rng.standard_normal((18, 16))
+    head = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    r = zero_shot_eval.few_shot(emb.astype(np.float32), labels, head.astype(np.float32), 10.0, draws=2)
+    assert r["test_tiles"] == 9 and r["pool_tiles"] == 9  # every other image of a class is the pool
+    assert set(r["few_shot"]) == {1, 5, 10} and set(r["few_shot"][5]) == {"prototype", "probe"}
+    assert 0.0 <= r["zero_shot"]["acc"] <= 1.0
+    # the three real samples are one image per class: nothing to test on, said so
+    out = tmp_path / "zero-shot.json"
+    assert zero_shot_eval.main(["--data", str(_require(EUROSAT_MS)), "--models", str(tiny_models["aligned-s2"]),
+                                "--batch", "2", "--device", "cpu", "--few-shot", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["few_shot"]["skipped"].startswith("needs at least 2 images")

@@ -44,7 +44,7 @@ FETCH_BYTES = 605_000_000
 
 class FakeBackend:
     def __init__(self, files: dict, token: str = "secret-token"):
-        self.files = files  # "tiles" -> gpkg, "similar" -> gpkg, "heatmap" -> tif, "classmap" -> tif
+        self.files = files  # "tiles"/"similar"/"change" -> gpkg, "heatmap" -> tif, "classmap" -> tif
         self.token = token
         self.jobs: dict[str, dict] = {}
         self.requests: list[dict] = []  # every job request body received
@@ -126,6 +126,11 @@ class FakeBackend:
             if request.get("heatmap"):
                 shutil.copy(self.files["heatmap"], request["heatmap"])
             job["result"] = {"out": request["out"], "heatmap": request.get("heatmap")}
+        elif job["kind"] == "change":
+            shutil.copy(self.files["change"], request["out"])
+            if request.get("heatmap"):
+                shutil.copy(self.files["heatmap"], request["heatmap"])
+            job["result"] = {"out": request["out"], "heatmap": request.get("heatmap"), "pairs": 12, "unpaired": 0}
         elif job["kind"] == "fetch":
             for model in self.models:
                 if model["id"] == request["model"]:
@@ -208,7 +213,7 @@ class FakeBackend:
                 if self.path != "/v1/jobs":
                     self._send(404, {"detail": "not found"})
                     return
-                if body.get("kind") not in ("classify", "index", "search"):
+                if body.get("kind") not in ("classify", "index", "search", "change"):
                     self._send(422, {"detail": [{"loc": ["body", "kind"], "msg": "unknown job kind"}]})
                     return
                 if body.get("kind") == "classify" and not Path(body.get("raster", "")).exists():

@@ -38,7 +38,7 @@ def test_init_gui_adds_everything_and_unload_removes_it(plugin_package, qgis_ifa
     assert "tileprompt" in provider_ids()
     algorithms = {a.id() for a in QgsApplication.processingRegistry().providerById("tileprompt").algorithms()}
     assert algorithms == {"tileprompt:classify", "tileprompt:buildindex", "tileprompt:findsimilar",
-                          "tileprompt:textsearch"}
+                          "tileprompt:textsearch", "tileprompt:change"}
     # Draw something so the sketches exist, and leave a map tool active: unload must clean both.
     plugin.start_drawing("query", "polygon")
     assert canvas.mapTool() is plugin.polygon_tool

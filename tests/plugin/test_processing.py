@@ -45,7 +45,9 @@ def test_provider_and_algorithms(plugin):
         assert algorithm.flags() & compat.ALG_FLAG_SUPPORTS_BATCH and algorithm.flags() & compat.ALG_FLAG_CAN_CANCEL
         assert algorithm.shortHelpString() and algorithm.displayName()
         names = {p.name() for p in algorithm.parameterDefinitions()}
-        assert {"INPUT", "MODEL", "TILE", "OVERLAP", "BAND_MAP", "LEVEL", "USE_PRODUCT", "RESOLUTION"} <= names
+        assert {"MODEL", "TILE", "OVERLAP", "OUTPUT" if algorithm.name() != "buildindex" else "INDEX"} <= names
+        if algorithm.name() != "change":  # one raster; change reads two (BEFORE, AFTER)
+            assert {"INPUT", "BAND_MAP", "LEVEL", "USE_PRODUCT", "RESOLUTION"} <= names
     classify = provider.algorithm("classify")
     assert {"PROMPTS", "EXTENT", "AOI", "MULTI_LABEL", "THRESHOLD", "TEMPLATES", "OUTPUT"} <= \
         {p.name() for p in classify.parameterDefinitions()}

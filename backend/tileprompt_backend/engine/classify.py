@@ -16,13 +16,17 @@ from .. import __version__, validation
 from ..classmap import write_class_map
 from ..errors import InputError
 from ..models import cached_model, cached_runner, choose_model, resolve_card
-from ..outputs import WRITER_TAG, guard_output, write_tiles_gpkg
+from ..outputs import WRITER_TAG, guard_output, write_layer
+from ..paths import templates_path
 from ..sentinel2 import open_raster
 from ..tiling import make_grid
 from .embed import CancelFn, EmbedStats, ProgressFn, check_bands, embed_tiles
-from .head import logits, score_tiles, zero_shot_head
-from ..paths import templates_path
+from .examples import (EXAMPLE_FIELD, check_model, encode_vectors, example_vectors, model_stamp, read_examples,
+                       resolve_classes)
+from .fewshot import DEFAULT_METHOD, METHODS, fit_correction, zero_shot_linear
+from .head import probabilities, rank_scores, zero_shot_head
 from .prompts import load_templates, parse_prompts
+from .transductive import refine
 
 #: The remedy for a raster without georeference, in each interface's words.
 PIXEL_SPACE_FIXES = {
@@ -43,6 +47,8 @@ class ClassifyResult:
     seconds: float
     encode_seconds: float
     runner: str
+    correction: dict | None = None  # few-shot correction: method, examples per class, new classes, seconds
+    transductive: dict | None = None  # context-aware refinement: seconds, tiles whose class changed
     warnings: list[str] = field(default_factory=list)  # what the user should know: pixel space, a re-embedded raster
     run: dict = field(repr=False, default_factory=dict)
     model: str = ""  # the card used
@@ -66,7 +72,8 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
              device: str = "auto", progress: ProgressFn | None = None, cancel: CancelFn | None = None,
              index: str | Path | None = None, cache: bool = True, date: int | None = None,
              overwrite: bool = False, layer: str | None = None, pixel_space: bool = False,
-             class_map: str | Path | None = None) -> ClassifyResult:
+             examples: str | Path | None = None, context: bool = False,
+             fewshot_method: str = DEFAULT_METHOD, class_map: str | Path | None = None) -> ClassifyResult:
     """Classify every tile of ``raster`` against class ``prompts`` and write ``out`` (GeoPackage, atomically),
     and with ``class_map`` also the class-map GeoTIFF (``classmap.py``: one pixel per tile, class and scores).
 
@@ -88,6 +95,11 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     (``overwrite`` replaces a file TilePrompt did not write; ``layer`` adds a layer to a result GeoPackage).
     A raster without georeference is refused unless ``pixel_space``: then tiles are in QGIS's pixel
     coordinates (x = column, y = -row) and the result carries a warning.
+
+    ``examples`` (a result GeoPackage with corrected tiles, or polygons with a ``class`` field; see
+    engine.examples) corrects the zero-shot head with those tiles (engine.fewshot, ``fewshot_method``); the run
+    row keeps every example with its embedding. ``context`` (context-aware zero-shot) refines the single-label
+    probabilities with the layer's own tiles (engine.transductive). Both default to off: plain zero-shot.
     """
     started, t0 = _now(), time.perf_counter()
     threshold = validation.threshold(threshold)
@@ -95,6 +107,10 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
     tile_px, stride = validation.tile_px(tile_px), validation.stride(stride)
     band_map = validation.select_date(validation.band_map(band_map), date)
     classes = parse_prompts(prompts)
+    examples = validation.examples(examples)
+    validation.context(context, multi_label)
+    if fewshot_method not in METHODS:
+        raise ValueError(f"unknown few-shot method {fewshot_method!r} (valid: {', '.join(METHODS)})")
     offset = validation.offset(offset)
     card = resolve_card(model) if model else None
     warnings: list[str] = []
@@ -106,10 +122,10 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
             card = choice.card
         template_file = templates_path(templates or card.templates)
         template_list = load_templates(template_file)
-        out = guard_output(out, [raster, template_file, *info.files.values()], overwrite, layer=layer,
+        out = guard_output(out, [raster, template_file, examples, *info.files.values()], overwrite, layer=layer,
                            input_dirs=[card.path, index])
         if class_map is not None:
-            class_map = guard_output(class_map, [raster, template_file, *info.files.values()], overwrite,
+            class_map = guard_output(class_map, [raster, template_file, examples, *info.files.values()], overwrite,
                                      suffixes=(".tif", ".tiff"), what="class map", input_dirs=[card.path, index])
         note = check_georeference(info, pixel_space)
         if note:
@@ -117,6 +133,10 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         grid = make_grid(info, tile_px or card.input.tile_px, stride, aoi=aoi, aoi_crs=aoi_crs)
         if not len(grid):
             raise ValueError("no tiles to classify in the area of interest")
+        found = read_examples(examples, info, grid.tile_px, grid.stride) if examples is not None else None
+        if found is not None:
+            check_model(found, card)
+            classes, example_labels = resolve_classes(classes, found)
         from ..index.build import required_bands  # the index package imports the engine: import here
         from ..index.reuse import cached_embeddings, changed_since_indexed, store_embeddings
         from ..index.textcache import CachedTextEncoder
@@ -136,13 +156,11 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
             return loaded
 
         encode_text = CachedTextEncoder(card, model_for_text) if cache else loaded.encode_text
-        head = zero_shot_head(encode_text, classes, template_list)
+        has_text = np.array([bool(c.phrases) for c in classes])
+        head = np.zeros((len(classes), int(card.embed_dim)), dtype=np.float32)
+        head[has_text] = zero_shot_head(encode_text, [c for c in classes if c.phrases], template_list)
 
         stats = EmbedStats()
-        features = []
-        cells: list[tuple[int, int]] = []  # (row, col) of each feature, for the class map
-        cell_scores = []
-        counts = Counter({c.name: 0 for c in classes})
         if cached is not None:
             run_name, run_device = f"index ({cached.runner})", "none"
             batches = cached.batches(grid.tiles, batch_size, stats, progress, cancel)
@@ -151,30 +169,51 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
             run_name, run_device = run_engine.name, run_engine.device
             batches = embed_tiles(source, grid.tiles, loaded, run_engine, batch_size=batch_size,
                                   progress=progress, cancel=cancel, stats=stats)
-        keep = cache and cached is None and grid.aoi is None  # a full grid: worth storing
-        kept_tiles, kept_emb = [], []
-        for tiles, emb in batches:
+        tiles, chunks = [], []
+        for batch_tiles, emb in batches:
             # the index keeps float16: round here too, so scores never depend on where embeddings came from
-            emb = np.asarray(emb).astype(np.float16)
-            if keep:
-                kept_tiles.extend(tiles)
-                kept_emb.append(emb)
-            s = score_tiles(logits(emb.astype(np.float32), head, card.logit_scale), multi_label=multi_label,
-                            threshold=threshold, logit_bias=card.logit_bias)
-            for i, tile in enumerate(tiles):
-                props = _tile_attributes(tile, classes, s, i, multi_label)
-                counts[props["class"]] += 1
-                features.append((tile.polygon, props))
-            if class_map is not None:
-                cells.extend((tile.row, tile.col) for tile in tiles)
-                cell_scores.append(np.asarray(s.scores, dtype=np.float32))
+            tiles.extend(batch_tiles)
+            chunks.append(np.asarray(emb).astype(np.float16))
+        emb16 = np.concatenate(chunks) if chunks else np.zeros((0, int(card.embed_dim)), np.float16)
         stored = None
-        if keep and features:
-            stored = store_embeddings(loaded.card, info, band_map, level, grid, index, kept_tiles, kept_emb,
+        if cache and cached is None and grid.aoi is None and tiles:  # a full grid: worth storing
+            stored = store_embeddings(loaded.card, info, band_map, level, grid, index, tiles, chunks,
                                       stats.skipped_nodata, run_name)
 
-    if not features:
-        raise ValueError(f"every tile in the area is nodata ({stats.skipped_nodata} tiles skipped); nothing to classify")
+    if not tiles:
+        raise ValueError(f"every tile in the area is nodata ({stats.skipped_nodata} tiles skipped); "
+                         "nothing to classify")
+
+    # the parallel reader may hand batches over out of grid order: the layer lists tiles in grid order
+    order = np.argsort([t.id for t in tiles], kind="stable")
+    tiles, emb16 = [tiles[i] for i in order], emb16[order]
+    emb = emb16.astype(np.float32)
+    raster_path = str(Path(raster).resolve())
+    linear, correction, example_rows = zero_shot_linear(head, card.logit_scale), None, {}
+    if found is not None:
+        t_fit = time.perf_counter()
+        positions = {t.id: i for i, t in enumerate(tiles)}
+        vectors = example_vectors(found, card, raster_path, grid.tile_px, grid.stride, positions, emb16)
+        linear = fit_correction(fewshot_method, head, card.logit_scale, vectors.astype(np.float32), example_labels,
+                                tiles=emb, has_text=has_text)
+        example_rows = {e.tile: classes[y].name for e, y in zip(found.examples, example_labels)
+                        if e.on_grid(raster_path, grid.tile_px, grid.stride) and e.tile in positions}
+        correction = _correction_summary(found, classes, example_labels, has_text, fewshot_method,
+                                         time.perf_counter() - t_fit)
+    probs = probabilities(linear.logits(emb), multi_label=multi_label, logit_bias=card.logit_bias)
+    refinement = None
+    if context:
+        refinement = refine(probs, emb, np.array([t.row for t in tiles]), np.array([t.col for t in tiles]))
+        probs = refinement.probabilities
+    s = rank_scores(probs, multi_label=multi_label, threshold=threshold)
+    columns = _columns(tiles, classes, s, multi_label)
+    columns[EXAMPLE_FIELD] = [example_rows.get(t.id) for t in tiles]
+    counts = Counter({c.name: 0 for c in classes})
+    counts.update(dict(zip(*np.unique(columns["class"], return_counts=True))))
+    counts = Counter({name: int(n) for name, n in counts.items()})
+    transductive_summary = None if refinement is None else {
+        "seconds": round(refinement.seconds, 4), "changed": refinement.changed, "rounds": refinement.rounds,
+        "neighbour_pairs": refinement.neighbour_pairs}
 
     run = {
         "run_id": uuid.uuid4().hex,
@@ -194,6 +233,7 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
                         if cache else None),
         "raster": str(Path(raster).resolve()),
         "raster_layout": info.layout,
+        "level": level,
         "raster_level": info.level,
         "raster_bands": list(info.bands),
         "offset": info.offset.to_json(),
@@ -202,6 +242,14 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "pixel_space": not info.georeferenced,
         "bands_used": list(required_bands(card, info)),
         "prompts": [{"class": c.name, "phrases": list(c.phrases), "column": c.column} for c in classes],
+        "examples_file": str(found.path) if found is not None else None,
+        "examples": ([{"class": classes[y].name, "given": e.cls, "raster": e.raster, "tile": e.tile,
+                       "tile_px": e.tile_px, "stride": e.stride, "source": e.source}
+                      for e, y in zip(found.examples, example_labels)] if found is not None else None),
+        "examples_embeddings": encode_vectors(vectors) if found is not None else None,
+        "examples_model": model_stamp(card) if found is not None else None,
+        "correction": correction,
+        "transductive": transductive_summary,
         "templates": template_list,
         "templates_source": str(templates or card.templates),
         "mode": "multi-label" if multi_label else "single-label",
@@ -212,26 +260,34 @@ def classify(raster: str | Path, prompts: str | Sequence[str], out: str | Path, 
         "grid": [grid.n_rows, grid.n_cols],
         "aoi": grid.aoi.wkt if grid.aoi is not None else None,
         "aoi_crs": aoi_crs,
-        "tiles": len(features),
+        "tiles": len(tiles),
         "skipped_outside": grid.skipped_outside,
         "skipped_nodata": stats.skipped_nodata,
         "counts": dict(counts),
         "warnings": warnings,
         "class_map": str(class_map) if class_map is not None else None,
     }
-    write_tiles_gpkg(out, info.crs, _fields(classes, multi_label), features, run, layer=layer or "tiles",
-                     add_layer=layer is not None)
+    write_layer(out, info.crs, _fields(classes, multi_label), [t.polygon for t in tiles], columns, run,
+                layer=layer or "tiles", add_layer=layer is not None)
     if class_map is not None:
-        rows, cols = np.asarray(cells, dtype=np.int64).reshape(-1, 2).T
         write_class_map(class_map, info.crs, grid.transform, grid.tile_px, grid.stride, (grid.n_rows, grid.n_cols),
-                        rows, cols, np.concatenate(cell_scores), [c.name for c in classes],
-                        [c.column for c in classes], {WRITER_TAG: run["run_id"], "TILEPROMPT_MODEL": card.id})
+                        np.array([t.row for t in tiles]), np.array([t.col for t in tiles]), s.scores,
+                        [c.name for c in classes], [c.column for c in classes],
+                        {WRITER_TAG: run["run_id"], "TILEPROMPT_MODEL": card.id})
     seconds = time.perf_counter() - t0
-    return ClassifyResult(out=out, tiles=len(features), skipped_outside=grid.skipped_outside,
+    return ClassifyResult(out=out, tiles=len(tiles), skipped_outside=grid.skipped_outside,
                           skipped_nodata=stats.skipped_nodata, counts=dict(counts), seconds=seconds,
-                          encode_seconds=stats.encode_seconds, runner=run_name, warnings=warnings, run=run,
-                          model=card.id, model_reason=choice.reason if choice is not None else None,
-                          class_map=class_map)
+                          encode_seconds=stats.encode_seconds, runner=run_name, correction=correction,
+                          transductive=transductive_summary, warnings=warnings, run=run, model=card.id,
+                          model_reason=choice.reason if choice is not None else None, class_map=class_map)
+
+
+def _correction_summary(found, classes, labels: np.ndarray, has_text: np.ndarray, method: str,
+                        seconds: float) -> dict:
+    per_class = Counter(classes[y].name for y in labels)
+    return {"method": method, "examples": len(labels), "per_class": dict(per_class),
+            "new_classes": [c.name for c, t in zip(classes, has_text) if not t],
+            "sources": dict(Counter(e.source for e in found.examples)), "seconds": round(seconds, 4)}
 
 
 def check_georeference(info, pixel_space: bool) -> str | None:
@@ -251,19 +307,26 @@ def _fields(classes, multi_label: bool) -> dict[str, str]:
     if multi_label:
         fields["labels"] = "str"
     fields.update({c.column: "float" for c in classes})
+    fields[EXAMPLE_FIELD] = "str"  # the analyst's class for a tile (few-shot examples); empty otherwise
     return fields
 
 
-def _tile_attributes(tile, classes, s, i: int, multi_label: bool) -> dict:
-    w = tile.window
-    best, second = int(s.best[i]), int(s.second[i])
-    props = {
-        "id": tile.id, "row": tile.row, "col": tile.col, "col_off": int(w.col_off), "row_off": int(w.row_off),
-        "width": int(w.width), "height": int(w.height),
-        "class": classes[best].name, "score": float(s.scores[i, best]),
-        "second": classes[second].name if len(classes) > 1 else None, "margin": float(s.margin[i]),
+def _columns(tiles, classes, s, multi_label: bool) -> dict[str, np.ndarray]:
+    """The layer's attribute columns for ``tiles`` scored ``s`` (one value per tile in each)."""
+    names = np.array([c.name for c in classes], dtype=object)
+    n = np.arange(len(tiles))
+    columns = {
+        "id": np.array([t.id for t in tiles], dtype=np.int64), "row": np.array([t.row for t in tiles], dtype=np.int64),
+        "col": np.array([t.col for t in tiles], dtype=np.int64),
+        "col_off": np.array([t.window.col_off for t in tiles], dtype=np.int64),
+        "row_off": np.array([t.window.row_off for t in tiles], dtype=np.int64),
+        "width": np.array([t.window.width for t in tiles], dtype=np.int64),
+        "height": np.array([t.window.height for t in tiles], dtype=np.int64),
+        "class": names[s.best], "score": s.scores[n, s.best].astype(np.float64),
+        "second": names[s.second] if len(classes) > 1 else np.full(len(tiles), None, dtype=object),
+        "margin": np.asarray(s.margin, dtype=np.float64),
     }
     if multi_label:
-        props["labels"] = ";".join(c.name for c, on in zip(classes, s.labels[i]) if on)
-    props.update({c.column: float(v) for c, v in zip(classes, np.asarray(s.scores[i]))})
-    return props
+        columns["labels"] = np.array([";".join(names[on]) for on in s.labels], dtype=object)
+    columns.update({c.column: s.scores[:, i].astype(np.float64) for i, c in enumerate(classes)})
+    return columns

@@ -5,20 +5,27 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from rasterio.windows import Window
 
 from ..errors import Cancelled
 from ..sentinel2.bands import FILLABLE_BANDS
 from ..tiling import MAX_NODATA_FRACTION, Tile, nodata_fraction
+from .reading import read_tiles
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 READ_AHEAD_BATCHES = 2
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Reader threads and memory (MB) for :func:`.reading.read_tiles`; None: the defaults (environment)."""
+
+    workers: int | None = None
+    memory_mb: int | None = None
 
 
 @dataclass
@@ -41,28 +48,14 @@ def check_bands(info, bands: Sequence[str], model_id: str) -> None:
             f"{', '.join(missing)} - give a raster with those bands or a band map (--band-map)")
 
 
-def read_tile_rows(source, tiles: Sequence[Tile], bands: Sequence[str]) -> Iterator[tuple[Tile, np.ndarray]]:
-    """Yield (tile, raw (C, h, w) array) reading one strip per grid row: far fewer reads than one per tile."""
-    by_row: dict[int, list[Tile]] = defaultdict(list)
-    for t in tiles:
-        by_row[t.row].append(t)
-    for row in sorted(by_row):
-        row_tiles = sorted(by_row[row], key=lambda t: t.col)
-        c0 = int(row_tiles[0].window.col_off)
-        c1 = int(max(t.window.col_off + t.window.width for t in row_tiles))
-        r0, h = int(row_tiles[0].window.row_off), int(row_tiles[0].window.height)
-        strip = source.read(Window(c0, r0, c1 - c0, h), bands)
-        for t in row_tiles:
-            x = int(t.window.col_off) - c0
-            yield t, strip[:, :, x:x + int(t.window.width)]
-
-
 def iter_batches(source, tiles: Sequence[Tile], bands: Sequence[str], batch_size: int, stats: EmbedStats,
-                 stop: threading.Event) -> Iterator[tuple[list[Tile], np.ndarray]]:
-    """(tiles, raw (N, C, h, w)) batches of usable tiles; mostly-nodata tiles are counted in ``stats`` and dropped."""
+                 stop: threading.Event, read: ReadOptions | None = None) -> Iterator[tuple[list[Tile], np.ndarray]]:
+    """(tiles, raw (N, C, h, w)) batches of usable tiles in reading order (see :func:`.reading.read_tiles`);
+    mostly-nodata tiles are counted in ``stats`` and dropped."""
+    read = read or ReadOptions()
     batch_tiles: list[Tile] = []
     batch_raw: list[np.ndarray] = []
-    for tile, raw in read_tile_rows(source, tiles, bands):
+    for tile, raw in read_tiles(source, tiles, bands, workers=read.workers, memory_mb=read.memory_mb):
         if stop.is_set():
             return
         if nodata_fraction(raw, source.info.nodata) > MAX_NODATA_FRACTION:
@@ -119,8 +112,10 @@ def _read_ahead(batches: Iterator, stop: threading.Event) -> Iterator:
 
 def embed_tiles(source, tiles: Sequence[Tile], model, runner, batch_size: int = 32,
                 progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                stats: EmbedStats | None = None) -> Iterator[tuple[list[Tile], np.ndarray]]:
-    """Yield (tiles, (N, D) L2-normalised embeddings) for every usable tile, in grid order.
+                stats: EmbedStats | None = None, read: ReadOptions | None = None,
+                ) -> Iterator[tuple[list[Tile], np.ndarray]]:
+    """Yield (tiles, (N, D) L2-normalised embeddings) for every usable tile, in reading order: grid order, or
+    stripe by stripe when a full-width slab does not fit the reader's memory (:mod:`.reading`).
 
     ``progress(done, total)`` is called after each batch (done counts skipped tiles too); ``cancel()``
     returning True raises :class:`Cancelled` between batches.
@@ -130,7 +125,7 @@ def embed_tiles(source, tiles: Sequence[Tile], model, runner, batch_size: int = 
     bands = model.required_bands(source.info)
     stop = threading.Event()
     start = time.perf_counter()
-    batches = _read_ahead(iter_batches(source, tiles, bands, batch_size, stats, stop), stop)
+    batches = _read_ahead(iter_batches(source, tiles, bands, batch_size, stats, stop, read), stop)
     try:
         while True:
             if cancel is not None and cancel():

@@ -5,7 +5,8 @@
 
 Modules: ``store`` (on-disk format, cache keys, atomic commits), ``build`` (indexing, torchrun sharding),
 ``vectors`` (FAISS / numpy top-k with automatic method choice), ``query`` (similar-tile and text search),
-``heatmap`` (similarity GeoTIFFs), ``reuse`` (classification from indexed embeddings). See docs/index.md.
+``heatmap`` (similarity GeoTIFFs), ``reuse`` (classification from indexed embeddings), ``change`` (change search
+between two dates). See docs/index.md and docs/change.md.
 
 Names are imported on first use, so ``python -m tileprompt_backend.index.build`` (torchrun) runs the module
 without it having been imported by the package first.
@@ -19,13 +20,14 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "IndexResult": "build", "build_index": "build", "SearchResult": "query", "search": "query",
     "IndexStore": "store", "default_index_dir": "store", "model_key": "store", "VectorIndex": "vectors",
-    "choose_method": "vectors",
+    "choose_method": "vectors", "ChangeResult": "change", "change_search": "change",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .build import IndexResult, build_index
+    from .change import ChangeResult, change_search
     from .query import SearchResult, search
     from .store import IndexStore, default_index_dir, model_key
     from .vectors import VectorIndex, choose_method

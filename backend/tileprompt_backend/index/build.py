@@ -36,7 +36,7 @@ from ..sentinel2 import open_raster
 from ..tiling import make_grid
 from .store import IndexStore, ModelKey, SceneRecord, default_index_dir, model_key, scene_fingerprint, scene_key
 from .store import scene_record
-from .vectors import choose_method, ivf_lists
+from .vectors import choose_method
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -119,11 +119,15 @@ def _tile_params(card, tile_px: int | None, stride: int | None) -> tuple[int, in
     return tile, step
 
 
-def search_method_for(n: int) -> str:
-    """The method a search over ``n`` vectors will use (IVF's nprobe is tuned when it is first built)."""
-    method = choose_method(n)
-    return {"flat": "faiss-flat-ip", "numpy": "numpy-exact", "hnsw": "faiss-hnsw32-ip"}.get(
-        method, f"faiss-ivf{ivf_lists(n)}-ip")
+def search_method_for(store: IndexStore) -> str:
+    """How a search over the whole index runs now. Above the exact limit this loads the index for search,
+    which brings its approximate vector index in step with the scenes just added (:mod:`.ann`)."""
+    method = choose_method(store.total_tiles())
+    if method in ("ivf", "hnsw"):
+        from .query import load_view
+
+        return load_view(store).vectors.description
+    return {"flat": "faiss-flat-ip", "numpy": "numpy-exact"}[method]
 
 
 def build_index(rasters: Sequence[Any], model: str | None = None, tile_px: int | None = None,
@@ -200,7 +204,7 @@ def _build(rasters, model, tile_px, stride, index, device, runner, progress, can
     return IndexResult(
         index=store.root, scenes=len(planned), tiles=sum(r.tiles for r in records.values()), computed=computed,
         reused=reused, skipped_nodata=sum(r.skipped_nodata for r in records.values()),
-        seconds=time.perf_counter() - t0, search_method=search_method_for(index_tiles),
+        seconds=time.perf_counter() - t0, search_method=search_method_for(store),
         index_scenes=len(store.scenes()), index_tiles=index_tiles, scene_keys=list(planned), model=card.id,
         model_reason=choice.reason if choice is not None else None)
 
@@ -340,7 +344,7 @@ def _run_distributed(args: argparse.Namespace, inputs: list[dict]) -> int:
                 computed=sum(o.get("computed", 0) for o in outcomes if "error" not in o),
                 reused=sum(o.get("reused", 0) for o in outcomes if "error" not in o),
                 skipped_nodata=sum(o.get("skipped_nodata", 0) for o in outcomes if "error" not in o),
-                seconds=time.perf_counter() - t0, search_method=search_method_for(n_tiles),
+                seconds=time.perf_counter() - t0, search_method=search_method_for(main),
                 index_scenes=len(main.scenes()), index_tiles=n_tiles)
             _print_result(total, world)
             print(f"merged {merged} scene(s) from {world} shard(s)")

@@ -18,7 +18,7 @@ BLOCK_ROWS = 512
 
 
 def write_heatmap(path: str | Path, scene, windows: np.ndarray, values: np.ndarray,
-                  tags: dict[str, Any] | None = None) -> Path:
+                  tags: dict[str, Any] | None = None, description: str = "cosine similarity to the query") -> Path:
     """Write ``values`` (one per tile) over the tiles' pixel ``windows`` ((n, 4): col_off, row_off, width,
     height) of ``scene`` (a :class:`~.store.SceneRecord`: CRS, transform, size), atomically.
 
@@ -41,7 +41,7 @@ def write_heatmap(path: str | Path, scene, windows: np.ndarray, values: np.ndarr
     col0, row0 = np.maximum(col0, 0), np.maximum(row0, 0)
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
-            dst.set_band_description(1, "cosine similarity to the query")
+            dst.set_band_description(1, description)
             if tags:
                 dst.update_tags(**{k: str(v) for k, v in tags.items()})
             for r0 in range(0, height, BLOCK_ROWS):

@@ -31,10 +31,10 @@ from ..engine.embed import Cancelled
 from ..engine.head import class_embedding, l2_normalize
 from ..outputs import WRITER_TAG, write_tiles_gpkg
 from ..tiling import make_grid, reproject_geometry
-from . import vectors
+from . import ann, vectors
 from .heatmap import write_heatmap
 from .reuse import stale_files
-from .store import VECTORS_DIR, IndexStore, SceneRecord, guard_search_outputs, weights_hash
+from .store import IndexStore, SceneRecord, guard_search_outputs, weights_hash
 
 FUSE = ("mean", "max")
 FIELDS = {"id": "int", "scene": "str", "row": "int", "col": "int", "rank": "int", "similarity": "float",
@@ -85,26 +85,38 @@ class IndexView:
         # that another process replaces
         self.x16 = np.concatenate([np.asarray(store.embeddings(s)) for s in self.scenes])
         self.tile_ids = store.all_tile_ids(self.scenes)
-        self._pos = [{int(t): i for i, t in enumerate(ids)} for ids in self.tile_ids]
+        # tile id -> row by binary search (a dict per tile costs ~100 bytes a tile: 100 MB per million)
+        self._order = [np.argsort(ids, kind="stable") for ids in self.tile_ids]
+        self._sorted = [ids[o] for ids, o in zip(self.tile_ids, self._order)]
         sizes = np.array([s.tiles for s in self.scenes], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.n = int(self.offsets[-1])
         if self.n == 0:
             raise ValueError(f"index {store.root} holds no tiles (every tile of its scenes was nodata)")
-        cache = store.root / VECTORS_DIR / f"{state}.faiss"
-        self.vectors = vectors.VectorIndex(l2_normalize(self.x16.astype(np.float32)), cache_file=cache)
-        if self.vectors.method in ("ivf", "hnsw"):
-            for old in cache.parent.glob("*.faiss"):
-                if old != cache:
-                    old.unlink(missing_ok=True)
-                    old.with_suffix(".json").unlink(missing_ok=True)
+        self.vectors = ann.vectors_for(store, self.scenes, self.x16)
+        self._exact = ann.exact_fn(self.scenes, self.offsets, self.x16)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, global rows) of the top ``k`` for each query, best first (-1 / -inf: none)."""
+        sims, ids = self.vectors.search(queries, k, self._exact)
+        return sims, ann.rows_of(self.scenes, self.offsets, ids)
+
+    def _find(self, scene_pos: int, tile_ids: Sequence[int]) -> np.ndarray:
+        """Row within the scene of each tile id, -1 where the scene has no such tile."""
+        ids, order = self._sorted[scene_pos], self._order[scene_pos]
+        want = np.asarray(tile_ids, dtype=np.int64).reshape(-1)
+        at = np.clip(np.searchsorted(ids, want), 0, max(len(ids) - 1, 0))
+        found = (len(ids) > 0) & (ids[at] == want) if len(ids) else np.zeros(len(want), bool)
+        return np.where(found, order[at] if len(ids) else -1, -1)
 
     def rows(self, scene_pos: int, tile_ids: Sequence[int]) -> np.ndarray:
-        pos = self._pos[scene_pos]
-        return np.array([self.offsets[scene_pos] + pos[int(t)] for t in tile_ids], dtype=np.int64)
+        pos = self._find(scene_pos, tile_ids)
+        if np.any(pos < 0):
+            raise KeyError(int(np.asarray(tile_ids).reshape(-1)[np.argmax(pos < 0)]))
+        return self.offsets[scene_pos] + pos
 
     def has_tile(self, scene_pos: int, tile_id: int) -> bool:
-        return int(tile_id) in self._pos[scene_pos]
+        return bool(self._find(scene_pos, [tile_id])[0] >= 0)
 
     def emb(self, scene_pos: int) -> np.ndarray:
         """A scene's (tiles, dim) float16 embeddings."""
@@ -143,6 +155,20 @@ def load_view(store: IndexStore) -> IndexView:
         while len(_views) > VIEW_CACHE_SIZE:
             _views.popitem(last=False)
     return view
+
+
+def loaded_indexes() -> list[dict]:
+    """The indexes loaded for search in this process: size, search method, measured recall and latency, memory
+    (``/v1/health`` reports them)."""
+    with _views_lock:
+        views = list(_views.values())
+    out = []
+    for v in views:
+        r = v.vectors.report()
+        out.append({"index": str(v.store.root), "tiles": v.n, "search_method": v.vectors.description,
+                    "recall": r["recall"], "latency_ms": r["latency_ms"],
+                    "memory_mb": round((v.x16.nbytes + v.vectors.nbytes) / 2**20, 1)})
+    return out
 
 
 # --- text side ---------------------------------------------------------------------------------------------------
@@ -242,7 +268,7 @@ def rank(view: IndexView, queries: np.ndarray, k: int, exclude: np.ndarray) -> t
     """
     exclude = np.unique(np.asarray(exclude, dtype=np.int64))
     kk = min(view.n, k + len(exclude))
-    sims, idx = view.vectors.search(queries, kk)
+    sims, idx = view.search(queries, kk)
     qj = np.repeat(np.arange(len(queries)), idx.shape[1])
     sims, idx = sims.ravel(), idx.ravel()
     keep = (idx >= 0) & ~np.isin(idx, exclude)

@@ -37,7 +37,7 @@ from affine import Affine
 
 from .. import __version__
 from ..models.identity import short_sha, weights_hash  # weights_hash: also imported from here by query, textcache
-from ..outputs import fsync_dir, guard_output, host_name, pid_alive, resource_error
+from ..outputs import fsync_dir, guard_gpkg_and_heatmap, host_name, pid_alive, resource_error
 from ..paths import cache_dir
 
 FORMAT = "tileprompt-index"
@@ -498,6 +498,9 @@ class IndexStore:
         if emb.ndim != 2 or emb.shape[1] != self.embed_dim or len(emb) != len(tiles):
             raise ValueError(f"index {self.root}: {emb.shape} embeddings for {len(tiles)} tiles of dim "
                              f"{self.embed_dim}")
+        order = np.argsort(np.fromiter((t.id for t in tiles), np.int64, len(tiles)), kind="stable")
+        if np.any(order != np.arange(len(order))):  # the reader may go stripe by stripe: store in tile-id order
+            tiles, emb = [tiles[i] for i in order], emb[order]
         record.tiles = len(tiles)
         record.completed = _now()
         tmp = self._tmp_dir(record.key)
@@ -595,24 +598,19 @@ class IndexStore:
 
 
 def guard_search_outputs(store: IndexStore, out: str | Path, heatmap: str | Path | None, overwrite: bool = False,
-                         layer: str | None = None, query_raster: str | Path | None = None) -> tuple[Path, Path | None]:
-    """``outputs.guard_output`` for a search's GeoPackage and heat map: neither may be the index, any file in
-    it, nor any raster file it was built from (the heat map of a scene must not replace the scene), nor the
-    query raster of a cross-modal search (a file, or a folder of band files)."""
-    inputs = []
+                         layer: str | None = None, inputs: Sequence[str | Path | None] = (),
+                         query_raster: str | Path | None = None) -> tuple[Path, Path | None]:
+    """``outputs.guard_output`` for the GeoPackage and heat map of a search or a change search: neither may be
+    the index, any file in it, any raster file it was built from (the heat map of a scene must not replace the
+    scene), any of ``inputs`` (a templates file), nor the query raster of a cross-modal search (a file, or a
+    folder of band files)."""
+    files = list(inputs)
     for s in store.scenes():
-        inputs.append(s.raster)
-        inputs.extend(f[0] for f in s.info.get("fingerprint", {}).get("files", []))
+        files.append(s.raster)
+        files.extend(f[0] for f in s.info.get("fingerprint", {}).get("files", []))
     dirs = [store.root]
     if query_raster is not None:
-        inputs.append(query_raster)
+        files.append(query_raster)
         if Path(query_raster).expanduser().is_dir():
             dirs.append(query_raster)
-    out = guard_output(out, inputs, overwrite, layer=layer, input_dirs=dirs)
-    if heatmap is None:
-        return out, None
-    heatmap = guard_output(heatmap, inputs, overwrite, suffixes=(".tif", ".tiff"), what="heat map",
-                           input_dirs=dirs)
-    if heatmap.resolve() == out.resolve():
-        raise ValueError("the heat map and the GeoPackage need different paths")
-    return out, heatmap
+    return guard_gpkg_and_heatmap(out, heatmap, files, overwrite, layer, input_dirs=dirs)

@@ -1,13 +1,14 @@
 """Runners: model input (N, C, S, S) float32 -> (N, D) float32 L2-normalised embeddings, one engine each.
 
-``auto`` picks, per device (measurements in docs/models.md):
+``auto`` picks, per device (measurements in docs/models.md, benchmarks/results/runners-cpu.json):
 - CUDA (model loaded on a GPU): torch with bf16 autocast.
 - CPU model, but onnxruntime-gpu with a working CUDA: ONNX Runtime CUDA fp32.
-- CPU: the faster of the candidates that keep a cosine of at least :data:`AUTO_MIN_COSINE` to eager fp32 on a
-  probe batch: ONNX Runtime int8 (3.0x eager fp32 on ViT-B/32, 1.5x on ViT-S/16) and, on CPUs with native bf16
-  (AVX512-BF16 / AMX), torch bf16 autocast (2.7x on ViT-S/16, but 0.6x on open_clip's ViT-B/32). The choice is
-  measured once per model, size and CPU and recorded beside the ONNX export. No candidate: eager torch fp32,
-  which is as fast as ONNX Runtime fp32 on these ViTs and needs no export.
+- CPU: the fastest of the candidates that keep a cosine of at least :data:`AUTO_MIN_COSINE` to eager fp32 on a
+  probe batch: ONNX Runtime int8 (dynamic quantisation), OpenVINO (bf16 inference precision on CPUs with native
+  bf16, AMX or AVX512-BF16; fp32 elsewhere) when the ``openvino`` package is installed, and, on CPUs with native
+  bf16, torch bf16 autocast. The choice is measured once per model, size, CPU and candidate set and recorded
+  beside the ONNX export. No candidate: eager torch fp32, which is as fast as ONNX Runtime fp32 on these ViTs
+  and needs no export.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..paths import cache_dir
 from .loading import LoadedModel
 from .onnx_export import INPUT, eager_embeddings, int8_cosine, min_cosine, onnx_file, ort_session
 
-BACKENDS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
+BACKENDS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino")
 #: The int8 tower must keep this cosine to eager fp32 for ``auto`` to choose it.
 AUTO_MIN_COSINE = 0.998
 
@@ -89,6 +91,51 @@ class OrtRunner(Runner):
         return self._session.run(None, {INPUT: x})[0].astype(np.float32, copy=False)
 
 
+class OpenVinoRunner(Runner):
+    """OpenVINO on the CPU over the exported tower, in bf16 where the CPU computes bf16 natively (AMX,
+    AVX512-BF16: OpenVINO's own capability report), else fp32; outputs re-normalised in fp32.
+
+    Compiled models are cached by OpenVINO under ``cache_dir()/openvino`` (a second start skips compilation).
+    """
+
+    def __init__(self, path: Path, embed_dim: int):
+        super().__init__(embed_dim)
+        ov = openvino_module()
+        if ov is None:
+            raise ValueError("the openvino runner needs the openvino package (pip install openvino)")
+        core = ov.Core()
+        try:
+            core.set_property({"CACHE_DIR": str(cache_dir() / "openvino")})
+        except RuntimeError:
+            pass  # an unwritable cache only costs compiling again
+        self.precision = openvino_precision(core)
+        compiled = core.compile_model(str(path), "CPU", {
+            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY"})
+        self._request = compiled.create_infer_request()
+        self.device, self.providers = "cpu", []
+        self.name = f"openvino-cpu-{self.precision}"
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        y = np.array(self._request.infer({0: x})[0], dtype=np.float32)  # a copy: the request reuses its buffer
+        return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+
+
+def openvino_precision(core=None) -> str:
+    """"bf16" where OpenVINO's CPU plugin computes bf16 natively, else "fp32"."""
+    core = core or openvino_module().Core()
+    return "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "fp32"
+
+
+def openvino_module():
+    """The openvino package, or None where it is not installed (it is an optional speed-up)."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino
+
+
 def cpu_has_bf16() -> bool:
     """Native bf16 matrix units (AVX512-BF16 or AMX): without them bf16 on the CPU is emulated and slow."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu helpers, hence getattr
@@ -117,18 +164,22 @@ def _auto_cpu(model: LoadedModel) -> Runner:
         candidates["onnxruntime-cpu-int8"] = lambda: OrtRunner(int8, dim, "int8")
     if cpu_has_bf16():
         candidates["torch-cpu-bf16"] = lambda: TorchRunner(model, bf16=True)
-    if "torch-cpu-bf16" not in candidates:  # int8 (checked, faster on every ViT measured) or the fp32 reference
-        return candidates.get("onnxruntime-cpu-int8", candidates[fp32])()
+    if openvino_module() is not None:
+        candidates[f"openvino-cpu-{openvino_precision()}"] = lambda: OpenVinoRunner(onnx_file(model), dim)
+    measured = [k for k in candidates if k != fp32]
+    if len(measured) <= 1:  # int8 (its cosine checked at quantisation) or the fp32 reference
+        return candidates[measured[0] if measured else fp32]()
     record = int8.with_name(int8.name.replace("-int8.onnx", "-auto.json"))
     cpu = cpu_name()
     choice = None
     if record.is_file():
         saved = json.loads(record.read_text())
-        choice = saved.get("choice") if saved.get("cpu") == cpu else None
+        if saved.get("cpu") == cpu and sorted(saved.get("candidates", [])) == sorted(measured):
+            choice = saved.get("choice")
     if choice not in candidates:
-        choice, figures = _measure(model, {k: v for k, v in candidates.items() if k != fp32})
+        choice, figures = _measure(model, {k: candidates[k] for k in measured})
         tmp = record.with_name(f".{record.name}.tmp")
-        tmp.write_text(json.dumps({"cpu": cpu, "choice": choice, **figures}, indent=1) + "\n")
+        tmp.write_text(json.dumps({"cpu": cpu, "candidates": measured, "choice": choice, **figures}, indent=1) + "\n")
         tmp.replace(record)
     return candidates[choice]()
 
@@ -152,7 +203,8 @@ def cpu_name() -> str:
 
 
 def _measure(model: LoadedModel, candidates: dict) -> tuple[str, dict]:
-    """Tiles/s of each candidate on a probe batch; bf16 must also keep the cosine. Returns (choice, figures)."""
+    """Tiles/s of each candidate on a probe batch that keeps the cosine. Returns (choice, figures): the choice is
+    a key of ``candidates``."""
     # the engine's batch size: a batch of 8 ranked int8 first on ViT-S/16 at 128 px where bf16 wins at 32
     x = model.probe_batch(32, seed=3)
     reference = eager_embeddings(model, x)
@@ -173,7 +225,8 @@ def _ort_cuda_installed() -> bool:
 
 
 def make_runner(model: LoadedModel, backend: str = "auto", device: str | None = None) -> Runner:
-    """A runner for ``model``'s image tower: ``torch``, ``torch-bf16``, ``onnx`` (fp32), ``onnx-int8`` or ``auto``.
+    """A runner for ``model``'s image tower: ``torch``, ``torch-bf16``, ``onnx`` (fp32), ``onnx-int8``,
+    ``openvino`` (CPU) or ``auto``.
 
     ``device`` defaults to the model's; ONNX runners ask for CUDA when it is "cuda" and report what they got.
     """
@@ -192,6 +245,10 @@ def make_runner(model: LoadedModel, backend: str = "auto", device: str | None = 
         return OrtRunner(onnx_file(model), dim, "fp32", want_cuda=device == "cuda")
     if backend == "onnx-int8":
         return OrtRunner(onnx_file(model, int8=True), dim, "int8")  # integer kernels are CPU kernels
+    if backend == "openvino":
+        if openvino_module() is None:  # before any export: the message is the useful part
+            raise ValueError("the openvino runner needs the openvino package (pip install openvino)")
+        return OpenVinoRunner(onnx_file(model), dim)  # the CPU plugin; GPUs go through the other runners
     if device == "cuda" and model.device == "cuda":
         return TorchRunner(model)
     if device == "cuda" or _ort_cuda_installed():

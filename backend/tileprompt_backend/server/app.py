@@ -8,6 +8,7 @@ wrong token a 401; a job posted while the queue is full a 429, while the service
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -53,7 +54,15 @@ def health(request: Request, queue: Queue) -> Health:
     providers = list(dict.fromkeys(_onnx_providers(request.app) + queue.runner_providers()))
     return Health(version=__version__, device=queue.device, device_name=_device_name(request.app),
                   default_model=DEFAULT_MODEL, torch=torch.__version__, onnx_providers=providers,
-                  loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job)
+                  loaded_models=queue.loaded_models(), queue_length=queue.queue_length, running_job=queue.running_job,
+                  vector_indexes=_loaded_indexes())
+
+
+def _loaded_indexes() -> list[dict]:
+    """The indexes loaded for search. Until a search ran, index.query is not even imported (importing it costs
+    seconds, 19 s at load 10, which a health check must not wait for) and no index is loaded."""
+    query = sys.modules.get(f"{__package__.rpartition('.')[0]}.index.query")
+    return query.loaded_indexes() if query is not None else []
 
 
 @models.get("/models", response_model=list[ModelInfo], summary="Model cards found, plus model folders used")
@@ -209,7 +218,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         if kind == "json_invalid":
             lines.append(f"the body is not valid JSON: {ctx.get('error', 'decode error')}")
         elif kind == "union_tag_not_found":
-            lines.append('body: "kind" is missing (one of: classify, index, search)')
+            lines.append('body: "kind" is missing (one of: classify, index, search, change)')
         elif kind == "value_error" and isinstance(ctx.get("error"), ValueError):
             # a check of validation.py: its own words (an InputError with the HTTP remedy), not pydantic's prefix
             error = ctx["error"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from affine import Affine
 
-from ...engine.embed import read_tile_rows
+from ...engine.reading import read_tile_rows
 from ...sentinel2 import open_raster
 from ...tiling import MAX_NODATA_FRACTION, Tile, make_grid, nodata_fraction, reproject_geometry
 from .samples import Sample, multi_hot
