@@ -239,3 +239,38 @@ def test_caption_transform_composites_augments_and_draws_a_caption():
     outs = [rand_augment(rgb, np.random.default_rng(s), RandAugment()) for s in range(12)]
     assert all(o.shape == rgb.shape and o.dtype == np.uint8 for o in outs)
     assert any(not np.array_equal(o, rgb) for o in outs) and any(np.array_equal(o, rgb) for o in outs)
+
+
+def test_harma_and_rdb_schedules_and_weight_decay_groups(tmp_path):
+    """HarMA's code: 10 % linear warm-up then linear decay to 0, AdamW (0.9, 0.98), no decay on biases and norms;
+    RDB: lr x 0.7 every 20 epochs (a step decay, no warm-up)."""
+    from tileprompt_backend.training import harma
+    from tileprompt_backend.training.distributed import Dist
+    from tileprompt_backend.training.loop import LoopConfig, Trainer, linear_with_warmup, step_decay
+
+    assert [linear_with_warmup(s, 2, 10) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    assert [step_decay(s, 0, 4, 0.7) for s in (0, 3, 4, 9)] == pytest.approx([1.0, 1.0, 0.7, 0.49])
+    args = harma.build_parser("t").parse_args(["--data", "-", "--out", "-", "--lr", "0.1"])
+    config = harma.loop_config(args, total=20, per_epoch=4)
+    assert (config.schedule, config.warmup_steps, tuple(config.betas)) == ("linear", 2, (0.9, 0.98))
+    module = torch.nn.ModuleDict({"proj": torch.nn.Linear(3, 4), "norm": torch.nn.LayerNorm(4)})
+    trainer = Trainer(module, config, Dist(), tmp_path, {}, samples_per_step=1, desc="t", quiet=True,
+                      no_decay=harma.no_decay)
+    groups = trainer.optimizer.param_groups
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, args.weight_decay), (3, 0.0)]
+    assert groups[0]["params"][0] is module["proj"].weight and groups[0]["betas"] == (0.9, 0.98)
+    lrs = []
+    for _ in range(4):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1 * 17 / 18])
+    steps = LoopConfig(total_steps=10, lr=1.0, weight_decay=0.0, warmup_steps=0, schedule="step", step_every=4,
+                       step_gamma=0.7)
+    rdb_trainer = Trainer(torch.nn.Linear(2, 2), steps, Dist(), tmp_path / "rdb", {}, 1, "t", quiet=True)
+    seen = []
+    for _ in range(9):
+        seen.append(rdb_trainer.optimizer.param_groups[0]["lr"])
+        rdb_trainer.optimizer.step()
+        rdb_trainer.scheduler.step()
+    assert seen == pytest.approx([1.0] * 4 + [0.7] * 4 + [0.49])
