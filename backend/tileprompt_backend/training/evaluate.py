@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .data.shards import DatasetSpec
-from .data.stream import eval_samples
+from .data.stream import eval_batches
 from .distributed import Dist, gather_objects
 from .inputs import model_input
 from .loop import autocast, resolve_precision
@@ -62,9 +62,8 @@ def embed_split(models: Sequence, spec: DatasetSpec, split: str, d: Dist, batch_
     out: list[list[torch.Tensor]] = [[] for _ in models]
     targets: list[Any] = []
     keys: list[str] = []
-    batch: list = []
 
-    def flush() -> None:
+    def embed(batch: list) -> None:
         images, infos = [s.image for _, s in batch], [s.info() for _, s in batch]
         with torch.inference_mode(), autocast(d.device, precision):
             for i, (m, t) in enumerate(zip(models, towers)):
@@ -74,15 +73,10 @@ def embed_split(models: Sequence, spec: DatasetSpec, split: str, d: Dist, batch_
         positions.extend(p for p, _ in batch)
         targets.extend(s.target for _, s in batch)
         keys.extend(s.key for _, s in batch)
-        batch.clear()
 
     try:
-        for item in eval_samples(spec, split, rank=d.rank, world=d.world, limit=limit):
-            batch.append(item)
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
+        for batch in eval_batches(spec, split, batch_size, rank=d.rank, world=d.world, limit=limit):
+            embed(batch)
     finally:
         for t, was in zip(towers, was_training):
             t.train(was)

@@ -17,7 +17,7 @@ import torch
 from .data.captions import pre_caption
 from .data.samples import Sample
 from .data.shards import DatasetSpec
-from .data.stream import eval_samples
+from .data.stream import eval_batches
 from .distributed import Dist, gather_objects
 from .inputs import model_input
 from .loop import autocast, resolve_precision
@@ -45,9 +45,8 @@ def embed_captioned(model, spec: DatasetSpec, split: str, d: Dist, batch_size: i
     ``embed_images=False`` only the captions are embedded (``images`` is then empty: the caller has them)."""
     precision = resolve_precision(precision, d.device)
     positions, keys, captions, owners_local, img_parts, txt_parts = [], [], [], [], [], []
-    batch: list[tuple[int, Sample]] = []
 
-    def flush() -> None:
+    def embed(batch: list[tuple[int, Sample]]) -> None:
         caps = [pre_caption(c, max_words) for _, s in batch for c in s.meta.get("captions", [])]
         if embed_images:
             x = model_input(model, [s.image for _, s in batch], [s.info() for _, s in batch], d.device)
@@ -62,14 +61,9 @@ def embed_captioned(model, spec: DatasetSpec, split: str, d: Dist, batch_size: i
             positions.append(pos)
             keys.append(s.key)
         captions.extend(caps)
-        batch.clear()
 
-    for item in eval_samples(spec, split, rank=d.rank, world=d.world, limit=limit):
-        batch.append(item)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    for batch in eval_batches(spec, split, batch_size, rank=d.rank, world=d.world, limit=limit):
+        embed(batch)
     dim = model.embed_dim
     mine = {"positions": positions, "keys": keys, "captions": captions, "owners": owners_local,
             "images": torch.cat(img_parts) if img_parts else torch.zeros(0, dim),

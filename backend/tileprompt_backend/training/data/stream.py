@@ -173,3 +173,11 @@ def eval_samples(spec: DatasetSpec, split: str, *, rank: int = 0, world: int = 1
         if i % world == rank:
             yield i, decode_sample(r, spec)
 
+
+
+def eval_batches(spec: DatasetSpec, split: str, batch_size: int, *, rank: int = 0, world: int = 1,
+                 limit: int | None = None) -> Iterator[list[tuple[int, Sample]]]:
+    """:func:`eval_samples` in lists of up to ``batch_size`` (the last one may be shorter)."""
+    it = eval_samples(spec, split, rank=rank, world=world, limit=limit)
+    while batch := list(itertools.islice(it, batch_size)):
+        yield batch
