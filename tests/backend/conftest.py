@@ -86,17 +86,24 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {family: write_tiny(family, root / f"tiny-{family}").path for family in ("clip", "aligned-s2")}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
-    """Never touch the user's real model/cache folders (ours and Hugging Face's) or the network from tests."""
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory):
+    """Never touch the user's real model/cache folders (ours and Hugging Face's) or the network from tests.
+
+    Session-scoped: pytest sets up module- and session-scoped fixtures (a module's classify run) before any
+    function-scoped one, so a per-test fixture left those writing into ~/.cache/tileprompt, where one run's
+    scenes met the next run's."""
     home = tmp_path_factory.getbasetemp() / "tileprompt-home"
-    monkeypatch.setenv("TILEPROMPT_HOME", str(home / "data"))
-    monkeypatch.setenv("TILEPROMPT_CACHE", str(home / "cache"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf-hub"))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    for name in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "TILEPROMPT_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TILEPROMPT_HOME", str(home / "data"))
+        mp.setenv("TILEPROMPT_CACHE", str(home / "cache"))
+        mp.setenv("XDG_CACHE_HOME", str(home / "xdg-cache"))
+        mp.setenv("HF_HUB_CACHE", str(home / "hf-hub"))
+        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+        mp.setenv("no_proxy", "127.0.0.1,localhost")
+        for name in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "TILEPROMPT_OFFLINE"):
+            mp.delenv(name, raising=False)
+        yield home
 
 
 # --- rasters the project has not seen: a multi-date stack without band names, a picture without georeference
